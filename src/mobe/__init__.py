@@ -1,0 +1,29 @@
+"""mobe: compress Mixture-of-Experts LLMs with Mixture-of-Basis-Experts (MoBE)."""
+
+from .architectures import ArchSpec, get_arch, register, supported_model_types
+from .checkpoint import CheckpointError, CheckpointReader
+from .config import MobeConfig
+from .evaluate import CompressionReport
+from .factorize import MobeFactors, fit_mobe
+from .info import ModelInfo, model_info
+from .pipeline import CompressionError, compress, reconstruct
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchSpec",
+    "CheckpointError",
+    "CheckpointReader",
+    "CompressionError",
+    "CompressionReport",
+    "MobeConfig",
+    "MobeFactors",
+    "ModelInfo",
+    "compress",
+    "fit_mobe",
+    "get_arch",
+    "model_info",
+    "reconstruct",
+    "register",
+    "supported_model_types",
+]

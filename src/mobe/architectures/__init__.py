@@ -1,0 +1,54 @@
+"""Registry of supported MoE architectures, keyed by `config.json["model_type"]`.
+
+Adding an architecture is one file with an `ArchSpec` plus one `register()` line below.
+"""
+
+from __future__ import annotations
+
+from .deepseek_v3 import DEEPSEEK_V3
+from .layout import MoeLayout, moe_layout
+from .mixtral import MIXTRAL
+from .olmoe import OLMOE
+from .qwen2_moe import QWEN2_MOE
+from .qwen3_moe import QWEN3_MOE
+from .spec import MATRIX_TYPES, ArchSpec
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def register(spec: ArchSpec) -> None:
+    for name in (spec.model_type, *spec.aliases):
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} is already registered")
+        _REGISTRY[name] = spec
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_arch(model_type: str | None) -> ArchSpec:
+    if model_type not in _REGISTRY:
+        raise UnsupportedArchitectureError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
+        )
+    return _REGISTRY[model_type]
+
+
+for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, DEEPSEEK_V3, OLMOE):
+    register(_spec)
+
+__all__ = [
+    "MATRIX_TYPES",
+    "ArchSpec",
+    "MoeLayout",
+    "UnsupportedArchitectureError",
+    "get_arch",
+    "moe_layout",
+    "register",
+    "supported_model_types",
+]

@@ -1,0 +1,46 @@
+"""What mobe needs to know about one MoE architecture, as plain data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MATRIX_TYPES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Tensor layout and config keys of one MoE architecture.
+
+    Args:
+        model_type: `config.json["model_type"]`.
+        experts: template of one layer's routed-experts prefix, with `{layer}`.
+        matrices: checkpoint name of each expert matrix type (`gate`, `up`, `down`); the tensor is
+            `{experts}.{expert}.{name}.weight` with shape (p, d) for gate/up and (d, p) for down.
+        num_experts_keys / intermediate_size_keys: config keys tried in order.
+        is_moe_layer: which decoder layers hold routed experts, from the raw config dict.
+        aliases: other `model_type`s with the same layout (Kimi-K2 uses DeepSeek-V3's).
+    """
+
+    model_type: str
+    experts: str
+    matrices: Mapping[str, str]
+    num_experts_keys: tuple[str, ...]
+    intermediate_size_keys: tuple[str, ...]
+    is_moe_layer: Callable[[Mapping[str, Any], int], bool]
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def experts_prefix(self, layer: int) -> str:
+        return self.experts.format(layer=layer)
+
+    def tensor_name(self, layer: int, expert: int, matrix: str) -> str:
+        return f"{self.experts_prefix(layer)}.{expert}.{self.matrices[matrix]}.weight"
+
+
+def first_config_value(config: Mapping[str, Any], keys: tuple[str, ...], what: str) -> int:
+    for key in keys:
+        value = config.get(key)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"config.json has none of {list(keys)} ({what})")

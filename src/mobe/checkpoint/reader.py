@@ -1,0 +1,138 @@
+"""Lazy access to a safetensors checkpoint (single file or sharded with an index).
+
+Only headers are read up front; tensor bytes are read on demand with `safe_open`, so peak memory is
+set by what the caller asks for at once (one MoE layer), never by the size of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing a file or tensor, or holds one of the wrong shape."""
+
+
+def resolve_checkpoint(model: str | os.PathLike) -> Path:
+    """Return a local folder for a checkpoint folder or a Hugging Face hub id (downloaded to the cache)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json")
+    if str(model).count("/") != 1 or str(model).startswith((".", "/")):
+        raise CheckpointError(f"checkpoint folder {model} does not exist (nor is it a hub id like org/name)")
+    from huggingface_hub import snapshot_download
+
+    logger.info("downloading %s from the hub", model)
+    return Path(
+        snapshot_download(
+            str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+        )
+    )
+
+
+class CheckpointReader:
+    """Index of a checkpoint's tensors with lazy, per-tensor reads.
+
+    Example:
+        >>> reader = CheckpointReader("Qwen3-30B-A3B")  # doctest: +SKIP
+        >>> reader.shape("model.layers.0.mlp.experts.0.up_proj.weight")  # doctest: +SKIP
+        (768, 2048)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = resolve_checkpoint(path)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{config_file} is missing: not a Hugging Face checkpoint folder")
+        self.config: dict[str, Any] = json.loads(config_file.read_text())
+        self.weight_map = self._read_weight_map()
+        self._headers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no weight_map")
+        elif (self.path / SINGLE_FILE).is_file():
+            with safe_open(self.path / SINGLE_FILE, framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        else:
+            raise CheckpointError(f"{self.path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+        for shard in sorted(set(weight_map.values())):
+            if not (self.path / shard).is_file():
+                raise CheckpointError(f"shard {self.path / shard} listed in {INDEX_FILE} is missing")
+        return weight_map
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def tensors_by_shard(self) -> dict[str, list[str]]:
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name, shard in self.weight_map.items():
+            by_shard[shard].append(name)
+        return {shard: sorted(names) for shard, names in sorted(by_shard.items())}
+
+    def _header(self, shard: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        if shard not in self._headers:
+            with safe_open(self.path / shard, framework="pt") as f:
+                self._headers[shard] = {
+                    name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()
+                }
+        return self._headers[shard]
+
+    def _locate(self, name: str) -> str:
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise CheckpointError(f"tensor {name} is not in the checkpoint index of {self.path}")
+        if name not in self._header(shard):
+            raise CheckpointError(f"tensor {name} is listed in the index but missing from shard {shard}")
+        return shard
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._header(self._locate(name))[name][0]
+
+    def dtype_name(self, name: str) -> str:
+        return self._header(self._locate(name))[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.path / self._locate(name), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read several tensors, opening each shard once."""
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            by_shard[self._locate(name)].append(name)
+        out: dict[str, torch.Tensor] = {}
+        for shard, shard_names in by_shard.items():
+            with safe_open(self.path / shard, framework="pt") as f:
+                for name in shard_names:
+                    out[name] = f.get_tensor(name)
+        return {name: out[name] for name in names}
+
+    def num_parameters(self) -> int:
+        """Total parameter count, from the shard headers only."""
+        total = 0
+        for name in self.weight_map:
+            numel = 1
+            for size in self.shape(name):
+                numel *= size
+            total += numel
+        return total

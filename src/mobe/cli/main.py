@@ -1,0 +1,143 @@
+"""`mobe` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+
+from ..config import ACTIVATIONS, MobeConfig
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """'1,3-5' -> (1, 3, 4, 5)."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(out)
+
+
+def _add_mobe_options(p: argparse.ArgumentParser) -> None:
+    helps = {f.name: f.metadata.get("help", "") for f in fields(MobeConfig)}
+    default = MobeConfig()
+    p.add_argument("--bases", "-m", dest="num_bases", type=int, default=default.num_bases, help=helps["num_bases"])
+    p.add_argument("--rank", "-r", type=int, default=None, help=helps["rank"])
+    p.add_argument("--activation", choices=ACTIVATIONS, default=default.activation, help=helps["activation"])
+    p.add_argument("--groups", type=int, default=default.groups, help=helps["groups"])
+    p.add_argument("--steps", type=int, default=default.steps, help=helps["steps"])
+    p.add_argument("--lr", type=float, default=default.lr, help=helps["lr"])
+    p.add_argument("--eval-every", type=int, default=default.eval_every, help=helps["eval_every"])
+    p.add_argument("--batch-experts", type=int, default=default.batch_experts, help=helps["batch_experts"])
+    p.add_argument("--init-logit", type=float, default=default.init_logit, help=helps["init_logit"])
+    p.add_argument("--matrices", default="gate,up", help="comma-separated subset of gate,up")
+    p.add_argument("--layers", type=_int_list, default=None, help="MoE layers to compress, e.g. 1,3-5 (default all)")
+    p.add_argument("--device", default=default.device, help=helps["device"])
+    p.add_argument("--dtype", default=default.dtype, help=helps["dtype"])
+    p.add_argument("--seed", type=int, default=default.seed, help=helps["seed"])
+
+
+def _config_from_args(args: argparse.Namespace) -> MobeConfig:
+    return MobeConfig(
+        num_bases=args.num_bases,
+        rank=args.rank,
+        activation=args.activation,
+        groups=args.groups,
+        steps=args.steps,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        batch_experts=args.batch_experts,
+        init_logit=args.init_logit,
+        matrices=tuple(m for m in args.matrices.split(",") if m),
+        layers=args.layers,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from ..pipeline import compress
+
+    report = compress(
+        args.model,
+        args.output,
+        _config_from_args(args),
+        reconstruct=args.reconstruct,
+        work_dir=args.work_dir,
+        progress=not args.quiet,
+    )
+    print(report.table())
+    print(f"wrote {args.output} ({report.format}); report: {args.output}/mobe_report.json")
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> None:
+    from ..pipeline import reconstruct
+
+    reconstruct(args.native, args.output, progress=not args.quiet)
+    print(f"wrote dense checkpoint {args.output}")
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from ..info import model_info
+
+    print(model_info(args.model, args.num_bases, args.rank, args.groups).summary())
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from ..demo import run_demo
+
+    run_demo(args.workdir, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mobe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress an MoE checkpoint with MoBE")
+    p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
+    p.add_argument("-o", "--output", required=True, help="new output folder")
+    p.add_argument("--reconstruct", action="store_true", help="write dense experts rebuilt from the factors")
+    p.add_argument("--work-dir", default=None, help="folder for finished jobs (default OUTPUT.mobe-work)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_mobe_options(p)
+    p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser("reconstruct", help="rebuild dense experts from a native MoBE checkpoint")
+    p.add_argument("native")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("info", help="architecture, parameters and the saving of given settings (no weights read)")
+    p.add_argument("model")
+    p.add_argument("--bases", "-m", dest="num_bases", type=int, default=None)
+    p.add_argument("--rank", "-r", type=int, default=None)
+    p.add_argument("--groups", type=int, default=1)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="build a small MoE, compress, reconstruct, load and generate")
+    p.add_argument("--workdir", default="demo_output")
+    p.add_argument("--steps", type=int, default=300)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:  # our errors are ValueErrors with one clear line
+        print(f"mobe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mobe: interrupted; finished layers are kept, run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Typed, versioned settings of a compression run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+FORMAT_VERSION = 1
+ACTIVATIONS = ("tanh", "silu", "none")
+COMPRESSIBLE = ("gate", "up")
+
+
+@dataclass
+class MobeConfig:
+    """Settings of the MoBE factorisation W_i ~ A_i act(sum_j alpha_ij B_j), per layer and matrix type.
+
+    Defaults follow the paper's published runs (Adam, lr 0.07, best state checked every 200 steps).
+    """
+
+    num_bases: int = field(default=4, metadata={"help": "m: shared bases per layer and matrix type"})
+    rank: int | None = field(default=None, metadata={"help": "r: rank of A_i and B_j; None means p"})
+    activation: str = field(default="tanh", metadata={"help": "tanh | silu | none, on the mixed basis"})
+    groups: int = field(default=1, metadata={"help": "expert groups, each with num_bases/groups bases"})
+    steps: int = field(default=10000, metadata={"help": "Adam steps (full passes over the experts)"})
+    lr: float = field(default=0.07, metadata={"help": "Adam learning rate"})
+    eval_every: int = field(default=200, metadata={"help": "steps between checks of the best state"})
+    batch_experts: int = field(default=0, metadata={"help": "experts per gradient-accumulation chunk; 0 = all"})
+    init_logit: float = field(default=1.0, metadata={"help": "initial coefficient logit of each expert's basis"})
+    matrices: tuple[str, ...] = field(default=COMPRESSIBLE, metadata={"help": "matrix types to compress"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "MoE layers to compress; None=all"})
+    device: str = field(default="auto", metadata={"help": "cpu | cuda | cuda:N | auto"})
+    dtype: str = field(default="auto", metadata={"help": "dtype of the written factors; auto = the source's"})
+    seed: int = field(default=0, metadata={"help": "random seed (CPU runs are deterministic for a seed)"})
+
+    def __post_init__(self) -> None:
+        self.matrices = tuple(self.matrices)
+        if self.layers is not None:
+            self.layers = tuple(int(layer) for layer in self.layers)
+        if self.num_bases < 1:
+            raise ValueError(f"num_bases must be >= 1, got {self.num_bases}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.groups < 1 or self.num_bases % self.groups:
+            raise ValueError(f"groups ({self.groups}) must divide num_bases ({self.num_bases})")
+        if self.steps < 0 or self.eval_every < 1 or self.lr <= 0:
+            raise ValueError(
+                f"need steps >= 0, eval_every >= 1, lr > 0; got {self.steps}, {self.eval_every}, {self.lr}"
+            )
+        bad = [m for m in self.matrices if m not in COMPRESSIBLE]
+        if bad or not self.matrices:
+            raise ValueError(f"matrices must be a non-empty subset of {COMPRESSIBLE}, got {self.matrices}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["matrices"] = list(self.matrices)
+        out["layers"] = None if self.layers is None else list(self.layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MobeConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change the factors (device and output dtype aside, the rest do)."""
+        out = self.to_dict()
+        out.pop("device")
+        return out

@@ -1,0 +1,104 @@
+"""Per-layer error and parameter report: printed as a table, saved as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..export.files import write_json_atomic
+
+REPORT_FILE = "mobe_report.json"
+
+
+def weight_error(original: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
+    """(relative Frobenius error, mean squared error) of `approx` against `original`, in float64."""
+    original, approx = original.double(), approx.double()
+    diff = original - approx
+    return (diff.norm() / original.norm()).item(), diff.pow(2).mean().item()
+
+
+@dataclass
+class MatrixResult:
+    layer: int
+    matrix: str
+    relative_error: float
+    mse: float
+    init_relative_error: float
+    best_step: int
+    steps: int
+    seconds: float
+    params_before: int
+    params_after: int
+    resumed: bool = False
+
+
+@dataclass
+class CompressionReport:
+    source: str
+    output: str
+    format: str
+    config: dict[str, Any]
+    results: list[MatrixResult] = field(default_factory=list)
+    expert_params_before: int = 0
+    model_params_before: int = 0
+
+    @property
+    def compressed_params_before(self) -> int:
+        return sum(r.params_before for r in self.results)
+
+    @property
+    def compressed_params_after(self) -> int:
+        return sum(r.params_after for r in self.results)
+
+    @property
+    def expert_params_after(self) -> int:
+        return self.expert_params_before - self.compressed_params_before + self.compressed_params_after
+
+    @property
+    def model_params_after(self) -> int:
+        return self.model_params_before - self.compressed_params_before + self.compressed_params_after
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "expert_params_before": self.expert_params_before,
+            "expert_params_after": self.expert_params_after,
+            "expert_reduction": 1 - self.expert_params_after / self.expert_params_before,
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+            "model_reduction": 1 - self.model_params_after / self.model_params_before,
+            "mean_relative_error": sum(r.relative_error for r in self.results) / max(len(self.results), 1),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "output": self.output,
+            "format": self.format,
+            "config": self.config,
+            "summary": self.summary(),
+            "results": [asdict(r) for r in self.results],
+        }
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / REPORT_FILE
+        write_json_atomic(self.to_dict(), path)
+        return path
+
+    def table(self) -> str:
+        lines = [f"{'layer':>5} {'matrix':>6} {'rel.err':>9} {'init':>9} {'mse':>10} {'best@':>6} {'sec':>7}"]
+        for r in self.results:
+            lines.append(
+                f"{r.layer:>5} {r.matrix:>6} {r.relative_error:>9.4f} {r.init_relative_error:>9.4f} "
+                f"{r.mse:>10.3e} {r.best_step:>6} {r.seconds:>7.1f}" + ("  (resumed)" if r.resumed else "")
+            )
+        s = self.summary()
+        lines.append(
+            f"experts: {s['expert_params_before']:,} -> {s['expert_params_after']:,} params "
+            f"({100 * s['expert_reduction']:.1f}% fewer); model: {s['model_params_before']:,} -> "
+            f"{s['model_params_after']:,} ({100 * s['model_reduction']:.1f}% fewer); "
+            f"mean relative error {s['mean_relative_error']:.4f}"
+        )
+        return "\n".join(lines)

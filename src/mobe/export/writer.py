@@ -1,0 +1,100 @@
+"""Assemble an output checkpoint shard by shard from the source and the fitted factors.
+
+Native format: each compressed expert matrix type of a layer becomes three tensors beside the
+experts, `{experts}.{name}.mobe_A` (E, p, r), `.mobe_bases` (g, m/g, r, d), `.mobe_coef` (E, m/g);
+the per-expert gate/up tensors are dropped, everything else is copied unchanged. Dense format: the
+same tensors and shard layout as the source, with the compressed matrices rebuilt from the factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..architectures import MoeLayout
+from ..checkpoint import CheckpointReader
+from ..factorize import MobeFactors
+from .files import atomic_save_file, write_json_atomic
+
+FACTOR_SUFFIXES = {"A": "mobe_A", "bases": "mobe_bases", "coef": "mobe_coef"}
+FactorSource = Callable[[int, str], MobeFactors]
+
+
+def factor_tensor_names(layout: MoeLayout, layer: int, matrix: str) -> dict[str, str]:
+    base = f"{layout.arch.experts_prefix(layer)}.{layout.arch.matrices[matrix]}"
+    return {field: f"{base}.{suffix}" for field, suffix in FACTOR_SUFFIXES.items()}
+
+
+def _replaced_tensors(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[str, tuple[int, str, int]]:
+    """Source tensor name -> (layer, matrix, expert) for every matrix the factors replace."""
+    return {
+        layout.arch.tensor_name(layer, e, matrix): (layer, matrix, e)
+        for layer, matrix in jobs
+        for e in range(layout.num_experts)
+    }
+
+
+def write_checkpoint(
+    reader: CheckpointReader,
+    layout: MoeLayout,
+    jobs: list[tuple[int, str]],
+    factors_of: FactorSource,
+    target: Path,
+    fmt: str,
+    metadata: dict[str, str],
+    progress: bool = True,
+    shard_plan: dict[str, list[str]] | None = None,
+) -> dict[str, str]:
+    """Write the weight shards and the index into `target`; returns the weight map.
+
+    `shard_plan` (source shard -> tensor names, default the reader's own) sets the output's shard
+    layout. Holds one source shard (or one layer's factors) in memory at a time; dense matrices are
+    rebuilt expert by expert in the factors' dtype.
+    """
+    replaced = _replaced_tensors(layout, jobs)
+    by_shard = shard_plan or reader.tensors_by_shard()
+    kept = {shard: [n for n in names if fmt == "dense" or n not in replaced] for shard, names in by_shard.items()}
+    kept = {shard: names for shard, names in kept.items() if names}
+    factor_layers = sorted({layer for layer, _ in jobs}) if fmt == "native" else []
+    total = len(kept) + len(factor_layers)
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+
+    def shard_name(i: int) -> str:
+        return f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+
+    bar = tqdm(total=total, desc=f"Writing {fmt} shards", disable=not progress)
+    for i, names in enumerate(kept.values()):
+        tensors = reader.get_many([n for n in names if n not in replaced])
+        for name in names:
+            if name in replaced:
+                layer, matrix, e = replaced[name]
+                factors = factors_of(layer, matrix)
+                tensors[name] = factors.reconstruct(torch.tensor([e]))[0].to(factors.A.dtype)
+        tensors = {name: tensors[name] for name in names}
+        atomic_save_file(tensors, target / shard_name(i), metadata)
+        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(names, shard_name(i)))
+        del tensors
+        bar.update()
+    for j, layer in enumerate(factor_layers):
+        tensors = {}
+        for matrix in [m for l_, m in jobs if l_ == layer]:
+            factors = factors_of(layer, matrix)
+            for field, name in factor_tensor_names(layout, layer, matrix).items():
+                tensors[name] = getattr(factors, field)
+        name = shard_name(len(kept) + j)
+        atomic_save_file(tensors, target / name, metadata)
+        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, name))
+        bar.update()
+    bar.close()
+    weight_map = dict(sorted(weight_map.items()))
+    write_json_atomic(
+        {"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+        target / "model.safetensors.index.json",
+    )
+    return weight_map

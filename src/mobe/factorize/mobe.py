@@ -1,0 +1,195 @@
+"""MoBE factorisation of one stack of expert matrices: W_i ~ A_i act(sum_j alpha_ij B_j).
+
+Shapes: W (E, p, d); A (E, p, r); bases (g, m/g, r, d), one set per expert group; coef (E, m/g), the
+softmax of each expert's logits over its group's bases. Expert e belongs to group e // (E/g).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..config import MobeConfig
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "silu": torch.nn.functional.silu,
+    "none": lambda x: x,
+}
+
+
+def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
+    return _ACTIVATIONS[name]
+
+
+@dataclass
+class MobeFactors:
+    """Factors of one layer's matrix type; `A` already carries the global scale back."""
+
+    A: Tensor
+    bases: Tensor
+    coef: Tensor
+    activation: str
+
+    @property
+    def num_experts(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def groups(self) -> int:
+        return self.bases.shape[0]
+
+    def num_parameters(self) -> int:
+        return self.A.numel() + self.bases.numel() + self.coef.numel()
+
+    def mixed_bases(self, experts: Tensor | None = None) -> Tensor:
+        """act(sum_j alpha_ij B_j) for the given experts (all by default): (n, r, d)."""
+        experts = torch.arange(self.num_experts) if experts is None else experts
+        per_group = self.num_experts // self.groups
+        bases = self.bases.float()[experts // per_group]  # (n, m/g, r, d)
+        mixed = torch.einsum("nm,nmrd->nrd", self.coef.float()[experts], bases)
+        return activation_fn(self.activation)(mixed)
+
+    def reconstruct(self, experts: Tensor | None = None) -> Tensor:
+        """Dense expert matrices (n, p, d) in float32."""
+        experts = torch.arange(self.num_experts) if experts is None else experts
+        return torch.bmm(self.A.float()[experts], self.mixed_bases(experts))
+
+    def to(self, dtype: torch.dtype) -> MobeFactors:
+        return MobeFactors(self.A.to(dtype), self.bases.to(dtype), self.coef.to(dtype), self.activation)
+
+
+@dataclass
+class FitStats:
+    init_loss: float
+    best_loss: float
+    best_step: int
+    steps: int
+    seconds: float
+    scale: float
+
+
+def split_groups(num_items: int, num_parts: int) -> list[range]:
+    """Contiguous, near-equal split of range(num_items) into num_parts ranges (sizes differ by <= 1)."""
+    bounds = [round(i * num_items / num_parts) for i in range(num_parts + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(num_parts)]
+
+
+def init_svd_groups(
+    weights: Tensor, num_bases: int, rank: int, groups: int, init_logit: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The paper's initialisation: experts split into m contiguous groups, one truncated SVD per group.
+
+    The top-r right singular vectors of a group's vertically stacked experts become its basis B_j;
+    each expert's rows of U*S become A_i; its logits are `init_logit` on its own basis, 0 elsewhere.
+    Returns (A, bases, logits) for `weights` of shape (E, p, d).
+    """
+    num_experts, p, d = weights.shape
+    per_group, bases_per_group = num_experts // groups, num_bases // groups
+    A = weights.new_zeros(num_experts, p, rank)
+    bases = weights.new_zeros(groups, bases_per_group, rank, d)
+    logits = weights.new_zeros(num_experts, bases_per_group)
+    for g in range(groups):
+        for j, members in enumerate(split_groups(per_group, bases_per_group)):
+            experts = [g * per_group + i for i in members]
+            stacked = weights[experts].reshape(len(experts) * p, d)
+            U, S, Vh = torch.linalg.svd(stacked, full_matrices=False)
+            k = min(rank, S.numel())
+            bases[g, j, :k] = Vh[:k]
+            A[experts, :, :k] = (U[:, :k] * S[:k]).reshape(len(experts), p, k)
+            logits[experts, j] = init_logit
+    return A, bases, logits
+
+
+def _sum_squared_error(
+    A: Tensor, bases: Tensor, logits: Tensor, target: Tensor, act: Callable[[Tensor], Tensor], chunk: int
+):
+    """Yield (sum of squared errors) per chunk of experts; the caller backprops or just adds them."""
+    num_experts = A.shape[0]
+    groups = bases.shape[0]
+    per_group = num_experts // groups
+    for start in range(0, num_experts, chunk):
+        idx = torch.arange(start, min(start + chunk, num_experts), device=A.device)
+        coef = torch.softmax(logits[idx], dim=-1)
+        mixed = torch.einsum("nm,nmrd->nrd", coef, bases[idx // per_group])
+        recon = torch.bmm(A[idx], act(mixed))
+        yield (recon - target[idx]).pow(2).sum()
+
+
+def fit_mobe(
+    weights: Tensor,
+    config: MobeConfig,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+) -> tuple[MobeFactors, FitStats]:
+    """Fit MoBE factors to `weights` (E, p, d) with Adam on the mean squared error, as the paper does.
+
+    Works on W / std(W) (one global std), keeps the best state seen at every `eval_every`-th step and
+    at the end, and returns float32 factors on the CPU with the scale folded back into A.
+    """
+    num_experts, p, d = weights.shape
+    rank = config.rank or p
+    if num_experts % config.groups:
+        raise ValueError(f"groups ({config.groups}) must divide the number of experts ({num_experts})")
+    if config.num_bases // config.groups > num_experts // config.groups:
+        raise ValueError(f"num_bases ({config.num_bases}) must not exceed the number of experts ({num_experts})")
+    if rank > d:
+        raise ValueError(f"rank ({rank}) must not exceed the hidden size ({d})")
+
+    start = time.perf_counter()
+    target = weights.to(device=device, dtype=torch.float32)
+    scale = target.std().item()
+    target = target / scale
+    A, bases, logits = (
+        t.requires_grad_() for t in init_svd_groups(target, config.num_bases, rank, config.groups, config.init_logit)
+    )
+    act = activation_fn(config.activation)
+    chunk = config.batch_experts or num_experts
+    numel = target.numel()
+    optimizer = torch.optim.Adam([A, bases, logits], lr=config.lr)
+
+    def snapshot() -> tuple[Tensor, ...]:
+        return tuple(t.detach().clone() for t in (A, bases, logits))
+
+    best_state, best_loss, best_step, init_loss = snapshot(), math.inf, 0, math.nan
+    bar = tqdm(range(config.steps + 1), desc=desc, leave=False, disable=desc is None)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        final = step == config.steps
+        loss = 0.0
+        with torch.set_grad_enabled(not final):
+            for part in _sum_squared_error(A, bases, logits, target, act, chunk):
+                part = part / numel
+                if not final:
+                    part.backward()
+                loss += part.item()
+        if step == 0:
+            init_loss = loss
+        if (step % config.eval_every == 0 or final) and loss < best_loss:
+            best_state, best_loss, best_step = snapshot(), loss, step
+        if final:
+            break
+        optimizer.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss:.3e}", best=f"{best_loss:.3e}")
+    bar.close()
+
+    A_best, bases_best, logits_best = best_state
+    factors = MobeFactors(
+        A=(A_best * scale).cpu(),
+        bases=bases_best.cpu(),
+        coef=torch.softmax(logits_best, dim=-1).cpu(),
+        activation=config.activation,
+    )
+    stats = FitStats(
+        init_loss * scale**2, best_loss * scale**2, best_step, config.steps, time.perf_counter() - start, scale
+    )
+    return factors, stats

@@ -1,0 +1,105 @@
+"""Small MoE checkpoints built offline from transformers config classes, in the real sharded layout.
+
+Used by the demo, the tests and the benchmarks: no hub access needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def tiny_config(
+    model_type: str,
+    *,
+    hidden_size: int = 32,
+    moe_intermediate_size: int = 16,
+    num_experts: int = 8,
+    num_layers: int = 2,
+    vocab_size: int = 128,
+    top_k: int = 2,
+):
+    """A transformers config of `model_type` with small sizes (every supported architecture)."""
+    import transformers as tf
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if model_type == "qwen3_moe":
+        return tf.Qwen3MoeConfig(
+            **common,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+            norm_topk_prob=True,
+        )
+    if model_type == "qwen2_moe":
+        return tf.Qwen2MoeConfig(
+            **common,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+            shared_expert_intermediate_size=2 * moe_intermediate_size,
+        )
+    if model_type == "mixtral":
+        return tf.MixtralConfig(
+            **common, num_key_value_heads=2, intermediate_size=moe_intermediate_size, num_local_experts=num_experts
+        )
+    if model_type == "olmoe":
+        return tf.OlmoeConfig(
+            **common, num_key_value_heads=4, intermediate_size=moe_intermediate_size, num_experts=num_experts
+        )
+    if model_type == "deepseek_v3":
+        # One dense first layer, then MoE layers, as in DeepSeek-V3 / Kimi-K2.
+        return tf.DeepseekV3Config(
+            **{**common, "num_hidden_layers": num_layers + 1},
+            num_key_value_heads=4,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            n_routed_experts=num_experts,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=2,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
+    raise ValueError(f"no tiny config for model_type {model_type!r}")
+
+
+def build_tiny_moe(
+    path: str | Path,
+    model_type: str = "qwen3_moe",
+    *,
+    seed: int = 0,
+    max_shard_size: str = "100KB",
+    dtype: torch.dtype = torch.float32,
+    **sizes,
+) -> Path:
+    """Save a randomly initialised tiny MoE of `model_type` to `path` with `save_pretrained` (sharded)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **sizes)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    path = Path(path)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path

@@ -1,0 +1,79 @@
+"""`mobe info`: what a checkpoint holds and what given settings would save, without reading weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .architectures import MoeLayout, moe_layout
+from .checkpoint import CheckpointReader
+from .evaluate import mobe_parameters
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    model_type: str
+    layout: MoeLayout
+    model_params: int
+    expert_params: int
+    compressed_expert_params: int | None = None
+    num_bases: int | None = None
+    rank: int | None = None
+
+    def summary(self) -> str:
+        lay = self.layout
+        lines = [
+            f"checkpoint:     {self.path}",
+            f"model_type:     {self.model_type}",
+            f"layers:         {lay.num_layers} ({len(lay.moe_layers)} MoE: {_ranges(lay.moe_layers)})",
+            f"experts/layer:  {lay.num_experts}, gate/up {lay.intermediate_size}x{lay.hidden_size}, "
+            f"down {lay.hidden_size}x{lay.intermediate_size}",
+            f"parameters:     {self.model_params:,} total, {self.expert_params:,} in routed experts "
+            f"({100 * self.expert_params / self.model_params:.1f}%)",
+        ]
+        if self.compressed_expert_params is not None:
+            saved = self.expert_params - self.compressed_expert_params
+            lines.append(
+                f"MoBE m={self.num_bases} r={self.rank} (gate+up): experts {self.expert_params:,} -> "
+                f"{self.compressed_expert_params:,} ({100 * saved / self.expert_params:.1f}% fewer), model "
+                f"{self.model_params:,} -> {self.model_params - saved:,} ({100 * saved / self.model_params:.1f}% fewer)"
+            )
+        return "\n".join(lines)
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    """(1, 2, 3, 5) -> '1-3,5'."""
+    parts: list[list[int]] = []
+    for v in values:
+        if parts and v == parts[-1][-1] + 1:
+            parts[-1].append(v)
+        else:
+            parts.append([v])
+    return ",".join(str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts) or "none"
+
+
+def model_info(
+    model: str | Path,
+    num_bases: int | None = None,
+    rank: int | None = None,
+    groups: int = 1,
+    matrices: tuple[str, ...] = ("gate", "up"),
+) -> ModelInfo:
+    """Architecture, parameter counts and (given m, r) the compression MoBE would give; headers only."""
+    reader = CheckpointReader(model)
+    layout = moe_layout(reader.config)
+    info = ModelInfo(
+        reader.path,
+        reader.config["model_type"],
+        layout,
+        reader.num_parameters(),
+        len(layout.moe_layers) * layout.expert_params_per_layer,
+    )
+    if num_bases is not None:
+        E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+        rank = rank or p
+        per_layer = (3 - len(matrices)) * E * p * d + len(matrices) * mobe_parameters(E, p, d, num_bases, rank, groups)
+        info.compressed_expert_params = len(layout.moe_layers) * per_layer
+        info.num_bases, info.rank = num_bases, rank
+    return info

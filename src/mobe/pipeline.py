@@ -1,0 +1,323 @@
+"""The compression pipeline: read -> factorize -> export, one (layer, matrix) job at a time, resumable.
+
+Each finished job's factors are saved atomically in a work folder beside the output
+(`OUTPUT.mobe-work/`); a re-run with the same settings skips them. The output folder appears only when
+the whole checkpoint is written (it is assembled inside the work folder, then renamed).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .architectures import MoeLayout, moe_layout
+from .checkpoint import CheckpointError, CheckpointReader
+from .config import FORMAT_VERSION, MobeConfig
+from .evaluate import CompressionReport, MatrixResult, mobe_parameters, weight_error
+from .export import (
+    FACTOR_SUFFIXES,
+    atomic_save_file,
+    copy_side_files,
+    factor_tensor_names,
+    write_checkpoint,
+    write_json_atomic,
+)
+from .factorize import MobeFactors, fit_mobe
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class CompressionError(ValueError):
+    """Settings that do not fit the checkpoint, or an output that cannot be written."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressionError(f"device {device!r} asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def plan_jobs(reader: CheckpointReader, layout: MoeLayout, config: MobeConfig) -> list[tuple[int, str]]:
+    """Check the settings and every expert tensor's shape (headers only); return the jobs to run."""
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    layers = layout.moe_layers if config.layers is None else config.layers
+    not_moe = [layer for layer in layers if layer not in layout.moe_layers]
+    if not_moe:
+        raise CompressionError(f"--layers {not_moe} are not MoE layers; MoE layers are {list(layout.moe_layers)}")
+    if E % config.groups:
+        raise CompressionError(f"--groups {config.groups} does not divide the number of experts ({E})")
+    if config.num_bases > E:
+        raise CompressionError(f"--bases {config.num_bases} exceeds the number of experts ({E})")
+    rank = config.rank or p
+    if rank > d:
+        raise CompressionError(f"--rank {rank} exceeds the hidden size ({d})")
+    for layer in layers:
+        for matrix in ("gate", "up", "down"):
+            expected = layout.expected_shape(matrix)
+            for e in range(E):
+                name = layout.arch.tensor_name(layer, e, matrix)
+                shape = reader.shape(name)
+                if shape != expected:
+                    raise CheckpointError(
+                        f"tensor {name} has shape {list(shape)}, expected {list(expected)} from config.json"
+                    )
+    return [(layer, matrix) for layer in layers for matrix in config.matrices]
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise CompressionError(f"output folder {output} already exists and is not empty; choose another path")
+
+
+def _mobe_section(config: MobeConfig, layout: MoeLayout, jobs: list[tuple[int, str]], fmt: str) -> dict:
+    section = {
+        "version": FORMAT_VERSION,
+        "format": fmt,
+        "method": "mobe",
+        "num_bases": config.num_bases,
+        "rank": config.rank or layout.intermediate_size,
+        "activation": config.activation,
+        "groups": config.groups,
+        "layers": sorted({layer for layer, _ in jobs}),
+        "matrices": list(config.matrices),
+    }
+    if fmt == "native":
+        section["factor_suffixes"] = dict(FACTOR_SUFFIXES)
+    return section
+
+
+class _JobStore:
+    """Finished jobs' factors and results, one safetensors file per (layer, matrix) in the work folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, layer: int, matrix: str) -> Path:
+        return self.folder / f"layer{layer:05d}.{matrix}.safetensors"
+
+    def save(self, layer: int, matrix: str, factors: MobeFactors, result: MatrixResult) -> None:
+        tensors = {"A": factors.A, "bases": factors.bases, "coef": factors.coef}
+        meta = {"activation": factors.activation, "result": json.dumps(result.__dict__)}
+        atomic_save_file(tensors, self.path(layer, matrix), meta)
+
+    def load(self, layer: int, matrix: str) -> tuple[MobeFactors, MatrixResult]:
+        with safe_open(self.path(layer, matrix), framework="pt") as f:
+            meta = f.metadata()
+            factors = MobeFactors(f.get_tensor("A"), f.get_tensor("bases"), f.get_tensor("coef"), meta["activation"])
+        return factors, MatrixResult(**json.loads(meta["result"]))
+
+
+def _open_work_folder(work: Path, fingerprint: dict) -> None:
+    state = work / "work.json"
+    if state.exists():
+        previous = json.loads(state.read_text())
+        if previous != fingerprint:
+            raise CompressionError(
+                f"work folder {work} holds a run with other settings or source; "
+                "remove it or pass the same settings to resume"
+            )
+        logger.info("resuming from %s", work)
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(fingerprint, state)
+    stale = work / "assemble"
+    if stale.exists():
+        shutil.rmtree(stale)
+
+
+def _fit_job(
+    reader: CheckpointReader,
+    layout: MoeLayout,
+    config: MobeConfig,
+    layer: int,
+    matrix: str,
+    device: torch.device,
+    out_dtype: torch.dtype | None,
+    progress: bool,
+) -> tuple[MobeFactors, MatrixResult]:
+    names = [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
+    weights = torch.stack(list(reader.get_many(names).values()))
+    torch.manual_seed(config.seed)
+    factors, stats = fit_mobe(weights, config, device=device, desc=f"layer {layer} {matrix}" if progress else None)
+    factors = factors.to(out_dtype or weights.dtype)
+    for field in ("A", "bases", "coef"):
+        if not torch.isfinite(getattr(factors, field)).all():
+            raise CompressionError(
+                f"layer {layer} {matrix}: factor {field} is not finite after fitting "
+                f"(lower --lr or check the source weights)"
+            )
+    rel, mse = weight_error(weights.float(), factors.reconstruct())
+    mean_square = weights.double().pow(2).mean().item()
+    E, p, d = weights.shape
+    result = MatrixResult(
+        layer=layer,
+        matrix=matrix,
+        relative_error=rel,
+        mse=mse,
+        init_relative_error=(stats.init_loss / mean_square) ** 0.5,
+        best_step=stats.best_step,
+        steps=stats.steps,
+        seconds=stats.seconds,
+        params_before=E * p * d,
+        params_after=mobe_parameters(E, p, d, config.num_bases, factors.A.shape[-1], config.groups),
+    )
+    return factors, result
+
+
+def compress(
+    model: str | Path,
+    output: str | Path,
+    config: MobeConfig | None = None,
+    *,
+    reconstruct: bool = False,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+) -> CompressionReport:
+    """Compress the MoE checkpoint `model` (folder or hub id) into `output`.
+
+    Args:
+        model: checkpoint folder with config.json and safetensors weights, or a hub id.
+        output: new folder for the result; must not exist or be empty.
+        config: MoBE settings (`MobeConfig()` if None).
+        reconstruct: write dense experts rebuilt from the factors (same layout as the source,
+            loadable by any engine) instead of the native factors.
+        work_dir: where finished jobs are kept for resuming (default `OUTPUT.mobe-work`).
+        progress: show progress bars.
+
+    Returns:
+        The report, also saved as `mobe_report.json` inside `output`.
+
+    Example:
+        >>> report = compress("tiny-qwen3-moe", "tiny-mobe", MobeConfig(num_bases=4, steps=500))  # doctest: +SKIP
+        >>> print(report.table())  # doctest: +SKIP
+    """
+    config = config or MobeConfig()
+    output = Path(output)
+    _check_output(output)
+    reader = CheckpointReader(model)
+    layout = moe_layout(reader.config)
+    jobs = plan_jobs(reader, layout, config)
+    device = resolve_device(config.device)
+    out_dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
+    fmt = "dense" if reconstruct else "native"
+
+    work = Path(work_dir) if work_dir else output.with_name(output.name + ".mobe-work")
+    _open_work_folder(work, {"source": str(reader.path.resolve()), "config": config.fingerprint()})
+    store = _JobStore(work)
+    report = CompressionReport(
+        source=str(model),
+        output=str(output),
+        format=fmt,
+        config=config.to_dict(),
+        expert_params_before=len(layout.moe_layers) * layout.expert_params_per_layer,
+        model_params_before=reader.num_parameters(),
+    )
+    for layer, matrix in tqdm(jobs, desc="Compressing", disable=not progress):
+        if store.path(layer, matrix).exists():
+            _, result = store.load(layer, matrix)
+            result.resumed = True
+        else:
+            factors, result = _fit_job(reader, layout, config, layer, matrix, device, out_dtype, progress)
+            store.save(layer, matrix, factors, result)
+        report.results.append(result)
+
+    assemble = work / "assemble"
+    assemble.mkdir()
+    factors_of = functools.lru_cache(maxsize=len(config.matrices))(lambda layer, m: store.load(layer, m)[0])
+    _assemble(reader, layout, jobs, factors_of, assemble, _mobe_section(config, layout, jobs, fmt), progress)
+    report.save(assemble)
+    _move_into_place(assemble, output)
+    shutil.rmtree(work)
+    return report
+
+
+def _assemble(
+    reader: CheckpointReader,
+    layout: MoeLayout,
+    jobs: list[tuple[int, str]],
+    factors_of: Callable[[int, str], MobeFactors],
+    target: Path,
+    section: dict,
+    progress: bool,
+) -> None:
+    metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_format": section["format"]}
+    write_checkpoint(reader, layout, jobs, factors_of, target, section["format"], metadata, progress)
+    copy_side_files(reader.path, target)
+    model_config = {k: v for k, v in reader.config.items() if k != "mobe"}
+    model_config["mobe"] = section
+    write_json_atomic(model_config, target / "config.json")
+
+
+def _move_into_place(folder: Path, output: Path) -> None:
+    if output.exists():
+        output.rmdir()  # checked empty before any work was done
+    folder.rename(output)
+
+
+def read_native_factors(reader: CheckpointReader, layout: MoeLayout, layer: int, matrix: str) -> MobeFactors:
+    """Load one layer's factors of one matrix type from a native MoBE checkpoint."""
+    section = reader.config["mobe"]
+    names = factor_tensor_names(layout, layer, matrix)
+    tensors = reader.get_many(list(names.values()))
+    return MobeFactors(*(tensors[names[f]] for f in ("A", "bases", "coef")), activation=section["activation"])
+
+
+def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True) -> Path:
+    """Rebuild dense experts from a native MoBE checkpoint, in the original architecture and tensor names.
+
+    The result loads unchanged with `transformers.AutoModelForCausalLM` (and so vLLM, SGLang, lm-eval).
+    """
+    output = Path(output)
+    _check_output(output)
+    reader = CheckpointReader(native)
+    section = reader.config.get("mobe")
+    if not section or section.get("format") != "native":
+        raise CompressionError(
+            f"{reader.path} is not a native MoBE checkpoint (config.json has no mobe section with format 'native')"
+        )
+    layout = moe_layout(reader.config)
+    jobs = [(layer, matrix) for layer in section["layers"] for matrix in section["matrices"]]
+    original_names = {
+        layout.arch.tensor_name(layer, e, m): (layer, m) for layer, m in jobs for e in range(layout.num_experts)
+    }
+    factors_of = functools.lru_cache(maxsize=len(section["matrices"]))(
+        lambda layer, m: read_native_factors(reader, layout, layer, m)
+    )
+    target = output.with_name(f".{output.name}.mobe-tmp")
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    # Dense shard layout: each rebuilt matrix goes to the shard that holds its layer's factors.
+    plan: dict[str, list[str]] = {}
+    for name, shard in reader.weight_map.items():
+        if not name.endswith(tuple(FACTOR_SUFFIXES.values())):
+            plan.setdefault(shard, []).append(name)
+    for name, (layer, m) in original_names.items():
+        plan.setdefault(reader.weight_map[factor_tensor_names(layout, layer, m)["A"]], []).append(name)
+    plan = {shard: sorted(names) for shard, names in sorted(plan.items())}
+    metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_format": "dense"}
+    write_checkpoint(reader, layout, jobs, factors_of, target, "dense", metadata, progress, shard_plan=plan)
+    copy_side_files(reader.path, target)
+    dense_section = {k: v for k, v in section.items() if k != "factor_suffixes"} | {"format": "dense"}
+    write_json_atomic({**reader.config, "mobe": dense_section}, target / "config.json")
+    _move_into_place(target, output)
+    return output
