@@ -31,6 +31,11 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def canonical_model_types() -> list[str]:
+    """One name per registered architecture (aliases such as kimi_k2 left out)."""
+    return sorted({spec.model_type for spec in _REGISTRY.values()})
+
+
 def get_arch(model_type: str | None) -> ArchSpec:
     if model_type not in _REGISTRY:
         raise UnsupportedArchitectureError(
@@ -47,6 +52,7 @@ __all__ = [
     "ArchSpec",
     "MoeLayout",
     "UnsupportedArchitectureError",
+    "canonical_model_types",
     "get_arch",
     "moe_layout",
     "register",

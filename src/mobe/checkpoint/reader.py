@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ class CheckpointReader:
         if not config_file.is_file():
             raise CheckpointError(f"{config_file} is missing: not a Hugging Face checkpoint folder")
         self.config: dict[str, Any] = json.loads(config_file.read_text())
-        self.weight_map = self._read_weight_map()
         self._headers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+        self.weight_map = self._read_weight_map()
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
@@ -70,8 +70,7 @@ class CheckpointReader:
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no weight_map")
         elif (self.path / SINGLE_FILE).is_file():
-            with safe_open(self.path / SINGLE_FILE, framework="pt") as f:
-                weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+            weight_map = dict.fromkeys(self._header(SINGLE_FILE), SINGLE_FILE)
         else:
             raise CheckpointError(f"{self.path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
         for shard in sorted(set(weight_map.values())):
@@ -91,10 +90,12 @@ class CheckpointReader:
 
     def _header(self, shard: str) -> dict[str, tuple[tuple[int, ...], str]]:
         if shard not in self._headers:
-            with safe_open(self.path / shard, framework="pt") as f:
-                self._headers[shard] = {
-                    name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()
-                }
+            try:
+                with safe_open(self.path / shard, framework="pt") as f:
+                    slices = {name: f.get_slice(name) for name in f.keys()}
+                    self._headers[shard] = {n: (tuple(s.get_shape()), s.get_dtype()) for n, s in slices.items()}
+            except SafetensorError as exc:
+                raise CheckpointError(f"shard {self.path / shard} is not a readable safetensors file: {exc}") from None
         return self._headers[shard]
 
     def _locate(self, name: str) -> str:

@@ -79,7 +79,7 @@ class FitStats:
 
 def split_groups(num_items: int, num_parts: int) -> list[range]:
     """Contiguous, near-equal split of range(num_items) into num_parts ranges (sizes differ by <= 1)."""
-    bounds = [round(i * num_items / num_parts) for i in range(num_parts + 1)]
+    bounds = [i * num_items // num_parts for i in range(num_parts + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(num_parts)]
 
 

@@ -1,0 +1,50 @@
+import pytest
+
+from mobe.architectures import UnsupportedArchitectureError, get_arch, moe_layout, supported_model_types
+
+
+def test_unknown_model_type_lists_supported():
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        get_arch("llama")
+    message = str(err.value)
+    assert "'llama'" in message
+    for name in ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "kimi_k2", "olmoe"):
+        assert name in message and name in supported_model_types()
+
+
+def test_deepseek_dense_first_layers_and_kimi_alias():
+    config = {
+        "model_type": "kimi_k2",
+        "num_hidden_layers": 61,
+        "first_k_dense_replace": 1,
+        "n_routed_experts": 384,
+        "moe_intermediate_size": 2048,
+        "hidden_size": 7168,
+    }
+    layout = moe_layout(config)
+    assert layout.moe_layers == tuple(range(1, 61)) and layout.num_experts == 384
+    assert layout.expected_shape("gate") == (2048, 7168) and layout.expected_shape("down") == (7168, 2048)
+
+
+def test_qwen_sparse_step_and_mlp_only_layers():
+    config = {
+        "model_type": "qwen2_moe",
+        "num_hidden_layers": 8,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [3],
+        "num_experts": 60,
+        "moe_intermediate_size": 1408,
+        "hidden_size": 2048,
+    }
+    assert moe_layout(config).moe_layers == (1, 5, 7)
+
+
+def test_mixtral_names_w1_gate_w3_up():
+    arch = get_arch("mixtral")
+    assert arch.tensor_name(3, 7, "gate") == "model.layers.3.block_sparse_moe.experts.7.w1.weight"
+    assert arch.tensor_name(3, 7, "up") == "model.layers.3.block_sparse_moe.experts.7.w3.weight"
+
+
+def test_missing_expert_count_is_named():
+    with pytest.raises(ValueError, match="n_routed_experts"):
+        moe_layout({"model_type": "deepseek_v3", "num_hidden_layers": 2, "moe_intermediate_size": 8, "hidden_size": 8})

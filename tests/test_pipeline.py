@@ -1,0 +1,109 @@
+"""End to end: compress every architecture, write native and dense checkpoints, load the dense one."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from mobe import CheckpointReader, MobeConfig, compress, reconstruct
+from mobe.architectures import canonical_model_types, moe_layout
+from mobe.evaluate import mobe_parameters
+
+ARCHITECTURES = canonical_model_types()
+
+# m = E, r = p, no activation, a one-hot start and no steps: the initialisation alone, which is exact.
+LOSSLESS = MobeConfig(num_bases=8, activation="none", init_logit=60.0, steps=0)
+FAST = MobeConfig(num_bases=2, rank=8, steps=30, eval_every=10)
+
+
+def _logits(path, ids):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lossless_setting_reconstructs_original_logits(arch, tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints[arch]
+    report = compress(src, tmp_path / "dense", LOSSLESS, reconstruct=True, progress=False)
+    assert max(r.relative_error for r in report.results) < 1e-5
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(tmp_path / "dense", ids), _logits(src, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_native_checkpoint_layout_and_report(arch, tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints[arch]
+    out = tmp_path / "native"
+    report = compress(src, out, FAST, progress=False)
+    layout = moe_layout(json.loads((src / "config.json").read_text()))
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+
+    reader = CheckpointReader(out)
+    section = reader.config["mobe"]
+    assert section["format"] == "native" and section["layers"] == list(layout.moe_layers)
+    assert (section["num_bases"], section["rank"], section["matrices"]) == (2, 8, ["gate", "up"])
+    assert (out / "generation_config.json").exists() and (out / "mobe_report.json").exists()
+    arch_spec = layout.arch
+    for layer in layout.moe_layers:
+        prefix = arch_spec.experts_prefix(layer)
+        for matrix in ("gate", "up"):
+            assert arch_spec.tensor_name(layer, 0, matrix) not in reader.weight_map
+            name = arch_spec.matrices[matrix]
+            assert reader.shape(f"{prefix}.{name}.mobe_A") == (E, p, 8)
+            assert reader.shape(f"{prefix}.{name}.mobe_bases") == (1, 2, 8, d)
+            assert reader.shape(f"{prefix}.{name}.mobe_coef") == (E, 2)
+        assert reader.shape(arch_spec.tensor_name(layer, E - 1, "down")) == (d, p)
+
+    # Every tensor that is neither a replaced gate/up matrix nor a factor is copied bit for bit.
+    source = CheckpointReader(src)
+    kept = [
+        n
+        for n in source.weight_map
+        if not any(f".{arch_spec.matrices[m]}.weight" in n and ".experts." in n for m in ("gate", "up"))
+    ]
+    for name in kept:
+        assert torch.equal(reader.get(name), source.get(name)), name
+
+    per_matrix = mobe_parameters(E, p, d, 2, 8)
+    assert all(r.params_after == per_matrix and r.params_before == E * p * d for r in report.results)
+    saved = json.loads((out / "mobe_report.json").read_text())["summary"]
+    assert saved["model_params_after"] == reader.num_parameters()
+    assert saved["model_params_before"] == source.num_parameters()
+    factor = f"{arch_spec.experts_prefix(layout.moe_layers[0])}.{arch_spec.matrices['up']}.mobe_A"
+    with safe_open(out / reader.weight_map[factor], "pt") as f:
+        assert f.metadata()["mobe_format"] == "native"
+
+
+def test_reconstruct_from_native_equals_direct_dense_export(qwen3_checkpoint, tmp_path):
+    compress(qwen3_checkpoint, tmp_path / "native", FAST, progress=False)
+    reconstruct(tmp_path / "native", tmp_path / "dense_a", progress=False)
+    compress(qwen3_checkpoint, tmp_path / "dense_b", FAST, reconstruct=True, progress=False)
+    a, b = CheckpointReader(tmp_path / "dense_a"), CheckpointReader(tmp_path / "dense_b")
+    assert set(a.weight_map) == set(b.weight_map) == set(CheckpointReader(qwen3_checkpoint).weight_map)
+    for name in a.weight_map:
+        assert torch.equal(a.get(name), b.get(name)), name
+    ids = torch.arange(10)[None]
+    torch.testing.assert_close(_logits(tmp_path / "dense_a", ids), _logits(tmp_path / "dense_b", ids))
+
+
+def test_only_selected_layers_and_matrices(tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints["deepseek_v3"]  # MoE layers are 1 and 2
+    config = MobeConfig(num_bases=2, rank=8, steps=5, layers=(2,), matrices=("up",))
+    report = compress(src, tmp_path / "out", config, progress=False)
+    assert [(r.layer, r.matrix) for r in report.results] == [(2, "up")]
+    reader = CheckpointReader(tmp_path / "out")
+    assert "model.layers.1.mlp.experts.0.up_proj.weight" in reader.weight_map
+    assert "model.layers.2.mlp.experts.0.gate_proj.weight" in reader.weight_map
+    assert "model.layers.2.mlp.experts.0.up_proj.weight" not in reader.weight_map
+
+
+def test_bfloat16_source_keeps_its_dtype(tmp_path):
+    from mobe.fixtures import build_tiny_moe
+
+    src = build_tiny_moe(tmp_path / "bf16", dtype=torch.bfloat16)
+    compress(src, tmp_path / "out", FAST, progress=False)
+    reader = CheckpointReader(tmp_path / "out")
+    assert reader.get("model.layers.0.mlp.experts.gate_proj.mobe_A").dtype == torch.bfloat16
