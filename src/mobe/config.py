@@ -7,6 +7,7 @@ from typing import Any
 
 FORMAT_VERSION = 1
 ACTIVATIONS = ("tanh", "silu", "none")
+SCHEDULES = ("adam", "paper")
 COMPRESSIBLE = ("gate", "up")
 
 
@@ -21,6 +22,13 @@ class MobeConfig:
     rank: int | None = field(default=None, metadata={"help": "r: rank of A_i and B_j; None means p"})
     activation: str = field(default="tanh", metadata={"help": "tanh | silu | none, on the mixed basis"})
     groups: int = field(default=1, metadata={"help": "expert groups, each with num_bases/groups bases"})
+    schedule: str = field(
+        default="adam",
+        metadata={
+            "help": "adam: the paper's Algorithm 1; paper: the authors' train.py with its quirks (fp16 "
+            "targets, SVD of unscaled weights, best state one step late)"
+        },
+    )
     steps: int = field(default=10000, metadata={"help": "Adam steps (full passes over the experts)"})
     lr: float = field(default=0.07, metadata={"help": "Adam learning rate"})
     eval_every: int = field(default=200, metadata={"help": "steps between checks of the best state"})
@@ -42,6 +50,8 @@ class MobeConfig:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.groups < 1 or self.num_bases % self.groups:
             raise ValueError(f"groups ({self.groups}) must divide num_bases ({self.num_bases})")
         if self.steps < 0 or self.eval_every < 1 or self.lr <= 0:

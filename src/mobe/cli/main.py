@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import fields
 
-from ..config import ACTIVATIONS, MobeConfig
+from ..config import ACTIVATIONS, SCHEDULES, MobeConfig
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -26,6 +26,7 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", "-r", type=int, default=None, help=helps["rank"])
     p.add_argument("--activation", choices=ACTIVATIONS, default=default.activation, help=helps["activation"])
     p.add_argument("--groups", type=int, default=default.groups, help=helps["groups"])
+    p.add_argument("--schedule", choices=SCHEDULES, default=default.schedule, help=helps["schedule"])
     p.add_argument("--steps", type=int, default=default.steps, help=helps["steps"])
     p.add_argument("--lr", type=float, default=default.lr, help=helps["lr"])
     p.add_argument("--eval-every", type=int, default=default.eval_every, help=helps["eval_every"])
@@ -44,6 +45,7 @@ def _config_from_args(args: argparse.Namespace) -> MobeConfig:
         rank=args.rank,
         activation=args.activation,
         groups=args.groups,
+        schedule=args.schedule,
         steps=args.steps,
         lr=args.lr,
         eval_every=args.eval_every,

@@ -130,10 +130,11 @@ def fit_mobe(
     device: torch.device | str = "cpu",
     desc: str | None = None,
 ) -> tuple[MobeFactors, FitStats]:
-    """Fit MoBE factors to `weights` (E, p, d) with Adam on the mean squared error, as the paper does.
+    """Fit MoBE factors to `weights` (E, p, d) with Adam on the mean squared error (the paper's Algorithm 1).
 
-    Works on W / std(W) (one global std), keeps the best state seen at every `eval_every`-th step and
-    at the end, and returns float32 factors on the CPU with the scale folded back into A.
+    Works on W / std(W) (one global std), keeps the best state seen at every `eval_every`-th step and at the
+    end, and returns float32 factors on the CPU with the scale folded back into A. `schedule="paper"`
+    replays the authors' train.py exactly, quirks included (see ../shared/METHOD.md).
     """
     num_experts, p, d = weights.shape
     rank = config.rank or p
@@ -145,11 +146,19 @@ def fit_mobe(
         raise ValueError(f"rank ({rank}) must not exceed the hidden size ({d})")
 
     start = time.perf_counter()
-    target = weights.to(device=device, dtype=torch.float32)
-    scale = target.std().item()
-    target = target / scale
+    paper = config.schedule == "paper"
+    if paper:  # the authors' train.py: fp16 targets, SVD of the unscaled weights, fit to W / std
+        target16 = weights.to(device=device, dtype=torch.float16)
+        scale = target16.std().item()
+        init_source, target = target16.float(), (target16 / target16.std()).float()
+    else:
+        target = weights.to(device=device, dtype=torch.float32)
+        scale = target.std().item()
+        target = target / scale
+        init_source = target
     A, bases, logits = (
-        t.requires_grad_() for t in init_svd_groups(target, config.num_bases, rank, config.groups, config.init_logit)
+        t.requires_grad_()
+        for t in init_svd_groups(init_source, config.num_bases, rank, config.groups, config.init_logit)
     )
     act = activation_fn(config.activation)
     chunk = config.batch_experts or num_experts
@@ -173,11 +182,17 @@ def fit_mobe(
                 loss += part.item()
         if step == 0:
             init_loss = loss
-        if (step % config.eval_every == 0 or final) and loss < best_loss:
+        if not paper and (step % config.eval_every == 0 or final) and loss < best_loss:
             best_state, best_loss, best_step = snapshot(), loss, step
         if final:
+            if paper and best_step == 0:  # never checked (steps < eval_every): keep the last state
+                best_state, best_loss, best_step = snapshot(), loss, step
             break
         optimizer.step()
+        # The authors check every eval_every-th step the loss measured before that step, but keep the state
+        # after it; `paper` reproduces that bookkeeping exactly.
+        if paper and (step + 1) % config.eval_every == 0 and loss < best_loss:
+            best_state, best_loss, best_step = snapshot(), loss, step + 1
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss:.3e}", best=f"{best_loss:.3e}")
     bar.close()
