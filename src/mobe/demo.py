@@ -44,4 +44,4 @@ def run_demo(workdir: str | Path = "demo_output", steps: int = 300) -> None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         with torch.no_grad():
             out = model.generate(prompt, max_new_tokens=8, do_sample=False)
-        print(f"{name:>13} generates: {out[0, prompt.shape[1]:].tolist()}")
+        print(f"{name:>13} generates: {out[0, prompt.shape[1] :].tolist()}")
