@@ -32,7 +32,9 @@ class MobeConfig:
     steps: int = field(default=10000, metadata={"help": "Adam steps (full passes over the experts)"})
     lr: float = field(default=0.07, metadata={"help": "Adam learning rate"})
     eval_every: int = field(default=200, metadata={"help": "steps between checks of the best state"})
-    batch_experts: int = field(default=0, metadata={"help": "experts per gradient-accumulation chunk; 0 = all"})
+    batch_experts: int = field(
+        default=0, metadata={"help": "experts per gradient-accumulation chunk; 0 = auto (~1 GiB)"}
+    )
     init_logit: float = field(default=1.0, metadata={"help": "initial coefficient logit of each expert's basis"})
     matrices: tuple[str, ...] = field(default=COMPRESSIBLE, metadata={"help": "matrix types to compress"})
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "MoE layers to compress; None=all"})

@@ -57,10 +57,11 @@ def test_expert_groups_have_their_own_bases():
     torch.testing.assert_close(factors.coef.sum(-1), torch.ones(E))
 
 
-def test_chunked_gradient_accumulation_equals_full_batch():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_chunked_gradient_accumulation_equals_full_batch(groups):
     W = _experts()
-    full, _ = fit_mobe(W, MobeConfig(num_bases=4, rank=6, steps=20))
-    chunked, _ = fit_mobe(W, MobeConfig(num_bases=4, rank=6, steps=20, batch_experts=3))
+    full, _ = fit_mobe(W, MobeConfig(num_bases=4, rank=6, groups=groups, steps=20, batch_experts=8))
+    chunked, _ = fit_mobe(W, MobeConfig(num_bases=4, rank=6, groups=groups, steps=20, batch_experts=3))
     torch.testing.assert_close(full.reconstruct(), chunked.reconstruct(), atol=1e-4, rtol=1e-4)
 
 
@@ -74,3 +75,13 @@ def test_deterministic_on_cpu():
 def test_refuses_more_bases_than_experts():
     with pytest.raises(ValueError, match="num_bases"):
         fit_mobe(_experts(num_experts=4), MobeConfig(num_bases=8, steps=1))
+
+
+def test_reconstruct_matches_the_formula_expert_by_expert():
+    factors, _ = fit_mobe(_experts(), MobeConfig(num_bases=4, rank=6, groups=2, activation="silu", steps=5))
+    for e in range(8):
+        g = e // 4
+        mixed = sum(factors.coef[e, j] * factors.bases[g, j] for j in range(2))
+        expected = factors.A[e] @ torch.nn.functional.silu(mixed)
+        torch.testing.assert_close(factors.reconstruct(torch.tensor([e]))[0], expected)
+    torch.testing.assert_close(factors.reconstruct()[5], factors.reconstruct(torch.tensor([5]))[0])

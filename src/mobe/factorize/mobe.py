@@ -53,10 +53,12 @@ class MobeFactors:
     def mixed_bases(self, experts: Tensor | None = None) -> Tensor:
         """act(sum_j alpha_ij B_j) for the given experts (all by default): (n, r, d)."""
         experts = torch.arange(self.num_experts) if experts is None else experts
-        per_group = self.num_experts // self.groups
-        bases = self.bases.float()[experts // per_group]  # (n, m/g, r, d)
-        mixed = torch.einsum("nm,nmrd->nrd", self.coef.float()[experts], bases)
-        return activation_fn(self.activation)(mixed)
+        return _mix(
+            self.coef.float()[experts],
+            self.bases.float(),
+            experts // (self.num_experts // self.groups),
+            activation_fn(self.activation),
+        )
 
     def reconstruct(self, experts: Tensor | None = None) -> Tensor:
         """Dense expert matrices (n, p, d) in float32."""
@@ -109,19 +111,34 @@ def init_svd_groups(
     return A, bases, logits
 
 
+def _mix(coef: Tensor, bases: Tensor, group_of: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """act(coef_i @ bases[group_of[i]]) for each row i, as one matmul per group (never an (n, m, r, d) copy)."""
+    groups, per_group, r, d = bases.shape
+    mixed = coef.new_empty(coef.shape[0], r * d)
+    for g in group_of.unique().tolist():
+        rows = group_of == g
+        mixed[rows] = coef[rows] @ bases[g].reshape(per_group, r * d)
+    return act(mixed.view(-1, r, d))
+
+
+def auto_chunk(rank: int, p: int, d: int, budget_bytes: int = 1 << 30) -> int:
+    """Experts per gradient-accumulation chunk so that a chunk's float32 activations stay near `budget_bytes`."""
+    per_expert = 4 * (3 * rank * d + 2 * p * d)
+    return max(1, budget_bytes // per_expert)
+
+
 def _sum_squared_error(
     A: Tensor, bases: Tensor, logits: Tensor, target: Tensor, act: Callable[[Tensor], Tensor], chunk: int
 ):
-    """Yield (sum of squared errors) per chunk of experts; the caller backprops or just adds them."""
-    num_experts = A.shape[0]
-    groups = bases.shape[0]
+    """Yield the sum of squared errors of each chunk of experts (chunks never straddle an expert group)."""
+    num_experts, groups = A.shape[0], bases.shape[0]
     per_group = num_experts // groups
-    for start in range(0, num_experts, chunk):
-        idx = torch.arange(start, min(start + chunk, num_experts), device=A.device)
-        coef = torch.softmax(logits[idx], dim=-1)
-        mixed = torch.einsum("nm,nmrd->nrd", coef, bases[idx // per_group])
-        recon = torch.bmm(A[idx], act(mixed))
-        yield (recon - target[idx]).pow(2).sum()
+    for g in range(groups):
+        for start in range(g * per_group, (g + 1) * per_group, chunk):
+            idx = torch.arange(start, min(start + chunk, (g + 1) * per_group), device=A.device)
+            coef = torch.softmax(logits[idx], dim=-1)
+            mixed = act((coef @ bases[g].flatten(1)).view(len(idx), *bases.shape[2:]))
+            yield (torch.bmm(A[idx], mixed) - target[idx]).pow(2).sum()
 
 
 def fit_mobe(
@@ -161,7 +178,7 @@ def fit_mobe(
         for t in init_svd_groups(init_source, config.num_bases, rank, config.groups, config.init_logit)
     )
     act = activation_fn(config.activation)
-    chunk = config.batch_experts or num_experts
+    chunk = config.batch_experts or auto_chunk(rank, p, d)
     numel = target.numel()
     optimizer = torch.optim.Adam([A, bases, logits], lr=config.lr)
 
