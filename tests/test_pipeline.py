@@ -107,3 +107,23 @@ def test_bfloat16_source_keeps_its_dtype(tmp_path):
     compress(src, tmp_path / "out", FAST, progress=False)
     reader = CheckpointReader(tmp_path / "out")
     assert reader.get("model.layers.0.mlp.experts.gate_proj.mobe_A").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method", ["svd", "d2moe", "molae"])
+def test_comparison_methods_end_to_end(method, qwen3_checkpoint, tmp_path):
+    config = MobeConfig(method=method, target_ratio=0.4)
+    report = compress(qwen3_checkpoint, tmp_path / "native", config, progress=False)
+    summary = report.summary()
+    assert summary["expert_reduction"] >= 0.4 and summary["expert_reduction"] < 0.5
+    section = CheckpointReader(tmp_path / "native").config["mobe"]
+    assert section["method"] == method and section["rank"] == report.config["rank"] >= 1
+    reconstruct(tmp_path / "native", tmp_path / "dense_a", progress=False)
+    compress(qwen3_checkpoint, tmp_path / "dense_b", config, reconstruct=True, progress=False)
+    a, b = CheckpointReader(tmp_path / "dense_a"), CheckpointReader(tmp_path / "dense_b")
+    for name in b.weight_map:
+        assert torch.equal(a.get(name), b.get(name)), name
+
+
+def test_target_ratio_out_of_reach(qwen3_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="out of reach for --method d2moe"):
+        compress(qwen3_checkpoint, tmp_path / "o", MobeConfig(method="d2moe", target_ratio=0.66), progress=False)

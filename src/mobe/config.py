@@ -18,6 +18,7 @@ class MobeConfig:
     Defaults follow the paper's published runs (Adam, lr 0.07, best state checked every 200 steps).
     """
 
+    method: str = field(default="mobe", metadata={"help": "mobe | svd | d2moe | molae"})
     num_bases: int = field(default=4, metadata={"help": "m: shared bases per layer and matrix type"})
     rank: int | None = field(default=None, metadata={"help": "r: rank of A_i and B_j; None means p"})
     activation: str = field(default="tanh", metadata={"help": "tanh | silu | none, on the mixed basis"})
@@ -28,6 +29,9 @@ class MobeConfig:
             "help": "adam: the paper's Algorithm 1; paper: the authors' train.py with its quirks (fp16 "
             "targets, SVD of unscaled weights, best state one step late)"
         },
+    )
+    target_ratio: float | None = field(
+        default=None, metadata={"help": "expert-parameter reduction to hit (0-1); sets the rank of any method"}
     )
     steps: int = field(default=10000, metadata={"help": "Adam steps (full passes over the experts)"})
     lr: float = field(default=0.07, metadata={"help": "Adam learning rate"})
@@ -52,6 +56,11 @@ class MobeConfig:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
+            raise ValueError(f"target_ratio must be between 0 and 1, got {self.target_ratio}")
+        from .factorize.registry import get_method  # the registry imports this module
+
+        get_method(self.method)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.groups < 1 or self.num_bases % self.groups:

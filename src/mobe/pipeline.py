@@ -7,6 +7,7 @@ the whole checkpoint is written (it is assembled inside the work folder, then re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -21,16 +22,16 @@ from tqdm.auto import tqdm
 from .architectures import MoeLayout, moe_layout
 from .checkpoint import CheckpointError, CheckpointReader
 from .config import FORMAT_VERSION, MobeConfig
-from .evaluate import CompressionReport, MatrixResult, mobe_parameters, weight_error
+from .evaluate import CompressionReport, MatrixResult, weight_error
 from .export import (
-    FACTOR_SUFFIXES,
+    FACTOR_PREFIX,
     atomic_save_file,
     copy_side_files,
     factor_tensor_names,
     write_checkpoint,
     write_json_atomic,
 )
-from .factorize import MobeFactors, fit_mobe
+from .factorize import ExpertFactors, budget_for_ratio, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +57,39 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def plan_jobs(reader: CheckpointReader, layout: MoeLayout, config: MobeConfig) -> list[tuple[int, str]]:
-    """Check the settings and every expert tensor's shape (headers only); return the jobs to run."""
+def resolve_settings(layout: MoeLayout, config: MobeConfig) -> MobeConfig:
+    """Check the settings against the layout; fix the rank (from --target-ratio when given)."""
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    method = get_method(config.method)
+    if E % config.groups:
+        raise CompressionError(f"--groups {config.groups} does not divide the number of experts ({E})")
+    if method.name == "mobe" and config.num_bases > E:
+        raise CompressionError(f"--bases {config.num_bases} exceeds the number of experts ({E})")
+    rank = config.rank
+    if config.target_ratio is not None:
+        budget = budget_for_ratio(E, p, d, config.target_ratio, len(config.matrices))
+        rank = min(method.rank_for_budget(E, p, d, config, budget), d if method.name == "mobe" else min(p, d))
+        if rank < 1:
+            raise CompressionError(
+                f"--target-ratio {config.target_ratio} is out of reach for --method {method.name} "
+                f"(compressing {','.join(config.matrices)} of E={E}, p={p}, d={d})"
+            )
+    elif rank is None and method.name != "mobe":
+        raise CompressionError(f"--method {method.name} needs --rank or --target-ratio")
+    rank = rank or p
+    limit = d if method.name == "mobe" else min(p, d)
+    if rank > limit:
+        raise CompressionError(f"--rank {rank} exceeds the {'hidden size' if limit == d else 'matrix rank'} ({limit})")
+    return dataclasses.replace(config, rank=rank)
+
+
+def plan_jobs(reader: CheckpointReader, layout: MoeLayout, config: MobeConfig) -> list[tuple[int, str]]:
+    """Check the layers and every expert tensor's shape (headers only); return the jobs to run."""
+    E = layout.num_experts
     layers = layout.moe_layers if config.layers is None else config.layers
     not_moe = [layer for layer in layers if layer not in layout.moe_layers]
     if not_moe:
         raise CompressionError(f"--layers {not_moe} are not MoE layers; MoE layers are {list(layout.moe_layers)}")
-    if E % config.groups:
-        raise CompressionError(f"--groups {config.groups} does not divide the number of experts ({E})")
-    if config.num_bases > E:
-        raise CompressionError(f"--bases {config.num_bases} exceeds the number of experts ({E})")
-    rank = config.rank or p
-    if rank > d:
-        raise CompressionError(f"--rank {rank} exceeds the hidden size ({d})")
     for layer in layers:
         for matrix in ("gate", "up", "down"):
             expected = layout.expected_shape(matrix)
@@ -92,16 +112,17 @@ def _mobe_section(config: MobeConfig, layout: MoeLayout, jobs: list[tuple[int, s
     section = {
         "version": FORMAT_VERSION,
         "format": fmt,
-        "method": "mobe",
+        "method": config.method,
         "num_bases": config.num_bases,
-        "rank": config.rank or layout.intermediate_size,
+        "rank": config.rank,
         "activation": config.activation,
         "groups": config.groups,
         "layers": sorted({layer for layer, _ in jobs}),
         "matrices": list(config.matrices),
     }
     if fmt == "native":
-        section["factor_suffixes"] = dict(FACTOR_SUFFIXES)
+        fields = get_method(config.method).factors_cls.tensor_fields
+        section["factor_suffixes"] = {field: FACTOR_PREFIX + field for field in fields}
     return section
 
 
@@ -114,15 +135,15 @@ class _JobStore:
     def path(self, layer: int, matrix: str) -> Path:
         return self.folder / f"layer{layer:05d}.{matrix}.safetensors"
 
-    def save(self, layer: int, matrix: str, factors: MobeFactors, result: MatrixResult) -> None:
-        tensors = {"A": factors.A, "bases": factors.bases, "coef": factors.coef}
-        meta = {"activation": factors.activation, "result": json.dumps(result.__dict__)}
-        atomic_save_file(tensors, self.path(layer, matrix), meta)
+    def save(self, layer: int, matrix: str, factors: ExpertFactors, result: MatrixResult) -> None:
+        meta = {"method": factors.method, **factors.meta(), "result": json.dumps(result.__dict__)}
+        atomic_save_file(factors.tensors(), self.path(layer, matrix), meta)
 
-    def load(self, layer: int, matrix: str) -> tuple[MobeFactors, MatrixResult]:
+    def load(self, layer: int, matrix: str) -> tuple[ExpertFactors, MatrixResult]:
         with safe_open(self.path(layer, matrix), framework="pt") as f:
             meta = f.metadata()
-            factors = MobeFactors(f.get_tensor("A"), f.get_tensor("bases"), f.get_tensor("coef"), meta["activation"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        factors = get_method(meta["method"]).factors_cls.from_tensors(tensors, meta)
         return factors, MatrixResult(**json.loads(meta["result"]))
 
 
@@ -153,14 +174,15 @@ def _fit_job(
     device: torch.device,
     out_dtype: torch.dtype | None,
     progress: bool,
-) -> tuple[MobeFactors, MatrixResult]:
+) -> tuple[ExpertFactors, MatrixResult]:
     names = [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
     weights = torch.stack(list(reader.get_many(names).values()))
     torch.manual_seed(config.seed)
-    factors, stats = fit_mobe(weights, config, device=device, desc=f"layer {layer} {matrix}" if progress else None)
+    fit = get_method(config.method).fit
+    factors, stats = fit(weights, config, device, f"layer {layer} {matrix}" if progress else None)
     factors = factors.to(out_dtype or weights.dtype)
-    for field in ("A", "bases", "coef"):
-        if not torch.isfinite(getattr(factors, field)).all():
+    for field, tensor in factors.tensors().items():
+        if not torch.isfinite(tensor).all():
             raise CompressionError(
                 f"layer {layer} {matrix}: factor {field} is not finite after fitting "
                 f"(lower --lr or check the source weights)"
@@ -178,7 +200,7 @@ def _fit_job(
         steps=stats.steps,
         seconds=stats.seconds,
         params_before=E * p * d,
-        params_after=mobe_parameters(E, p, d, config.num_bases, factors.A.shape[-1], config.groups),
+        params_after=factors.num_parameters(),
     )
     return factors, result
 
@@ -215,6 +237,7 @@ def compress(
     _check_output(output)
     reader = CheckpointReader(model)
     layout = moe_layout(reader.config)
+    config = resolve_settings(layout, config)
     jobs = plan_jobs(reader, layout, config)
     device = resolve_device(config.device)
     out_dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
@@ -254,7 +277,7 @@ def _assemble(
     reader: CheckpointReader,
     layout: MoeLayout,
     jobs: list[tuple[int, str]],
-    factors_of: Callable[[int, str], MobeFactors],
+    factors_of: Callable[[int, str], ExpertFactors],
     target: Path,
     section: dict,
     progress: bool,
@@ -273,16 +296,17 @@ def _move_into_place(folder: Path, output: Path) -> None:
     folder.rename(output)
 
 
-def read_native_factors(reader: CheckpointReader, layout: MoeLayout, layer: int, matrix: str) -> MobeFactors:
-    """Load one layer's factors of one matrix type from a native MoBE checkpoint."""
+def read_native_factors(reader: CheckpointReader, layout: MoeLayout, layer: int, matrix: str) -> ExpertFactors:
+    """Load one layer's factors of one matrix type from a native checkpoint (any method)."""
     section = reader.config["mobe"]
-    names = factor_tensor_names(layout, layer, matrix)
+    factors_cls = get_method(section.get("method", "mobe")).factors_cls
+    names = factor_tensor_names(layout, layer, matrix, factors_cls.tensor_fields)
     tensors = reader.get_many(list(names.values()))
-    return MobeFactors(*(tensors[names[f]] for f in ("A", "bases", "coef")), activation=section["activation"])
+    return factors_cls.from_tensors({field: tensors[name] for field, name in names.items()}, section)
 
 
 def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True) -> Path:
-    """Rebuild dense experts from a native MoBE checkpoint, in the original architecture and tensor names.
+    """Rebuild dense experts from a native checkpoint, in the original architecture and tensor names.
 
     The result loads unchanged with `transformers.AutoModelForCausalLM` (and so vLLM, SGLang, lm-eval).
     """
@@ -295,6 +319,7 @@ def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True
             f"{reader.path} is not a native MoBE checkpoint (config.json has no mobe section with format 'native')"
         )
     layout = moe_layout(reader.config)
+    factors_cls = get_method(section.get("method", "mobe")).factors_cls
     jobs = [(layer, matrix) for layer in section["layers"] for matrix in section["matrices"]]
     original_names = {
         layout.arch.tensor_name(layer, e, m): (layer, m) for layer, m in jobs for e in range(layout.num_experts)
@@ -309,10 +334,11 @@ def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True
     # Dense shard layout: each rebuilt matrix goes to the shard that holds its layer's factors.
     plan: dict[str, list[str]] = {}
     for name, shard in reader.weight_map.items():
-        if not name.endswith(tuple(FACTOR_SUFFIXES.values())):
+        if FACTOR_PREFIX not in name.rsplit(".", 1)[-1]:
             plan.setdefault(shard, []).append(name)
     for name, (layer, m) in original_names.items():
-        plan.setdefault(reader.weight_map[factor_tensor_names(layout, layer, m)["A"]], []).append(name)
+        first_factor = next(iter(factor_tensor_names(layout, layer, m, factors_cls.tensor_fields).values()))
+        plan.setdefault(reader.weight_map[first_factor], []).append(name)
     plan = {shard: sorted(names) for shard, names in sorted(plan.items())}
     metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_format": "dense"}
     write_checkpoint(reader, layout, jobs, factors_of, target, "dense", metadata, progress, shard_plan=plan)

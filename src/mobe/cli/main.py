@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 
 from ..config import ACTIVATIONS, SCHEDULES, MobeConfig
+from ..factorize import method_names
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -22,7 +23,9 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     helps = {f.name: f.metadata.get("help", "") for f in fields(MobeConfig)}
     default = MobeConfig()
+    p.add_argument("--method", choices=method_names(), default=default.method, help=helps["method"])
     p.add_argument("--bases", "-m", dest="num_bases", type=int, default=default.num_bases, help=helps["num_bases"])
+    p.add_argument("--target-ratio", type=float, default=None, help=helps["target_ratio"])
     p.add_argument("--rank", "-r", type=int, default=None, help=helps["rank"])
     p.add_argument("--activation", choices=ACTIVATIONS, default=default.activation, help=helps["activation"])
     p.add_argument("--groups", type=int, default=default.groups, help=helps["groups"])
@@ -41,6 +44,8 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args: argparse.Namespace) -> MobeConfig:
     return MobeConfig(
+        method=args.method,
+        target_ratio=args.target_ratio,
         num_bases=args.num_bases,
         rank=args.rank,
         activation=args.activation,

@@ -16,16 +16,20 @@ from tqdm.auto import tqdm
 
 from ..architectures import MoeLayout
 from ..checkpoint import CheckpointReader
-from ..factorize import MobeFactors
+from ..factorize import ExpertFactors, MobeFactors
 from .files import atomic_save_file, write_json_atomic
 
-FACTOR_SUFFIXES = {"A": "mobe_A", "bases": "mobe_bases", "coef": "mobe_coef"}
-FactorSource = Callable[[int, str], MobeFactors]
+FACTOR_PREFIX = "mobe_"
+FACTOR_SUFFIXES = {field: FACTOR_PREFIX + field for field in MobeFactors.tensor_fields}
+FactorSource = Callable[[int, str], ExpertFactors]
 
 
-def factor_tensor_names(layout: MoeLayout, layer: int, matrix: str) -> dict[str, str]:
+def factor_tensor_names(
+    layout: MoeLayout, layer: int, matrix: str, fields: tuple[str, ...] = MobeFactors.tensor_fields
+) -> dict[str, str]:
+    """Checkpoint names of one (layer, matrix)'s factor tensors: `{experts}.{gate_proj}.mobe_{field}`."""
     base = f"{layout.arch.experts_prefix(layer)}.{layout.arch.matrices[matrix]}"
-    return {field: f"{base}.{suffix}" for field, suffix in FACTOR_SUFFIXES.items()}
+    return {field: f"{base}.{FACTOR_PREFIX}{field}" for field in fields}
 
 
 def _replaced_tensors(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[str, tuple[int, str, int]]:
@@ -73,7 +77,7 @@ def write_checkpoint(
             if name in replaced:
                 layer, matrix, e = replaced[name]
                 factors = factors_of(layer, matrix)
-                tensors[name] = factors.reconstruct(torch.tensor([e]))[0].to(factors.A.dtype)
+                tensors[name] = factors.reconstruct(torch.tensor([e]))[0].to(factors.dtype)
         tensors = {name: tensors[name] for name in names}
         atomic_save_file(tensors, target / shard_name(i), metadata)
         total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -84,7 +88,7 @@ def write_checkpoint(
         tensors = {}
         for matrix in [m for l_, m in jobs if l_ == layer]:
             factors = factors_of(layer, matrix)
-            for field, name in factor_tensor_names(layout, layer, matrix).items():
+            for field, name in factor_tensor_names(layout, layer, matrix, factors.tensor_fields).items():
                 tensors[name] = getattr(factors, field)
         name = shard_name(len(kept) + j)
         atomic_save_file(tensors, target / name, metadata)

@@ -1,5 +1,29 @@
 """Stage 2: pure tensor maths. Nothing here reads files or touches transformers modules."""
 
-from .mobe import FitStats, MobeFactors, activation_fn, fit_mobe, init_svd_groups, split_groups
+from .base import ExpertFactors, FitStats
+from .d2moe import D2moeFactors, fit_d2moe
+from .mobe import MobeFactors, activation_fn, fit_mobe, init_svd_groups, split_groups
+from .molae import MolaeFactors, fit_molae
+from .registry import Method, budget_for_ratio, get_method, method_names, register_method
+from .svd import SvdFactors, fit_svd
 
-__all__ = ["FitStats", "MobeFactors", "activation_fn", "fit_mobe", "init_svd_groups", "split_groups"]
+__all__ = [
+    "D2moeFactors",
+    "ExpertFactors",
+    "FitStats",
+    "Method",
+    "MobeFactors",
+    "MolaeFactors",
+    "SvdFactors",
+    "activation_fn",
+    "budget_for_ratio",
+    "fit_d2moe",
+    "fit_mobe",
+    "fit_molae",
+    "fit_svd",
+    "get_method",
+    "init_svd_groups",
+    "method_names",
+    "register_method",
+    "split_groups",
+]

@@ -10,12 +10,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import MobeConfig
+from .base import ExpertFactors, FitStats
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
@@ -31,13 +33,17 @@ def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
 
 
 @dataclass
-class MobeFactors:
+class MobeFactors(ExpertFactors):
     """Factors of one layer's matrix type; `A` already carries the global scale back."""
 
     A: Tensor
     bases: Tensor
     coef: Tensor
     activation: str
+
+    method: ClassVar[str] = "mobe"
+    tensor_fields: ClassVar[tuple[str, ...]] = ("A", "bases", "coef")
+    meta_fields: ClassVar[tuple[str, ...]] = ("activation",)
 
     @property
     def num_experts(self) -> int:
@@ -46,9 +52,6 @@ class MobeFactors:
     @property
     def groups(self) -> int:
         return self.bases.shape[0]
-
-    def num_parameters(self) -> int:
-        return self.A.numel() + self.bases.numel() + self.coef.numel()
 
     def mixed_bases(self, experts: Tensor | None = None) -> Tensor:
         """act(sum_j alpha_ij B_j) for the given experts (all by default): (n, r, d)."""
@@ -64,19 +67,6 @@ class MobeFactors:
         """Dense expert matrices (n, p, d) in float32."""
         experts = torch.arange(self.num_experts) if experts is None else experts
         return torch.bmm(self.A.float()[experts], self.mixed_bases(experts))
-
-    def to(self, dtype: torch.dtype) -> MobeFactors:
-        return MobeFactors(self.A.to(dtype), self.bases.to(dtype), self.coef.to(dtype), self.activation)
-
-
-@dataclass
-class FitStats:
-    init_loss: float
-    best_loss: float
-    best_step: int
-    steps: int
-    seconds: float
-    scale: float
 
 
 def split_groups(num_items: int, num_parts: int) -> list[range]:

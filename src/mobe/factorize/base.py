@@ -1,0 +1,62 @@
+"""What every factorisation of an expert stack provides, so the pipeline and writers treat methods alike."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+F = TypeVar("F", bound="ExpertFactors")
+
+
+class ExpertFactors:
+    """Base of the factor dataclasses: tensor fields are stored; `meta` fields are strings in the header.
+
+    Subclasses are dataclasses whose Tensor fields are listed in `tensor_fields`; `reconstruct` returns the
+    dense (n, p, d) float32 matrices of the given experts.
+    """
+
+    method: ClassVar[str]
+    tensor_fields: ClassVar[tuple[str, ...]]
+    meta_fields: ClassVar[tuple[str, ...]] = ()
+
+    def reconstruct(self, experts: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.tensor_fields}
+
+    def meta(self) -> dict[str, str]:
+        return {name: str(getattr(self, name)) for name in self.meta_fields}
+
+    @classmethod
+    def from_tensors(cls: type[F], tensors: dict[str, Tensor], meta: dict[str, str]) -> F:
+        return cls(**{name: tensors[name] for name in cls.tensor_fields}, **{k: meta[k] for k in cls.meta_fields})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self, self.tensor_fields[0]).dtype
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+    def to(self: F, dtype: torch.dtype) -> F:
+        return dataclasses.replace(self, **{k: v.to(dtype) for k, v in self.tensors().items()})
+
+    def _experts(self, experts: Tensor | None) -> Tensor:
+        first = getattr(self, self.tensor_fields[0])
+        return torch.arange(first.shape[0]) if experts is None else experts
+
+
+@dataclasses.dataclass
+class FitStats:
+    """What a fit reports: MSE of the start and of the kept state (original scale), and its cost."""
+
+    init_loss: float
+    best_loss: float
+    best_step: int
+    steps: int
+    seconds: float
+    scale: float = 1.0

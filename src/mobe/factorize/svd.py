@@ -1,0 +1,45 @@
+"""Truncated SVD of each expert: W_i ~ U_i V_i, U_i = U[:, :k] S[:k] (p x k), V_i = Vh[:k] (k x d)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import ExpertFactors, FitStats
+
+
+@dataclass
+class SvdFactors(ExpertFactors):
+    U: Tensor  # (E, p, k)
+    V: Tensor  # (E, k, d)
+
+    method: ClassVar[str] = "svd"
+    tensor_fields: ClassVar[tuple[str, ...]] = ("U", "V")
+
+    def reconstruct(self, experts: Tensor | None = None) -> Tensor:
+        experts = self._experts(experts)
+        return torch.bmm(self.U.float()[experts], self.V.float()[experts])
+
+
+def low_rank(matrices: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-k factors (U S, Vh) of each matrix in a (n, p, d) stack, zero-padded if k > min(p, d)."""
+    U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
+    k = min(rank, S.shape[-1])
+    left = matrices.new_zeros(*matrices.shape[:-1], rank)
+    right = matrices.new_zeros(matrices.shape[0], rank, matrices.shape[-1])
+    left[..., :k] = U[..., :k] * S[:, None, :k]
+    right[:, :k] = Vh[:, :k]
+    return left, right
+
+
+def fit_svd(weights: Tensor, rank: int, device: torch.device | str = "cpu") -> tuple[SvdFactors, FitStats]:
+    start = time.perf_counter()
+    W = weights.to(device=device, dtype=torch.float32)
+    U, V = low_rank(W, rank)
+    factors = SvdFactors(U.cpu(), V.cpu())
+    mse = (factors.reconstruct() - W.cpu()).pow(2).mean().item()
+    return factors, FitStats(mse, mse, 0, 0, time.perf_counter() - start)
