@@ -1,12 +1,6 @@
-from .qwen3_moe import is_sparse_layer
-from .spec import ArchSpec
+from dataclasses import replace
 
-# Qwen2-MoE's shared expert (`mlp.shared_expert`) and its gate are left alone.
-QWEN2_MOE = ArchSpec(
-    model_type="qwen2_moe",
-    experts="model.layers.{layer}.mlp.experts",
-    matrices={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    num_experts_keys=("num_experts", "num_local_experts"),
-    intermediate_size_keys=("moe_intermediate_size",),
-    is_moe_layer=is_sparse_layer,
-)
+from .qwen3_moe import QWEN3_MOE
+
+# Same expert layout as Qwen3-MoE; Qwen2-MoE's shared expert (`mlp.shared_expert`) and its gate are left alone.
+QWEN2_MOE = replace(QWEN3_MOE, model_type="qwen2_moe")
