@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# What a compression needs from a hub repo: config, weights, tokenizer and generation files, custom code.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja"]
 
 
 class CheckpointError(ValueError):
@@ -38,11 +40,11 @@ def resolve_checkpoint(model: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     logger.info("downloading %s from the hub", model)
-    return Path(
-        snapshot_download(
-            str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
-        )
-    )
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # network, auth, missing repo: one line that names the model
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"could not get {model} from the Hugging Face hub: {first_line}") from None
 
 
 class CheckpointReader:
