@@ -172,10 +172,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.model is None or args.text is None:
-        from mobe.fixtures import heldout_text_path, trained_fixture_path
+        from mobe.fixtures import trained_fixture_path
 
         args.model = args.model or str(trained_fixture_path())
-        args.text = args.text or str(heldout_text_path())
+        args.text = args.text or str(trained_fixture_path() / "heldout.txt")
 
     start = time.perf_counter()
     print(f"model {args.model}", flush=True)
