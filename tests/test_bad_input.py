@@ -99,3 +99,14 @@ def test_unknown_architecture(qwen3_checkpoint, tmp_path, capsys):
 
 def test_missing_folder(tmp_path, capsys):
     assert "does not exist" in _run(capsys, tmp_path / "nope", tmp_path / "out")
+
+
+def test_fp8_experts_are_refused(qwen3_checkpoint, tmp_path, capsys):
+    model = _copy(qwen3_checkpoint, tmp_path / "m")
+    name = "model.layers.0.mlp.experts.2.up_proj.weight"
+    shard = _shard_of(model, name)
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    err = _run(capsys, model, tmp_path / "out")
+    assert name in err and "F8_E4M3" in err and "dequantise" in err

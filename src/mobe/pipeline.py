@@ -45,6 +45,9 @@ _DTYPES = {
 }
 
 
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+
+
 class CompressionError(ValueError):
     """Settings that do not fit the checkpoint, or an output that cannot be written."""
 
@@ -96,6 +99,11 @@ def plan_jobs(reader: CheckpointReader, layout: MoeLayout, config: MobeConfig) -
             for e in range(E):
                 name = layout.arch.tensor_name(layer, e, matrix)
                 shape = reader.shape(name)
+                if reader.dtype_name(name) not in FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"tensor {name} is {reader.dtype_name(name)}; mobe needs float32/bfloat16/float16 experts "
+                        "(dequantise FP8 or integer-quantised checkpoints first)"
+                    )
                 if shape != expected:
                     raise CheckpointError(
                         f"tensor {name} has shape {list(shape)}, expected {list(expected)} from config.json"
