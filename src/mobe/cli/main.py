@@ -95,7 +95,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from ..demo import run_demo
 
-    run_demo(args.workdir, steps=args.steps)
+    run_demo(args.workdir, steps=args.steps, target_ratio=args.target_ratio)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build a small MoE, compress, reconstruct, load and generate")
     p.add_argument("--workdir", default="demo_output")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--target-ratio", type=float, default=0.3, help="expert-parameter reduction")
     p.set_defaults(func=_cmd_demo)
     return parser
 
