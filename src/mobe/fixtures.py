@@ -103,3 +103,27 @@ def build_tiny_moe(
     path = Path(path)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
+
+
+TRAINED_FIXTURE = "qwen3-moe-trained"
+
+
+def trained_fixture_path() -> Path:
+    """The repository's trained Qwen3-MoE fixture (`fixtures/qwen3-moe-trained`, built by scripts/train_fixture.py).
+
+    A small model trained on the Python 3.11 documentation, so its experts carry learned structure, unlike the
+    random checkpoints of `build_tiny_moe`. Loads with `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained`.
+    """
+    path = Path(__file__).resolve().parents[2] / "fixtures" / TRAINED_FIXTURE
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"trained fixture not found at {path}: it ships with the git repository (not the installed package); "
+            "rebuild it with `python scripts/train_fixture.py --out fixtures/qwen3-moe-trained` "
+            "(needs the Debian package python3.11-doc)"
+        )
+    return path
+
+
+def heldout_text() -> str:
+    """Held-out text of the trained fixture (whole documents never trained on), for perplexity checks."""
+    return (trained_fixture_path() / "heldout.txt").read_text(encoding="utf-8")
