@@ -7,6 +7,7 @@ from .evaluate import CompressionReport
 from .factorize import MobeFactors, fit_mobe
 from .info import ModelInfo, model_info
 from .pipeline import CompressionError, compress, reconstruct
+from .runtime import MobeExperts, load_model
 
 __version__ = "0.1.0"
 
@@ -17,11 +18,13 @@ __all__ = [
     "CompressionError",
     "CompressionReport",
     "MobeConfig",
+    "MobeExperts",
     "MobeFactors",
     "ModelInfo",
     "compress",
     "fit_mobe",
     "get_arch",
+    "load_model",
     "model_info",
     "reconstruct",
     "register",

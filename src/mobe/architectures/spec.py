@@ -30,6 +30,15 @@ class ArchSpec:
     intermediate_size_keys: tuple[str, ...]
     is_moe_layer: Callable[[Mapping[str, Any], int], bool]
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # In memory (transformers 5) the routed experts of a layer are one fused module at this path, and a few
+    # checkpoint names differ from module names (Mixtral's `block_sparse_moe` is `mlp`).
+    experts_module: str = "model.layers.{layer}.mlp.experts"
+    module_renames: Mapping[str, str] = field(default_factory=dict)
+
+    def module_name(self, checkpoint_name: str) -> str:
+        for old, new in self.module_renames.items():
+            checkpoint_name = checkpoint_name.replace(old, new)
+        return checkpoint_name
 
     def experts_prefix(self, layer: int) -> str:
         return self.experts.format(layer=layer)

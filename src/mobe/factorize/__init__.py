@@ -2,7 +2,7 @@
 
 from .base import ExpertFactors, FitStats
 from .d2moe import D2moeFactors, fit_d2moe
-from .mobe import MobeFactors, activation_fn, fit_mobe, init_svd_groups, split_groups
+from .mobe import MobeFactors, activation_fn, fit_mobe, init_svd_groups, mix_bases, split_groups
 from .molae import MolaeFactors, fit_molae
 from .registry import Method, budget_for_ratio, get_method, method_names, register_method
 from .svd import SvdFactors, fit_svd
@@ -24,6 +24,7 @@ __all__ = [
     "get_method",
     "init_svd_groups",
     "method_names",
+    "mix_bases",
     "register_method",
     "split_groups",
 ]

@@ -56,7 +56,7 @@ class MobeFactors(ExpertFactors):
     def mixed_bases(self, experts: Tensor | None = None) -> Tensor:
         """act(sum_j alpha_ij B_j) for the given experts (all by default): (n, r, d)."""
         experts = torch.arange(self.num_experts) if experts is None else experts
-        return _mix(
+        return mix_bases(
             self.coef.float()[experts],
             self.bases.float(),
             experts // (self.num_experts // self.groups),
@@ -101,7 +101,7 @@ def init_svd_groups(
     return A, bases, logits
 
 
-def _mix(coef: Tensor, bases: Tensor, group_of: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+def mix_bases(coef: Tensor, bases: Tensor, group_of: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
     """act(coef_i @ bases[group_of[i]]) for each row i, as one matmul per group (never an (n, m, r, d) copy)."""
     groups, per_group, r, d = bases.shape
     mixed = coef.new_empty(coef.shape[0], r * d)
