@@ -92,6 +92,63 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(model_info(args.model, args.num_bases, args.rank, args.groups).summary())
 
 
+def _load(args: argparse.Namespace):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from ..checkpoint import resolve_checkpoint
+    from ..runtime import load_model
+
+    path = resolve_checkpoint(args.model)
+    model = load_model(path, workspace_experts=args.workspace_experts, cache_mib=args.cache_mib)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer_config.json").exists() else None
+    return model, tokenizer
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    model, tokenizer = _load(args)
+    if tokenizer is not None:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    else:  # no tokenizer shipped: the prompt is token ids
+        ids = torch.tensor([[int(t) for t in args.prompt.split()]])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    new = out[0, ids.shape[1] :]
+    print(
+        args.prompt + tokenizer.decode(new, skip_special_tokens=True) if tokenizer else " ".join(map(str, new.tolist()))
+    )
+
+
+def _cmd_perplexity(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from ..evaluate.perplexity import sliding_window_perplexity
+
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer (tokenizer_config.json): cannot tokenize {args.text}")
+    ids = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[0]
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    result = sliding_window_perplexity(model, ids, context=args.context, stride=args.stride, progress=not args.quiet)
+    data = {"model": str(args.model), "text": str(args.text), **result.to_dict()}
+    print(
+        f"perplexity {result.perplexity:.4f} over {result.tokens} tokens (context {args.context}, stride {args.stride})"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="original, native MoBE or reconstructed checkpoint (folder or hub id)")
+    p.add_argument("--workspace-experts", type=int, default=16, help="experts mixed at once in a forward")
+    p.add_argument("--cache-mib", type=float, default=0.0, help="LRU cache of mixed bases, for decoding")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from ..demo import run_demo
 
@@ -124,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", "-r", type=int, default=None)
     p.add_argument("--groups", type=int, default=1)
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("generate", help="greedy generation from any checkpoint, native MoBE included")
+    _add_runtime_options(p)
+    p.add_argument("prompt", help="text, or space-separated token ids when the checkpoint has no tokenizer")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("perplexity", help="sliding-window perplexity of any checkpoint on a text file")
+    _add_runtime_options(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
+    p.add_argument("--json", default=None, help="write the result here as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_perplexity)
 
     p = sub.add_parser("demo", help="build a small MoE, compress, reconstruct, load and generate")
     p.add_argument("--workdir", default="demo_output")

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from mobe import MobeConfig, compress
+from mobe.cli.main import main
+from mobe.fixtures import trained_fixture_path
+
+
+@pytest.fixture(scope="module")
+def native_fixture(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "native"
+    compress(trained_fixture_path(), out, MobeConfig(num_bases=4, target_ratio=0.25, steps=5), progress=False)
+    return out
+
+
+def test_perplexity_of_original_and_native(native_fixture, tmp_path, capsys):
+    text = trained_fixture_path() / "heldout.txt"
+    results = {}
+    for name, model in (("original", trained_fixture_path()), ("native", native_fixture)):
+        out = tmp_path / f"{name}.json"
+        args = [
+            "perplexity",
+            str(model),
+            "--text",
+            str(text),
+            "--max-tokens",
+            "400",
+            "--context",
+            "128",
+            "--stride",
+            "64",
+            "--json",
+            str(out),
+            "-q",
+        ]
+        assert main(args) == 0
+        results[name] = json.loads(out.read_text())
+        assert results[name]["tokens"] == 399
+    assert "perplexity" in capsys.readouterr().out
+    # Five steps of fitting at 25% fewer expert parameters: worse than the original, but still a language model.
+    assert results["original"]["perplexity"] < results["native"]["perplexity"] < 4 * results["original"]["perplexity"]
+
+
+def test_generate_with_tokenizer_and_with_token_ids(native_fixture, tiny_checkpoints, capsys):
+    assert main(["generate", str(native_fixture), "The list type", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("The list type")
+    assert main(["generate", str(tiny_checkpoints["olmoe"]), "3 4 5", "--max-new-tokens", "4"]) == 0
+    assert len(capsys.readouterr().out.split()) == 4
+
+
+def test_perplexity_without_tokenizer_is_refused(tiny_checkpoints, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    assert main(["perplexity", str(tiny_checkpoints["olmoe"]), "--text", str(text)]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
