@@ -1,0 +1,219 @@
+"""Memory and speed of running a MoBE checkpoint: original vs native MoBE vs an all-experts-materialising forward.
+
+Builds a Qwen3-MoE with several hundred MB of experts, compresses it (few steps: only memory and speed matter
+here), then measures each variant in a fresh process: checkpoint size, peak RSS after load, during a prefill of
+`--prefill` tokens and during greedy decoding, and tokens/s. The materialising variant is the authors' approach
+(rebuild A_i act(sum_j alpha_ij B_j) for every expert at every forward), reimplemented here only.
+
+    python benchmarks/inference_memory.py [--hidden 1024 --experts 32 --intermediate 512 --layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = ("original", "native", "native+cache", "materialising")
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak_rss_mib(reset: bool = False) -> float:
+    """Peak RSS of this process since the last reset (VmHWM); `reset` starts a new phase (Linux clear_refs 5)."""
+    peak = _status_mib("VmHWM")
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    return peak
+
+
+def _materialise_all(model) -> None:
+    """Swap each MobeExperts forward for the authors' scheme: every expert's dense gate/up rebuilt per call."""
+    import torch
+
+    from mobe.runtime import MobeExperts
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        dense = {}
+        for matrix in ("gate", "up"):
+            A = getattr(self, f"{matrix}_A")
+            mixed = self._mixed(matrix, list(range(self.num_experts)))
+            dense[matrix] = torch.bmm(A, torch.stack([mixed[e] for e in range(self.num_experts)]))
+        final = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            token_idx, pos = torch.where(top_k_index == e)
+            x = hidden_states[token_idx]
+            h = self.act_fn(x @ dense["gate"][e].T) * (x @ dense["up"][e].T)
+            final.index_add_(0, token_idx, (h @ self.down_proj[e].T) * top_k_weights[token_idx, pos, None])
+        return final
+
+    for module in model.modules():
+        if isinstance(module, MobeExperts):
+            module.forward = forward.__get__(module)
+
+
+def _child(variant: str, path: str, prefill: int, decode: int, cache_mib: float) -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    from transformers import AutoModelForCausalLM
+
+    from mobe import load_model
+
+    baseline = _status_mib("VmRSS")
+    _peak_rss_mib(reset=True)
+    start = time.perf_counter()
+    if variant == "original":
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+    else:
+        model = load_model(path, cache_mib=cache_mib if variant == "native+cache" else 0)
+    if variant == "materialising":
+        _materialise_all(model)
+    load_s, after_load = time.perf_counter() - start, _peak_rss_mib(reset=True)
+    ids = torch.randint(2, model.config.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill_s, after_prefill = time.perf_counter() - start, _peak_rss_mib(reset=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(decode):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode_s, after_decode = time.perf_counter() - start, _peak_rss_mib()
+    print(
+        json.dumps(
+            {
+                "baseline_rss_mib": baseline,
+                "load_seconds": load_s,
+                "peak_rss_after_load_mib": after_load,
+                "peak_rss_prefill_mib": after_prefill,
+                "peak_rss_decode_mib": after_decode,
+                "prefill_tokens_per_s": prefill / prefill_s,
+                "decode_tokens_per_s": decode / decode_s,
+            }
+        )
+    )
+
+
+def _run(argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _size_mib(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--bases", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--cache-mib", type=float, default=64.0, help="mixed-basis cache of native+cache")
+    parser.add_argument("--json", default=str(HERE / "results" / "inference_memory.json"))
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child[0], args.child[1], args.prefill, args.decode, args.cache_mib)
+        return
+
+    from mobe import MobeConfig, compress
+    from mobe.fixtures import build_tiny_moe
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = build_tiny_moe(
+            Path(tmp) / "original",
+            hidden_size=args.hidden,
+            moe_intermediate_size=args.intermediate,
+            num_experts=args.experts,
+            num_layers=args.layers,
+            vocab_size=4096,
+            max_shard_size="200MB",
+        )
+        native = Path(tmp) / "native"
+        compress(src, native, MobeConfig(num_bases=args.bases, rank=args.rank, steps=2), progress=False)
+        sizes = {v: _size_mib(src if v == "original" else native) for v in VARIANTS}
+        for variant in VARIANTS:
+            path = src if variant == "original" else native
+            rows.append(
+                {
+                    "variant": variant,
+                    "checkpoint_mib": sizes[variant],
+                    **_run(
+                        ["--prefill", str(args.prefill), "--decode", str(args.decode), "--child", variant, str(path)]
+                    ),
+                }
+            )
+
+    experts_mib = args.layers * 3 * args.experts * args.intermediate * args.hidden * 4 / 2**20
+    print(
+        f"qwen3_moe: {args.layers} layers x {args.experts} experts of {args.intermediate}, hidden {args.hidden} "
+        f"({experts_mib:.0f} MiB of experts); MoBE m={args.bases} r={args.rank}; prefill {args.prefill}, "
+        f"decode {args.decode}"
+    )
+    print(
+        f"{'variant':>13} {'ckpt MiB':>9} {'RSS load':>9} {'RSS prefill':>12} {'RSS decode':>11} "
+        f"{'prefill tok/s':>14} {'decode tok/s':>13}"
+    )
+    for r in rows:
+        print(
+            f"{r['variant']:>13} {r['checkpoint_mib']:>9.0f} {r['peak_rss_after_load_mib']:>9.0f} "
+            f"{r['peak_rss_prefill_mib']:>12.0f} {r['peak_rss_decode_mib']:>11.0f} "
+            f"{r['prefill_tokens_per_s']:>14.0f} {r['decode_tokens_per_s']:>13.1f}"
+        )
+    orig, nat, cached = rows[0], rows[1], rows[2]
+    saving = orig["checkpoint_mib"] - nat["checkpoint_mib"]
+    peak = {
+        r["variant"]: max(r[k] for k in ("peak_rss_after_load_mib", "peak_rss_prefill_mib", "peak_rss_decode_mib"))
+        for r in rows
+    }
+    rss_saving = peak["original"] - peak["native"]
+    overhead = peak["native"] - nat["baseline_rss_mib"]
+    checks = {
+        "native_peak_over_checkpoint": overhead / nat["checkpoint_mib"],
+        "rss_saving_share_of_parameter_saving": rss_saving / saving,
+        "decode_speed_native_vs_original": nat["decode_tokens_per_s"] / orig["decode_tokens_per_s"],
+        "decode_speed_native_cache_vs_original": cached["decode_tokens_per_s"] / orig["decode_tokens_per_s"],
+    }
+    print(
+        f"native peak RSS above the interpreter baseline ({nat['baseline_rss_mib']:.0f} MiB): {overhead:.0f} MiB = "
+        f"{checks['native_peak_over_checkpoint']:.2f}x its checkpoint (target <= 1.1x + activations)"
+    )
+    print(
+        f"peak RSS saved vs original: {rss_saving:.0f} MiB = "
+        f"{100 * checks['rss_saving_share_of_parameter_saving']:.0f}% of the {saving:.0f} MiB parameter saving "
+        "(target >= 90%)"
+    )
+    print(
+        f"decode speed / original: native {checks['decode_speed_native_vs_original']:.2f}, native with "
+        f"{args.cache_mib:.0f} MiB cache {checks['decode_speed_native_cache_vs_original']:.2f} (target >= 0.5)"
+    )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(
+        json.dumps(
+            {"args": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows, "checks": checks}, indent=2
+        )
+        + "\n"
+    )
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
