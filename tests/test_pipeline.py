@@ -127,3 +127,18 @@ def test_comparison_methods_end_to_end(method, qwen3_checkpoint, tmp_path):
 def test_target_ratio_out_of_reach(qwen3_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="out of reach for --method d2moe"):
         compress(qwen3_checkpoint, tmp_path / "o", MobeConfig(method="d2moe", target_ratio=0.66), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_down_matrices_too_lossless(arch, tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints[arch]
+    config = MobeConfig(num_bases=8, activation="none", init_logit=60.0, steps=0, matrices=("gate", "up", "down"))
+    report = compress(src, tmp_path / "native", config, progress=False)
+    assert {r.matrix for r in report.results} == {"gate", "up", "down"}
+    assert max(r.relative_error for r in report.results) < 1e-5
+    reader = CheckpointReader(tmp_path / "native")
+    layout = moe_layout(reader.config)
+    assert layout.arch.tensor_name(layout.moe_layers[0], 0, "down") not in reader.weight_map
+    reconstruct(tmp_path / "native", tmp_path / "dense", progress=False)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_logits(tmp_path / "dense", ids), _logits(src, ids), atol=1e-4, rtol=1e-4)

@@ -8,7 +8,8 @@ from typing import Any
 FORMAT_VERSION = 1
 ACTIVATIONS = ("tanh", "silu", "none")
 SCHEDULES = ("adam", "paper")
-COMPRESSIBLE = ("gate", "up")
+COMPRESSIBLE = ("gate", "up", "down")
+DEFAULT_MATRICES = ("gate", "up")
 
 
 @dataclass
@@ -40,7 +41,9 @@ class MobeConfig:
         default=0, metadata={"help": "experts per gradient-accumulation chunk; 0 = auto (~1 GiB)"}
     )
     init_logit: float = field(default=1.0, metadata={"help": "initial coefficient logit of each expert's basis"})
-    matrices: tuple[str, ...] = field(default=COMPRESSIBLE, metadata={"help": "matrix types to compress"})
+    matrices: tuple[str, ...] = field(
+        default=DEFAULT_MATRICES, metadata={"help": "matrix types to compress (down is fitted as its transpose)"}
+    )
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "MoE layers to compress; None=all"})
     device: str = field(default="auto", metadata={"help": "cpu | cuda | cuda:N | auto"})
     dtype: str = field(default="auto", metadata={"help": "dtype of the written factors; auto = the source's"})

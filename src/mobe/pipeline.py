@@ -31,7 +31,7 @@ from .export import (
     write_checkpoint,
     write_json_atomic,
 )
-from .factorize import ExpertFactors, budget_for_ratio, get_method
+from .factorize import ExpertFactors, budget_for_ratio, get_method, oriented
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _fit_job(
     progress: bool,
 ) -> tuple[ExpertFactors, MatrixResult]:
     names = [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
-    weights = torch.stack(list(reader.get_many(names).values()))
+    weights = oriented(matrix, torch.stack(list(reader.get_many(names).values())))
     torch.manual_seed(config.seed)
     fit = get_method(config.method).fit
     factors, stats = fit(weights, config, device, f"layer {layer} {matrix}" if progress else None)

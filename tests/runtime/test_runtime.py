@@ -84,3 +84,16 @@ def test_partially_compressed_model(tiny_checkpoints, tmp_path):
             atol=1e-5,
             rtol=1e-4,
         )
+
+
+def test_down_matrices_compressed_match_dense(tiny_checkpoints, tmp_path):
+    config = MobeConfig(num_bases=4, rank=8, steps=10, matrices=("gate", "up", "down"))
+    compress(tiny_checkpoints["olmoe"], tmp_path / "n", config, progress=False)
+    reconstruct(tmp_path / "n", tmp_path / "d", progress=False)
+    native = load_model(tmp_path / "n", workspace_experts=3, cache_mib=1)
+    assert not [n for n, _ in native.named_parameters() if "down_proj" in n]
+    ids = torch.randint(2, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            native(ids).logits, AutoModelForCausalLM.from_pretrained(tmp_path / "d")(ids).logits, atol=1e-5, rtol=1e-4
+        )

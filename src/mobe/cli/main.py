@@ -35,7 +35,7 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=default.eval_every, help=helps["eval_every"])
     p.add_argument("--batch-experts", type=int, default=default.batch_experts, help=helps["batch_experts"])
     p.add_argument("--init-logit", type=float, default=default.init_logit, help=helps["init_logit"])
-    p.add_argument("--matrices", default="gate,up", help="comma-separated subset of gate,up")
+    p.add_argument("--matrices", default="gate,up", help="comma-separated subset of gate,up,down")
     p.add_argument("--layers", type=_int_list, default=None, help="MoE layers to compress, e.g. 1,3-5 (default all)")
     p.add_argument("--device", default=default.device, help=helps["device"])
     p.add_argument("--dtype", default=default.dtype, help=helps["dtype"])

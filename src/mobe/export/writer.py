@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..architectures import MoeLayout
 from ..checkpoint import CheckpointReader
-from ..factorize import ExpertFactors, MobeFactors
+from ..factorize import ExpertFactors, MobeFactors, oriented
 from .files import atomic_save_file, write_json_atomic
 
 FACTOR_PREFIX = "mobe_"
@@ -77,7 +77,7 @@ def write_checkpoint(
             if name in replaced:
                 layer, matrix, e = replaced[name]
                 factors = factors_of(layer, matrix)
-                tensors[name] = factors.reconstruct(torch.tensor([e]))[0].to(factors.dtype)
+                tensors[name] = oriented(matrix, factors.reconstruct(torch.tensor([e])))[0].to(factors.dtype)
         tensors = {name: tensors[name] for name in names}
         atomic_save_file(tensors, target / shard_name(i), metadata)
         total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())

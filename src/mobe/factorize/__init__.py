@@ -1,6 +1,6 @@
 """Stage 2: pure tensor maths. Nothing here reads files or touches transformers modules."""
 
-from .base import ExpertFactors, FitStats
+from .base import ExpertFactors, FitStats, oriented
 from .d2moe import D2moeFactors, fit_d2moe
 from .mobe import MobeFactors, activation_fn, fit_mobe, init_svd_groups, mix_bases, split_groups
 from .molae import MolaeFactors, fit_molae
@@ -25,6 +25,7 @@ __all__ = [
     "init_svd_groups",
     "method_names",
     "mix_bases",
+    "oriented",
     "register_method",
     "split_groups",
 ]

@@ -50,6 +50,11 @@ class ExpertFactors:
         return torch.arange(first.shape[0]) if experts is None else experts
 
 
+def oriented(matrix: str, stack: Tensor) -> Tensor:
+    """Down matrices (d x p) are factorised as their transpose, so every stack fitted is (E, p, d); self-inverse."""
+    return stack.transpose(-1, -2) if matrix == "down" else stack
+
+
 @dataclasses.dataclass
 class FitStats:
     """What a fit reports: MSE of the start and of the kept state (original scale), and its cost."""

@@ -22,7 +22,7 @@ class MobeExperts(nn.Module):
         act_fn: nn.Module,
         gate: MobeFactors | Tensor,
         up: MobeFactors | Tensor,
-        down: Tensor,
+        down: MobeFactors | Tensor,
         workspace_experts: int = 16,
         cache_mib: float = 0.0,
     ):
@@ -30,13 +30,13 @@ class MobeExperts(nn.Module):
         if workspace_experts < 1:
             raise ValueError(f"workspace_experts must be >= 1, got {workspace_experts}")
         self.act_fn = act_fn
-        self.num_experts = down.shape[0]
+        self.num_experts = (down.A if isinstance(down, MobeFactors) else down).shape[0]
         self.workspace_experts = workspace_experts
         self.cache_bytes = int(cache_mib * 2**20)
         self._cache: OrderedDict[tuple[str, int], Tensor] = OrderedDict()
         self._cached_bytes = 0
         self.factored: dict[str, str] = {}  # matrix -> activation of its mixed bases
-        for name, proj in (("gate", gate), ("up", up)):
+        for name, proj in (("gate", gate), ("up", up), ("down", down)):
             if isinstance(proj, MobeFactors):
                 self.register_parameter(f"{name}_A", nn.Parameter(proj.A, requires_grad=False))
                 self.register_parameter(f"{name}_bases", nn.Parameter(proj.bases, requires_grad=False))
@@ -44,7 +44,6 @@ class MobeExperts(nn.Module):
                 self.factored[name] = proj.activation
             else:
                 self.register_parameter(f"{name}_proj", nn.Parameter(proj, requires_grad=False))
-        self.down_proj = nn.Parameter(down, requires_grad=False)
 
     def _mixed(self, matrix: str, experts: list[int]) -> dict[int, Tensor]:
         """Mixed bases of `experts` for `matrix`, from the cache where present."""
@@ -53,7 +52,7 @@ class MobeExperts(nn.Module):
             self._cache.move_to_end((matrix, e))
         missing = [e for e in experts if e not in out]
         if missing:
-            idx = torch.tensor(missing, device=self.down_proj.device)
+            idx = torch.tensor(missing, device=getattr(self, f"{matrix}_A").device)
             bases, coef = getattr(self, f"{matrix}_bases"), getattr(self, f"{matrix}_coef")
             per_group = self.num_experts // bases.shape[0]
             mixed = mix_bases(coef[idx], bases, idx // per_group, activation_fn(self.factored[matrix]))
@@ -77,9 +76,11 @@ class MobeExperts(nn.Module):
         self._cached_bytes = 0
 
     def _project(self, matrix: str, x: Tensor, e: int, mixed: dict[str, dict[int, Tensor]]) -> Tensor:
-        if matrix in self.factored:
-            return (x @ mixed[matrix][e].T) @ getattr(self, f"{matrix}_A")[e].T
-        return x @ getattr(self, f"{matrix}_proj")[e].T
+        """x W_e^T without forming W_e: W = A M for gate/up; down is stored transposed, W_down^T = A M."""
+        if matrix not in self.factored:
+            return x @ getattr(self, f"{matrix}_proj")[e].T
+        A, M = getattr(self, f"{matrix}_A")[e], mixed[matrix][e]
+        return (x @ A) @ M if matrix == "down" else (x @ M.T) @ A.T
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         final = torch.zeros_like(hidden_states)
@@ -91,7 +92,7 @@ class MobeExperts(nn.Module):
                 token_idx, pos = torch.where(top_k_index == e)
                 x = hidden_states[token_idx]
                 h = self.act_fn(self._project("gate", x, e, mixed)) * self._project("up", x, e, mixed)
-                out = (h @ self.down_proj[e].T) * top_k_weights[token_idx, pos, None]
+                out = self._project("down", h, e, mixed) * top_k_weights[token_idx, pos, None]
                 final.index_add_(0, token_idx, out.to(final.dtype))
             del mixed
         return final

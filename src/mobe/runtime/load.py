@@ -16,7 +16,6 @@ from torch import nn
 from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
 from ..export import FACTOR_PREFIX
-from ..factorize import MobeFactors
 from .experts import MobeExperts
 
 
@@ -37,20 +36,20 @@ def _experts_module(
 ) -> nn.Module:
     from ..pipeline import read_native_factors
 
-    gate_up = {
+    compressed = layer in section["layers"]
+    proj = {
         m: read_native_factors(reader, layout, layer, m)
-        if m in section["matrices"] and layer in section["layers"]
+        if compressed and m in section["matrices"]
         else _stack(reader, layout, layer, m)
-        for m in ("gate", "up")
+        for m in ("gate", "up", "down")
     }
-    down = _stack(reader, layout, layer, "down")
-    if not any(isinstance(v, MobeFactors) for v in gate_up.values()):  # an uncompressed MoE layer: fused as usual
+    if not compressed:  # an uncompressed MoE layer: fused as transformers does
         original.to_empty(device="cpu")
         with torch.no_grad():
-            original.gate_up_proj.copy_(torch.cat([gate_up["gate"], gate_up["up"]], dim=1))
-            original.down_proj.copy_(down)
+            original.gate_up_proj.copy_(torch.cat([proj["gate"], proj["up"]], dim=1))
+            original.down_proj.copy_(proj["down"])
         return original
-    return MobeExperts(original.act_fn, gate_up["gate"], gate_up["up"], down, workspace_experts, cache_mib)
+    return MobeExperts(original.act_fn, proj["gate"], proj["up"], proj["down"], workspace_experts, cache_mib)
 
 
 def load_model(
