@@ -43,6 +43,7 @@ def _config(method: str, ratio: float, args: argparse.Namespace) -> MobeConfig:
         steps=args.steps,
         eval_every=args.eval_every,
         schedule=args.schedule,
+        matrices=tuple(args.matrices),
         device="cpu",
     )
 
@@ -115,7 +116,7 @@ def run_synthetic(args: argparse.Namespace) -> list[dict]:
         for method in args.methods:
             config = _config(method, ratio, args)
             impl = get_method(method)
-            rank = impl.rank_for_budget(E, p, d, config, budget_for_ratio(E, p, d, ratio, 2))
+            rank = impl.rank_for_budget(E, p, d, config, budget_for_ratio(E, p, d, ratio, len(args.matrices)))
             start = time.perf_counter()
             factors, _ = impl.fit(
                 W, MobeConfig(**{**config.to_dict(), "rank": rank, "target_ratio": None}), "cpu", None
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.4, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--bases", type=int, default=4)
+    parser.add_argument("--matrices", nargs="+", default=["gate", "up"], choices=["gate", "up", "down"])
     parser.add_argument("--activation", default="silu")
     parser.add_argument("--schedule", default="adam")
     parser.add_argument("--steps", type=int, default=2000)
