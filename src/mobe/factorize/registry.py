@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..config import MobeConfig
+from ..evaluate.params import mobe_parameters
 from .base import ExpertFactors, FitStats
 from .d2moe import D2moeFactors, fit_d2moe
 from .mobe import MobeFactors, fit_mobe
@@ -64,7 +65,7 @@ register_method(
         "mobe",
         MobeFactors,
         fit=lambda W, c, device, desc: fit_mobe(W, c, device=device, desc=desc),
-        parameters=lambda E, p, d, c, r: E * p * r + c.num_bases * r * d + E * (c.num_bases // c.groups),
+        parameters=lambda E, p, d, c, r: mobe_parameters(E, p, d, c.num_bases, r, c.groups),
         iterative=True,
     )
 )
