@@ -88,7 +88,10 @@ class CompressionReport:
         return path
 
     def table(self) -> str:
-        lines = [f"{'layer':>5} {'matrix':>6} {'rel.err':>9} {'init':>9} {'mse':>10} {'best@':>6} {'sec':>7}"]
+        c = self.config
+        settings = f"m={c.get('num_bases')} " if c.get("method", "mobe") == "mobe" else ""
+        lines = [f"method {c.get('method', 'mobe')}: {settings}rank {c.get('rank')}, {self.format} output"]
+        lines.append(f"{'layer':>5} {'matrix':>6} {'rel.err':>9} {'init':>9} {'mse':>10} {'best@':>6} {'sec':>7}")
         for r in self.results:
             lines.append(
                 f"{r.layer:>5} {r.matrix:>6} {r.relative_error:>9.4f} {r.init_relative_error:>9.4f} "
