@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from mobe.architectures import canonical_model_types
 from mobe.fixtures import build_tiny_moe
@@ -21,3 +22,21 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def qwen3_checkpoint(tiny_checkpoints) -> Path:
     return tiny_checkpoints["qwen3_moe"]
+
+
+def _contents(folder: Path) -> dict:
+    """Every file's bytes, except shards: their tensors' bytes and header metadata (whose key order varies)."""
+    out: dict = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt") as f:
+                out[path.name] = (f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()})
+        elif path.name != "mobe_report.json":  # holds timings
+            out[path.name] = path.read_bytes()
+    return out
+
+
+@pytest.fixture
+def checkpoint_contents():
+    """Compare checkpoints bit for bit: `checkpoint_contents(a) == checkpoint_contents(b)`."""
+    return _contents

@@ -6,28 +6,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-from safetensors import safe_open
 
 from mobe.cli.main import main
 
 ARGS = ["--bases", "2", "--rank", "8", "--steps", "1500", "--eval-every", "100", "--quiet"]
 
 
-def _contents(folder: Path) -> dict:
-    """Every file's bytes, except shards: their tensors' bytes and header metadata (whose key order varies)."""
-    out: dict = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix == ".safetensors":
-            with safe_open(path, "pt") as f:
-                out[path.name] = (f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()})
-        elif path.name != "mobe_report.json":  # holds timings
-            out[path.name] = path.read_bytes()
-    return out
-
-
-def test_killed_run_resumes_and_matches_uninterrupted(qwen3_checkpoint, tmp_path):
+def test_killed_run_resumes_and_matches_uninterrupted(qwen3_checkpoint, tmp_path, checkpoint_contents):
     out = tmp_path / "out"
     work = tmp_path / "out.mobe-work"
     cmd = [sys.executable, "-m", "mobe", "compress", str(qwen3_checkpoint), "-o", str(out), *ARGS]
@@ -48,7 +33,7 @@ def test_killed_run_resumes_and_matches_uninterrupted(qwen3_checkpoint, tmp_path
     assert not work.exists()
 
     assert main(["compress", str(qwen3_checkpoint), "-o", str(tmp_path / "ref"), *ARGS]) == 0
-    assert _contents(out) == _contents(tmp_path / "ref")
+    assert checkpoint_contents(out) == checkpoint_contents(tmp_path / "ref")
 
 
 def test_resume_with_other_settings_is_refused(qwen3_checkpoint, tmp_path, capsys):

@@ -45,7 +45,14 @@ class MobeConfig:
         default=DEFAULT_MATRICES, metadata={"help": "matrix types to compress (down is fitted as its transpose)"}
     )
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "MoE layers to compress; None=all"})
-    device: str = field(default="auto", metadata={"help": "cpu | cuda | cuda:N | auto"})
+    device: str = field(
+        default="auto",
+        metadata={"help": "cpu | cuda | cuda:N | auto (all visible GPUs) | a comma-separated list, one job per device"},
+    )
+    threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads per job (0 = torch's default); fix it for bit-identical CPU runs anywhere"},
+    )
     dtype: str = field(default="auto", metadata={"help": "dtype of the written factors; auto = the source's"})
     seed: int = field(default=0, metadata={"help": "random seed (CPU runs are deterministic for a seed)"})
 
@@ -75,6 +82,8 @@ class MobeConfig:
         bad = [m for m in self.matrices if m not in COMPRESSIBLE]
         if bad or not self.matrices:
             raise ValueError(f"matrices must be a non-empty subset of {COMPRESSIBLE}, got {self.matrices}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -90,7 +99,8 @@ class MobeConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that change the factors (device and output dtype aside, the rest do)."""
+        """The settings that decide the factors (where the jobs run does not; threads only change rounding)."""
         out = self.to_dict()
         out.pop("device")
+        out.pop("threads")
         return out

@@ -16,34 +16,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .architectures import MoeLayout, moe_layout
 from .checkpoint import CheckpointError, CheckpointReader
 from .config import FORMAT_VERSION, MobeConfig
-from .evaluate import CompressionReport, MatrixResult, weight_error
+from .distribute import JobSpec, JobStore, local_devices, require_ray, run_device_pool, run_ray, run_serial
+from .evaluate import CompressionReport, MatrixResult
 from .export import (
     FACTOR_PREFIX,
-    atomic_save_file,
     copy_side_files,
     factor_tensor_names,
     write_checkpoint,
     write_json_atomic,
 )
-from .factorize import ExpertFactors, budget_for_ratio, get_method, oriented
+from .factorize import ExpertFactors, budget_for_ratio, get_method
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 
@@ -134,27 +123,6 @@ def _mobe_section(config: MobeConfig, layout: MoeLayout, jobs: list[tuple[int, s
     return section
 
 
-class _JobStore:
-    """Finished jobs' factors and results, one safetensors file per (layer, matrix) in the work folder."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def path(self, layer: int, matrix: str) -> Path:
-        return self.folder / f"layer{layer:05d}.{matrix}.safetensors"
-
-    def save(self, layer: int, matrix: str, factors: ExpertFactors, result: MatrixResult) -> None:
-        meta = {"method": factors.method, **factors.meta(), "result": json.dumps(result.__dict__)}
-        atomic_save_file(factors.tensors(), self.path(layer, matrix), meta)
-
-    def load(self, layer: int, matrix: str) -> tuple[ExpertFactors, MatrixResult]:
-        with safe_open(self.path(layer, matrix), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        factors = get_method(meta["method"]).factors_cls.from_tensors(tensors, meta)
-        return factors, MatrixResult(**json.loads(meta["result"]))
-
-
 def _open_work_folder(work: Path, fingerprint: dict) -> None:
     state = work / "work.json"
     if state.exists():
@@ -173,44 +141,20 @@ def _open_work_folder(work: Path, fingerprint: dict) -> None:
         shutil.rmtree(stale)
 
 
-def _fit_job(
-    reader: CheckpointReader,
-    layout: MoeLayout,
-    config: MobeConfig,
-    layer: int,
-    matrix: str,
-    device: torch.device,
-    out_dtype: torch.dtype | None,
-    progress: bool,
-) -> tuple[ExpertFactors, MatrixResult]:
-    names = [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
-    weights = oriented(matrix, torch.stack(list(reader.get_many(names).values())))
-    torch.manual_seed(config.seed)
-    fit = get_method(config.method).fit
-    factors, stats = fit(weights, config, device, f"layer {layer} {matrix}" if progress else None)
-    factors = factors.to(out_dtype or weights.dtype)
-    for field, tensor in factors.tensors().items():
-        if not torch.isfinite(tensor).all():
-            raise CompressionError(
-                f"layer {layer} {matrix}: factor {field} is not finite after fitting "
-                f"(lower --lr or check the source weights)"
-            )
-    rel, mse = weight_error(weights.float(), factors.reconstruct())
-    mean_square = weights.double().pow(2).mean().item()
-    E, p, d = weights.shape
-    result = MatrixResult(
-        layer=layer,
-        matrix=matrix,
-        relative_error=rel,
-        mse=mse,
-        init_relative_error=(stats.init_loss / mean_square) ** 0.5,
-        best_step=stats.best_step,
-        steps=stats.steps,
-        seconds=stats.seconds,
-        params_before=E * p * d,
-        params_after=factors.num_parameters(),
-    )
-    return factors, result
+def _run_jobs(
+    specs: list[JobSpec], config: MobeConfig, ray: bool | str, on_done: Callable[[JobSpec, dict], None], progress: bool
+) -> None:
+    """Run the unfinished jobs on a Ray cluster, on several local devices, or here, one after another."""
+    if ray is not False:
+        kind = config.device.split(",")[0].strip()
+        device = "auto" if kind == "auto" else ("cuda" if kind.startswith("cuda") else "cpu")
+        run_ray(specs, None if ray is True else ray, device, config.threads or 1, on_done)
+        return
+    devices = local_devices(config.device)
+    if len(devices) > 1 and len(specs) > 1:
+        run_device_pool(specs, devices, on_done)
+    else:
+        run_serial(specs, str(resolve_device(devices[0])), on_done, progress)
 
 
 def compress(
@@ -220,6 +164,7 @@ def compress(
     *,
     reconstruct: bool = False,
     work_dir: str | Path | None = None,
+    ray: bool | str = False,
     progress: bool = True,
 ) -> CompressionReport:
     """Compress the MoE checkpoint `model` (folder or hub id) into `output`.
@@ -231,6 +176,8 @@ def compress(
         reconstruct: write dense experts rebuilt from the factors (same layout as the source,
             loadable by any engine) instead of the native factors.
         work_dir: where finished jobs are kept for resuming (default `OUTPUT.mobe-work`).
+        ray: run each (layer, matrix) job as a Ray task: True for RAY_ADDRESS or a new local cluster, or a
+            cluster address. The checkpoint and work folder must be visible to every node.
         progress: show progress bars.
 
     Returns:
@@ -247,13 +194,16 @@ def compress(
     layout = moe_layout(reader.config)
     config = resolve_settings(layout, config)
     jobs = plan_jobs(reader, layout, config)
-    device = resolve_device(config.device)
-    out_dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
+    if ray is False:
+        for device in local_devices(config.device):
+            resolve_device(device)
+    else:
+        require_ray()
     fmt = "dense" if reconstruct else "native"
 
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".mobe-work")
     _open_work_folder(work, {"source": str(reader.path.resolve()), "config": config.fingerprint()})
-    store = _JobStore(work)
+    store = JobStore(work)
     report = CompressionReport(
         source=str(model),
         output=str(output),
@@ -262,14 +212,27 @@ def compress(
         expert_params_before=len(layout.moe_layers) * layout.expert_params_per_layer,
         model_params_before=reader.num_parameters(),
     )
-    for layer, matrix in tqdm(jobs, desc="Compressing", disable=not progress):
-        if store.path(layer, matrix).exists():
-            _, result = store.load(layer, matrix)
-            result.resumed = True
+    # Workers open the checkpoint themselves: a local folder by its absolute path, a hub id by its id.
+    source = str(reader.path.resolve()) if Path(model).exists() else str(model)
+    results: dict[tuple[int, str], MatrixResult] = {}
+    todo = []
+    for layer, matrix in jobs:
+        if store.done(layer, matrix):
+            results[layer, matrix] = dataclasses.replace(store.load(layer, matrix)[1], resumed=True)
         else:
-            factors, result = _fit_job(reader, layout, config, layer, matrix, device, out_dtype, progress)
-            store.save(layer, matrix, factors, result)
-        report.results.append(result)
+            todo.append(JobSpec(source, str(work), config.to_dict(), layer, matrix))
+    bar = tqdm(total=len(jobs), initial=len(results), desc="Compressing", disable=not progress)
+
+    def on_done(spec: JobSpec, result: dict) -> None:
+        results[spec.layer, spec.matrix] = MatrixResult(**result)
+        bar.set_postfix_str(spec.name)
+        bar.update()
+
+    try:
+        _run_jobs(todo, config, ray, on_done, progress)
+    finally:
+        bar.close()
+    report.results = [results[job] for job in jobs]
 
     assemble = work / "assemble"
     assemble.mkdir()

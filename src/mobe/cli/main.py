@@ -38,6 +38,7 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matrices", default="gate,up", help="comma-separated subset of gate,up,down")
     p.add_argument("--layers", type=_int_list, default=None, help="MoE layers to compress, e.g. 1,3-5 (default all)")
     p.add_argument("--device", default=default.device, help=helps["device"])
+    p.add_argument("--threads", type=int, default=default.threads, help=helps["threads"])
     p.add_argument("--dtype", default=default.dtype, help=helps["dtype"])
     p.add_argument("--seed", type=int, default=default.seed, help=helps["seed"])
 
@@ -59,6 +60,7 @@ def _config_from_args(args: argparse.Namespace) -> MobeConfig:
         matrices=tuple(m for m in args.matrices.split(",") if m),
         layers=args.layers,
         device=args.device,
+        threads=args.threads,
         dtype=args.dtype,
         seed=args.seed,
     )
@@ -73,6 +75,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         _config_from_args(args),
         reconstruct=args.reconstruct,
         work_dir=args.work_dir,
+        ray=True if args.ray == "" else (args.ray or False),
         progress=not args.quiet,
     )
     print(report.table())
@@ -165,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="new output folder")
     p.add_argument("--reconstruct", action="store_true", help="write dense experts rebuilt from the factors")
     p.add_argument("--work-dir", default=None, help="folder for finished jobs (default OUTPUT.mobe-work)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run each (layer, matrix) job as a Ray task on the cluster at ADDRESS (without one: RAY_ADDRESS or a "
+        "new local cluster); needs pip install 'mobe[ray]' and storage every node sees",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_mobe_options(p)
     p.set_defaults(func=_cmd_compress)
@@ -211,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as exc:  # our errors are ValueErrors with one clear line
+    except (ValueError, OSError, ImportError) as exc:  # our errors are ValueErrors with one clear line
         print(f"mobe: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
