@@ -1,0 +1,157 @@
+"""Compression wall time with 1 and 2 Ray workers on this machine, and what that projects to for big models.
+
+Side by side in one run, on one synthetic checkpoint with at least 8 MoE layers: a single process (no Ray),
+then a local Ray cluster with 1 and with 2 one-CPU workers (jobs run one thread each, so every run gives the
+same bits). Prints wall time, speedup and Ray's own overhead per job; then projects the wall time of
+DeepSeek-V3 and Kimi-K2 on 8, 64 and 256 GPUs as ceil(jobs / GPUs) x per-job time, with the per-job time
+taken from the job's FLOP count at a sustained GPU throughput given by --gpu-tflops (an assumption, printed).
+
+    python benchmarks/ray_scaling.py [--layers 8 --experts 16 --hidden 256 --intermediate 128 --steps 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mobe import MobeConfig, compress
+from mobe.fixtures import build_tiny_moe
+
+HERE = Path(__file__).resolve().parent
+
+# Published layer shapes and MoBE settings (../shared/METHOD.md): MoE layers, E, p, d, m, r, groups, steps.
+MODELS = {
+    "DeepSeek-V3": {"moe_layers": 58, "E": 256, "p": 2048, "d": 7168, "m": 64, "r": 2048, "groups": 1, "steps": 10000},
+    "Kimi-K2": {"moe_layers": 60, "E": 384, "p": 2048, "d": 7168, "m": 128, "r": 2048, "groups": 2, "steps": 15000},
+}
+GPU_COUNTS = (8, 64, 256)
+
+
+def step_flops(E: int, p: int, d: int, m: int, r: int, groups: int) -> float:
+    """Multiply-adds x 2 of one Adam step (forward + backward, backward = 2 x forward) over all E experts."""
+    mix = 2 * E * (m // groups) * r * d  # coef_i @ bases of its group
+    expand = 2 * E * p * r * d  # A_i @ mixed basis
+    return 3.0 * (mix + expand)
+
+
+def timed_compress(model: Path, out: Path, config: MobeConfig, ray_workers: int | None) -> dict:
+    import ray
+
+    start = time.perf_counter()
+    if ray_workers:
+        ray.init(address="local", num_cpus=ray_workers, log_to_driver=False, configure_logging=False)
+    ready = time.perf_counter()
+    report = compress(model, out, config, ray=bool(ray_workers), progress=False)
+    done = time.perf_counter()
+    if ray_workers:
+        ray.shutdown()
+    return {
+        "runner": f"ray, {ray_workers} worker{'s' * (ray_workers > 1)}" if ray_workers else "single process",
+        "workers": ray_workers or 1,
+        "cluster_start_s": ready - start,
+        "compress_s": done - ready,
+        "job_seconds": [r.seconds for r in report.results],
+        "jobs": len(report.results),
+    }
+
+
+def project(per_gflop_s: float, args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name, s in MODELS.items():
+        jobs = s["moe_layers"] * 2  # gate and up, as published
+        flops = s["steps"] * step_flops(s["E"], s["p"], s["d"], s["m"], s["r"], s["groups"])
+        job_s = flops / (args.gpu_tflops * 1e12)
+        for gpus in GPU_COUNTS:
+            rows.append(
+                {
+                    "model": name,
+                    "jobs": jobs,
+                    "gpus": gpus,
+                    "job_hours": job_s / 3600,
+                    "wall_hours": math.ceil(jobs / gpus) * job_s / 3600,
+                    "gpu_tflops_assumed": args.gpu_tflops,
+                    "this_cpu_hours_per_job": flops / (per_gflop_s * 1e9) / 3600,
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=128)
+    parser.add_argument("--bases", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--gpu-tflops", type=float, default=40.0, help="sustained fp32 TFLOP/s of one GPU (assumed)")
+    parser.add_argument("--out", default=str(HERE / "results" / "ray_scaling"))
+    args = parser.parse_args()
+
+    config = MobeConfig(
+        num_bases=args.bases, rank=args.rank, steps=args.steps, eval_every=100, threads=1, device="cpu"
+    )
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny_moe(
+            Path(tmp) / "src",
+            "qwen3_moe",
+            num_layers=args.layers,
+            num_experts=args.experts,
+            hidden_size=args.hidden,
+            moe_intermediate_size=args.intermediate,
+        )
+        for workers in (None, 1, 2):
+            runs.append(timed_compress(model, Path(tmp) / f"out-{workers}", config, workers))
+            print(f"{runs[-1]['runner']}: {runs[-1]['compress_s']:.1f} s", flush=True)
+
+    single = runs[0]["compress_s"]
+    print(f"\n{runs[0]['jobs']} jobs (layers x gate/up), E={args.experts}, p={args.intermediate}, d={args.hidden}, "
+          f"m={args.bases}, r={args.rank}, {args.steps} steps, 1 thread per job")
+    print(f"{'runner':>18} {'start s':>8} {'wall s':>8} {'speedup':>8} {'sum of jobs s':>14} {'overhead/job s':>15}")
+    for run in runs:
+        busy = sum(run["job_seconds"])
+        run["speedup_vs_single_process"] = single / run["compress_s"]
+        run["overhead_per_job_s"] = (run["compress_s"] * run["workers"] - busy) / run["jobs"]
+        print(
+            f"{run['runner']:>18} {run['cluster_start_s']:>8.1f} {run['compress_s']:>8.1f} "
+            f"{run['speedup_vs_single_process']:>7.2f}x {busy:>14.1f} {run['overhead_per_job_s']:>15.2f}"
+        )
+    ray1, ray2 = runs[1]["compress_s"], runs[2]["compress_s"]
+    print(f"2 workers vs 1 worker: {ray1 / ray2:.2f}x")
+
+    mean_job = sum(runs[0]["job_seconds"]) / runs[0]["jobs"]
+    flops = args.steps * step_flops(args.experts, args.intermediate, args.hidden, args.bases, args.rank, 1)
+    cpu_gflop_s = flops / mean_job / 1e9
+    projections = project(cpu_gflop_s, args)
+    print(f"\nthis CPU sustains {cpu_gflop_s:.1f} GFLOP/s per one-thread job; projection at an assumed "
+          f"{args.gpu_tflops:g} TFLOP/s per GPU, gate and up of every MoE layer:")
+    print(f"{'model':>12} {'jobs':>5} {'GPUs':>5} {'h per job':>10} {'wall h':>8}")
+    for row in projections:
+        print(
+            f"{row['model']:>12} {row['jobs']:>5} {row['gpus']:>5} {row['job_hours']:>10.2f} {row['wall_hours']:>8.2f}"
+        )
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "args": vars(args),
+        "torch_threads_default": torch.get_num_threads(),
+        "runs": runs,
+        "speedup_2_vs_1_workers": ray1 / ray2,
+        "cpu_gflop_s_per_job": cpu_gflop_s,
+        "projections": projections,
+    }
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
