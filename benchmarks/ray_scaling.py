@@ -6,7 +6,7 @@ same bits). Prints wall time, speedup and Ray's own overhead per job; then proje
 DeepSeek-V3 and Kimi-K2 on 8, 64 and 256 GPUs as ceil(jobs / GPUs) x per-job time, with the per-job time
 taken from the job's FLOP count at a sustained GPU throughput given by --gpu-tflops (an assumption, printed).
 
-    python benchmarks/ray_scaling.py [--layers 8 --experts 16 --hidden 256 --intermediate 128 --steps 1500]
+    python benchmarks/ray_scaling.py [--layers 8 --experts 16 --hidden 256 --intermediate 128 --steps 800]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=128)
     parser.add_argument("--bases", type=int, default=4)
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--gpu-tflops", type=float, default=40.0, help="sustained fp32 TFLOP/s of one GPU (assumed)")
     parser.add_argument("--out", default=str(HERE / "results" / "ray_scaling"))
     args = parser.parse_args()
