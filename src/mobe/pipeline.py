@@ -176,8 +176,9 @@ def compress(
         reconstruct: write dense experts rebuilt from the factors (same layout as the source,
             loadable by any engine) instead of the native factors.
         work_dir: where finished jobs are kept for resuming (default `OUTPUT.mobe-work`).
-        ray: run each (layer, matrix) job as a Ray task: True for RAY_ADDRESS or a new local cluster, or a
-            cluster address. The checkpoint and work folder must be visible to every node.
+        ray: run each (layer, matrix) job as a Ray task: True for Ray's default (RAY_ADDRESS, a cluster running
+            on this machine, or a new local one), or a cluster address. The checkpoint and the work folder must
+            be visible to every node.
         progress: show progress bars.
 
     Returns:

@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         const="",
         default=None,
         metavar="ADDRESS",
-        help="run each (layer, matrix) job as a Ray task on the cluster at ADDRESS (without one: RAY_ADDRESS or a "
-        "new local cluster); needs pip install 'mobe[ray]' and storage every node sees",
+        help="run each (layer, matrix) job as a Ray task on the cluster at ADDRESS (without one: RAY_ADDRESS, a "
+        "cluster running on this machine, or a new local one); needs pip install 'mobe[ray]' and storage every "
+        "node sees",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_mobe_options(p)

@@ -36,7 +36,7 @@ def run_ray(
     on_done: OnDone,
     max_retries: int = 3,
 ) -> None:
-    """Run `specs` on the Ray cluster at `address` (None: RAY_ADDRESS or a new local cluster).
+    """Run `specs` on the Ray cluster at `address` (None: RAY_ADDRESS, a running local cluster, or a new one).
 
     `device` is cpu, cuda, or auto (cuda when the cluster has GPUs). Connects only if this process is not
     connected yet, and disconnects again in that case.
