@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,19 @@ def _contents(folder: Path) -> dict:
 def checkpoint_contents():
     """Compare checkpoints bit for bit: `checkpoint_contents(a) == checkpoint_contents(b)`."""
     return _contents
+
+
+def _kill_after_first_job(cmd: list[str], work: Path) -> list[str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(work.glob("layer*.safetensors")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return sorted(p.name for p in work.glob("layer*.safetensors"))
+
+
+@pytest.fixture
+def kill_after_first_job():
+    """Run a command, SIGKILL it as soon as a finished job appears in `work`; returns the finished job files."""
+    return _kill_after_first_job

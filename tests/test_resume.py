@@ -1,28 +1,20 @@
 """A run killed mid-way resumes from its finished jobs and ends with the same checkpoint as an uninterrupted one."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 from mobe.cli.main import main
 
 ARGS = ["--bases", "2", "--rank", "8", "--steps", "1500", "--eval-every", "100", "--quiet"]
 
 
-def test_killed_run_resumes_and_matches_uninterrupted(qwen3_checkpoint, tmp_path, checkpoint_contents):
+def test_killed_run_resumes_and_matches_uninterrupted(
+    qwen3_checkpoint, tmp_path, checkpoint_contents, kill_after_first_job
+):
     out = tmp_path / "out"
     work = tmp_path / "out.mobe-work"
     cmd = [sys.executable, "-m", "mobe", "compress", str(qwen3_checkpoint), "-o", str(out), *ARGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(work.glob("layer*.safetensors")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = sorted(p.name for p in work.glob("layer*.safetensors"))
+    finished = kill_after_first_job(cmd, work)
     assert 1 <= len(finished) < 4, finished  # killed after the first job and before the last
     assert not out.exists()
 

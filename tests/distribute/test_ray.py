@@ -7,9 +7,6 @@ equal bit for bit, whatever was killed on the way.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -113,16 +110,12 @@ def test_worker_node_killed_mid_job_is_retried_elsewhere(model, reference, clust
     cluster.wait_for_nodes()
 
 
-def test_killed_driver_resumes_from_finished_jobs(model, reference, cluster, tmp_path, checkpoint_contents):
+def test_killed_driver_resumes_from_finished_jobs(
+    model, reference, cluster, tmp_path, checkpoint_contents, kill_after_first_job
+):
     out, work = tmp_path / "out", tmp_path / "out.mobe-work"
     cmd = [sys.executable, "-m", "mobe", "compress", str(model), "-o", str(out), "--ray", cluster.address, "-q"]
-    proc = subprocess.Popen([*cmd, *CLI_ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(work.glob("layer*.safetensors")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = sorted(p.name for p in work.glob("layer*.safetensors"))
+    finished = kill_after_first_job([*cmd, *CLI_ARGS], work)
     assert 1 <= len(finished) < 8, finished
     assert not out.exists()
 
@@ -132,4 +125,3 @@ def test_killed_driver_resumes_from_finished_jobs(model, reference, cluster, tmp
     assert set(finished) <= resumed  # jobs the dead driver's tasks finished after it died count as well
     assert not work.exists()
     assert checkpoint_contents(out) == checkpoint_contents(reference)
-
