@@ -101,7 +101,7 @@ def test_missing_folder(tmp_path, capsys):
     assert "does not exist" in _run(capsys, tmp_path / "nope", tmp_path / "out")
 
 
-def test_fp8_experts_are_refused(qwen3_checkpoint, tmp_path, capsys):
+def test_fp8_experts_without_block_scales_are_refused(qwen3_checkpoint, tmp_path, capsys):
     model = _copy(qwen3_checkpoint, tmp_path / "m")
     name = "model.layers.0.mlp.experts.2.up_proj.weight"
     shard = _shard_of(model, name)

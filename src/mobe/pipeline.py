@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .architectures import MoeLayout, moe_layout
 from .checkpoint import CheckpointError, CheckpointReader
+from .checkpoint.fp8 import SCALE_SUFFIX, block_size
 from .config import FORMAT_VERSION, MobeConfig
 from .distribute import JobSpec, JobStore, local_devices, require_ray, run_device_pool, run_ray, run_serial
 from .evaluate import CompressionReport, MatrixResult
@@ -88,10 +89,11 @@ def plan_jobs(reader: CheckpointReader, layout: MoeLayout, config: MobeConfig) -
             for e in range(E):
                 name = layout.arch.tensor_name(layer, e, matrix)
                 shape = reader.shape(name)
-                if reader.dtype_name(name) not in FLOAT_DTYPES:
+                if reader.dtype_name(name) not in FLOAT_DTYPES and not reader.is_block_fp8(name):
                     raise CheckpointError(
-                        f"tensor {name} is {reader.dtype_name(name)}; mobe needs float32/bfloat16/float16 experts "
-                        "(dequantise FP8 or integer-quantised checkpoints first)"
+                        f"tensor {name} is {reader.dtype_name(name)}; mobe reads float32/bfloat16/float16 experts "
+                        "and block-FP8 ones with NAME_scale_inv and quantization_config.weight_block_size "
+                        "(dequantise other quantised checkpoints first)"
                     )
                 if shape != expected:
                     raise CheckpointError(
@@ -311,6 +313,8 @@ def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True
     for name, (layer, m) in original_names.items():
         first_factor = next(iter(factor_tensor_names(layout, layer, m, factors_cls.tensor_fields).values()))
         plan.setdefault(reader.weight_map[first_factor], []).append(name)
+        if block_size(reader.config):  # block-FP8 model: the rebuilt matrix is written in FP8 with its scales
+            plan[reader.weight_map[first_factor]].append(name + SCALE_SUFFIX)
     plan = {shard: sorted(names) for shard, names in sorted(plan.items())}
     metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_format": "dense"}
     write_checkpoint(reader, layout, jobs, factors_of, target, "dense", metadata, progress, shard_plan=plan)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .fp8 import FP8_DTYPE_NAMES, SCALE_SUFFIX, block_size, dequantize_blockwise
+
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
@@ -118,8 +120,14 @@ class CheckpointReader:
         with safe_open(self.path / self._locate(name), framework="pt") as f:
             return f.get_tensor(name)
 
-    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read several tensors, opening each shard once."""
+    def get_many(self, names: list[str], dequantize: bool = False) -> dict[str, torch.Tensor]:
+        """Read several tensors, opening each shard once; `dequantize` turns block-FP8 weights into float32."""
+        if dequantize:
+            scales = {name: name + SCALE_SUFFIX for name in names if self.is_block_fp8(name)}
+            raw = self.get_many([*names, *scales.values()])
+            for name, scale in scales.items():
+                raw[name] = dequantize_blockwise(raw[name], raw[scale], block_size(self.config))  # type: ignore[arg-type]
+            return {name: raw[name] for name in names}
         by_shard: dict[str, list[str]] = defaultdict(list)
         for name in names:
             by_shard[self._locate(name)].append(name)
@@ -129,6 +137,14 @@ class CheckpointReader:
                 for name in shard_names:
                     out[name] = f.get_tensor(name)
         return {name: out[name] for name in names}
+
+    def is_block_fp8(self, name: str) -> bool:
+        """An FP8 weight with its block scales (`NAME_scale_inv`) in a checkpoint whose config declares blocks."""
+        return (
+            self.dtype_name(name) in FP8_DTYPE_NAMES
+            and block_size(self.config) is not None
+            and name + SCALE_SUFFIX in self.weight_map
+        )
 
     def num_parameters(self) -> int:
         """Total parameter count, from the shard headers only."""

@@ -79,11 +79,12 @@ def fit_job(
 ) -> tuple[ExpertFactors, MatrixResult]:
     """Read one layer's expert stack of one matrix type, fit it, and measure the weight error."""
     names = [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
-    weights = oriented(matrix, torch.stack(list(reader.get_many(names).values())))
+    weights = oriented(matrix, torch.stack(list(reader.get_many(names, dequantize=True).values())))
     torch.manual_seed(config.seed)
     fit = get_method(config.method).fit
     factors, stats = fit(weights, config, device, f"layer {layer} {matrix}" if progress else None)
-    factors = factors.to(DTYPES.get(config.dtype, weights.dtype))
+    source_dtype = torch.bfloat16 if reader.is_block_fp8(names[0]) else weights.dtype  # factors stay unquantised
+    factors = factors.to(DTYPES.get(config.dtype, source_dtype))
     for field, tensor in factors.tensors().items():
         if not torch.isfinite(tensor).all():
             raise JobError(

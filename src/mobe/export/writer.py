@@ -3,11 +3,13 @@
 Native format: each compressed expert matrix type of a layer becomes three tensors beside the
 experts, `{experts}.{name}.mobe_A` (E, p, r), `.mobe_bases` (g, m/g, r, d), `.mobe_coef` (E, m/g);
 the per-expert gate/up tensors are dropped, everything else is copied unchanged. Dense format: the
-same tensors and shard layout as the source, with the compressed matrices rebuilt from the factors.
+same tensors and shard layout as the source, with the compressed matrices rebuilt from the factors
+(block-FP8 sources get FP8 matrices and fresh `_scale_inv` block scales back, so engines load them as before).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..architectures import MoeLayout
 from ..checkpoint import CheckpointReader
+from ..checkpoint.fp8 import SCALE_SUFFIX, block_size, quantize_blockwise
 from ..factorize import ExpertFactors, MobeFactors, oriented
 from .files import atomic_save_file, write_json_atomic
 
@@ -59,8 +62,12 @@ def write_checkpoint(
     rebuilt expert by expert in the factors' dtype.
     """
     replaced = _replaced_tensors(layout, jobs)
+    # Block-FP8 checkpoints: dense experts go back to FP8 with fresh block scales; native ones drop the scales.
+    block = block_size(reader.config)
+    replaced_scales = {name + SCALE_SUFFIX: name for name in replaced} if block else {}
     by_shard = shard_plan or reader.tensors_by_shard()
-    kept = {shard: [n for n in names if fmt == "dense" or n not in replaced] for shard, names in by_shard.items()}
+    dropped = {} if fmt == "dense" else {**replaced, **replaced_scales}
+    kept = {shard: [n for n in names if n not in dropped] for shard, names in by_shard.items()}
     kept = {shard: names for shard, names in kept.items() if names}
     factor_layers = sorted({layer for layer, _ in jobs}) if fmt == "native" else []
     total = len(kept) + len(factor_layers)
@@ -70,14 +77,22 @@ def write_checkpoint(
     def shard_name(i: int) -> str:
         return f"model-{i + 1:05d}-of-{total:05d}.safetensors"
 
+    @functools.lru_cache(maxsize=2)
+    def rebuilt(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One dense expert matrix in the factors' dtype, or in FP8 with its block scales."""
+        layer, matrix, e = replaced[name]
+        factors = factors_of(layer, matrix)
+        dense = oriented(matrix, factors.reconstruct(torch.tensor([e])))[0]
+        return quantize_blockwise(dense, block) if block else (dense.to(factors.dtype), None)
+
     bar = tqdm(total=total, desc=f"Writing {fmt} shards", disable=not progress)
     for i, names in enumerate(kept.values()):
-        tensors = reader.get_many([n for n in names if n not in replaced])
+        tensors = reader.get_many([n for n in names if n not in replaced and n not in replaced_scales])
         for name in names:
             if name in replaced:
-                layer, matrix, e = replaced[name]
-                factors = factors_of(layer, matrix)
-                tensors[name] = oriented(matrix, factors.reconstruct(torch.tensor([e])))[0].to(factors.dtype)
+                tensors[name] = rebuilt(name)[0]
+            elif name in replaced_scales:
+                tensors[name] = rebuilt(replaced_scales[name])[1]
         tensors = {name: tensors[name] for name in names}
         atomic_save_file(tensors, target / shard_name(i), metadata)
         total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
