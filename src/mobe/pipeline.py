@@ -19,6 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import MoeLayout, moe_layout
+from .calibrate import CalibrationError, calibration_ids, collect_statistics, read_calibration_text
+from .calibrate.collect import TOKENIZER_FILES
+from .calibrate.stats import stats_path
 from .checkpoint import CheckpointError, CheckpointReader
 from .config import FORMAT_VERSION, MobeConfig
 from .distribute import JobSpec, JobStore, local_devices, require_ray, run_device_pool, run_ray, run_serial
@@ -141,6 +144,31 @@ def _open_work_folder(work: Path, fingerprint: dict) -> None:
         shutil.rmtree(stale)
 
 
+def check_calibration(reader: CheckpointReader, config: MobeConfig) -> None:
+    """Refuse a missing or empty calibration file, a checkpoint without tokenizer, or a method without weighting."""
+    if config.calibration is None:
+        return
+    read_calibration_text(config.calibration)
+    if not any((reader.path / name).is_file() for name in TOKENIZER_FILES):
+        raise CalibrationError(f"{reader.path} has no tokenizer (tokenizer.json): cannot tokenize --calibration text")
+    if not get_method(config.method).weighted:
+        raise CompressionError(f"--method {config.method} does not support --calibration")
+
+
+def collect_calibration(
+    reader: CheckpointReader, layout: MoeLayout, config: MobeConfig, work: Path, layers: list[int], progress: bool
+) -> None:
+    """Save each layer's calibration statistics in the work folder (layers already there are not measured again)."""
+    done = {layer for layer in layers if stats_path(work, layer).exists()}
+    if config.calibration is None or done == set(layers):
+        return
+    sequences = calibration_ids(reader.path, config.calibration, config.calibration_tokens, config.calibration_seq_len)
+    stats_path(work, 0).parent.mkdir(exist_ok=True)
+    meta = {"tokens": str(sum(s.numel() for s in sequences)), "seq_len": str(config.calibration_seq_len)}
+    for layer, stats in collect_statistics(reader, layout, sequences, layers, skip=done, progress=progress):
+        stats.save(stats_path(work, layer), meta)
+
+
 def _run_jobs(
     specs: list[JobSpec], config: MobeConfig, ray: bool | str, on_done: Callable[[JobSpec, dict], None], progress: bool
 ) -> None:
@@ -165,6 +193,7 @@ def compress(
     reconstruct: bool = False,
     work_dir: str | Path | None = None,
     ray: bool | str = False,
+    calibration: str | Path | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Compress the MoE checkpoint `model` (folder or hub id) into `output`.
@@ -179,6 +208,9 @@ def compress(
         ray: run each (layer, matrix) job as a Ray task: True for Ray's default (RAY_ADDRESS, a cluster running
             on this machine, or a new local one), or a cluster address. The checkpoint and the work folder must
             be visible to every node.
+        calibration: a text file (overrides `config.calibration`): tokenised with the checkpoint's tokenizer and
+            run through the original model, layer by layer, to collect each expert's input Gram; the fits then
+            minimise the output error on the tokens routed to each expert instead of the weight error.
         progress: show progress bars.
 
     Returns:
@@ -189,11 +221,14 @@ def compress(
         >>> print(report.table())  # doctest: +SKIP
     """
     config = config or MobeConfig()
+    if calibration is not None:
+        config = dataclasses.replace(config, calibration=str(calibration))
     output = Path(output)
     _check_output(output)
     reader = CheckpointReader(model)
     layout = moe_layout(reader.config)
     config = resolve_settings(layout, config)
+    check_calibration(reader, config)
     jobs = plan_jobs(reader, layout, config)
     if ray is False:
         for device in local_devices(config.device):
@@ -205,6 +240,14 @@ def compress(
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".mobe-work")
     _open_work_folder(work, {"source": str(reader.path.resolve()), "config": config.fingerprint()})
     store = JobStore(work)
+    collect_calibration(
+        reader,
+        layout,
+        config,
+        work,
+        sorted({layer for layer, matrix in jobs if not store.done(layer, matrix)}),
+        progress,
+    )
     report = CompressionReport(
         source=str(model),
         output=str(output),
