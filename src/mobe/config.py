@@ -67,6 +67,16 @@ class MobeConfig:
     calibration_damping: float = field(
         default=0.01, metadata={"help": "damping of each expert's Gram, as a share of its mean diagonal"}
     )
+    calibration_refine_steps: int = field(
+        default=0,
+        metadata={
+            "help": "after the fit, Adam steps of layer-local distillation of each layer's whole routed-experts "
+            "output on the calibration tokens (0 = off; stops early on a held-out tenth of them)"
+        },
+    )
+    calibration_refine_lr: float = field(
+        default=3e-3, metadata={"help": "learning rate of the refinement, relative to each factor's std"}
+    )
 
     def __post_init__(self) -> None:
         self.matrices = tuple(self.matrices)
@@ -96,6 +106,11 @@ class MobeConfig:
             raise ValueError(f"matrices must be a non-empty subset of {COMPRESSIBLE}, got {self.matrices}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.calibration_refine_steps < 0 or self.calibration_refine_lr <= 0:
+            raise ValueError(
+                f"need calibration_refine_steps >= 0, calibration_refine_lr > 0; got {self.calibration_refine_steps}, "
+                f"{self.calibration_refine_lr}"
+            )
         if self.calibration_tokens < 2 or self.calibration_seq_len < 2 or self.calibration_damping < 0:
             raise ValueError(
                 "need calibration_tokens >= 2, calibration_seq_len >= 2, calibration_damping >= 0; got "

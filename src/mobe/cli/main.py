@@ -51,6 +51,18 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibration-damping", type=float, default=default.calibration_damping, help=helps["calibration_damping"]
     )
+    p.add_argument(
+        "--calibration-refine-steps",
+        type=int,
+        default=default.calibration_refine_steps,
+        help=helps["calibration_refine_steps"],
+    )
+    p.add_argument(
+        "--calibration-refine-lr",
+        type=float,
+        default=default.calibration_refine_lr,
+        help=helps["calibration_refine_lr"],
+    )
 
 
 def _config_from_args(args: argparse.Namespace) -> MobeConfig:
@@ -77,6 +89,8 @@ def _config_from_args(args: argparse.Namespace) -> MobeConfig:
         calibration_tokens=args.calibration_tokens,
         calibration_seq_len=args.calibration_seq_len,
         calibration_damping=args.calibration_damping,
+        calibration_refine_steps=args.calibration_refine_steps,
+        calibration_refine_lr=args.calibration_refine_lr,
     )
 
 
