@@ -87,7 +87,6 @@ class LayerStream:
         self.decoder = self.model.get_submodule("model")
         if hasattr(self.decoder, "rotary_emb"):  # non-persistent buffers: built anew on the CPU
             self.decoder.rotary_emb = type(self.decoder.rotary_emb)(config=self.config)
-        self.dtype = reader.get(self.names["model.embed_tokens.weight"]).dtype
 
     def _load(self, prefix: str, module: nn.Module, layer: int | None = None) -> None:
         module.to_empty(device="cpu")
