@@ -233,6 +233,8 @@ def refine_layers(
                 device=device,
             )
             for m in matrices:
+                if not all(torch.isfinite(t).all() for t in new[m].tensors().values()):
+                    raise CompressionError(f"layer {layer} {m}: factors not finite after refinement (lower the lr)")
                 weights = oriented(m, originals[m]).float()
                 rel, mse = weight_error(weights, new[m].reconstruct())
                 side = "left" if m == "down" else "right"
