@@ -55,6 +55,28 @@ class MobeConfig:
     )
     dtype: str = field(default="auto", metadata={"help": "dtype of the written factors; auto = the source's"})
     seed: int = field(default=0, metadata={"help": "random seed (CPU runs are deterministic for a seed)"})
+    calibration: str | None = field(
+        default=None,
+        metadata={
+            "help": "calibration text file: fit the output error on the tokens routed to each expert instead of "
+            "the weight error (needs the checkpoint's tokenizer)"
+        },
+    )
+    calibration_tokens: int = field(default=32768, metadata={"help": "calibration tokens used (the text's first N)"})
+    calibration_seq_len: int = field(default=512, metadata={"help": "tokens per calibration sequence"})
+    calibration_damping: float = field(
+        default=0.01, metadata={"help": "damping of each expert's Gram, as a share of its mean diagonal"}
+    )
+    calibration_refine_steps: int = field(
+        default=0,
+        metadata={
+            "help": "after the fit, Adam steps of layer-local distillation of each layer's whole routed-experts "
+            "output on the calibration tokens (0 = off; stops early on a held-out tenth of them)"
+        },
+    )
+    calibration_refine_lr: float = field(
+        default=3e-3, metadata={"help": "learning rate of the refinement, relative to each factor's std"}
+    )
 
     def __post_init__(self) -> None:
         self.matrices = tuple(self.matrices)
@@ -84,6 +106,16 @@ class MobeConfig:
             raise ValueError(f"matrices must be a non-empty subset of {COMPRESSIBLE}, got {self.matrices}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.calibration_refine_steps < 0 or self.calibration_refine_lr <= 0:
+            raise ValueError(
+                f"need calibration_refine_steps >= 0, calibration_refine_lr > 0; got {self.calibration_refine_steps}, "
+                f"{self.calibration_refine_lr}"
+            )
+        if self.calibration_tokens < 2 or self.calibration_seq_len < 2 or self.calibration_damping < 0:
+            raise ValueError(
+                "need calibration_tokens >= 2, calibration_seq_len >= 2, calibration_damping >= 0; got "
+                f"{self.calibration_tokens}, {self.calibration_seq_len}, {self.calibration_damping}"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -103,4 +135,11 @@ class MobeConfig:
         out = self.to_dict()
         out.pop("device")
         out.pop("threads")
+        if self.calibration is not None:  # the text's content decides the factors, not where it lies
+            from .calibrate.collect import text_hash
+
+            out["calibration"] = "sha256:" + text_hash(self.calibration)
+        else:
+            for key in [k for k in out if k.startswith("calibration")]:
+                out.pop(key)
         return out

@@ -19,6 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import MoeLayout, moe_layout
+from .calibrate import CalibrationError, calibration_ids, collect_statistics, read_calibration_text
+from .calibrate.collect import TOKENIZER_FILES
+from .calibrate.stats import stats_path
 from .checkpoint import CheckpointError, CheckpointReader
 from .checkpoint.fp8 import SCALE_SUFFIX, block_size
 from .config import FORMAT_VERSION, MobeConfig
@@ -143,6 +146,118 @@ def _open_work_folder(work: Path, fingerprint: dict) -> None:
         shutil.rmtree(stale)
 
 
+def check_calibration(reader: CheckpointReader, config: MobeConfig) -> None:
+    """Refuse a missing or empty calibration file, a checkpoint without tokenizer, or a method without weighting."""
+    if config.calibration is None:
+        return
+    read_calibration_text(config.calibration)
+    if not any((reader.path / name).is_file() for name in TOKENIZER_FILES):
+        raise CalibrationError(f"{reader.path} has no tokenizer (tokenizer.json): cannot tokenize --calibration text")
+    if not get_method(config.method).weighted:
+        raise CompressionError(f"--method {config.method} does not support --calibration")
+
+
+def collect_calibration(
+    reader: CheckpointReader, layout: MoeLayout, config: MobeConfig, work: Path, layers: list[int], progress: bool
+) -> None:
+    """Save each layer's calibration statistics in the work folder (layers already there are not measured again)."""
+    done = {layer for layer in layers if stats_path(work, layer).exists()}
+    if config.calibration is None or done == set(layers):
+        return
+    sequences = calibration_ids(reader.path, config.calibration, config.calibration_tokens, config.calibration_seq_len)
+    stats_path(work, 0).parent.mkdir(exist_ok=True)
+    meta = {"tokens": str(sum(s.numel() for s in sequences)), "seq_len": str(config.calibration_seq_len)}
+    keep_inputs = config.calibration_refine_steps > 0
+    for layer, stats in collect_statistics(
+        reader, layout, sequences, layers, keep_inputs=keep_inputs, skip=done, progress=progress
+    ):
+        stats.save(stats_path(work, layer), meta)
+
+
+def refine_layers(
+    reader: CheckpointReader,
+    layout: MoeLayout,
+    config: MobeConfig,
+    work: Path,
+    jobs: list[tuple[int, str]],
+    results: dict[tuple[int, str], MatrixResult],
+    progress: bool,
+) -> JobStore:
+    """Layer-local distillation of every compressed layer (in this process, one layer at a time).
+
+    The refined factors go to `WORK/refined/` (the fitted ones stay), a layer counting as done when all its matrix
+    types are there, so an interrupted run redoes at most one layer, from the same start. Returns that store and
+    updates `results` in place.
+    """
+    from transformers.activations import ACT2FN
+
+    from .calibrate.refine import refine_layer
+    from .calibrate.stats import LayerStats
+    from .evaluate import weight_error
+    from .factorize import oriented
+    from .factorize.weighted import output_error
+
+    fitted, refined = JobStore(work), JobStore(work / "refined")
+    refined.folder.mkdir(exist_ok=True)
+    act = ACT2FN[reader.config.get("hidden_act", "silu")]
+    device = resolve_device(local_devices(config.device)[0])
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        for layer in tqdm(sorted({layer for layer, _ in jobs}), desc="Refining", disable=not progress, leave=False):
+            matrices = [m for lay, m in jobs if lay == layer]
+            if all(refined.done(layer, m) for m in matrices):
+                for m in matrices:
+                    results[layer, m] = dataclasses.replace(refined.load(layer, m)[1], resumed=True)
+                continue
+            originals = {
+                m: torch.stack(
+                    list(
+                        reader.get_many(
+                            [layout.arch.tensor_name(layer, e, m) for e in range(layout.num_experts)],
+                            dequantize=True,
+                        ).values()
+                    )
+                )
+                for m in ("gate", "up", "down")
+            }
+            stats = LayerStats.load(stats_path(work, layer), with_inputs=True)
+            factors = {m: fitted.load(layer, m)[0] for m in matrices}
+            torch.manual_seed(config.seed)
+            new, info = refine_layer(
+                factors,
+                originals,
+                stats,
+                act,
+                config.calibration_refine_steps,
+                config.calibration_refine_lr,
+                seed=config.seed,
+                device=device,
+            )
+            for m in matrices:
+                if not all(torch.isfinite(t).all() for t in new[m].tensors().values()):
+                    raise CompressionError(f"layer {layer} {m}: factors not finite after refinement (lower the lr)")
+                weights = oriented(m, originals[m]).float()
+                rel, mse = weight_error(weights, new[m].reconstruct())
+                side = "left" if m == "down" else "right"
+                result = dataclasses.replace(
+                    results[layer, m],
+                    relative_error=rel,
+                    mse=mse,
+                    output_error=output_error(stats.gram(m), weights, new[m].reconstruct(), side),
+                    layer_error_before=info.before,
+                    layer_error=info.after,
+                    seconds=results[layer, m].seconds + info.seconds / len(matrices),
+                    resumed=False,
+                )
+                refined.save(layer, m, new[m], result)
+                results[layer, m] = result
+    finally:
+        torch.set_num_threads(threads)
+    return refined
+
+
 def _run_jobs(
     specs: list[JobSpec], config: MobeConfig, ray: bool | str, on_done: Callable[[JobSpec, dict], None], progress: bool
 ) -> None:
@@ -167,6 +282,7 @@ def compress(
     reconstruct: bool = False,
     work_dir: str | Path | None = None,
     ray: bool | str = False,
+    calibration: str | Path | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Compress the MoE checkpoint `model` (folder or hub id) into `output`.
@@ -181,6 +297,9 @@ def compress(
         ray: run each (layer, matrix) job as a Ray task: True for Ray's default (RAY_ADDRESS, a cluster running
             on this machine, or a new local one), or a cluster address. The checkpoint and the work folder must
             be visible to every node.
+        calibration: a text file (overrides `config.calibration`): tokenised with the checkpoint's tokenizer and
+            run through the original model, layer by layer, to collect each expert's input Gram; the fits then
+            minimise the output error on the tokens routed to each expert instead of the weight error.
         progress: show progress bars.
 
     Returns:
@@ -191,11 +310,14 @@ def compress(
         >>> print(report.table())  # doctest: +SKIP
     """
     config = config or MobeConfig()
+    if calibration is not None:
+        config = dataclasses.replace(config, calibration=str(calibration))
     output = Path(output)
     _check_output(output)
     reader = CheckpointReader(model)
     layout = moe_layout(reader.config)
     config = resolve_settings(layout, config)
+    check_calibration(reader, config)
     jobs = plan_jobs(reader, layout, config)
     if ray is False:
         for device in local_devices(config.device):
@@ -207,6 +329,14 @@ def compress(
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".mobe-work")
     _open_work_folder(work, {"source": str(reader.path.resolve()), "config": config.fingerprint()})
     store = JobStore(work)
+    collect_calibration(
+        reader,
+        layout,
+        config,
+        work,
+        sorted({layer for layer, matrix in jobs if not store.done(layer, matrix)}),
+        progress,
+    )
     report = CompressionReport(
         source=str(model),
         output=str(output),
@@ -235,6 +365,8 @@ def compress(
         _run_jobs(todo, config, ray, on_done, progress)
     finally:
         bar.close()
+    if config.calibration_refine_steps:
+        store = refine_layers(reader, layout, config, work, jobs, results, progress)
     report.results = [results[job] for job in jobs]
 
     assemble = work / "assemble"

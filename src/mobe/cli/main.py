@@ -41,6 +41,28 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=default.threads, help=helps["threads"])
     p.add_argument("--dtype", default=default.dtype, help=helps["dtype"])
     p.add_argument("--seed", type=int, default=default.seed, help=helps["seed"])
+    p.add_argument("--calibration", metavar="FILE", default=None, help=helps["calibration"])
+    p.add_argument(
+        "--calibration-tokens", type=int, default=default.calibration_tokens, help=helps["calibration_tokens"]
+    )
+    p.add_argument(
+        "--calibration-seq-len", type=int, default=default.calibration_seq_len, help=helps["calibration_seq_len"]
+    )
+    p.add_argument(
+        "--calibration-damping", type=float, default=default.calibration_damping, help=helps["calibration_damping"]
+    )
+    p.add_argument(
+        "--calibration-refine-steps",
+        type=int,
+        default=default.calibration_refine_steps,
+        help=helps["calibration_refine_steps"],
+    )
+    p.add_argument(
+        "--calibration-refine-lr",
+        type=float,
+        default=default.calibration_refine_lr,
+        help=helps["calibration_refine_lr"],
+    )
 
 
 def _config_from_args(args: argparse.Namespace) -> MobeConfig:
@@ -63,6 +85,12 @@ def _config_from_args(args: argparse.Namespace) -> MobeConfig:
         threads=args.threads,
         dtype=args.dtype,
         seed=args.seed,
+        calibration=args.calibration,
+        calibration_tokens=args.calibration_tokens,
+        calibration_seq_len=args.calibration_seq_len,
+        calibration_damping=args.calibration_damping,
+        calibration_refine_steps=args.calibration_refine_steps,
+        calibration_refine_lr=args.calibration_refine_lr,
     )
 
 

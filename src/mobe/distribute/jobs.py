@@ -16,11 +16,13 @@ import torch
 from safetensors import safe_open
 
 from ..architectures import MoeLayout, moe_layout
+from ..calibrate.stats import LayerStats, stats_path
 from ..checkpoint import CheckpointReader
 from ..config import MobeConfig
 from ..evaluate import MatrixResult, weight_error
 from ..export import atomic_save_file
 from ..factorize import ExpertFactors, get_method, oriented
+from ..factorize.weighted import OutputWeighting, output_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,13 +78,25 @@ def fit_job(
     matrix: str,
     device: torch.device | str,
     progress: bool = False,
+    calibration: LayerStats | None = None,
 ) -> tuple[ExpertFactors, MatrixResult]:
-    """Read one layer's expert stack of one matrix type, fit it, and measure the weight error."""
+    """Read one layer's expert stack of one matrix type, fit it, and measure the weight error.
+
+    With the layer's `calibration` statistics the fit minimises the output error on the calibration tokens
+    (`OutputWeighting`); the reported relative error stays the weight error, and the relative output error is
+    reported beside it.
+    """
     names = [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
     weights = oriented(matrix, torch.stack(list(reader.get_many(names, dequantize=True).values())))
     torch.manual_seed(config.seed)
     fit = get_method(config.method).fit
-    factors, stats = fit(weights, config, device, f"layer {layer} {matrix}" if progress else None)
+    side = "left" if matrix == "down" else "right"
+    weighting = None
+    if calibration is not None:
+        weighting = OutputWeighting.from_gram(
+            calibration.gram(matrix), calibration.counts, side, damping=config.calibration_damping
+        )
+    factors, stats = fit(weights, config, device, f"layer {layer} {matrix}" if progress else None, weighting)
     source_dtype = torch.bfloat16 if reader.is_block_fp8(names[0]) else weights.dtype  # factors stay unquantised
     factors = factors.to(DTYPES.get(config.dtype, source_dtype))
     for field, tensor in factors.tensors().items():
@@ -92,7 +106,10 @@ def fit_job(
                 f"(lower --lr or check the source weights)"
             )
     rel, mse = weight_error(weights.float(), factors.reconstruct())
-    mean_square = weights.double().pow(2).mean().item()
+    if weighting is None:
+        mean_square = weights.double().pow(2).mean().item()
+    else:  # the fit's losses are in its output metric
+        mean_square = weighting.apply(weights.float()).double().pow(2).mean().item()
     E, p, d = weights.shape
     result = MatrixResult(
         layer=layer,
@@ -105,6 +122,9 @@ def fit_job(
         seconds=stats.seconds,
         params_before=E * p * d,
         params_after=factors.num_parameters(),
+        output_error=None
+        if calibration is None
+        else output_error(calibration.gram(matrix), weights.float(), factors.reconstruct(), side),
     )
     return factors, result
 
@@ -122,7 +142,8 @@ def run_job(spec: JobSpec, device: str, progress: bool = False) -> dict[str, Any
     try:
         reader = CheckpointReader(spec.source)
         layout = moe_layout(reader.config)
-        factors, result = fit_job(reader, layout, config, spec.layer, spec.matrix, device, progress)
+        calibration = LayerStats.load(stats_path(spec.work, spec.layer)) if config.calibration else None
+        factors, result = fit_job(reader, layout, config, spec.layer, spec.matrix, device, progress, calibration)
     finally:
         torch.set_num_threads(threads)
     JobStore(spec.work).save(spec.layer, spec.matrix, factors, result)

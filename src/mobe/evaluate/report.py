@@ -33,6 +33,11 @@ class MatrixResult:
     params_before: int
     params_after: int
     resumed: bool = False
+    output_error: float | None = None  # relative output error on the calibration tokens (calibrated runs)
+    # relative error of the layer's routed-experts output on the held-out calibration tokens, before and after the
+    # layer-local refinement (runs with calibration_refine_steps)
+    layer_error_before: float | None = None
+    layer_error: float | None = None
 
 
 @dataclass
@@ -91,11 +96,20 @@ class CompressionReport:
         c = self.config
         settings = f"m={c.get('num_bases')} " if c.get("method", "mobe") == "mobe" else ""
         lines = [f"method {c.get('method', 'mobe')}: {settings}rank {c.get('rank')}, {self.format} output"]
-        lines.append(f"{'layer':>5} {'matrix':>6} {'rel.err':>9} {'init':>9} {'mse':>10} {'best@':>6} {'sec':>7}")
+        calibrated = any(r.output_error is not None for r in self.results)
+        refined = any(r.layer_error is not None for r in self.results)
+        lines.append(
+            f"{'layer':>5} {'matrix':>6} {'rel.err':>9} {'init':>9} {'mse':>10} {'best@':>6} {'sec':>7}"
+            + (f" {'out.err':>9}" if calibrated else "")
+            + (f" {'layer err: fit -> refined':>25}" if refined else "")
+        )
         for r in self.results:
+            out = f" {r.output_error:>9.4f}" if r.output_error is not None else ""
+            if r.layer_error is not None:
+                out += f" {r.layer_error_before:>14.4f} -> {r.layer_error:.4f}"
             lines.append(
                 f"{r.layer:>5} {r.matrix:>6} {r.relative_error:>9.4f} {r.init_relative_error:>9.4f} "
-                f"{r.mse:>10.3e} {r.best_step:>6} {r.seconds:>7.1f}" + ("  (resumed)" if r.resumed else "")
+                f"{r.mse:>10.3e} {r.best_step:>6} {r.seconds:>7.1f}{out}" + ("  (resumed)" if r.resumed else "")
             )
         s = self.summary()
         lines.append(

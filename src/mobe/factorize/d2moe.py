@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .base import ExpertFactors, FitStats
 from .svd import low_rank
+from .weighted import OutputWeighting, whitened_low_rank
 
 
 @dataclass
@@ -31,11 +32,18 @@ class D2moeFactors(ExpertFactors):
         return self.base.float() + torch.bmm(self.U.float()[experts], self.V.float()[experts])
 
 
-def fit_d2moe(weights: Tensor, rank: int, device: torch.device | str = "cpu") -> tuple[D2moeFactors, FitStats]:
+def fit_d2moe(
+    weights: Tensor, rank: int, device: torch.device | str = "cpu", weighting: OutputWeighting | None = None
+) -> tuple[D2moeFactors, FitStats]:
+    """Mean base plus a rank-k delta per expert; with a `weighting`, the delta is a whitened SVD."""
     start = time.perf_counter()
     W = weights.to(device=device, dtype=torch.float32)
     base = W.mean(dim=0)
-    U, V = low_rank(W - base, rank)
+    if weighting is None:
+        U, V = low_rank(W - base, rank)
+    else:
+        U, V = whitened_low_rank(W - base, weighting.to(device), rank)
     factors = D2moeFactors(base.cpu(), U.cpu(), V.cpu())
-    mse = (factors.reconstruct() - W.cpu()).pow(2).mean().item()
+    diff = factors.reconstruct().to(W.device) - W
+    mse = (diff if weighting is None else weighting.apply(diff)).pow(2).mean().item()  # in the fit's metric
     return factors, FitStats(mse, mse, 0, 0, time.perf_counter() - start)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import MobeConfig
 from .base import ExpertFactors, FitStats
+from .weighted import OutputWeighting
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
@@ -118,9 +119,18 @@ def auto_chunk(rank: int, p: int, d: int, budget_bytes: int = 1 << 30) -> int:
 
 
 def _sum_squared_error(
-    A: Tensor, bases: Tensor, logits: Tensor, target: Tensor, act: Callable[[Tensor], Tensor], chunk: int
+    A: Tensor,
+    bases: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    act: Callable[[Tensor], Tensor],
+    chunk: int,
+    weighting: OutputWeighting | None = None,
 ):
-    """Yield the sum of squared errors of each chunk of experts (chunks never straddle an expert group)."""
+    """Yield the sum of squared errors of each chunk of experts (chunks never straddle an expert group).
+
+    With a `weighting`, the error of expert i is measured in its output metric (||(W_i - What_i) L_i||^2).
+    """
     num_experts, groups = A.shape[0], bases.shape[0]
     per_group = num_experts // groups
     for g in range(groups):
@@ -128,7 +138,8 @@ def _sum_squared_error(
             idx = torch.arange(start, min(start + chunk, (g + 1) * per_group), device=A.device)
             coef = torch.softmax(logits[idx], dim=-1)
             mixed = act((coef @ bases[g].flatten(1)).view(len(idx), *bases.shape[2:]))
-            yield (torch.bmm(A[idx], mixed) - target[idx]).pow(2).sum()
+            diff = torch.bmm(A[idx], mixed) - target[idx]
+            yield (diff if weighting is None else weighting.apply(diff, idx)).pow(2).sum()
 
 
 def fit_mobe(
@@ -136,8 +147,12 @@ def fit_mobe(
     config: MobeConfig,
     device: torch.device | str = "cpu",
     desc: str | None = None,
+    weighting: OutputWeighting | None = None,
 ) -> tuple[MobeFactors, FitStats]:
     """Fit MoBE factors to `weights` (E, p, d) with Adam on the mean squared error (the paper's Algorithm 1).
+
+    With a `weighting` (calibration), the loss is the output error sum_i ||(W_i - What_i) L_i||^2 / numel and the
+    SVD-group initialisation is done in whitened coordinates (`mobe.factorize.weighted`).
 
     Works on W / std(W) (one global std), keeps the best state seen at every `eval_every`-th step and at the
     end, and returns float32 factors on the CPU with the scale folded back into A. `schedule="paper"`
@@ -163,10 +178,16 @@ def fit_mobe(
         scale = target.std().item()
         target = target / scale
         init_source = target
-    A, bases, logits = (
-        t.requires_grad_()
-        for t in init_svd_groups(init_source, config.num_bases, rank, config.groups, config.init_logit)
-    )
+    if weighting is not None:
+        from .weighted import init_svd_groups_weighted
+
+        weighting = weighting.to(device)
+        init = init_svd_groups_weighted(
+            init_source, weighting, config.num_bases, rank, config.groups, config.init_logit
+        )
+    else:
+        init = init_svd_groups(init_source, config.num_bases, rank, config.groups, config.init_logit)
+    A, bases, logits = (t.requires_grad_() for t in init)
     act = activation_fn(config.activation)
     chunk = config.batch_experts or auto_chunk(rank, p, d)
     numel = target.numel()
@@ -182,7 +203,7 @@ def fit_mobe(
         final = step == config.steps
         loss = 0.0
         with torch.set_grad_enabled(not final):
-            for part in _sum_squared_error(A, bases, logits, target, act, chunk):
+            for part in _sum_squared_error(A, bases, logits, target, act, chunk, weighting):
                 part = part / numel
                 if not final:
                     part.backward()

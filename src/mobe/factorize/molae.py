@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .base import ExpertFactors, FitStats
+from .weighted import OutputWeighting
 
 
 @dataclass
@@ -31,18 +32,40 @@ class MolaeFactors(ExpertFactors):
 
 
 def fit_molae(
-    weights: Tensor, rank: int, groups: int = 1, device: torch.device | str = "cpu"
+    weights: Tensor,
+    rank: int,
+    groups: int = 1,
+    device: torch.device | str = "cpu",
+    weighting: OutputWeighting | None = None,
 ) -> tuple[MolaeFactors, FitStats]:
+    """Shared latent projection per group; with a `weighting`, B_g is found in whitened coordinates (the group's
+    mean metric for gate/up, each expert's own for down) and A_i is the weighted least-squares optimum."""
     start = time.perf_counter()
     W = weights.to(device=device, dtype=torch.float32)
     E, p, d = W.shape
     per_group = E // groups
+    weighting = None if weighting is None else weighting.to(device)
+    right = weighting is not None and weighting.side == "right"
     B = W.new_zeros(groups, rank, d)
     for g in range(groups):
-        Vh = torch.linalg.svd(W[g * per_group : (g + 1) * per_group].reshape(-1, d), full_matrices=False)[2]
+        members = slice(g * per_group, (g + 1) * per_group)
+        stack = W[members] if weighting is None else weighting.apply(W[members], members)
+        if right:  # whiten the group with its mean metric, map the basis back
+            L = weighting.factor[members]
+            Lg = torch.linalg.cholesky((L @ L.transpose(1, 2)).double().mean(0)).float()
+            stack = W[members] @ Lg
+        Vh = torch.linalg.svd(stack.reshape(-1, d), full_matrices=False)[2]
         k = min(rank, Vh.shape[0])
-        B[g, :k] = Vh[:k]
-    A = torch.bmm(W, B.repeat_interleave(per_group, dim=0).transpose(1, 2))
+        B[g, :k] = torch.linalg.solve_triangular(Lg, Vh[:k], upper=False, left=False) if right else Vh[:k]
+    Bs = B.repeat_interleave(per_group, dim=0)
+    if right:  # A_i = W_i M_i B^T (B M_i B^T)^+
+        M = weighting.factor @ weighting.factor.transpose(1, 2)
+        BM = Bs @ M
+        A = torch.linalg.lstsq(torch.bmm(BM, Bs.transpose(1, 2)), torch.bmm(BM, W.transpose(1, 2))).solution
+        A = A.transpose(1, 2)
+    else:  # B has orthonormal rows: the projection is optimal (in a left metric as well)
+        A = torch.bmm(W, Bs.transpose(1, 2))
     factors = MolaeFactors(A.cpu(), B.cpu())
-    mse = (factors.reconstruct() - W.cpu()).pow(2).mean().item()
+    diff = factors.reconstruct().to(device) - W
+    mse = (diff if weighting is None else weighting.apply(diff)).pow(2).mean().item()
     return factors, FitStats(mse, mse, 0, 0, time.perf_counter() - start)

@@ -15,8 +15,12 @@ from .d2moe import D2moeFactors, fit_d2moe
 from .mobe import MobeFactors, fit_mobe
 from .molae import MolaeFactors, fit_molae
 from .svd import SvdFactors, fit_svd
+from .weighted import OutputWeighting
 
-FitFn = Callable[[Tensor, MobeConfig, torch.device | str, str | None], tuple[ExpertFactors, FitStats]]
+# (weights, config, device, progress label, output weighting or None) -> (factors, stats)
+FitFn = Callable[
+    [Tensor, MobeConfig, torch.device | str, str | None, OutputWeighting | None], tuple[ExpertFactors, FitStats]
+]
 SizeFn = Callable[[int, int, int, MobeConfig, int], int]  # (E, p, d, config, rank) -> parameters
 
 
@@ -29,6 +33,7 @@ class Method:
     fit: FitFn
     parameters: SizeFn
     iterative: bool = False
+    weighted: bool = True  # supports an output weighting (calibration)
 
     def rank_for_budget(self, E: int, p: int, d: int, config: MobeConfig, budget: int) -> int:
         """Largest rank whose parameter count fits in `budget` (0 if none does)."""
@@ -64,7 +69,7 @@ register_method(
     Method(
         "mobe",
         MobeFactors,
-        fit=lambda W, c, device, desc: fit_mobe(W, c, device=device, desc=desc),
+        fit=lambda W, c, device, desc, weighting=None: fit_mobe(W, c, device=device, desc=desc, weighting=weighting),
         parameters=lambda E, p, d, c, r: mobe_parameters(E, p, d, c.num_bases, r, c.groups),
         iterative=True,
     )
@@ -73,7 +78,7 @@ register_method(
     Method(
         "svd",
         SvdFactors,
-        fit=lambda W, c, device, desc: fit_svd(W, _rank(c, W.shape[1]), device=device),
+        fit=lambda W, c, device, desc, weighting=None: fit_svd(W, _rank(c, W.shape[1]), device, weighting),
         parameters=lambda E, p, d, c, r: E * r * (p + d),
     )
 )
@@ -81,7 +86,7 @@ register_method(
     Method(
         "d2moe",
         D2moeFactors,
-        fit=lambda W, c, device, desc: fit_d2moe(W, _rank(c, W.shape[1]), device=device),
+        fit=lambda W, c, device, desc, weighting=None: fit_d2moe(W, _rank(c, W.shape[1]), device, weighting),
         parameters=lambda E, p, d, c, r: p * d + E * r * (p + d),
     )
 )
@@ -89,7 +94,9 @@ register_method(
     Method(
         "molae",
         MolaeFactors,
-        fit=lambda W, c, device, desc: fit_molae(W, _rank(c, W.shape[1]), groups=c.groups, device=device),
+        fit=lambda W, c, device, desc, weighting=None: fit_molae(
+            W, _rank(c, W.shape[1]), groups=c.groups, device=device, weighting=weighting
+        ),
         parameters=lambda E, p, d, c, r: E * p * r + c.groups * r * d,
     )
 )

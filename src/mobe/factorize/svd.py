@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .base import ExpertFactors, FitStats
+from .weighted import OutputWeighting, whitened_low_rank
 
 
 @dataclass
@@ -36,10 +37,14 @@ def low_rank(matrices: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return left, right
 
 
-def fit_svd(weights: Tensor, rank: int, device: torch.device | str = "cpu") -> tuple[SvdFactors, FitStats]:
+def fit_svd(
+    weights: Tensor, rank: int, device: torch.device | str = "cpu", weighting: OutputWeighting | None = None
+) -> tuple[SvdFactors, FitStats]:
+    """Truncated SVD per expert; with a `weighting`, in the output metric (whitened SVD, as SVD-LLM)."""
     start = time.perf_counter()
     W = weights.to(device=device, dtype=torch.float32)
-    U, V = low_rank(W, rank)
+    U, V = low_rank(W, rank) if weighting is None else whitened_low_rank(W, weighting.to(device), rank)
     factors = SvdFactors(U.cpu(), V.cpu())
-    mse = (factors.reconstruct() - W.cpu()).pow(2).mean().item()
+    diff = factors.reconstruct().to(W.device) - W
+    mse = (diff if weighting is None else weighting.apply(diff)).pow(2).mean().item()  # in the fit's metric
     return factors, FitStats(mse, mse, 0, 0, time.perf_counter() - start)

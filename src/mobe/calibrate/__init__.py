@@ -1,0 +1,21 @@
+"""Stage 1b: calibration statistics of the routed experts (per-expert Gram matrices), streamed layer by layer."""
+
+from .collect import (
+    CalibrationError,
+    LayerStream,
+    calibration_ids,
+    collect_statistics,
+    read_calibration_text,
+    text_hash,
+)
+from .stats import LayerStats
+
+__all__ = [
+    "CalibrationError",
+    "LayerStats",
+    "LayerStream",
+    "calibration_ids",
+    "collect_statistics",
+    "read_calibration_text",
+    "text_hash",
+]

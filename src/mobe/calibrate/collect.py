@@ -1,0 +1,228 @@
+"""Collect per-expert calibration statistics by streaming the ORIGINAL model one decoder layer at a time.
+
+The model is built on the meta device (nothing allocated). The calibration tokens are embedded, then each
+decoder layer in turn is materialised from the shards, run over the hidden states of every calibration
+sequence (a forward pre-hook on its routed-experts module accumulates the statistics of `LayerStats`), and
+freed again. Peak memory: one decoder layer, the hidden states of the calibration tokens, and one layer's
+statistics; never the whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..architectures import MoeLayout
+from ..checkpoint import CheckpointReader
+from .stats import LayerStats
+
+logger = logging.getLogger(__name__)
+
+_EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class CalibrationError(ValueError):
+    """A calibration text or checkpoint that cannot be used for calibration."""
+
+
+def read_calibration_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise CalibrationError(f"calibration file {path} is empty")
+    return text
+
+
+def text_hash(path: str | Path) -> str:
+    """sha256 of the calibration file's bytes (what a resumed run must match)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def calibration_ids(checkpoint: Path, text_path: str | Path, max_tokens: int, seq_len: int) -> list[Tensor]:
+    """The first `max_tokens` tokens of the calibration text in the checkpoint's tokenizer, cut into sequences."""
+    text = read_calibration_text(text_path)
+    if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+        raise CalibrationError(f"{checkpoint} has no tokenizer (tokenizer.json): cannot tokenize the calibration text")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
+    if ids.numel() < 2:
+        raise CalibrationError(f"calibration file {text_path} has fewer than 2 tokens")
+    if ids.numel() < max_tokens:
+        logger.warning("calibration text has %d tokens, fewer than the %d asked for", ids.numel(), max_tokens)
+    return list(ids.split(seq_len))
+
+
+def _rebuild_meta_buffers(module: nn.Module) -> None:
+    """Modules whose non-persistent buffers are on the meta device (rotary embeddings) are built anew on the CPU."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if any(b.is_meta for b in child.buffers(recurse=False)) and hasattr(child, "config"):
+                setattr(parent, name, type(child)(config=child.config))
+
+
+class LayerStream:
+    """The original model on the meta device, materialised one piece at a time from the checkpoint's shards."""
+
+    def __init__(self, reader: CheckpointReader, layout: MoeLayout):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.reader, self.layout = reader, layout
+        self.config = AutoConfig.from_pretrained(reader.path)
+        self.config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa")
+        self.names = {layout.arch.module_name(n): n for n in reader.weight_map}
+        self.decoder = self.model.get_submodule("model")
+        if hasattr(self.decoder, "rotary_emb"):  # non-persistent buffers: built anew on the CPU
+            self.decoder.rotary_emb = type(self.decoder.rotary_emb)(config=self.config)
+
+    def _load(self, prefix: str, module: nn.Module, layer: int | None = None) -> None:
+        module.to_empty(device="cpu")
+        names = [m for m in self.names if m.startswith(prefix) and not _EXPERT_TENSOR.search(self.names[m])]
+        tensors = self.reader.get_many([self.names[m] for m in names])
+        state = {m[len(prefix) :]: tensors[self.names[m]] for m in names}
+        if layer is not None and layer in self.layout.moe_layers:
+            stack = {
+                matrix: torch.stack(
+                    list(
+                        self.reader.get_many(
+                            [self.layout.arch.tensor_name(layer, e, matrix) for e in range(self.layout.num_experts)],
+                            dequantize=True,
+                        ).values()
+                    )
+                )
+                for matrix in ("gate", "up", "down")
+            }
+            rel = self.layout.arch.experts_module.format(layer=layer)[len(prefix) :]
+            state[f"{rel}.gate_up_proj"] = torch.cat([stack["gate"], stack["up"]], dim=1)
+            state[f"{rel}.down_proj"] = stack["down"]
+        result = module.load_state_dict(state, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise CalibrationError(f"{self.reader.path}: tensors the model does not have: {result.unexpected_keys[:5]}")
+        _rebuild_meta_buffers(module)
+        still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if still_meta:
+            raise CalibrationError(f"{self.reader.path}: no tensor in the checkpoint for {prefix}{still_meta[0]}")
+        module.float().eval()
+
+    def embed(self, sequences: list[Tensor]) -> list[Tensor]:
+        embed = self.decoder.embed_tokens
+        self._load("model.embed_tokens.", embed)
+        with torch.no_grad():
+            out = [embed(ids[None]).float() for ids in sequences]
+        embed.to("meta")
+        return out
+
+    def run_layer(self, layer: int, hidden: list[Tensor], hook=None) -> list[Tensor]:
+        """Materialise decoder layer `layer`, run it over every sequence (in place of `hidden`), free it."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        module = self.decoder.layers[layer]
+        self._load(f"model.layers.{layer}.", module, layer)
+        handle = None
+        if hook is not None:
+            experts = self.model.get_submodule(self.layout.arch.experts_module.format(layer=layer))
+            handle = experts.register_forward_pre_hook(lambda mod, args: hook(mod, *args))
+        sliding = getattr(self.config, "sliding_window", None)
+        mask_fn = create_sliding_window_causal_mask if sliding else create_causal_mask
+        try:
+            with torch.no_grad():
+                for i, h in enumerate(hidden):
+                    positions = torch.arange(h.shape[1])[None]
+                    mask = mask_fn(
+                        config=self.config,
+                        inputs_embeds=h,
+                        attention_mask=None,
+                        past_key_values=None,
+                        position_ids=positions,
+                    )
+                    out = module(
+                        h,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        position_embeddings=self.decoder.rotary_emb(h, positions),
+                    )
+                    hidden[i] = out[0] if isinstance(out, tuple) else out
+        finally:
+            if handle is not None:
+                handle.remove()
+            module.to("meta")
+        return hidden
+
+
+class _Accumulator:
+    """Forward pre-hook on a fused experts module: accumulates `LayerStats` from (hidden, top_k_index, weights)."""
+
+    def __init__(self, stats: LayerStats, keep_inputs: bool):
+        self.stats, self.keep_inputs = stats, keep_inputs
+        self.inputs: list[Tensor] = []
+        self.index: list[Tensor] = []
+        self.weights: list[Tensor] = []
+
+    def __call__(self, module: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> None:
+        x = hidden.reshape(-1, hidden.shape[-1]).float()
+        p = module.down_proj.shape[-1]
+        for e in top_k_index.unique().tolist():
+            if e >= self.stats.counts.numel():
+                continue
+            rows = (top_k_index == e).any(dim=-1)
+            xe = x[rows]
+            gate_up = xe @ module.gate_up_proj[e].float().T
+            mid = module.act_fn(gate_up[:, :p]) * gate_up[:, p:]
+            xe64, mid64 = xe.double(), mid.double()
+            self.stats.gram_in[e] += xe64.T @ xe64
+            self.stats.gram_mid[e] += mid64.T @ mid64
+            self.stats.counts[e] += xe.shape[0]
+        if self.keep_inputs:
+            self.inputs.append(x.clone())
+            self.index.append(top_k_index.clone())
+            self.weights.append(top_k_weights.float().clone())
+
+    def finish(self) -> LayerStats:
+        if self.keep_inputs:
+            self.stats.inputs = torch.cat(self.inputs)
+            self.stats.top_k_index = torch.cat(self.index)
+            self.stats.top_k_weights = torch.cat(self.weights)
+        return self.stats
+
+
+def collect_statistics(
+    reader: CheckpointReader,
+    layout: MoeLayout,
+    sequences: list[Tensor],
+    layers: list[int] | tuple[int, ...],
+    *,
+    keep_inputs: bool = False,
+    skip: set[int] | frozenset[int] = frozenset(),
+    progress: bool = False,
+) -> Iterator[tuple[int, LayerStats]]:
+    """Yield (layer, statistics) for each MoE layer in `layers`, streaming the model layer by layer.
+
+    Layers in `skip` (statistics already saved) are run but not measured; the stream stops after the last layer
+    that is wanted.
+    """
+    wanted = [layer for layer in sorted(set(layers)) if layer not in skip]
+    if not wanted:
+        return
+    stream = LayerStream(reader, layout)
+    hidden = stream.embed(sequences)
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    for layer in tqdm(range(wanted[-1] + 1), desc="Calibration", disable=not progress, leave=False):
+        if layer in wanted:
+            accumulator = _Accumulator(LayerStats.zeros(E, p, d), keep_inputs)
+            hidden = stream.run_layer(layer, hidden, accumulator)
+            yield layer, accumulator.finish()
+        else:
+            hidden = stream.run_layer(layer, hidden)

@@ -1,0 +1,67 @@
+"""Calibration statistics streamed layer by layer equal those of a full transformers run of the same model."""
+
+import pytest
+import torch
+
+from mobe.architectures import canonical_model_types, moe_layout
+from mobe.calibrate import LayerStats, collect_statistics
+from mobe.checkpoint import CheckpointReader
+
+ARCHITECTURES = canonical_model_types()
+
+
+def _reference(path, layout, sequences):
+    """Hooks on the experts modules of the whole model: sum of x x^T (and of h h^T) over each expert's tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    ref = {layer: LayerStats.zeros(E, p, d) for layer in layout.moe_layers}
+    handles = []
+    for layer in layout.moe_layers:
+        module = model.get_submodule(layout.arch.experts_module.format(layer=layer))
+
+        def hook(mod, args, stats=ref[layer]):
+            x, index, _ = args
+            for e in range(E):
+                xe = x[(index == e).any(-1)]
+                gate, up = (xe @ mod.gate_up_proj[e].T).chunk(2, dim=-1)
+                h = mod.act_fn(gate) * up
+                stats.gram_in[e] += xe.double().T @ xe.double()
+                stats.gram_mid[e] += h.double().T @ h.double()
+                stats.counts[e] += xe.shape[0]
+
+        handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for ids in sequences:
+            model(ids[None])
+    return ref
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_streamed_grams_equal_a_full_run(tiny_checkpoints, arch):
+    path = tiny_checkpoints[arch]
+    reader = CheckpointReader(path)
+    layout = moe_layout(reader.config)
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, 128, (48,), generator=g), torch.randint(0, 128, (13,), generator=g)]
+    streamed = dict(collect_statistics(reader, layout, sequences, layout.moe_layers, keep_inputs=True))
+    ref = _reference(path, layout, sequences)
+    assert sorted(streamed) == list(layout.moe_layers)
+    for layer, stats in streamed.items():
+        assert torch.equal(stats.counts, ref[layer].counts)
+        assert stats.counts.sum() == 2 * 61  # top-2 over 61 tokens
+        for name in ("gram_in", "gram_mid"):
+            a, b = getattr(stats, name), getattr(ref[layer], name)
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item()), (arch, layer, name)
+        assert stats.inputs.shape == (61, layout.hidden_size) and stats.top_k_index.shape == (61, 2)
+
+
+def test_only_the_wanted_layers_are_measured(qwen3_checkpoint):
+    reader = CheckpointReader(qwen3_checkpoint)
+    layout = moe_layout(reader.config)
+    sequences = [torch.arange(20) % 128]
+    all_layers = dict(collect_statistics(reader, layout, sequences, layout.moe_layers))
+    last = dict(collect_statistics(reader, layout, sequences, layout.moe_layers, skip={layout.moe_layers[0]}))
+    assert list(last) == [layout.moe_layers[-1]]
+    assert torch.equal(last[layout.moe_layers[-1]].gram_in, all_layers[layout.moe_layers[-1]].gram_in)
