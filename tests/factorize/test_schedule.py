@@ -24,9 +24,9 @@ def _fast(**kwargs) -> MobeConfig:
     return MobeConfig(schedule="fast", **kwargs)
 
 
-def test_fast_is_the_default_with_its_own_step_count():
-    assert MobeConfig().schedule == "fast" and MobeConfig().steps == 2000
-    assert MobeConfig(schedule="adam").steps == 10000 and MobeConfig(schedule="paper", steps=7).steps == 7
+def test_each_schedule_has_its_own_default_step_count():
+    assert MobeConfig(schedule="fast").steps == 2000 and MobeConfig().steps == 10000
+    assert MobeConfig(schedule="paper").steps == 10000 and MobeConfig(schedule="fast", steps=7).steps == 7
 
 
 def test_row_space_targets_rebuild_the_stack_with_orthonormal_u():

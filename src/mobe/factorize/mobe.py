@@ -140,7 +140,7 @@ def fit_mobe(
     """Fit MoBE factors to `weights` (E, p, d) by minimising the mean squared error.
 
     Works on W / std(W) (one global std) and returns float32 factors on the CPU with the scale folded back
-    into A. `schedule="fast"` (default) is schedule.fit_fast; `"adam"` is the paper's Algorithm 1 (Adam,
+    into A. `schedule="fast"` is schedule.fit_fast; `"adam"` (default) is the paper's Algorithm 1 (Adam,
     best state kept at every `eval_every`-th step and at the end); `"paper"` replays the authors' train.py
     exactly, quirks included (see ../shared/METHOD.md).
     """
