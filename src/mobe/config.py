@@ -7,7 +7,8 @@ from typing import Any
 
 FORMAT_VERSION = 1
 ACTIVATIONS = ("tanh", "silu", "none")
-SCHEDULES = ("adam", "paper")
+SCHEDULES = ("fast", "adam", "paper")
+DEFAULT_STEPS = {"fast": 2000, "adam": 10000, "paper": 10000}
 COMPRESSIBLE = ("gate", "up", "down")
 DEFAULT_MATRICES = ("gate", "up")
 
@@ -16,7 +17,8 @@ DEFAULT_MATRICES = ("gate", "up")
 class MobeConfig:
     """Settings of the MoBE factorisation W_i ~ A_i act(sum_j alpha_ij B_j), per layer and matrix type.
 
-    Defaults follow the paper's published runs (Adam, lr 0.07, best state checked every 200 steps).
+    Defaults follow the paper's published runs (Adam, lr 0.07, best state checked every 200 steps, 10k steps);
+    `schedule="fast"` reaches their error sooner where p > d (benchmarks/schedules.py).
     """
 
     method: str = field(default="mobe", metadata={"help": "mobe | svd | d2moe | molae"})
@@ -27,16 +29,24 @@ class MobeConfig:
     schedule: str = field(
         default="adam",
         metadata={
-            "help": "adam: the paper's Algorithm 1; paper: the authors' train.py with its quirks (fp16 "
-            "targets, SVD of unscaled weights, best state one step late)"
+            "help": "fast: joint Adam, then exact least-squares A every step with orthogonalised basis steps; "
+            "adam: the paper's Algorithm 1; paper: the authors' train.py with its quirks (fp16 targets, SVD of "
+            "unscaled weights, best state one step late)"
         },
     )
     target_ratio: float | None = field(
         default=None, metadata={"help": "expert-parameter reduction to hit (0-1); sets the rank of any method"}
     )
-    steps: int = field(default=10000, metadata={"help": "Adam steps (full passes over the experts)"})
+    steps: int | None = field(
+        default=None,
+        metadata={"help": "full passes over the experts; None = the schedule's default (fast 2000, else 10000)"},
+    )
     lr: float = field(default=0.07, metadata={"help": "Adam learning rate"})
     eval_every: int = field(default=200, metadata={"help": "steps between checks of the best state"})
+    stop_tol: float = field(
+        default=1e-4,
+        metadata={"help": "fast: stop when eval_every steps cut the best MSE by less than this fraction; 0 = never"},
+    )
     batch_experts: int = field(
         default=0, metadata={"help": "experts per gradient-accumulation chunk; 0 = auto (~1 GiB)"}
     )
@@ -97,9 +107,12 @@ class MobeConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.groups < 1 or self.num_bases % self.groups:
             raise ValueError(f"groups ({self.groups}) must divide num_bases ({self.num_bases})")
-        if self.steps < 0 or self.eval_every < 1 or self.lr <= 0:
+        if self.steps is None:
+            self.steps = DEFAULT_STEPS[self.schedule]
+        if self.steps < 0 or self.eval_every < 1 or self.lr <= 0 or self.stop_tol < 0:
             raise ValueError(
-                f"need steps >= 0, eval_every >= 1, lr > 0; got {self.steps}, {self.eval_every}, {self.lr}"
+                f"need steps >= 0, eval_every >= 1, lr > 0, stop_tol >= 0; got {self.steps}, {self.eval_every}, "
+                f"{self.lr}, {self.stop_tol}"
             )
         bad = [m for m in self.matrices if m not in COMPRESSIBLE]
         if bad or not self.matrices:

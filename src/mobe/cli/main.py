@@ -30,9 +30,10 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation", choices=ACTIVATIONS, default=default.activation, help=helps["activation"])
     p.add_argument("--groups", type=int, default=default.groups, help=helps["groups"])
     p.add_argument("--schedule", choices=SCHEDULES, default=default.schedule, help=helps["schedule"])
-    p.add_argument("--steps", type=int, default=default.steps, help=helps["steps"])
+    p.add_argument("--steps", type=int, default=None, help=helps["steps"])
     p.add_argument("--lr", type=float, default=default.lr, help=helps["lr"])
     p.add_argument("--eval-every", type=int, default=default.eval_every, help=helps["eval_every"])
+    p.add_argument("--stop-tol", type=float, default=default.stop_tol, help=helps["stop_tol"])
     p.add_argument("--batch-experts", type=int, default=default.batch_experts, help=helps["batch_experts"])
     p.add_argument("--init-logit", type=float, default=default.init_logit, help=helps["init_logit"])
     p.add_argument("--matrices", default="gate,up", help="comma-separated subset of gate,up,down")
@@ -77,6 +78,7 @@ def _config_from_args(args: argparse.Namespace) -> MobeConfig:
         steps=args.steps,
         lr=args.lr,
         eval_every=args.eval_every,
+        stop_tol=args.stop_tol,
         batch_experts=args.batch_experts,
         init_logit=args.init_logit,
         matrices=tuple(m for m in args.matrices.split(",") if m),

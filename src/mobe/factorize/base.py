@@ -57,7 +57,11 @@ def oriented(matrix: str, stack: Tensor) -> Tensor:
 
 @dataclasses.dataclass
 class FitStats:
-    """What a fit reports: MSE of the start and of the kept state (original scale), and its cost."""
+    """What a fit reports: MSE of the start and of the kept state (original scale), and its cost.
+
+    `trace` holds (seconds since the start, step, MSE at that step in the original scale) for iterative fits,
+    so that schedules can be compared by error against wall time.
+    """
 
     init_loss: float
     best_loss: float
@@ -65,3 +69,4 @@ class FitStats:
     steps: int
     seconds: float
     scale: float = 1.0
+    trace: list[tuple[float, int, float]] = dataclasses.field(default_factory=list)

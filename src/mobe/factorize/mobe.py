@@ -149,14 +149,14 @@ def fit_mobe(
     desc: str | None = None,
     weighting: OutputWeighting | None = None,
 ) -> tuple[MobeFactors, FitStats]:
-    """Fit MoBE factors to `weights` (E, p, d) with Adam on the mean squared error (the paper's Algorithm 1).
+    """Fit MoBE factors to `weights` (E, p, d) by minimising the mean squared error.
 
-    With a `weighting` (calibration), the loss is the output error sum_i ||(W_i - What_i) L_i||^2 / numel and the
-    SVD-group initialisation is done in whitened coordinates (`mobe.factorize.weighted`).
-
-    Works on W / std(W) (one global std), keeps the best state seen at every `eval_every`-th step and at the
-    end, and returns float32 factors on the CPU with the scale folded back into A. `schedule="paper"`
-    replays the authors' train.py exactly, quirks included (see ../shared/METHOD.md).
+    Works on W / std(W) (one global std) and returns float32 factors on the CPU with the scale folded back
+    into A. `schedule="fast"` is schedule.fit_fast; `"adam"` (default) is the paper's Algorithm 1 (Adam,
+    best state kept at every `eval_every`-th step and at the end); `"paper"` replays the authors' train.py
+    exactly, quirks included (see ../shared/METHOD.md). With a `weighting` (calibration, adam and paper
+    schedules), the loss is the output error sum_i ||(W_i - What_i) L_i||^2 / numel and the SVD-group
+    initialisation is done in whitened coordinates (`mobe.factorize.weighted`).
     """
     num_experts, p, d = weights.shape
     rank = config.rank or p
@@ -178,6 +178,12 @@ def fit_mobe(
         scale = target.std().item()
         target = target / scale
         init_source = target
+    act = activation_fn(config.activation)
+    chunk = config.batch_experts or auto_chunk(rank, p, d)
+    if config.schedule == "fast":
+        if weighting is not None:
+            raise ValueError("--schedule fast does not support --calibration yet; use --schedule adam")
+        return _fit_fast(target, scale, rank, config, act, chunk, desc, start)
     if weighting is not None:
         from .weighted import init_svd_groups_weighted
 
@@ -188,8 +194,6 @@ def fit_mobe(
     else:
         init = init_svd_groups(init_source, config.num_bases, rank, config.groups, config.init_logit)
     A, bases, logits = (t.requires_grad_() for t in init)
-    act = activation_fn(config.activation)
-    chunk = config.batch_experts or auto_chunk(rank, p, d)
     numel = target.numel()
     optimizer = torch.optim.Adam([A, bases, logits], lr=config.lr)
 
@@ -197,6 +201,7 @@ def fit_mobe(
         return tuple(t.detach().clone() for t in (A, bases, logits))
 
     best_state, best_loss, best_step, init_loss = snapshot(), math.inf, 0, math.nan
+    trace: list[tuple[float, int, float]] = []
     bar = tqdm(range(config.steps + 1), desc=desc, leave=False, disable=desc is None)
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
@@ -210,6 +215,7 @@ def fit_mobe(
                 loss += part.item()
         if step == 0:
             init_loss = loss
+        trace.append((time.perf_counter() - start, step, loss * scale**2))
         if not paper and (step % config.eval_every == 0 or final) and loss < best_loss:
             best_state, best_loss, best_step = snapshot(), loss, step
         if final:
@@ -233,6 +239,46 @@ def fit_mobe(
         activation=config.activation,
     )
     stats = FitStats(
-        init_loss * scale**2, best_loss * scale**2, best_step, config.steps, time.perf_counter() - start, scale
+        init_loss * scale**2,
+        best_loss * scale**2,
+        best_step,
+        config.steps,
+        time.perf_counter() - start,
+        scale,
+        trace,
     )
     return factors, stats
+
+
+def _fit_fast(
+    target: Tensor,
+    scale: float,
+    rank: int,
+    config: MobeConfig,
+    act: Callable[[Tensor], Tensor],
+    chunk: int,
+    desc: str | None,
+    start: float,
+) -> tuple[MobeFactors, FitStats]:
+    """The `fast` schedule on the scaled stack; losses and trace back in the original units."""
+    from .schedule import fit_fast
+
+    offset = time.perf_counter() - start  # the trace counts from fit_mobe's start, as the other schedules' do
+    A, bases, logits, stats = fit_fast(target, rank, config, act, chunk, desc)
+    factors = MobeFactors(
+        A=(A * scale).cpu(),
+        bases=bases.cpu(),
+        coef=torch.softmax(logits, dim=-1).cpu(),
+        activation=config.activation,
+    )
+    unit = scale**2
+    trace = [(offset + seconds, step, loss * unit) for seconds, step, loss in stats.trace]
+    return factors, FitStats(
+        stats.init_loss * unit,
+        stats.best_loss * unit,
+        stats.best_step,
+        stats.steps,
+        time.perf_counter() - start,
+        scale,
+        trace,
+    )
