@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
+from compare import _perplexity  # same directory: run as python benchmarks/calibration.py
 from mobe import MobeConfig, compress
-from mobe.evaluate.perplexity import sliding_window_perplexity
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("plain", "calibrated", "refined")
@@ -56,13 +56,6 @@ def training_side_text(max_bytes: int = 400_000, excerpt_lines: int = 40, seed: 
         if size > max_bytes:
             break
     return "\n\n".join(out)
-
-
-def _perplexity(path: Path, ids: torch.Tensor, context: int, stride: int) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return sliding_window_perplexity(model, ids, context=context, stride=stride, progress=False).perplexity
 
 
 def _config(variant: str, ratio: float, matrices: tuple[str, ...], args: argparse.Namespace) -> MobeConfig:

@@ -64,8 +64,11 @@ def write_checkpoint(
     replaced = _replaced_tensors(layout, jobs)
     # Block-FP8 checkpoints: dense experts go back to FP8 with fresh block scales; native ones drop the scales.
     block = block_size(reader.config)
-    replaced_scales = {name + SCALE_SUFFIX: name for name in replaced} if block else {}
     by_shard = shard_plan or reader.tensors_by_shard()
+    planned = {name for names in by_shard.values() for name in names}
+    # A matrix is FP8 in the output exactly when the plan holds its scales (the source's FP8 experts).
+    replaced_scales = {n + SCALE_SUFFIX: n for n in replaced if block and n + SCALE_SUFFIX in planned}
+    quantized = set(replaced_scales.values())
     dropped = {} if fmt == "dense" else {**replaced, **replaced_scales}
     kept = {shard: [n for n in names if n not in dropped] for shard, names in by_shard.items()}
     kept = {shard: names for shard, names in kept.items() if names}
@@ -83,7 +86,7 @@ def write_checkpoint(
         layer, matrix, e = replaced[name]
         factors = factors_of(layer, matrix)
         dense = oriented(matrix, factors.reconstruct(torch.tensor([e])))[0]
-        return quantize_blockwise(dense, block) if block else (dense.to(factors.dtype), None)
+        return quantize_blockwise(dense, block) if name in quantized else (dense.to(factors.dtype), None)
 
     bar = tqdm(total=total, desc=f"Writing {fmt} shards", disable=not progress)
     for i, names in enumerate(kept.values()):
