@@ -95,9 +95,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "ray_scaling"))
     args = parser.parse_args()
 
-    config = MobeConfig(
-        num_bases=args.bases, rank=args.rank, steps=args.steps, eval_every=100, threads=1, device="cpu"
-    )
+    config = MobeConfig(num_bases=args.bases, rank=args.rank, steps=args.steps, eval_every=100, threads=1, device="cpu")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_moe(
@@ -113,8 +111,10 @@ def main() -> None:
             print(f"{runs[-1]['runner']}: {runs[-1]['compress_s']:.1f} s", flush=True)
 
     single = runs[0]["compress_s"]
-    print(f"\n{runs[0]['jobs']} jobs (layers x gate/up), E={args.experts}, p={args.intermediate}, d={args.hidden}, "
-          f"m={args.bases}, r={args.rank}, {args.steps} steps, 1 thread per job")
+    print(
+        f"\n{runs[0]['jobs']} jobs (layers x gate/up), E={args.experts}, p={args.intermediate}, d={args.hidden}, "
+        f"m={args.bases}, r={args.rank}, {args.steps} steps, 1 thread per job"
+    )
     print(f"{'runner':>18} {'start s':>8} {'wall s':>8} {'speedup':>8} {'sum of jobs s':>14} {'overhead/job s':>15}")
     for run in runs:
         busy = sum(run["job_seconds"])
@@ -131,8 +131,10 @@ def main() -> None:
     flops = args.steps * step_flops(args.experts, args.intermediate, args.hidden, args.bases, args.rank, 1)
     cpu_gflop_s = flops / mean_job / 1e9
     projections = project(cpu_gflop_s, args)
-    print(f"\nthis CPU sustains {cpu_gflop_s:.1f} GFLOP/s per one-thread job; projection at an assumed "
-          f"{args.gpu_tflops:g} TFLOP/s per GPU, gate and up of every MoE layer:")
+    print(
+        f"\nthis CPU sustains {cpu_gflop_s:.1f} GFLOP/s per one-thread job; projection at an assumed "
+        f"{args.gpu_tflops:g} TFLOP/s per GPU, gate and up of every MoE layer:"
+    )
     print(f"{'model':>12} {'jobs':>5} {'GPUs':>5} {'h per job':>10} {'wall h':>8}")
     for row in projections:
         print(

@@ -28,7 +28,7 @@ from ..config import MobeConfig
 from .base import FitStats
 
 WARM_FRACTION = 0.15  # share of the steps spent in the joint Adam phase
-BASES_LR = 0.3  # step of the orthogonalised basis update (the bases' entries are O(1) after the warm phase)
+BASES_LR = 0.15  # step of the orthogonalised basis update (the bases' entries are O(1) after the warm phase)
 LOGITS_LR = 0.1  # Adam step of the coefficient logits in the projected phase
 MOMENTUM = 0.95
 DAMPING = 1e-6  # of the mean diagonal of M_i M_i^T, so that the Cholesky factor exists for rank-deficient M_i
@@ -70,18 +70,29 @@ def chunk_mixed(bases: Tensor, logits: Tensor, act: Callable[[Tensor], Tensor]) 
     return act((coef @ bases.flatten(1)).view(len(logits), *bases.shape[1:]))
 
 
-def least_squares_factor(target: Tensor, mixed: Tensor) -> Tensor:
-    """argmin_X ||X_i M_i - C_i|| for each expert: X_i = C_i M_i^T (M_i M_i^T)^-1, by one batched Cholesky solve."""
+def least_squares_factor(target: Tensor, mixed: Tensor, exact: bool = True) -> Tensor:
+    """argmin_X ||X_i M_i - C_i|| for each expert: X_i = C_i M_i^T (M_i M_i^T)^-1, by one batched Cholesky factor.
+
+    `exact=False` multiplies by the explicit inverse from the factor instead of two triangular solves: a quarter
+    less time for a projected step's solve on CPU, for a gradient that need not be exact to the last bit.
+    """
     gram = mixed @ mixed.transpose(1, 2)
     damping = DAMPING * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
     gram = gram + damping[:, None, None] * torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
     cross = target @ mixed.transpose(1, 2)
     factor = torch.linalg.cholesky(gram)
-    return torch.cholesky_solve(cross.transpose(1, 2), factor).transpose(1, 2)
+    if exact:
+        return torch.cholesky_solve(cross.transpose(1, 2), factor).transpose(1, 2)
+    return cross @ torch.cholesky_inverse(factor)  # half the time of the triangular solves on CPU
 
 
 def projected_loss_backward(
-    bases: Tensor, logits: Tensor, target: Tensor, act: Callable[[Tensor], Tensor], chunk: int, numel: int
+    bases: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    act: Callable[[Tensor], Tensor],
+    chunk: int,
+    numel: int,
 ) -> float:
     """Reduced loss min_X sum_i ||X_i M_i - C_i||^2 / numel; accumulates its gradient into bases and logits.
 
@@ -93,9 +104,9 @@ def projected_loss_backward(
         mixed = chunk_mixed(bases[g], logits[idx], act)
         with torch.no_grad():
             flat = mixed.detach()
-            X = least_squares_factor(target[idx], flat)
+            X = least_squares_factor(target[idx], flat, exact=False)
             residual = torch.baddbmm(target[idx], X, flat, alpha=-1)
-            total += residual.pow(2).sum().item() / numel
+            total += torch.dot(residual.view(-1), residual.view(-1)).item() / numel
             grad = torch.bmm(X.transpose(1, 2), residual).mul_(-2.0 / numel)
         mixed.backward(grad)
     return total
@@ -110,21 +121,30 @@ def solve_factors(bases: Tensor, logits: Tensor, target: Tensor, act: Callable[[
     return X
 
 
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where its matmuls are native (CUDA, CPUs with AVX512-BF16/AMX): the iteration only needs a direction,
+    and there it halves the cost of a projected step's basis update; float32 elsewhere."""
+    if device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def orthogonalize(update: Tensor, steps: int = 5) -> Tensor:
     """Approximate U V^T of each matrix in `update` (..., r, d) by a quintic Newton-Schulz iteration (Muon's).
 
     An update with all singular values near 1 moves every direction of a basis at the same rate, which the
-    ill-conditioned basis gradients need; five iterations suffice because only the direction matters.
+    ill-conditioned basis gradients need; five iterations suffice because only the direction matters, and so does
+    bfloat16 (as in Muon): it moves the result by about 3% of its norm, well inside the iteration's own spread.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = update / (update.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    X = (update / (update.norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(newton_schulz_dtype(update.device))
     wide = X.shape[-2] <= X.shape[-1]
     if not wide:
         X = X.transpose(-2, -1)
     for _ in range(steps):
         gram = X @ X.transpose(-2, -1)
         X = a * X + (b * gram + c * gram @ gram) @ X
-    return X if wide else X.transpose(-2, -1)
+    return (X if wide else X.transpose(-2, -1)).to(update.dtype)
 
 
 def cosine(step: int, total: int) -> float:
