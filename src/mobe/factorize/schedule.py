@@ -28,7 +28,7 @@ from ..config import MobeConfig
 from .base import FitStats
 
 WARM_FRACTION = 0.15  # share of the steps spent in the joint Adam phase
-BASES_LR = 0.15  # step of the orthogonalised basis update (the bases' entries are O(1) after the warm phase)
+BASES_LR = 0.3  # step of the orthogonalised basis update (the bases' entries are O(1) after the warm phase)
 LOGITS_LR = 0.1  # Adam step of the coefficient logits in the projected phase
 MOMENTUM = 0.95
 DAMPING = 1e-6  # of the mean diagonal of M_i M_i^T, so that the Cholesky factor exists for rank-deficient M_i
