@@ -18,7 +18,6 @@ Prints a table, writes benchmarks/results/calibration.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 
 from compare import _perplexity  # same directory: run as python benchmarks/calibration.py
 from mobe import MobeConfig, compress
+from results_io import write_results
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("plain", "calibrated", "refined")
@@ -223,13 +223,7 @@ def main() -> None:
             f"{r['seconds']:>6.0f}"
         )
     args.calibration_text = "training-side excerpts (benchmarks/calibration.py)" if generated else args.calibration_text
-    result["args"] = vars(args)
-    result["seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
+    write_results(result, args, start, plot, args.out)
 
 
 if __name__ == "__main__":

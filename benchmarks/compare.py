@@ -11,7 +11,6 @@ Prints tables, writes JSON and a PNG (perplexity against parameter count, one li
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from mobe import MobeConfig, compress
 from mobe.evaluate import weight_error
 from mobe.evaluate.perplexity import sliding_window_perplexity
 from mobe.factorize import budget_for_ratio, get_method
+from results_io import write_results
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("mobe", "svd", "d2moe", "molae")
@@ -207,13 +207,7 @@ def main() -> None:
             f"{r['method']:>6} {r['target_ratio']:>6.2f} {r['rank']:>5} {r['params']:>9,} {r['relative_error']:>8.4f}"
         )
 
-    result["args"] = vars(args)
-    result["seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
+    write_results(result, args, start, plot, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes results/schedules.json and results/schedules.png (relative error against 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -28,6 +27,7 @@ from mobe.architectures import moe_layout
 from mobe.evaluate import weight_error
 from mobe.factorize import budget_for_ratio, get_method
 from mobe.factorize.base import oriented
+from results_io import write_results
 
 HERE = Path(__file__).resolve().parent
 SCHEDULES = ("paper", "fast")
@@ -228,11 +228,7 @@ def main() -> None:
             f"held-out perplexity: original {ppl['original']:.3f}, paper {ppl['paper']['perplexity']:.3f}, "
             f"fast {ppl['fast']['perplexity']:.3f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
+    write_results(result, args, start, plot, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,22 @@
+"""Writing a benchmark's results: the JSON next to its PNG, shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_results(
+    result: dict, args: argparse.Namespace, start: float, plot: Callable[[dict, Path], None], stem: str
+) -> None:
+    """Record the arguments and run time in `result`, then write `stem`.json and its plot `stem`.png."""
+    result["args"] = vars(args)
+    result["seconds"] = time.perf_counter() - start
+    out = Path(stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
