@@ -16,6 +16,7 @@ Measured on the trained fixture (benchmarks/schedules.py), three things make it 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -87,12 +88,7 @@ def least_squares_factor(target: Tensor, mixed: Tensor, exact: bool = True) -> T
 
 
 def projected_loss_backward(
-    bases: Tensor,
-    logits: Tensor,
-    target: Tensor,
-    act: Callable[[Tensor], Tensor],
-    chunk: int,
-    numel: int,
+    bases: Tensor, logits: Tensor, target: Tensor, act: Callable[[Tensor], Tensor], chunk: int, numel: int
 ) -> float:
     """Reduced loss min_X sum_i ||X_i M_i - C_i||^2 / numel; accumulates its gradient into bases and logits.
 
@@ -121,6 +117,7 @@ def solve_factors(bases: Tensor, logits: Tensor, target: Tensor, act: Callable[[
     return X
 
 
+@functools.cache
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where its matmuls are native (CUDA, CPUs with AVX512-BF16/AMX): the iteration only needs a direction,
     and there it halves the cost of a projected step's basis update; float32 elsewhere."""
