@@ -34,12 +34,22 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = ("plain", "calibrated", "refined")
 
 
-def training_side_text(max_bytes: int = 400_000, excerpt_lines: int = 40, seed: int = 0) -> str:
-    """Excerpts of the fixture's training documents (never held-out ones), one per document in a shuffled order."""
+def training_side_text(
+    max_bytes: int = 400_000,
+    excerpt_lines: int = 40,
+    seed: int = 0,
+    sources: Path | None = None,
+    pattern: str = "*.rst.txt",
+    package: str = "python3.11-doc",
+) -> str:
+    """Excerpts of a fixture's training documents (never held-out ones), one per document in a shuffled order.
+
+    The default is the coarse fixture's corpus; pass the fine-grained fixture's `sources`/`pattern`/`package`
+    (recorded in its training_stats.json) for that one."""
     sys.path.insert(0, str(HERE.parent / "scripts"))
     from train_fixture import DEFAULT_SOURCES, split_documents
 
-    train, _ = split_documents(DEFAULT_SOURCES, 5)
+    train, _ = split_documents(sources or DEFAULT_SOURCES, 5, pattern, package)
     rng = random.Random(seed)
     docs = [f.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True) for f in train]
     order = list(range(len(docs)))

@@ -25,7 +25,7 @@ from mobe.fixtures import build_tiny_moe
 
 HERE = Path(__file__).resolve().parent
 
-# Published layer shapes and MoBE settings (../shared/METHOD.md): MoE layers, E, p, d, m, r, groups, steps.
+# Published layer shapes and MoBE settings (the MoBE paper, docs/method.md): MoE layers, E, p, d, m, r, groups, steps.
 MODELS = {
     "DeepSeek-V3": {"moe_layers": 58, "E": 256, "p": 2048, "d": 7168, "m": 64, "r": 2048, "groups": 1, "steps": 10000},
     "Kimi-K2": {"moe_layers": 60, "E": 384, "p": 2048, "d": 7168, "m": 128, "r": 2048, "groups": 2, "steps": 15000},

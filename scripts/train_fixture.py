@@ -1,11 +1,19 @@
-"""Train the project's small Qwen3-MoE fixture on the Python 3.11 documentation (Debian package python3.11-doc).
+"""Train one of the project's small MoE fixtures on a documentation corpus shipped by a Debian package.
 
-Random weights have no structure to compress; this model has learned, so compression errors measured on it mean
-something. Everything is deterministic given --seed: the document split (by a hash of each file's path), the
+Random weights have no structure to compress; these models have learned, so compression errors measured on them
+mean something. Everything is deterministic given --seed: the document split (by a hash of each file's path), the
 tokenizer, the initialisation and the batch order.
 
+The coarse fixture (p > d: 16 experts of p=256 on d=128, top-2), on the Python 3.11 documentation:
+
     apt-get install -y python3.11-doc
-    python scripts/train_fixture.py --out fixtures/qwen3-moe-trained
+    python scripts/train_fixture.py --out fixtures/qwen3-moe-trained --steps 2000
+
+The fine-grained fixture (p < d, the shape of today's MoEs: 64 experts of p=64 on d=256, top-8, one shared
+expert, a dense first layer), on the Perl documentation:
+
+    apt-get install -y perl-doc
+    python scripts/train_fixture.py --fine-grained --out fixtures/qwen2-moe-fine-trained
 
 Writes the model (bfloat16, sharded), its tokenizer, `heldout.txt` (held-out documents, never trained on) and
 `training_stats.json` (loss curve summary, held-out perplexity, per-layer distance of the experts from init).
@@ -26,13 +34,41 @@ import torch
 from tqdm.auto import tqdm
 
 DEFAULT_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
+PERL_SOURCES = Path("/usr/share/perl")
+
+# --fine-grained: every default below replaced by these (an explicit flag still wins).
+FINE_GRAINED = {
+    "arch": "qwen2_moe",
+    "sources": PERL_SOURCES,
+    "pattern": "*.pod",
+    "package": "perl-doc",
+    "hidden_size": 256,
+    "layers": 6,
+    "dense_layers": 1,
+    "experts": 64,
+    "moe_intermediate_size": 64,
+    "shared_expert_size": 128,
+    "top_k": 8,
+    "aux_loss_coef": 0.02,
+    "steps": 1500,
+    "tie_embeddings": True,
+    "prompt": "The hash function",
+}
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sources", type=Path, default=DEFAULT_SOURCES, help="folder of .rst.txt files (python3.11-doc)")
+    p.add_argument("--fine-grained", action="store_true", help="the p < d fixture's settings (see the docstring)")
+    p.add_argument("--arch", choices=("qwen3_moe", "qwen2_moe"), default="qwen3_moe")
+    p.add_argument("--sources", type=Path, default=DEFAULT_SOURCES, help="folder of documents (python3.11-doc)")
+    p.add_argument("--pattern", default="*.rst.txt", help="glob of the documents under --sources")
+    p.add_argument("--package", default="python3.11-doc", help="Debian package that ships --sources")
+    p.add_argument("--dense-layers", type=int, default=0, help="first layers with a dense MLP instead of experts")
+    p.add_argument("--shared-expert-size", type=int, default=0, help="qwen2_moe: shared expert width (0: none)")
+    p.add_argument("--tie-embeddings", action="store_true")
+    p.add_argument("--prompt", default="The list type", help="prompt of the sample generation in the stats")
     p.add_argument("--out", type=Path, default=Path("fixtures/qwen3-moe-trained"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout-percent", type=int, default=5, help="share of documents held out, by path hash")
@@ -53,14 +89,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-shard-size", default="5MB")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.fine_grained:
+        given = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
+        for key, value in FINE_GRAINED.items():
+            if key not in given:
+                setattr(args, key, value)
+    return args
 
 
-def split_documents(sources: Path, heldout_percent: int) -> tuple[list[Path], list[Path]]:
+def split_documents(
+    sources: Path, heldout_percent: int, pattern: str = "*.rst.txt", package: str = "python3.11-doc"
+) -> tuple[list[Path], list[Path]]:
     """(train, heldout) document lists; a document is held out when its path hash falls below `heldout_percent`."""
-    files = sorted(sources.rglob("*.rst.txt"))
+    files = sorted(sources.rglob(pattern))
     if not files:
-        raise SystemExit(f"no .rst.txt files under {sources}: install python3.11-doc (apt-get install python3.11-doc)")
+        raise SystemExit(f"no {pattern} files under {sources}: install {package} (apt-get install {package})")
     train, heldout = [], []
     for f in files:
         h = int(hashlib.sha256(str(f.relative_to(sources)).encode()).hexdigest(), 16) % 100
@@ -103,10 +147,25 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def build_model(args: argparse.Namespace, tokenizer):
-    from transformers import GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import (
+        GenerationConfig,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     d = args.hidden_size
-    config = Qwen3MoeConfig(
+    config_class, model_class = {
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+        "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+    }[args.arch]
+    extra = {}
+    if args.arch == "qwen2_moe":
+        extra["shared_expert_intermediate_size"] = args.shared_expert_size
+    if args.dense_layers:
+        extra["mlp_only_layers"] = list(range(args.dense_layers))
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=d,
         intermediate_size=2 * d,
@@ -122,12 +181,13 @@ def build_model(args: argparse.Namespace, tokenizer):
         output_router_logits=True,
         router_aux_loss_coef=args.aux_loss_coef,
         initializer_range=args.init_std,
-        tie_word_embeddings=False,
+        tie_word_embeddings=args.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    model = Qwen3MoeForCausalLM(config)
+    model = model_class(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -169,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     from mobe.evaluate.perplexity import sliding_window_perplexity
 
     t_start = time.time()
-    train_files, heldout_files = split_documents(args.sources, args.heldout_percent)
+    train_files, heldout_files = split_documents(args.sources, args.heldout_percent, args.pattern, args.package)
     train_texts = read_texts(train_files)
     heldout = heldout_text(read_texts(heldout_files), args.heldout_max_bytes)
     print(f"{len(train_files)} training documents, {len(heldout_files)} held out ({len(heldout)} chars kept)")
@@ -237,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     ppl = sliding_window_perplexity(model, heldout_ids, context=args.seq_len, stride=args.seq_len // 2)
     print(f"held-out perplexity (bfloat16): {ppl.perplexity:.2f} over {ppl.tokens} tokens")
     usage = expert_usage(model, heldout_ids[: 8 * args.seq_len].view(8, args.seq_len))
-    prompt = tokenizer("The list type", return_tensors="pt")
+    prompt = tokenizer(args.prompt, return_tensors="pt")
     with torch.no_grad():
         sample = model.generate(**prompt, max_new_tokens=40, do_sample=False)
     sample_text = tokenizer.decode(sample[0], skip_special_tokens=True)
@@ -258,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "source": str(args.sources),
         "documents": {"train": len(train_files), "heldout": len(heldout_files)},
+        "package": args.package,
         "config": {k: v for k, v in vars(args).items() if k not in {"sources", "out"}},
         "parameters": n_params,
         "steps": args.steps,
@@ -288,7 +349,8 @@ def expert_usage(model, batch: torch.Tensor) -> dict[str, list[float]]:
     out = model(input_ids=batch, output_router_logits=True)
     k = model.config.num_experts_per_tok
     usage = {}
-    for i, logits in enumerate(out.router_logits):
+    moe_layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    for i, logits in zip(moe_layers, out.router_logits, strict=True):
         top = logits.float().topk(k, dim=-1).indices.flatten()
         counts = torch.bincount(top, minlength=model.config.num_experts).float()
         usage[str(i)] = [round(c, 4) for c in (counts / counts.sum()).tolist()]

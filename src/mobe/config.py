@@ -22,10 +22,16 @@ class MobeConfig:
     p > d, and is only 1.3x ahead where p < d (benchmarks/schedules.py).
     """
 
-    method: str = field(default="mobe", metadata={"help": "mobe | svd | d2moe | molae"})
+    method: str = field(default="mobe", metadata={"help": "mobe | slbf | svd | d2moe | molae"})
     num_bases: int = field(default=4, metadata={"help": "m: shared bases per layer and matrix type"})
-    rank: int | None = field(default=None, metadata={"help": "r: rank of A_i and B_j; None means p"})
-    activation: str = field(default="tanh", metadata={"help": "tanh | silu | none, on the mixed basis"})
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "r: rank of A_i and B_j (slbf: k, the rank of each basis); None means min(p, d)"},
+    )
+    activation: str | None = field(
+        default=None,
+        metadata={"help": "tanh | silu | none, on the mixed basis; None = the method's own (mobe tanh, slbf silu)"},
+    )
     groups: int = field(default=1, metadata={"help": "expert groups, each with num_bases/groups bases"})
     schedule: str = field(
         default="adam",
@@ -97,7 +103,7 @@ class MobeConfig:
             raise ValueError(f"num_bases must be >= 1, got {self.num_bases}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.activation not in ACTIVATIONS:
+        if self.activation is not None and self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.target_ratio is not None and not 0 < self.target_ratio < 1:
             raise ValueError(f"target_ratio must be between 0 and 1, got {self.target_ratio}")

@@ -105,25 +105,31 @@ def build_tiny_moe(
     return path
 
 
-TRAINED_FIXTURE = "qwen3-moe-trained"
+TRAINED_FIXTURE = "qwen3-moe-trained"  # coarse: 16 experts of p=256 on d=128, top-2 (p > d)
+FINE_FIXTURE = "qwen2-moe-fine-trained"  # fine-grained: 64 experts of p=64 on d=256, top-8, shared expert (p < d)
+_REBUILD = {
+    TRAINED_FIXTURE: ("--out fixtures/qwen3-moe-trained --steps 2000", "python3.11-doc"),
+    FINE_FIXTURE: ("--fine-grained --out fixtures/qwen2-moe-fine-trained", "perl-doc"),
+}
 
 
-def trained_fixture_path() -> Path:
-    """The repository's trained Qwen3-MoE fixture (`fixtures/qwen3-moe-trained`, built by scripts/train_fixture.py).
+def trained_fixture_path(name: str = TRAINED_FIXTURE) -> Path:
+    """One of the repository's trained MoE fixtures (`fixtures/NAME`, built by scripts/train_fixture.py).
 
-    A small model trained on the Python 3.11 documentation, so its experts carry learned structure, unlike the
-    random checkpoints of `build_tiny_moe`. Loads with `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained`.
+    Small models trained on documentation corpora, so their experts carry learned structure, unlike the random
+    checkpoints of `build_tiny_moe`: the coarse Qwen3-MoE (`TRAINED_FIXTURE`, p > d) and the fine-grained
+    Qwen2-MoE (`FINE_FIXTURE`, p < d like today's MoEs). Load with `AutoModelForCausalLM` / `AutoTokenizer`.
     """
-    path = Path(__file__).resolve().parents[2] / "fixtures" / TRAINED_FIXTURE
+    path = Path(__file__).resolve().parents[2] / "fixtures" / name
     if not (path / "config.json").is_file():
+        flags, package = _REBUILD.get(name, (f"--out fixtures/{name}", "its corpus"))
         raise FileNotFoundError(
             f"trained fixture not found at {path}: it ships with the git repository (not the installed package); "
-            "rebuild it with `python scripts/train_fixture.py --out fixtures/qwen3-moe-trained` "
-            "(needs the Debian package python3.11-doc)"
+            f"rebuild it with `python scripts/train_fixture.py {flags}` (needs the Debian package {package})"
         )
     return path
 
 
-def heldout_text() -> str:
-    """Held-out text of the trained fixture (whole documents never trained on), for perplexity checks."""
-    return (trained_fixture_path() / "heldout.txt").read_text(encoding="utf-8")
+def heldout_text(name: str = TRAINED_FIXTURE) -> str:
+    """Held-out text of a trained fixture (whole documents never trained on), for perplexity checks."""
+    return (trained_fixture_path(name) / "heldout.txt").read_text(encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ class ModelInfo:
     compressed_expert_params: int | None = None
     num_bases: int | None = None
     rank: int | None = None
+    stored: dict | None = None  # a compressed checkpoint's mobe section (its settings)
 
     def summary(self) -> str:
         lay = self.layout
@@ -32,12 +34,24 @@ class ModelInfo:
             f"parameters:     {self.model_params:,} total, {self.expert_params:,} in routed experts "
             f"({100 * self.expert_params / self.model_params:.1f}%)",
         ]
+        if self.stored is not None:
+            s = self.stored
+            lines[-1] = f"parameters:     {self.model_params:,} stored"
+            lines.append(
+                f"compressed:     {s.get('format')} {s.get('method', 'mobe')} m={s.get('num_bases')} r={s.get('rank')} "
+                f"{'+'.join(s.get('matrices', []))}, layers {_ranges(tuple(s.get('layers', [])))}"
+            )
         if self.compressed_expert_params is not None:
             saved = self.expert_params - self.compressed_expert_params
+            before, after = (
+                self.model_params + (saved if self.stored else 0),
+                self.model_params - (0 if self.stored else saved),
+            )
+            label = "stored" if self.stored else f"MoBE m={self.num_bases} r={self.rank} (gate+up)"
+            word = "fewer" if saved >= 0 else "MORE: these settings make the model bigger"
             lines.append(
-                f"MoBE m={self.num_bases} r={self.rank} (gate+up): experts {self.expert_params:,} -> "
-                f"{self.compressed_expert_params:,} ({100 * saved / self.expert_params:.1f}% fewer), model "
-                f"{self.model_params:,} -> {self.model_params - saved:,} ({100 * saved / self.model_params:.1f}% fewer)"
+                f"{label}: routed experts {self.expert_params:,} -> {self.compressed_expert_params:,} "
+                f"({100 * abs(saved) / self.expert_params:.1f}% {word}), model {before:,} -> {after:,}"
             )
         return "\n".join(lines)
 
@@ -70,9 +84,18 @@ def model_info(
         reader.num_parameters(),
         len(layout.moe_layers) * layout.expert_params_per_layer,
     )
+    section = reader.config.get("mobe")
+    if section and section.get("format") == "native":  # count what the checkpoint holds for the experts
+        info.stored = section
+        prefixes = tuple(layout.arch.experts_prefix(layer) + "." for layer in layout.moe_layers)
+        info.compressed_expert_params = sum(
+            math.prod(reader.shape(n)) for n in reader.weight_map if n.startswith(prefixes)
+        )
+        info.model_params = reader.num_parameters()
+        return info
     if num_bases is not None:
         E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
-        rank = rank or p
+        rank = rank or min(p, d)
         per_layer = (3 - len(matrices)) * E * p * d + len(matrices) * mobe_parameters(E, p, d, num_bases, rank, groups)
         info.compressed_expert_params = len(layout.moe_layers) * per_layer
         info.num_bases, info.rank = num_bases, rank

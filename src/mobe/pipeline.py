@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import MoeLayout, moe_layout
+from .architectures import MoeLayout, base_model_type, moe_layout, native_model_type
 from .calibrate import CalibrationError, calibration_ids, collect_statistics, read_calibration_text
 from .calibrate.collect import TOKENIZER_FILES
 from .calibrate.stats import stats_path
 from .checkpoint import CheckpointError, CheckpointReader
 from .checkpoint.fp8 import SCALE_SUFFIX, block_size
 from .config import FORMAT_VERSION, MobeConfig
+from .devices import resolve_device
 from .distribute import JobSpec, JobStore, local_devices, require_ray, run_device_pool, run_ray, run_serial
 from .evaluate import CompressionReport, MatrixResult
 from .export import (
@@ -45,14 +46,6 @@ class CompressionError(ValueError):
     """Settings that do not fit the checkpoint, or an output that cannot be written."""
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CompressionError(f"device {device!r} asked for, but no CUDA device is available")
-    return torch.device(device)
-
-
 def resolve_settings(layout: MoeLayout, config: MobeConfig) -> MobeConfig:
     """Check the settings against the layout; fix the rank (from --target-ratio when given)."""
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
@@ -64,7 +57,7 @@ def resolve_settings(layout: MoeLayout, config: MobeConfig) -> MobeConfig:
     rank = config.rank
     if config.target_ratio is not None:
         budget = budget_for_ratio(E, p, d, config.target_ratio, len(config.matrices))
-        rank = min(method.rank_for_budget(E, p, d, config, budget), d if method.name == "mobe" else min(p, d))
+        rank = min(method.rank_for_budget(E, p, d, config, budget), method.max_rank(E, p, d))
         if rank < 1:
             raise CompressionError(
                 f"--target-ratio {config.target_ratio} is out of reach for --method {method.name} "
@@ -72,11 +65,11 @@ def resolve_settings(layout: MoeLayout, config: MobeConfig) -> MobeConfig:
             )
     elif rank is None and method.name != "mobe":
         raise CompressionError(f"--method {method.name} needs --rank or --target-ratio")
-    rank = rank or p
-    limit = d if method.name == "mobe" else min(p, d)
+    rank = rank or min(p, d)  # the paper's r = p, capped where experts are wider than the hidden size
+    limit = method.max_rank(E, p, d)
     if rank > limit:
         raise CompressionError(f"--rank {rank} exceeds the {'hidden size' if limit == d else 'matrix rank'} ({limit})")
-    return dataclasses.replace(config, rank=rank)
+    return dataclasses.replace(config, rank=rank, activation=config.activation or method.default_activation)
 
 
 def plan_jobs(reader: CheckpointReader, layout: MoeLayout, config: MobeConfig) -> list[tuple[int, str]]:
@@ -313,17 +306,17 @@ def compress(
     if calibration is not None:
         config = dataclasses.replace(config, calibration=str(calibration))
     output = Path(output)
+    if ray is False:
+        for device in local_devices(config.device):
+            resolve_device(device)
+    else:
+        require_ray()
     _check_output(output)
     reader = CheckpointReader(model)
     layout = moe_layout(reader.config)
     config = resolve_settings(layout, config)
     check_calibration(reader, config)
     jobs = plan_jobs(reader, layout, config)
-    if ray is False:
-        for device in local_devices(config.device):
-            resolve_device(device)
-    else:
-        require_ray()
     fmt = "dense" if reconstruct else "native"
 
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".mobe-work")
@@ -391,9 +384,33 @@ def _assemble(
     metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_format": section["format"]}
     write_checkpoint(reader, layout, jobs, factors_of, target, section["format"], metadata, progress)
     copy_side_files(reader.path, target)
-    model_config = {k: v for k, v in reader.config.items() if k != "mobe"}
-    model_config["mobe"] = section
-    write_json_atomic(model_config, target / "config.json")
+    write_json_atomic(_output_config(reader.config, section, jobs, factors_of), target / "config.json")
+
+
+def _output_config(
+    source: dict, section: dict, jobs: list[tuple[int, str]], factors_of: Callable[[int, str], ExpertFactors]
+) -> dict:
+    """config.json of an output: the source's, plus the mobe section; a native output declares `mobe_<family>`,
+    which transformers opens only through mobe (never as the plain family with random experts)."""
+    config = {k: v for k, v in source.items() if k != "mobe"}
+    if section["format"] == "native":
+        family = base_model_type(config["model_type"])
+        first_layer = jobs[0][0]
+        section = {
+            **section,
+            "base_model_type": family,
+            "base_architectures": config.get("architectures"),
+            "factor_shapes": {
+                m: {f: list(t.shape) for f, t in factors_of(first_layer, m).tensors().items()}
+                for layer, m in jobs
+                if layer == first_layer
+            },
+            "factor_meta": {m: factors_of(first_layer, m).meta() for layer, m in jobs if layer == first_layer},
+        }
+        config["model_type"] = native_model_type(family)
+        config["architectures"] = [f"Mobe{name}" for name in config.get("architectures") or []] or None
+    config["mobe"] = section
+    return config
 
 
 def _move_into_place(folder: Path, output: Path) -> None:
@@ -408,7 +425,14 @@ def read_native_factors(reader: CheckpointReader, layout: MoeLayout, layer: int,
     factors_cls = get_method(section.get("method", "mobe")).factors_cls
     names = factor_tensor_names(layout, layer, matrix, factors_cls.tensor_fields)
     tensors = reader.get_many(list(names.values()))
-    return factors_cls.from_tensors({field: tensors[name] for field, name in names.items()}, section)
+    return factors_cls.from_tensors(
+        {field: tensors[name] for field, name in names.items()}, factor_meta(section, matrix)
+    )
+
+
+def factor_meta(section: dict, matrix: str) -> dict:
+    """The settings a matrix type's factors need (the run's, plus what its fit decided, e.g. SLBF's orientation)."""
+    return {**section, **section.get("factor_meta", {}).get(matrix, {})}
 
 
 def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True) -> Path:
@@ -451,7 +475,12 @@ def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True
     metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_format": "dense"}
     write_checkpoint(reader, layout, jobs, factors_of, target, "dense", metadata, progress, shard_plan=plan)
     copy_side_files(reader.path, target)
-    dense_section = {k: v for k, v in section.items() if k != "factor_suffixes"} | {"format": "dense"}
-    write_json_atomic({**reader.config, "mobe": dense_section}, target / "config.json")
+    native_only = {"factor_suffixes", "factor_shapes", "factor_meta", "base_model_type", "base_architectures"}
+    dense_section = {k: v for k, v in section.items() if k not in native_only} | {"format": "dense"}
+    family = section.get("base_model_type") or base_model_type(reader.config["model_type"])
+    dense_config = {**reader.config, "model_type": family, "mobe": dense_section}
+    if "base_architectures" in section:
+        dense_config["architectures"] = section["base_architectures"]
+    write_json_atomic(dense_config, target / "config.json")
     _move_into_place(target, output)
     return output

@@ -30,3 +30,45 @@ def test_corrupt_shard_is_named(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "not a readable safetensors file" in err
+
+
+def _experts_line(out: str) -> tuple[int, int]:
+    match = re.search(r"experts ([\d,]+) -> ([\d,]+)", out)
+    assert match, out
+    return int(match[1].replace(",", "")), int(match[2].replace(",", ""))
+
+
+def test_info_of_a_compressed_checkpoint_counts_what_it_holds(tiny_checkpoints, tmp_path, capsys):
+    from mobe import MobeConfig, compress
+
+    compress(tiny_checkpoints["qwen3_moe"], tmp_path / "n", MobeConfig(num_bases=4, rank=8, steps=2), progress=False)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "n")]) == 0
+    out = capsys.readouterr().out
+    E, p, d, m, r, layers = 8, 16, 32, 4, 8, 2
+    assert _experts_line(out) == (layers * 3 * E * p * d, layers * (E * p * d + 2 * (E * p * r + m * r * d + E * m)))
+    assert "native mobe m=4 r=8 gate+up" in out and "% fewer" in out
+
+
+def test_info_warns_when_settings_grow_the_model(tiny_checkpoints, capsys):
+    assert main(["info", str(tiny_checkpoints["qwen3_moe"]), "--bases", "8", "--rank", "32"]) == 0
+    before, after = _experts_line(out := capsys.readouterr().out)
+    assert after > before and "make the model bigger" in out
+
+
+def test_unknown_device_is_one_line_and_exit_2(tiny_checkpoints, tmp_path, capsys):
+    assert main(["generate", str(tiny_checkpoints["qwen3_moe"]), "1 2 3", "--device", "tpu9"]) == 2
+    assert main(["compress", str(tiny_checkpoints["qwen3_moe"]), "-o", str(tmp_path / "o"), "--device", "tpu9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("'tpu9'" in line for line in err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_rank_works_where_experts_are_wider_than_the_hidden_size(tmp_path, capsys):
+    """p > d (the first trained fixture's shape): the default rank is min(p, d), not p."""
+    from mobe.fixtures import build_tiny_moe
+
+    src = build_tiny_moe(tmp_path / "wide", "qwen3_moe", moe_intermediate_size=48)  # p=48 > d=32
+    assert main(["compress", str(src), "-o", str(tmp_path / "o"), "--bases", "2", "--steps", "2", "-q"]) == 0
+    config = __import__("json").loads((tmp_path / "o" / "config.json").read_text())
+    assert config["mobe"]["rank"] == 32

@@ -14,8 +14,8 @@ def _experts(E=8, p=12, d=20, seed=0):
 
 
 def test_registry_lists_all_methods():
-    assert method_names() == ["d2moe", "mobe", "molae", "svd"]
-    with pytest.raises(ValueError, match="available: d2moe, mobe, molae, svd"):
+    assert method_names() == ["d2moe", "mobe", "molae", "slbf", "svd"]
+    with pytest.raises(ValueError, match="available: d2moe, mobe, molae, slbf, svd"):
         get_method("pruning")
 
 
@@ -49,15 +49,17 @@ def test_molae_full_latent_is_exact_and_groups_have_own_projection():
     assert (residual @ factors.B[1].T).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["mobe", "svd", "d2moe", "molae"])
-def test_parameters_match_fitted_factors_and_budget(name):
+# SLBF's square A_i alone is min(p, d) / max(p, d) of a matrix: it needs a milder cut on this small stack.
+@pytest.mark.parametrize(("name", "ratio"), [("mobe", 0.4), ("svd", 0.4), ("d2moe", 0.4), ("molae", 0.4), ("slbf", 0.1)])
+def test_parameters_match_fitted_factors_and_budget(name, ratio):
     E, p, d = 8, 12, 20
     config = MobeConfig(method=name, num_bases=2, rank=4, steps=2)
     method = get_method(name)
     factors, _ = method.fit(_experts(E, p, d), config, "cpu", None)
     assert factors.num_parameters() == method.parameters(E, p, d, config, 4)
-    budget = budget_for_ratio(E, p, d, 0.4, compressed=2)
+    budget = budget_for_ratio(E, p, d, ratio, compressed=2)
     rank = method.rank_for_budget(E, p, d, config, budget)
+    assert rank >= 1
     assert method.parameters(E, p, d, config, rank) <= budget < method.parameters(E, p, d, config, rank + 1)
 
 

@@ -15,6 +15,20 @@ from .spec import MATRIX_TYPES, ArchSpec
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
+# A native MoBE checkpoint declares `mobe_<family>` so that transformers never opens it as the plain family.
+NATIVE_MODEL_TYPE_PREFIX = "mobe_"
+
+
+def native_model_type(model_type: str) -> str:
+    return NATIVE_MODEL_TYPE_PREFIX + model_type
+
+
+def base_model_type(model_type: str | None) -> str | None:
+    """The family of a model type: `mobe_qwen3_moe` -> `qwen3_moe`; other names unchanged."""
+    if model_type and model_type.startswith(NATIVE_MODEL_TYPE_PREFIX):
+        return model_type[len(NATIVE_MODEL_TYPE_PREFIX) :]
+    return model_type
+
 
 class UnsupportedArchitectureError(ValueError):
     pass
@@ -37,6 +51,8 @@ def canonical_model_types() -> list[str]:
 
 
 def get_arch(model_type: str | None) -> ArchSpec:
+    """The spec of a family, for its own model type or its native (`mobe_`) one."""
+    model_type = base_model_type(model_type)
     if model_type not in _REGISTRY:
         raise UnsupportedArchitectureError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
@@ -49,12 +65,15 @@ for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, DEEPSEEK_V3, OLMOE):
 
 __all__ = [
     "MATRIX_TYPES",
+    "NATIVE_MODEL_TYPE_PREFIX",
     "ArchSpec",
     "MoeLayout",
     "UnsupportedArchitectureError",
+    "base_model_type",
     "canonical_model_types",
     "get_arch",
     "moe_layout",
+    "native_model_type",
     "register",
     "supported_model_types",
 ]

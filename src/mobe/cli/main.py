@@ -131,10 +131,12 @@ def _load(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
     from ..checkpoint import resolve_checkpoint
+    from ..devices import resolve_device
     from ..runtime import load_model
 
+    device = resolve_device(args.device)  # before anything is read
     path = resolve_checkpoint(args.model)
-    model = load_model(path, workspace_experts=args.workspace_experts, cache_mib=args.cache_mib)
+    model = load_model(path, workspace_experts=args.workspace_experts, cache_mib=args.cache_mib, device=device)
     tokenizer = AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer_config.json").exists() else None
     return model, tokenizer
 
@@ -147,6 +149,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     else:  # no tokenizer shipped: the prompt is token ids
         ids = torch.tensor([[int(t) for t in args.prompt.split()]])
+    ids = ids.to(model.device)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     new = out[0, ids.shape[1] :]
@@ -164,7 +167,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> None:
     model, tokenizer = _load(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer_config.json): cannot tokenize {args.text}")
-    ids = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[0]
+    ids = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[0].to(model.device)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
     result = sliding_window_perplexity(model, ids, context=args.context, stride=args.stride, progress=not args.quiet)
@@ -178,8 +181,10 @@ def _cmd_perplexity(args: argparse.Namespace) -> None:
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="original, native MoBE or reconstructed checkpoint (folder or hub id)")
-    p.add_argument("--workspace-experts", type=int, default=16, help="experts mixed at once in a forward")
-    p.add_argument("--cache-mib", type=float, default=0.0, help="LRU cache of mixed bases, for decoding")
+    p.add_argument("--workspace-experts", type=int, default=16, help="experts materialised at once in a forward")
+    p.add_argument("--cache-mib", type=float, default=0.0, help="LRU cache of mixed bases per layer, for decoding")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or loading reports")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -193,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compress", help="compress an MoE checkpoint with MoBE")
+    p = sub.add_parser(
+        "compress", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="compress an MoE checkpoint with MoBE"
+    )
     p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("-o", "--output", required=True, help="new output folder")
     p.add_argument("--reconstruct", action="store_true", help="write dense experts rebuilt from the factors")
@@ -212,38 +219,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mobe_options(p)
     p.set_defaults(func=_cmd_compress)
 
-    p = sub.add_parser("reconstruct", help="rebuild dense experts from a native MoBE checkpoint")
-    p.add_argument("native")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("-q", "--quiet", action="store_true")
+    p = sub.add_parser(
+        "reconstruct",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="rebuild dense experts from a native MoBE checkpoint",
+    )
+    p.add_argument("native", help="native MoBE checkpoint folder")
+    p.add_argument("-o", "--output", required=True, help="new output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_reconstruct)
 
-    p = sub.add_parser("info", help="architecture, parameters and the saving of given settings (no weights read)")
-    p.add_argument("model")
-    p.add_argument("--bases", "-m", dest="num_bases", type=int, default=None)
-    p.add_argument("--rank", "-r", type=int, default=None)
-    p.add_argument("--groups", type=int, default=1)
+    p = sub.add_parser(
+        "info",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="architecture, parameters and the saving of given settings (no weights read)",
+    )
+    p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
+    p.add_argument("--bases", "-m", dest="num_bases", type=int, default=None, help="m: bases per layer to cost")
+    p.add_argument("--rank", "-r", type=int, default=None, help="r: rank to cost (default min(p, d))")
+    p.add_argument("--groups", type=int, default=1, help="expert groups with their own bases")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("generate", help="greedy generation from any checkpoint, native MoBE included")
+    p = sub.add_parser(
+        "generate",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="greedy generation from any checkpoint, native MoBE included",
+    )
     _add_runtime_options(p)
     p.add_argument("prompt", help="text, or space-separated token ids when the checkpoint has no tokenizer")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy)")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("perplexity", help="sliding-window perplexity of any checkpoint on a text file")
+    p = sub.add_parser(
+        "perplexity",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="sliding-window perplexity of any checkpoint on a text file",
+    )
     _add_runtime_options(p)
     p.add_argument("--text", required=True, help="UTF-8 text file")
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--context", type=int, default=512, help="tokens each window sees")
+    p.add_argument("--stride", type=int, default=256, help="tokens scored per window (after the first)")
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
     p.add_argument("--json", default=None, help="write the result here as JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_perplexity)
 
-    p = sub.add_parser("demo", help="build a small MoE, compress, reconstruct, load and generate")
-    p.add_argument("--workdir", default="demo_output")
-    p.add_argument("--steps", type=int, default=300)
+    p = sub.add_parser(
+        "demo",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="build a small MoE, compress, reconstruct, load and generate",
+    )
+    p.add_argument("--workdir", default="demo_output", help="folder for the demo's checkpoints")
+    p.add_argument("--steps", type=int, default=300, help="optimisation steps per fit")
     p.add_argument("--target-ratio", type=float, default=0.3, help="expert-parameter reduction")
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -252,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         args.func(args)
     except (ValueError, OSError, ImportError) as exc:  # our errors are ValueErrors with one clear line

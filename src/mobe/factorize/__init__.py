@@ -5,6 +5,7 @@ from .d2moe import D2moeFactors, fit_d2moe
 from .mobe import MobeFactors, activation_fn, fit_mobe, init_svd_groups, mix_bases, split_groups
 from .molae import MolaeFactors, fit_molae
 from .registry import Method, budget_for_ratio, get_method, method_names, register_method
+from .slbf import SlbfFactors, fit_slbf
 from .svd import SvdFactors, fit_svd
 
 __all__ = [
@@ -14,12 +15,14 @@ __all__ = [
     "Method",
     "MobeFactors",
     "MolaeFactors",
+    "SlbfFactors",
     "SvdFactors",
     "activation_fn",
     "budget_for_ratio",
     "fit_d2moe",
     "fit_mobe",
     "fit_molae",
+    "fit_slbf",
     "fit_svd",
     "get_method",
     "init_svd_groups",

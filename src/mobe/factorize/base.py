@@ -21,6 +21,7 @@ class ExpertFactors:
     method: ClassVar[str]
     tensor_fields: ClassVar[tuple[str, ...]]
     meta_fields: ClassVar[tuple[str, ...]] = ()
+    index_fields: ClassVar[tuple[str, ...]] = ()  # integer tensors among tensor_fields
 
     def reconstruct(self, experts: Tensor | None = None) -> Tensor:
         raise NotImplementedError
@@ -43,7 +44,8 @@ class ExpertFactors:
         return sum(t.numel() for t in self.tensors().values())
 
     def to(self: F, dtype: torch.dtype) -> F:
-        return dataclasses.replace(self, **{k: v.to(dtype) for k, v in self.tensors().items()})
+        """Floating tensors to `dtype`; integer ones (indices) stay as they are."""
+        return dataclasses.replace(self, **{k: v.to(dtype) for k, v in self.tensors().items() if v.is_floating_point()})
 
     def _experts(self, experts: Tensor | None) -> Tensor:
         first = getattr(self, self.tensor_fields[0])

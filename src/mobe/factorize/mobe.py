@@ -20,6 +20,7 @@ from ..config import MobeConfig
 from .base import ExpertFactors, FitStats
 from .weighted import OutputWeighting
 
+DEFAULT_ACTIVATION = "tanh"  # the paper's DeepSeek-V3 setting
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
     "silu": torch.nn.functional.silu,
@@ -154,12 +155,12 @@ def fit_mobe(
     Works on W / std(W) (one global std) and returns float32 factors on the CPU with the scale folded back
     into A. `schedule="fast"` is schedule.fit_fast; `"adam"` (default) is the paper's Algorithm 1 (Adam,
     best state kept at every `eval_every`-th step and at the end); `"paper"` replays the authors' train.py
-    exactly, quirks included (see ../shared/METHOD.md). With a `weighting` (calibration, adam and paper
+    exactly, quirks included (docs/method.md). With a `weighting` (calibration, adam and paper
     schedules), the loss is the output error sum_i ||(W_i - What_i) L_i||^2 / numel and the SVD-group
     initialisation is done in whitened coordinates (`mobe.factorize.weighted`).
     """
     num_experts, p, d = weights.shape
-    rank = config.rank or p
+    rank = config.rank or min(p, d)
     if num_experts % config.groups:
         raise ValueError(f"groups ({config.groups}) must divide the number of experts ({num_experts})")
     if config.num_bases // config.groups > num_experts // config.groups:
@@ -178,7 +179,7 @@ def fit_mobe(
         scale = target.std().item()
         target = target / scale
         init_source = target
-    act = activation_fn(config.activation)
+    act = activation_fn(config.activation or DEFAULT_ACTIVATION)
     chunk = config.batch_experts or auto_chunk(rank, p, d)
     if config.schedule == "fast":
         if weighting is not None:
@@ -236,7 +237,7 @@ def fit_mobe(
         A=(A_best * scale).cpu(),
         bases=bases_best.cpu(),
         coef=torch.softmax(logits_best, dim=-1).cpu(),
-        activation=config.activation,
+        activation=config.activation or DEFAULT_ACTIVATION,
     )
     stats = FitStats(
         init_loss * scale**2,
@@ -269,7 +270,7 @@ def _fit_fast(
         A=(A * scale).cpu(),
         bases=bases.cpu(),
         coef=torch.softmax(logits, dim=-1).cpu(),
-        activation=config.activation,
+        activation=config.activation or DEFAULT_ACTIVATION,
     )
     unit = scale**2
     trace = [(offset + seconds, step, loss * unit) for seconds, step, loss in stats.trace]

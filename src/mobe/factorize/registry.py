@@ -14,6 +14,7 @@ from .base import ExpertFactors, FitStats
 from .d2moe import D2moeFactors, fit_d2moe
 from .mobe import MobeFactors, fit_mobe
 from .molae import MolaeFactors, fit_molae
+from .slbf import SlbfFactors, fit_slbf, slbf_parameters
 from .svd import SvdFactors, fit_svd
 from .weighted import OutputWeighting
 
@@ -34,9 +35,18 @@ class Method:
     parameters: SizeFn
     iterative: bool = False
     weighted: bool = True  # supports an output weighting (calibration)
+    default_activation: str = "tanh"  # where the form has one, when the config names none
+    max_rank: Callable[[int, int, int], int] = lambda E, p, d: min(p, d)
 
     def rank_for_budget(self, E: int, p: int, d: int, config: MobeConfig, budget: int) -> int:
         """Largest rank whose parameter count fits in `budget` (0 if none does)."""
+        if self.parameters(E, p, d, config, 2) - self.parameters(E, p, d, config, 1) != self.parameters(
+            E, p, d, config, 1
+        ) - self.parameters(E, p, d, config, 0):  # not affine in the rank: search (sizes grow up to max_rank)
+            rank, limit = 0, self.max_rank(E, p, d)
+            while rank < limit and self.parameters(E, p, d, config, rank + 1) <= budget:
+                rank += 1
+            return rank
         fixed = self.parameters(E, p, d, config, 0)
         per_rank = self.parameters(E, p, d, config, 1) - fixed
         return max(0, (budget - fixed) // per_rank)
@@ -61,8 +71,8 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-def _rank(config: MobeConfig, p: int) -> int:
-    return config.rank or p
+def _rank(config: MobeConfig, p: int, d: int) -> int:
+    return config.rank or min(p, d)
 
 
 register_method(
@@ -72,13 +82,24 @@ register_method(
         fit=lambda W, c, device, desc, weighting=None: fit_mobe(W, c, device=device, desc=desc, weighting=weighting),
         parameters=lambda E, p, d, c, r: mobe_parameters(E, p, d, c.num_bases, r, c.groups),
         iterative=True,
+        max_rank=lambda E, p, d: d,
+    )
+)
+register_method(
+    Method(
+        "slbf",
+        SlbfFactors,
+        fit=lambda W, c, device, desc, weighting=None: fit_slbf(W, c, device=device, desc=desc, weighting=weighting),
+        parameters=lambda E, p, d, c, k: slbf_parameters(E, p, d, k),
+        iterative=True,
+        default_activation="silu",
     )
 )
 register_method(
     Method(
         "svd",
         SvdFactors,
-        fit=lambda W, c, device, desc, weighting=None: fit_svd(W, _rank(c, W.shape[1]), device, weighting),
+        fit=lambda W, c, device, desc, weighting=None: fit_svd(W, _rank(c, *W.shape[1:]), device, weighting),
         parameters=lambda E, p, d, c, r: E * r * (p + d),
     )
 )
@@ -86,7 +107,7 @@ register_method(
     Method(
         "d2moe",
         D2moeFactors,
-        fit=lambda W, c, device, desc, weighting=None: fit_d2moe(W, _rank(c, W.shape[1]), device, weighting),
+        fit=lambda W, c, device, desc, weighting=None: fit_d2moe(W, _rank(c, *W.shape[1:]), device, weighting),
         parameters=lambda E, p, d, c, r: p * d + E * r * (p + d),
     )
 )
@@ -95,7 +116,7 @@ register_method(
         "molae",
         MolaeFactors,
         fit=lambda W, c, device, desc, weighting=None: fit_molae(
-            W, _rank(c, W.shape[1]), groups=c.groups, device=device, weighting=weighting
+            W, _rank(c, *W.shape[1:]), groups=c.groups, device=device, weighting=weighting
         ),
         parameters=lambda E, p, d, c, r: E * p * r + c.groups * r * d,
     )

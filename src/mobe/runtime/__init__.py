@@ -1,6 +1,22 @@
-"""Stage 4: run native MoBE checkpoints in transformers without rebuilding the dense experts."""
+"""Stage 4: run native checkpoints in transformers without rebuilding the dense experts.
 
-from .experts import MobeExperts
-from .load import load_model
+Importing this package registers the native model types with transformers' Auto classes, so that
+`AutoModelForCausalLM.from_pretrained(native_checkpoint)` returns the model with its compressed experts.
+"""
 
-__all__ = ["MobeExperts", "load_model"]
+from .auto import MissingFactorsError, install_compressed_experts, native_classes, register_native_models
+from .experts import FactoredMatrix, MobeExperts
+from .load import configure_experts, load_model
+
+register_native_models()
+
+__all__ = [
+    "FactoredMatrix",
+    "MissingFactorsError",
+    "MobeExperts",
+    "configure_experts",
+    "install_compressed_experts",
+    "load_model",
+    "native_classes",
+    "register_native_models",
+]

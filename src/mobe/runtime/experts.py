@@ -1,85 +1,135 @@
-"""A drop-in for transformers' fused experts module that keeps gate/up as MoBE factors.
+"""A drop-in for transformers' fused experts module that keeps compressed matrices as their factors.
 
-It has the signature of `Qwen3MoeExperts` & co. (`forward(hidden_states, top_k_index, top_k_weights)`). Only the
-experts that received tokens in a call get their mixed basis M_e = act(sum_j alpha_ej B_j) (r x d) built, at most
-`workspace_experts` at a time, and x W_e^T is computed as (x M_e^T) A_e^T, so no dense p x d expert matrix ever
-exists. An optional LRU cache keeps the mixed bases of recently used experts under `cache_mib`, for decoding.
+It has the signature of `Qwen3MoeExperts` & co. (`forward(hidden_states, top_k_index, top_k_weights)`). Each
+compressed matrix type is a `FactoredMatrix` child named as the checkpoint names it (`gate_proj`, Mixtral's `w1`),
+whose parameters are the factor tensors under their on-disk names (`mobe_A`, `mobe_bases`, ...), so transformers'
+own loader fills them; a matrix type left dense is one (E, p, d) stack (down: (E, d, p)) under its checkpoint name.
+
+Only the experts that received tokens in a call are materialised, at most `workspace_experts` at a time. For
+MoBE factors the mixed basis M_e = act(sum_j alpha_ej B_j) (r x d) is built and x W_e^T is computed as
+(x M_e^T) A_e^T, so no dense p x d expert matrix ever exists; other methods rebuild the touched experts' matrices.
+An optional LRU cache keeps what was built for recently used experts under `cache_mib`, for decoding.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..factorize import MobeFactors, activation_fn, mix_bases
+from ..export import FACTOR_PREFIX
+from ..factorize import ExpertFactors, MobeFactors, activation_fn, get_method, mix_bases
+
+
+class FactoredMatrix(nn.Module):
+    """One matrix type of one layer's experts, held as a method's factor tensors."""
+
+    def __init__(self, method: str, shapes: Mapping[str, Sequence[int]], meta: Mapping[str, str]):
+        super().__init__()
+        self.factors_cls = get_method(method).factors_cls
+        missing = [f for f in self.factors_cls.tensor_fields if f not in shapes]
+        if missing:
+            raise ValueError(f"method {method!r} needs factor tensors {missing} (config.json mobe.factor_shapes)")
+        self.meta = {k: str(meta[k]) for k in self.factors_cls.meta_fields}
+        for field in self.factors_cls.tensor_fields:
+            if field in self.factors_cls.index_fields:  # integers: a buffer, loaded but never trained or cast
+                self.register_buffer(FACTOR_PREFIX + field, torch.zeros(*shapes[field], dtype=torch.long))
+            else:
+                self.register_parameter(FACTOR_PREFIX + field, nn.Parameter(torch.empty(*shapes[field])))
+
+    def factors(self) -> ExpertFactors:
+        tensors = {f: getattr(self, FACTOR_PREFIX + f) for f in self.factors_cls.tensor_fields}
+        return self.factors_cls.from_tensors(tensors, self.meta)
 
 
 class MobeExperts(nn.Module):
     def __init__(
         self,
         act_fn: nn.Module,
-        gate: MobeFactors | Tensor,
-        up: MobeFactors | Tensor,
-        down: MobeFactors | Tensor,
+        num_experts: int,
+        intermediate_size: int,
+        hidden_size: int,
+        factored: Mapping[str, FactoredMatrix],
+        names: Mapping[str, str],
         workspace_experts: int = 16,
         cache_mib: float = 0.0,
     ):
+        """`factored`: matrix type -> its factors; `names`: matrix type -> checkpoint name (the child's name)."""
         super().__init__()
+        self.act_fn = act_fn
+        self.num_experts = num_experts
+        self.names = dict(names)
+        self.factored = tuple(m for m in ("gate", "up", "down") if m in factored)
+        self.configure(workspace_experts, cache_mib)
+        for matrix in self.factored:
+            self.add_module(self.names[matrix], factored[matrix])
+        for matrix in ("gate", "up", "down"):  # dense matrices stacked, as transformers stacks the per-expert ones
+            if matrix not in factored:
+                shape = (hidden_size, intermediate_size) if matrix == "down" else (intermediate_size, hidden_size)
+                self.register_parameter(self.names[matrix], nn.Parameter(torch.empty(num_experts, *shape)))
+
+    def configure(self, workspace_experts: int = 16, cache_mib: float = 0.0) -> None:
+        """Set the workspace (experts materialised at once) and the cache budget; clears the cache."""
         if workspace_experts < 1:
             raise ValueError(f"workspace_experts must be >= 1, got {workspace_experts}")
-        self.act_fn = act_fn
-        self.num_experts = (down.A if isinstance(down, MobeFactors) else down).shape[0]
         self.workspace_experts = workspace_experts
         self.cache_bytes = int(cache_mib * 2**20)
-        self._cache: OrderedDict[tuple[str, int], Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], tuple[Tensor, ...]] = OrderedDict()
         self._cached_bytes = 0
-        self.factored: dict[str, str] = {}  # matrix -> activation of its mixed bases
-        for name, proj in (("gate", gate), ("up", up), ("down", down)):
-            if isinstance(proj, MobeFactors):
-                self.register_parameter(f"{name}_A", nn.Parameter(proj.A, requires_grad=False))
-                self.register_parameter(f"{name}_bases", nn.Parameter(proj.bases, requires_grad=False))
-                self.register_parameter(f"{name}_coef", nn.Parameter(proj.coef, requires_grad=False))
-                self.factored[name] = proj.activation
-            else:
-                self.register_parameter(f"{name}_proj", nn.Parameter(proj, requires_grad=False))
 
-    def _mixed(self, matrix: str, experts: list[int]) -> dict[int, Tensor]:
-        """Mixed bases of `experts` for `matrix`, from the cache where present."""
+    def matrix(self, name: str) -> FactoredMatrix:
+        return getattr(self, self.names[name])
+
+    def _built(self, matrix: str, experts: list[int]) -> dict[int, tuple[Tensor, ...]]:
+        """Per expert, what `_project` needs: (A_e, M_e) for MoBE factors, the dense (p, d) matrix otherwise."""
         out = {e: self._cache[(matrix, e)] for e in experts if (matrix, e) in self._cache}
         for e in out:
             self._cache.move_to_end((matrix, e))
         missing = [e for e in experts if e not in out]
         if missing:
-            idx = torch.tensor(missing, device=getattr(self, f"{matrix}_A").device)
-            bases, coef = getattr(self, f"{matrix}_bases"), getattr(self, f"{matrix}_coef")
-            per_group = self.num_experts // bases.shape[0]
-            mixed = mix_bases(coef[idx], bases, idx // per_group, activation_fn(self.factored[matrix]))
-            for e, m in zip(missing, mixed.to(bases.dtype), strict=True):
-                out[e] = m
-                self._remember((matrix, e), m)
+            module = self.matrix(matrix)
+            factors = module.factors()
+            dtype = next(module.parameters()).dtype
+            idx = torch.tensor(missing, device=next(module.parameters()).device)
+            if isinstance(factors, MobeFactors):
+                per_group = self.num_experts // factors.groups
+                mixed = mix_bases(factors.coef[idx], factors.bases, idx // per_group, activation_fn(factors.activation))
+                built = [(factors.A[e], m) for e, m in zip(missing, mixed.to(dtype), strict=True)]
+            else:
+                built = [(w,) for w in factors.reconstruct(idx).to(dtype)]
+            for e, item in zip(missing, built, strict=True):
+                out[e] = item
+                self._remember((matrix, e), item)
         return out
 
-    def _remember(self, key: tuple[str, int], mixed: Tensor) -> None:
-        size = mixed.numel() * mixed.element_size()
+    def _remember(self, key: tuple[str, int], item: tuple[Tensor, ...]) -> None:
+        size = sum(t.numel() * t.element_size() for t in item[-1:])  # A_e is a view of a parameter: free
         if size > self.cache_bytes:
             return
         while self._cached_bytes + size > self.cache_bytes:
             _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.numel() * old.element_size()
-        self._cache[key] = mixed
+            self._cached_bytes -= old[-1].numel() * old[-1].element_size()
+        self._cache[key] = item
         self._cached_bytes += size
 
     def clear_cache(self) -> None:
         self._cache.clear()
         self._cached_bytes = 0
 
-    def _project(self, matrix: str, x: Tensor, e: int, mixed: dict[str, dict[int, Tensor]]) -> Tensor:
-        """x W_e^T without forming W_e: W = A M for gate/up; down is stored transposed, W_down^T = A M."""
+    def _dense(self, matrix: str, e: int) -> Tensor:
+        """Expert e's dense matrix in transformers' orientation: (p, d) for gate/up, (d, p) for down."""
+        return getattr(self, self.names[matrix])[e]
+
+    def _project(self, matrix: str, x: Tensor, e: int, built: dict[str, dict[int, tuple[Tensor, ...]]]) -> Tensor:
+        """x W_e^T without forming W_e for MoBE: W = A M for gate/up; down is fitted transposed, W_down^T = A M."""
         if matrix not in self.factored:
-            return x @ getattr(self, f"{matrix}_proj")[e].T
-        A, M = getattr(self, f"{matrix}_A")[e], mixed[matrix][e]
+            return x @ self._dense(matrix, e).T
+        item = built[matrix][e]
+        if len(item) == 1:  # a rebuilt (p, d) matrix, down in its fitted (transposed) orientation
+            return x @ item[0] if matrix == "down" else x @ item[0].T
+        A, M = item
         return (x @ A) @ M if matrix == "down" else (x @ M.T) @ A.T
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -87,12 +137,12 @@ class MobeExperts(nn.Module):
         hit = [e for e in top_k_index.unique().tolist() if 0 <= e < self.num_experts]
         for start in range(0, len(hit), self.workspace_experts):
             batch = hit[start : start + self.workspace_experts]
-            mixed = {matrix: self._mixed(matrix, batch) for matrix in self.factored}
+            built = {matrix: self._built(matrix, batch) for matrix in self.factored}
             for e in batch:
                 token_idx, pos = torch.where(top_k_index == e)
                 x = hidden_states[token_idx]
-                h = self.act_fn(self._project("gate", x, e, mixed)) * self._project("up", x, e, mixed)
-                out = self._project("down", h, e, mixed) * top_k_weights[token_idx, pos, None]
+                h = self.act_fn(self._project("gate", x, e, built)) * self._project("up", x, e, built)
+                out = self._project("down", h, e, built) * top_k_weights[token_idx, pos, None]
                 final.index_add_(0, token_idx, out.to(final.dtype))
-            del mixed
+            del built
         return final

@@ -1,0 +1,163 @@
+"""Native checkpoints open with `AutoModelForCausalLM.from_pretrained`, as every model does.
+
+A native checkpoint declares `model_type: "mobe_<base>"` (for example `mobe_qwen3_moe`). Importing mobe registers,
+for each supported family that the installed transformers has, a config class and a causal-LM class under that
+name with transformers' Auto classes: the model is the family's own class with the compressed layers' experts
+modules replaced by `MobeExperts` before any weight is read, so transformers' loader (dtype, `device_map`,
+offload, its checkpoint-conversion rules) fills the factor tensors under their on-disk names and the dense experts
+are never built. Without mobe imported, transformers does not know the model type and refuses to open the
+checkpoint: a native checkpoint never loads as random experts.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ..architectures import (
+    NATIVE_MODEL_TYPE_PREFIX,
+    MoeLayout,
+    base_model_type,
+    canonical_model_types,
+    get_arch,
+    moe_layout,
+    native_model_type,
+)
+from ..factorize import get_method
+from .experts import FactoredMatrix, MobeExperts
+
+
+def factor_shapes(section: Mapping[str, Any], layout: MoeLayout, matrix: str) -> dict[str, list[int]]:
+    """Shapes of one compressed matrix type's factor tensors (the same in every compressed layer)."""
+    shapes = section.get("factor_shapes", {}).get(matrix)
+    if shapes:
+        return shapes
+    if section.get("method", "mobe") != "mobe":  # only MoBE checkpoints predate the recorded shapes
+        raise ValueError(f"config.json mobe section has no factor_shapes for {matrix!r}")
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    g, m, r = section.get("groups", 1), section["num_bases"], section["rank"]
+    return {"A": [E, p, r], "bases": [g, m // g, r, d], "coef": [E, m // g]}
+
+
+def install_compressed_experts(model: nn.Module, config: Any) -> None:
+    """Replace the experts module of every MoE layer of `model` (built from `config`) by `MobeExperts`."""
+    section = config.mobe
+    layout = moe_layout(config.to_dict())
+    method = section.get("method", "mobe")
+    get_method(method)  # an unknown method fails here, by name
+    meta = section.get("factor_meta", {})
+    for layer in layout.moe_layers:  # uncompressed MoE layers too: their experts load unfused, as on disk
+        path = layout.arch.experts_module.format(layer=layer)
+        original = model.get_submodule(path)
+        compressed = section["matrices"] if layer in section["layers"] else ()
+        factored = {
+            m: FactoredMatrix(method, factor_shapes(section, layout, m), {**section, **meta.get(m, {})})
+            for m in compressed
+        }
+        experts = MobeExperts(
+            original.act_fn,
+            layout.num_experts,
+            layout.intermediate_size,
+            layout.hidden_size,
+            factored,
+            layout.arch.matrices,
+        )
+        parent, child = path.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, experts)
+
+
+class MissingFactorsError(ValueError):
+    pass
+
+
+def _from_pretrained(cls, *args, **kwargs):
+    """transformers' from_pretrained, refusing (instead of initialising at random) missing expert tensors."""
+    want_info = kwargs.pop("output_loading_info", False)
+    model, info = super(cls, cls).from_pretrained(*args, output_loading_info=True, **kwargs)
+    missing = [k for k in info.get("missing_keys", ()) if ".experts." in k]
+    if missing:
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        raise MissingFactorsError(f"{where}: the checkpoint has no tensor for {sorted(missing)[:3]} (and the rest)")
+    return (model, info) if want_info else model
+
+
+def _native_classes(base: str) -> tuple[type, type] | None:
+    """(config class, causal-LM class) of the native variant of family `base`, or None if transformers lacks it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if base not in CONFIG_MAPPING:
+        return None
+    base_config = CONFIG_MAPPING[base]
+    try:
+        base_model = AutoModelForCausalLM._model_mapping[base_config]
+    except KeyError:
+        return None
+    name = native_model_type(base)
+    config_cls = type(f"Mobe{base_config.__name__}", (base_config,), {"model_type": name, "__module__": __name__})
+
+    def __init__(self, config):
+        base_model.__init__(self, config)
+        install_compressed_experts(self, config)
+
+    model_cls = type(
+        f"Mobe{base_model.__name__}",
+        (base_model,),
+        {
+            "config_class": config_cls,
+            "__init__": __init__,
+            "from_pretrained": classmethod(_from_pretrained),
+            "__module__": __name__,
+        },
+    )
+    AutoConfig.register(name, config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    _register_conversions(base, name, model_cls.__name__)
+    globals()[config_cls.__name__] = config_cls  # importable by name (pickling, Ray workers)
+    globals()[model_cls.__name__] = model_cls
+    return config_cls, model_cls
+
+
+def _register_conversions(base: str, *names: str) -> None:
+    """The native type's loading rules: the base family's renamings and non-expert rules, and each dense expert
+    matrix type stacked (not fused with its neighbour: a layer may keep gate dense and compress up)."""
+    from transformers import conversion_mapping as cm
+    from transformers.core_model_loading import MergeModulelist, WeightConverter
+
+    mapping = cm.get_checkpoint_conversion_mapping(base)
+    if mapping is None:
+        pattern = getattr(cm, "_MODEL_TO_CONVERSION_PATTERN", {}).get(base)
+        mapping = (cm.get_checkpoint_conversion_mapping(pattern) if pattern else None) or []
+    kept = [t for t in mapping if not any(".experts." in p for p in t.source_patterns)]
+    arch = get_arch(base)
+    experts = arch.experts_module.split("{layer}.", 1)[1]  # `mlp.experts` (patterns are regexes: no leading dot,
+    stacks = [  # which would also match `shared_experts`)
+        WeightConverter(f"{experts}.*.{n}.weight", f"{experts}.{n}", operations=[MergeModulelist(dim=0)])
+        for n in arch.matrices.values()
+    ]
+    for name in names:  # the model type, and the class name (looked up first, whatever the config says)
+        cm.register_checkpoint_conversion_mapping(name, kept + stacks, overwrite=True)
+
+
+@functools.cache
+def register_native_models() -> dict[str, tuple[type, type]]:
+    """Register every supported family's native type with transformers (idempotent); returns what was registered."""
+    out = {}
+    for base in canonical_model_types():
+        classes = _native_classes(base)
+        if classes is not None:
+            out[native_model_type(base)] = classes
+    return out
+
+
+def native_classes(model_type: str) -> tuple[type, type]:
+    """The registered (config, model) classes for a native or base model type."""
+    registered = register_native_models()
+    name = model_type if model_type.startswith(NATIVE_MODEL_TYPE_PREFIX) else native_model_type(model_type)
+    if name not in registered:
+        get_arch(base_model_type(name))  # unsupported family: the registry's own error
+        raise ValueError(f"the installed transformers has no model class for {base_model_type(name)!r}")
+    return registered[name]
