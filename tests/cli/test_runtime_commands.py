@@ -54,3 +54,26 @@ def test_perplexity_without_tokenizer_is_refused(tiny_checkpoints, tmp_path, cap
     text.write_text("hello")
     assert main(["perplexity", str(tiny_checkpoints["olmoe"]), "--text", str(text)]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_perplexity_runs_in_float32_and_equals_one_forward(tmp_path, capsys):
+    """One window covering the text: perplexity is exp of transformers' own mean token loss, in float32."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fixture = trained_fixture_path()
+    text = tmp_path / "t.txt"
+    text.write_text((fixture / "heldout.txt").read_text()[:1200])
+    out = tmp_path / "p.json"
+    assert main(["perplexity", str(fixture), "--text", str(text), "--context", "1024", "--json", str(out), "-q"]) == 0
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "float32" and "float32" in capsys.readouterr().out
+    ids = AutoTokenizer.from_pretrained(fixture)(text.read_text(), return_tensors="pt").input_ids
+    assert ids.shape[1] <= 1024
+    model = AutoModelForCausalLM.from_pretrained(fixture, dtype=torch.float32).eval()
+    with torch.no_grad():  # the token loss alone (the model's own loss adds the router's balancing term)
+        logits = model(ids).logits[0, :-1]
+    expected = math.exp(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item())
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-5)

@@ -136,7 +136,10 @@ def _load(args: argparse.Namespace):
 
     device = resolve_device(args.device)  # before anything is read
     path = resolve_checkpoint(args.model)
-    model = load_model(path, workspace_experts=args.workspace_experts, cache_mib=args.cache_mib, device=device)
+    dtype = None if args.dtype == "auto" else args.dtype
+    model = load_model(
+        path, workspace_experts=args.workspace_experts, cache_mib=args.cache_mib, device=device, dtype=dtype
+    )
     tokenizer = AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer_config.json").exists() else None
     return model, tokenizer
 
@@ -172,19 +175,27 @@ def _cmd_perplexity(args: argparse.Namespace) -> None:
         ids = ids[: args.max_tokens]
     result = sliding_window_perplexity(model, ids, context=args.context, stride=args.stride, progress=not args.quiet)
     data = {"model": str(args.model), "text": str(args.text), **result.to_dict()}
+    data["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(
-        f"perplexity {result.perplexity:.4f} over {result.tokens} tokens (context {args.context}, stride {args.stride})"
+        f"perplexity {result.perplexity:.4f} over {result.tokens} tokens (context {args.context}, stride {args.stride}, "
+        f"{data['dtype']})"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+def _add_runtime_options(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
     p.add_argument("model", help="original, native MoBE or reconstructed checkpoint (folder or hub id)")
     p.add_argument("--workspace-experts", type=int, default=16, help="experts materialised at once in a forward")
     p.add_argument("--cache-mib", type=float, default=0.0, help="LRU cache of mixed bases per layer, for decoding")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or loading reports")
+    p.add_argument(
+        "--dtype",
+        default=dtype,
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="parameter dtype to run in (auto: the checkpoint's)",
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -255,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="sliding-window perplexity of any checkpoint on a text file",
     )
-    _add_runtime_options(p)
+    _add_runtime_options(p, dtype="float32")  # evaluation in float32 unless asked otherwise
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--context", type=int, default=512, help="tokens each window sees")
     p.add_argument("--stride", type=int, default=256, help="tokens scored per window (after the first)")
