@@ -50,7 +50,9 @@ def test_molae_full_latent_is_exact_and_groups_have_own_projection():
 
 
 # SLBF's square A_i alone is min(p, d) / max(p, d) of a matrix: it needs a milder cut on this small stack.
-@pytest.mark.parametrize(("name", "ratio"), [("mobe", 0.4), ("svd", 0.4), ("d2moe", 0.4), ("molae", 0.4), ("slbf", 0.1)])
+@pytest.mark.parametrize(
+    ("name", "ratio"), [("mobe", 0.4), ("svd", 0.4), ("d2moe", 0.4), ("molae", 0.4), ("slbf", 0.1)]
+)
 def test_parameters_match_fitted_factors_and_budget(name, ratio):
     E, p, d = 8, 12, 20
     config = MobeConfig(method=name, num_bases=2, rank=4, steps=2)

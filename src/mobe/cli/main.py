@@ -177,8 +177,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> None:
     data = {"model": str(args.model), "text": str(args.text), **result.to_dict()}
     data["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(
-        f"perplexity {result.perplexity:.4f} over {result.tokens} tokens (context {args.context}, stride {args.stride}, "
-        f"{data['dtype']})"
+        f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+        f"(context {args.context}, stride {args.stride}, {data['dtype']})"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")

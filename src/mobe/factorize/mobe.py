@@ -106,6 +106,8 @@ def init_svd_groups(
 def mix_bases(coef: Tensor, bases: Tensor, group_of: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
     """act(coef_i @ bases[group_of[i]]) for each row i, as one matmul per group (never an (n, m, r, d) copy)."""
     groups, per_group, r, d = bases.shape
+    if groups == 1:  # the common case: one matmul, no group bookkeeping (it dominates decoding on small layers)
+        return act((coef @ bases[0].reshape(per_group, r * d)).view(-1, r, d))
     mixed = coef.new_empty(coef.shape[0], r * d)
     for g in group_of.unique().tolist():
         rows = group_of == g
