@@ -34,3 +34,41 @@ def test_resume_with_other_settings_is_refused(qwen3_checkpoint, tmp_path, capsy
     (work / "work.json").write_text(json.dumps({"source": "elsewhere", "config": {}}))
     code = main(["compress", str(qwen3_checkpoint), "-o", str(tmp_path / "out"), *ARGS])
     assert code != 0 and "other settings" in capsys.readouterr().err
+
+
+def test_resume_with_other_bases_steps_or_threads_is_refused(qwen3_checkpoint, tmp_path, capsys, kill_after_first_job):
+    """A real half-finished work folder; any setting that changes the factors (threads too: CPU rounding) refuses."""
+    out, work = tmp_path / "out", tmp_path / "out.mobe-work"
+    cmd = [sys.executable, "-m", "mobe", "compress", str(qwen3_checkpoint), "-o", str(out), *ARGS, "--threads", "1"]
+    assert kill_after_first_job(cmd, work)
+    for changed in (["--bases", "4"], ["--steps", "1400"], ["--threads", "2"]):
+        args = [*ARGS, "--threads", "1"]
+        i = args.index(changed[0])
+        args[i + 1] = changed[1]
+        capsys.readouterr()
+        assert main(["compress", str(qwen3_checkpoint), "-o", str(out), *args]) == 2, changed
+        assert "other settings" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_factors_that_are_not_finite_are_refused(qwen3_checkpoint, tmp_path, capsys, monkeypatch):
+    """A fit that returns NaN stops the run with one line naming the layer, matrix and factor; nothing is written."""
+    import dataclasses
+
+    import torch
+
+    from mobe.factorize import registry
+
+    method = registry.get_method("svd")
+
+    def broken(W, config, device, desc, weighting=None):
+        factors, stats = method.fit(W, config, device, desc, weighting)
+        return dataclasses.replace(factors, V=torch.full_like(factors.V, float("nan"))), stats
+
+    monkeypatch.setitem(registry._METHODS, "svd", dataclasses.replace(method, fit=broken))
+    code = main(
+        ["compress", str(qwen3_checkpoint), "-o", str(tmp_path / "out"), "--method", "svd", "--rank", "4", "-q"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "layer" in err[0] and "factor V is not finite" in err[0]
+    assert not (tmp_path / "out").exists()

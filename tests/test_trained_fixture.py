@@ -1,4 +1,4 @@
-"""The committed trained fixture (fixtures/qwen3-moe-trained) loads, has learned, and its experts moved from init."""
+"""The committed trained fixtures load, have learned, use every expert, and have the shapes they stand for."""
 
 from __future__ import annotations
 
@@ -8,48 +8,76 @@ import pytest
 import torch
 
 from mobe.evaluate.perplexity import sliding_window_perplexity
-from mobe.fixtures import heldout_text, trained_fixture_path
+from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, heldout_text, trained_fixture_path
 
-# Perplexity of the committed fixture on the first 2048 held-out tokens (context 256, stride 128), measured in
-# bfloat16 when it was trained; the bound leaves room for kernel differences across machines.
-MEASURED_PPL_2K = 21.71
-PPL_BOUND = 24.0
+# Perplexity on the first 2048 held-out tokens (context 256, stride 128), measured in bfloat16 when each fixture was
+# trained; the bounds leave room for kernel differences across machines.
+PPL_BOUND = {TRAINED_FIXTURE: 24.0, FINE_FIXTURE: None}  # None: 1.1x the value recorded in training_stats.json
+FIXTURES = (TRAINED_FIXTURE, FINE_FIXTURE)
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def name(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def fixture_path():
-    return trained_fixture_path()
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(fixture_path):
+def model_and_tokenizer(name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(fixture_path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(fixture_path)
-    return model, tokenizer
+    path = trained_fixture_path(name)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def test_layout(fixture_path):
-    config = json.loads((fixture_path / "config.json").read_text())
+def _config(name: str) -> dict:
+    return json.loads((trained_fixture_path(name) / "config.json").read_text())
+
+
+def test_coarse_layout():
+    config = _config(TRAINED_FIXTURE)
     assert config["model_type"] == "qwen3_moe"
-    assert (
-        config.get("num_experts", config.get("num_local_experts")) == 16
-        and 256 <= config["moe_intermediate_size"] <= 512
-    )
-    index = json.loads((fixture_path / "model.safetensors.index.json").read_text())
+    assert config["num_experts"] == 16 and config["moe_intermediate_size"] > config["hidden_size"]  # p > d
+    index = json.loads((trained_fixture_path() / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded
     assert "model.layers.0.mlp.experts.0.gate_proj.weight" in index["weight_map"]
 
 
-def test_heldout_perplexity(model_and_tokenizer):
+def test_fine_grained_layout():
+    """The shape of today's fine-grained MoEs: many narrow experts (p < d), top-8, a shared expert, a dense layer."""
+    config = _config(FINE_FIXTURE)
+    assert config["model_type"] == "qwen2_moe"
+    assert config["num_experts"] >= 64 and config["num_experts_per_tok"] == 8
+    assert config["moe_intermediate_size"] < config["hidden_size"]
+    assert config["shared_expert_intermediate_size"] > 0 and 6 <= config["num_hidden_layers"] <= 8
+    index = json.loads((trained_fixture_path(FINE_FIXTURE) / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert "model.layers.1.mlp.experts.63.down_proj.weight" in index["weight_map"]
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" not in index["weight_map"]  # the dense first layer
+    assert sum(p.stat().st_size for p in trained_fixture_path(FINE_FIXTURE).iterdir()) < 45 * 2**20
+
+
+def test_heldout_perplexity(name, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    ids = tokenizer(heldout_text(), return_tensors="pt")["input_ids"][0, :2048]
+    ids = tokenizer(heldout_text(name), return_tensors="pt")["input_ids"][0, :2048]
     assert ids.numel() == 2048
     result = sliding_window_perplexity(model, ids, context=256, stride=128, progress=False)
-    vocab = model.config.vocab_size
-    assert result.perplexity < vocab / 20  # a uniform guess scores exactly vocab_size
-    assert result.perplexity < PPL_BOUND, f"perplexity {result.perplexity:.2f} (measured {MEASURED_PPL_2K})"
+    assert result.perplexity < model.config.vocab_size / 20  # a uniform guess scores exactly vocab_size
+    bound = PPL_BOUND[name]
+    if bound is None:
+        stats = json.loads((trained_fixture_path(name) / "training_stats.json").read_text())
+        bound = 1.1 * stats["heldout"]["perplexity"]  # recorded over the whole held-out text, in bfloat16
+    assert result.perplexity < bound, f"perplexity {result.perplexity:.2f} (bound {bound:.2f})"
+
+
+def test_every_expert_is_used_on_heldout_text(name, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer(heldout_text(name), return_tensors="pt")["input_ids"][0, : 8 * 256].view(8, 256)
+    with torch.no_grad():
+        router_logits = model(ids, output_router_logits=True).router_logits
+    k, E = model.config.num_experts_per_tok, model.config.num_experts
+    for layer, logits in enumerate(router_logits):
+        counts = torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=E)
+        assert (counts > 0).all(), f"MoE layer {layer}: experts {torch.where(counts == 0)[0].tolist()} never chosen"
 
 
 def test_generates_text(model_and_tokenizer):
@@ -61,11 +89,17 @@ def test_generates_text(model_and_tokenizer):
     assert sum(c.isalpha() for c in text) > 10
 
 
-def test_training_stats(fixture_path):
-    stats = json.loads((fixture_path / "training_stats.json").read_text())
+def test_training_stats(name):
+    stats = json.loads((trained_fixture_path(name) / "training_stats.json").read_text())
     distances = stats["expert_distance_from_init"]
-    assert len(distances) == 4
+    assert len(distances) == sum(1 for _ in _moe_layers(name))
     for layer, kinds in distances.items():
         for kind in ("gate", "up", "down"):
             assert kinds[kind] > 1.0, f"layer {layer} {kind}: {kinds[kind]:.2f}"
     assert stats["heldout"]["perplexity"] < stats["uniform_perplexity"] / 20
+
+
+def _moe_layers(name: str):
+    from mobe.architectures import moe_layout
+
+    return moe_layout(_config(name)).moe_layers

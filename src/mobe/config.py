@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -11,6 +13,11 @@ SCHEDULES = ("fast", "adam", "paper")
 DEFAULT_STEPS = {"fast": 2000, "adam": 10000, "paper": 10000}
 COMPRESSIBLE = ("gate", "up", "down")
 DEFAULT_MATRICES = ("gate", "up")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (a calibration text: what a resumed run must match)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass
@@ -107,9 +114,8 @@ class MobeConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.target_ratio is not None and not 0 < self.target_ratio < 1:
             raise ValueError(f"target_ratio must be between 0 and 1, got {self.target_ratio}")
-        from .factorize.registry import get_method  # the registry imports this module
-
-        get_method(self.method)
+        if not self.method or not self.method.isidentifier():  # known names are checked where methods live
+            raise ValueError(f"method must be a method name, got {self.method!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.groups < 1 or self.num_bases % self.groups:
@@ -151,14 +157,12 @@ class MobeConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that decide the factors (where the jobs run does not; threads only change rounding)."""
+        """The settings that decide the factors: all but the device list; CPU threads are in, since they change
+        the summation order and so the bits a resumed run would append to."""
         out = self.to_dict()
         out.pop("device")
-        out.pop("threads")
         if self.calibration is not None:  # the text's content decides the factors, not where it lies
-            from .calibrate.collect import text_hash
-
-            out["calibration"] = "sha256:" + text_hash(self.calibration)
+            out["calibration"] = "sha256:" + file_sha256(self.calibration)
         else:
             for key in [k for k in out if k.startswith("calibration")]:
                 out.pop(key)

@@ -9,7 +9,6 @@ statistics; never the whole checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..architectures import MoeLayout
 from ..checkpoint import CheckpointReader
+from ..config import file_sha256
 from .stats import LayerStats
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,7 @@ def read_calibration_text(path: str | Path) -> str:
     return text
 
 
-def text_hash(path: str | Path) -> str:
-    """sha256 of the calibration file's bytes (what a resumed run must match)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+text_hash = file_sha256  # sha256 of the calibration file's bytes (what a resumed run must match)
 
 
 def calibration_ids(checkpoint: Path, text_path: str | Path, max_tokens: int, seq_len: int) -> list[Tensor]:

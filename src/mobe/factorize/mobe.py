@@ -71,6 +71,11 @@ class MobeFactors(ExpertFactors):
         return torch.bmm(self.A.float()[experts], self.mixed_bases(experts))
 
 
+def mobe_parameters(num_experts: int, p: int, d: int, num_bases: int, rank: int, groups: int = 1) -> int:
+    """Parameters of one MoBE-compressed matrix type: E*p*r + m*r*d + E*m/g (each expert mixes its group's bases)."""
+    return num_experts * p * rank + num_bases * rank * d + num_experts * (num_bases // groups)
+
+
 def split_groups(num_items: int, num_parts: int) -> list[range]:
     """Contiguous, near-equal split of range(num_items) into num_parts ranges (sizes differ by <= 1)."""
     bounds = [i * num_items // num_parts for i in range(num_parts + 1)]

@@ -9,10 +9,9 @@ import torch
 from torch import Tensor
 
 from ..config import MobeConfig
-from ..evaluate.params import mobe_parameters
 from .base import ExpertFactors, FitStats
 from .d2moe import D2moeFactors, fit_d2moe
-from .mobe import MobeFactors, fit_mobe
+from .mobe import MobeFactors, fit_mobe, mobe_parameters
 from .molae import MolaeFactors, fit_molae
 from .slbf import SlbfFactors, fit_slbf, slbf_parameters
 from .svd import SvdFactors, fit_svd
