@@ -133,16 +133,48 @@ class MobeExperts(nn.Module):
         return (x @ A) @ M if matrix == "down" else (x @ M.T) @ A.T
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        final = torch.zeros_like(hidden_states)
-        hit = [e for e in top_k_index.unique().tolist() if 0 <= e < self.num_experts]
+        flat = top_k_index.reshape(-1)
+        keep = (flat >= 0) & (flat < self.num_experts)
+        order = torch.argsort(torch.where(keep, flat, self.num_experts), stable=True)[: int(keep.sum())]
+        experts = flat[order]  # (token, slot) pairs grouped by expert, ascending
+        tokens = order // top_k_index.shape[-1]
+        x, weights = hidden_states[tokens], top_k_weights.reshape(-1)[order, None]
+        counts = torch.bincount(experts, minlength=self.num_experts)
+        hit = counts.nonzero().flatten().tolist()
+        ends = counts.cumsum(0).tolist()
+        out = torch.empty_like(x)
         for start in range(0, len(hit), self.workspace_experts):
             batch = hit[start : start + self.workspace_experts]
             built = {matrix: self._built(matrix, batch) for matrix in self.factored}
+            rows = slice(ends[batch[0]] - counts[batch[0]].item(), ends[batch[-1]])
+            if all(counts[e] == 1 for e in batch):  # decoding: one token per expert, one batched matmul per step
+                out[rows] = self._one_token_each(x[rows], batch, built)
+                continue
             for e in batch:
-                token_idx, pos = torch.where(top_k_index == e)
-                x = hidden_states[token_idx]
-                h = self.act_fn(self._project("gate", x, e, built)) * self._project("up", x, e, built)
-                out = self._project("down", h, e, built) * top_k_weights[token_idx, pos, None]
-                final.index_add_(0, token_idx, out.to(final.dtype))
+                seg = slice(ends[e] - counts[e].item(), ends[e])
+                h = self.act_fn(self._project("gate", x[seg], e, built)) * self._project("up", x[seg], e, built)
+                out[seg] = self._project("down", h, e, built)
             del built
+        final = torch.zeros_like(hidden_states)
+        final.index_add_(0, tokens, (out * weights).to(final.dtype))
         return final
+
+    def _one_token_each(self, x: Tensor, batch: list[int], built: dict) -> Tensor:
+        """Rows of `x` belong to the experts of `batch` in order, one each: bmm over the stacked matrices."""
+
+        def project(matrix: str, v: Tensor) -> Tensor:  # v: (n, 1, in)
+            if matrix not in self.factored:
+                W = getattr(self, self.names[matrix])[batch]  # (n, out, in)
+                return torch.bmm(v, W.transpose(1, 2))
+            items = [built[matrix][e] for e in batch]
+            if len(items[0]) == 1:  # rebuilt matrices, (p, d); down in its fitted (transposed) orientation
+                W = torch.stack([i[0] for i in items])
+                return torch.bmm(v, W) if matrix == "down" else torch.bmm(v, W.transpose(1, 2))
+            A, M = torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+            if matrix == "down":
+                return torch.bmm(torch.bmm(v, A), M)
+            return torch.bmm(torch.bmm(v, M.transpose(1, 2)), A.transpose(1, 2))
+
+        v = x.unsqueeze(1)
+        h = self.act_fn(project("gate", v)) * project("up", v)
+        return project("down", h).squeeze(1)
