@@ -1,5 +1,7 @@
+import json
 import re
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -72,3 +74,15 @@ def test_default_rank_works_where_experts_are_wider_than_the_hidden_size(tmp_pat
     assert main(["compress", str(src), "-o", str(tmp_path / "o"), "--bases", "2", "--steps", "2", "-q"]) == 0
     config = __import__("json").loads((tmp_path / "o" / "config.json").read_text())
     assert config["mobe"]["rank"] == 32
+
+
+def test_target_ratio_is_met_on_the_layers_compressed(tiny_checkpoints, tmp_path, capsys):
+    """--layers 0 of two MoE layers at --target-ratio 0.3: that layer's experts shrink ~30%, the model's half as much,
+    and the table says both."""
+    src = str(tiny_checkpoints["qwen3_moe"])
+    args = ["compress", src, "-o", str(tmp_path / "o"), "--method", "svd", "--target-ratio", "0.3", "--layers", "0"]
+    assert main([*args, "-q"]) == 0
+    report = json.loads((tmp_path / "o" / "mobe_report.json").read_text())["summary"]
+    assert 0.3 <= report["compressed_layers_reduction"] < 0.36  # the largest rank that fits: at least the target
+    assert report["expert_reduction"] == pytest.approx(report["compressed_layers_reduction"] / 2)
+    assert "experts of the 1 compressed layers: " in capsys.readouterr().out

@@ -66,8 +66,16 @@ class CompressionReport:
     def model_params_after(self) -> int:
         return self.model_params_before - self.compressed_params_before + self.compressed_params_after
 
+    @property
+    def compressed_layers_params_before(self) -> int:
+        """Routed-expert parameters of the layers that were compressed (3 matrix types of E p d each)."""
+        return 3 * self.results[0].params_before * len({r.layer for r in self.results}) if self.results else 0
+
     def summary(self) -> dict[str, Any]:
+        layers_before = self.compressed_layers_params_before
+        layers_after = layers_before - self.compressed_params_before + self.compressed_params_after
         return {
+            "compressed_layers_reduction": 1 - layers_after / layers_before if layers_before else 0.0,
             "expert_params_before": self.expert_params_before,
             "expert_params_after": self.expert_params_after,
             "expert_reduction": 1 - self.expert_params_after / self.expert_params_before,
@@ -118,4 +126,9 @@ class CompressionReport:
             f"{s['model_params_after']:,} ({100 * s['model_reduction']:.1f}% fewer); "
             f"mean relative error {s['mean_relative_error']:.4f}"
         )
+        if abs(s["compressed_layers_reduction"] - s["expert_reduction"]) > 1e-9:  # only some layers compressed
+            lines.append(
+                f"experts of the {len({r.layer for r in self.results})} compressed layers: "
+                f"{100 * s['compressed_layers_reduction']:.1f}% fewer (the rest are unchanged)"
+            )
         return "\n".join(lines)
