@@ -118,6 +118,7 @@ register_method(
             W, _rank(c, *W.shape[1:]), groups=c.groups, device=device, weighting=weighting
         ),
         parameters=lambda E, p, d, c, r: E * p * r + c.groups * r * d,
+        max_rank=lambda E, p, d: d,  # the shared latent space may span all of R^d (then A_i = W_i B^T is exact)
     )
 )
 
