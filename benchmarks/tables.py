@@ -1,0 +1,78 @@
+"""Write the markdown tables of the README and docs/ from the benchmarks' JSON (no figure is typed by hand).
+
+Each table sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers in the target file; this script
+replaces what is between them.
+
+    python benchmarks/tables.py            # after python benchmarks/data_free.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def data_free_table(result: dict, calibrated: bool = False) -> str:
+    """Perplexity increase per method (rows) and cut (columns), one block per fixture; best of each column bold."""
+    lines = []
+    for name, fixture in result["fixtures"].items():
+        s = fixture["shape"]
+        rows = [r for r in fixture["rows"] if r["calibrated"] == calibrated]
+        ratios = sorted({r["target_ratio"] for r in rows})
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        lines.append(
+            f"**{name}** (`{fixture['fixture']}`, E={s['E']} p={s['p']} d={s['d']}; original perplexity "
+            f"{fixture['original_perplexity']:.2f})"
+        )
+        lines.append("")
+        lines.append("| method | " + " | ".join(f"{100 * r:.0f}% cut: d ppl (rel. err) | s" for r in ratios) + " |")
+        lines.append("|---|" + "---:|---:|" * len(ratios))
+        best = {
+            ratio: min(
+                (r["perplexity_change"] for r in rows if r["target_ratio"] == ratio and "perplexity" in r),
+                default=None,
+            )
+            for ratio in ratios
+        }
+        for method in methods:
+            cells = []
+            for ratio in ratios:
+                row = next(r for r in rows if r["method"] == method and r["target_ratio"] == ratio)
+                if "perplexity" not in row:
+                    cells += ["out of reach", ""]
+                    continue
+                change = f"{row['perplexity_change']:+.3f}"
+                if row["perplexity_change"] == best[ratio]:
+                    change = f"**{change}**"
+                cells += [f"{change} ({row['mean_relative_error']:.3f})", f"{row['seconds']:.0f}"]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_block(path: Path, name: str, body: str) -> None:
+    text = path.read_text()
+    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path}: no <!-- {name}:start --> ... <!-- {name}:end --> block")
+    path.write_text(pattern.sub(lambda m: m.group(1) + body + m.group(2), text))
+    print(f"updated {name} in {path.relative_to(ROOT)}")
+
+
+def main() -> None:
+    data_free = RESULTS / "data_free.json"
+    if data_free.exists():
+        result = json.loads(data_free.read_text())
+        table = data_free_table(result)
+        replace_block(ROOT / "README.md", "data_free", table)
+        replace_block(ROOT / "docs" / "results.md", "data_free", table)
+        if any(r["calibrated"] for f in result["fixtures"].values() for r in f["rows"]):
+            replace_block(ROOT / "docs" / "results.md", "data_free_calibrated", data_free_table(result, True))
+
+
+if __name__ == "__main__":
+    main()
