@@ -6,8 +6,10 @@ import argparse
 import logging
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from ..config import ACTIVATIONS, SCHEDULES, MobeConfig
+from ..devices import resolve_device
 from ..factorize import method_names
 
 
@@ -198,6 +200,30 @@ def _add_runtime_options(p: argparse.ArgumentParser, dtype: str = "auto") -> Non
     )
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import asdict
+
+    from ..evaluate.sweep import plot_sweep, sweep, sweep_table
+
+    points = sweep(
+        args.model,
+        layer=args.layer,
+        matrices=tuple(m for m in args.matrices.split(",") if m),
+        methods=tuple(m for m in args.methods.split(",") if m),
+        ratios=args.ratios,
+        steps=args.steps,
+        device=str(resolve_device(args.device)),
+        progress=not args.quiet,
+    )
+    print(sweep_table(points))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(pt) for pt in points], indent=2) + "\n")
+    if args.plot:
+        plot_sweep(points, args.plot, title=f"layer {args.layer if args.layer is not None else 'first MoE'}")
+        print(f"wrote {args.plot}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from ..demo import run_demo
 
@@ -273,6 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
     p.add_argument("--json", default=None, help="write the result here as JSON")
     p.set_defaults(func=_cmd_perplexity)
+
+    p = sub.add_parser(
+        "sweep",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="fit one layer with every method at several cuts: the error-vs-size frontier, in minutes",
+    )
+    p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
+    p.add_argument("--layer", type=int, default=None, help="MoE layer to fit (default: the first)")
+    p.add_argument("--matrices", default="gate,up,down", help="matrix types to fit")
+    p.add_argument("--methods", default="svd,d2moe,molae,mobe,slbf", help="methods to compare")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.37, 0.5], help="cuts of each matrix")
+    p.add_argument("--steps", type=int, default=300, help="steps of the iterative methods (few: a preview)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--json", default=None, help="write the points here as JSON")
+    p.add_argument("--plot", default=None, help="write the frontier here as a PNG")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(
         "demo",
