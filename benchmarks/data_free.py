@@ -7,7 +7,8 @@ excerpts of the fixture's own training documents, never held-out ones). Methods:
 MoBE with the paper's settings (Adam, m = E/4, r = min(p, d) where the budget allows) and SLBF (m = E, basis rank
 from the budget). Wall time of each compression is measured in the same run.
 
-    python benchmarks/data_free.py [--fixtures coarse fine] [--ratios 0.25 0.37 0.5] [--steps 2000] [--calibration]
+    python benchmarks/data_free.py [--fixtures coarse fine] [--ratios 0.25 0.37 0.5] [--steps 2000]
+        [--variants plain calibrated] [--out benchmarks/results/data_free_calibrated]
 
 Prints a table per fixture, writes benchmarks/results/data_free.json and .png.
 """
@@ -78,7 +79,7 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         f"d={layout.hidden_size}; original perplexity {original:.3f} ({ids.numel()} tokens)",
         flush=True,
     )
-    variants = [None, _calibration_text(fixture, tmp)] if args.calibration else [None]
+    variants = [None if v == "plain" else _calibration_text(fixture, tmp) for v in args.variants]
     rows = []
     for ratio in args.ratios:
         for calibration in variants:
@@ -196,7 +197,13 @@ def main() -> None:
     parser.add_argument("--matrices", nargs="+", default=["gate", "up", "down"], choices=["gate", "up", "down"])
     parser.add_argument("--steps", type=int, default=2000, help="steps of the iterative methods (mobe, slbf)")
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--calibration", action="store_true", help="also run every method with --calibration")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["plain"],
+        choices=["plain", "calibrated"],
+        help="data-free fits, and/or fits with --calibration on the fixture's training-side text",
+    )
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256)
