@@ -48,7 +48,7 @@ def checkpoint_contents():
 
 def _kill_after_first_job(cmd: list[str], work: Path) -> list[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # worker start-up (torch, transformers) is slow on a loaded 2-core machine
     while not list(work.glob("layer*.safetensors")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)

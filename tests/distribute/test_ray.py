@@ -91,12 +91,23 @@ def test_worker_node_killed_mid_job_is_retried_elsewhere(model, reference, clust
 
     driver = threading.Thread(target=drive)
     driver.start()
+    # With every node on one machine, the driver attaches to whichever raylet Ray picks, possibly a worker's; that
+    # node cannot be removed under a connected driver, so the victim is a node running a job and not the driver's.
+    driver_socket = ray._private.worker.global_worker.node._raylet_socket_name
     try:
         deadline = time.time() + 120
-        while not (pids := _running_job_pids()) and time.time() < deadline and driver.is_alive():
+        victims: list = []
+        while not victims and time.time() < deadline and driver.is_alive():
+            nodes = []
+            for pid in _running_job_pids():
+                try:
+                    nodes.append(_node_of(cluster, pid))
+                except (OSError, AssertionError):  # the process ended while we looked
+                    continue
+            victims = [n for n in nodes if n._raylet_socket_name != driver_socket]
             time.sleep(0.05)
-        assert pids, "no job started on the cluster"
-        victim = _node_of(cluster, pids[0])
+        assert victims, f"no job started on a removable node: {outcome.get('error')!r}"
+        victim = victims[0]
         finished_before = len(list(work.glob("layer*.safetensors")))
         cluster.remove_node(victim, allow_graceful=False)  # raylet and its workers die, job and all
         driver.join(timeout=300)
