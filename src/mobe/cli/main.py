@@ -230,14 +230,17 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.workdir, steps=args.steps, target_ratio=args.target_ratio)
 
 
+def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every option's default."""
+    return sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser(
-        "compress", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="compress an MoE checkpoint with MoBE"
-    )
+    p = _command(sub, "compress", "compress an MoE checkpoint with MoBE")
     p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("-o", "--output", required=True, help="new output folder")
     p.add_argument("--reconstruct", action="store_true", help="write dense experts rebuilt from the factors")
@@ -256,42 +259,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mobe_options(p)
     p.set_defaults(func=_cmd_compress)
 
-    p = sub.add_parser(
-        "reconstruct",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="rebuild dense experts from a native MoBE checkpoint",
-    )
+    p = _command(sub, "reconstruct", "rebuild dense experts from a native MoBE checkpoint")
     p.add_argument("native", help="native MoBE checkpoint folder")
     p.add_argument("-o", "--output", required=True, help="new output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_reconstruct)
 
-    p = sub.add_parser(
-        "info",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="architecture, parameters and the saving of given settings (no weights read)",
-    )
+    p = _command(sub, "info", "architecture, parameters and the saving of given settings (no weights read)")
     p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("--bases", "-m", dest="num_bases", type=int, default=None, help="m: bases per layer to cost")
     p.add_argument("--rank", "-r", type=int, default=None, help="r: rank to cost (default min(p, d))")
     p.add_argument("--groups", type=int, default=1, help="expert groups with their own bases")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser(
-        "generate",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="greedy generation from any checkpoint, native MoBE included",
-    )
+    p = _command(sub, "generate", "greedy generation from any checkpoint, native MoBE included")
     _add_runtime_options(p)
     p.add_argument("prompt", help="text, or space-separated token ids when the checkpoint has no tokenizer")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy)")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser(
-        "perplexity",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="sliding-window perplexity of any checkpoint on a text file",
-    )
+    p = _command(sub, "perplexity", "sliding-window perplexity of any checkpoint on a text file")
     _add_runtime_options(p, dtype="float32")  # evaluation in float32 unless asked otherwise
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--context", type=int, default=512, help="tokens each window sees")
@@ -300,10 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the result here as JSON")
     p.set_defaults(func=_cmd_perplexity)
 
-    p = sub.add_parser(
-        "sweep",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="fit one layer with every method at several cuts: the error-vs-size frontier, in minutes",
+    p = _command(
+        sub, "sweep", "fit one layer with every method at several cuts: the error-vs-size frontier, in minutes"
     )
     p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("--layer", type=int, default=None, help="MoE layer to fit (default: the first)")
@@ -317,11 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser(
-        "demo",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="build a small MoE, compress, reconstruct, load and generate",
-    )
+    p = _command(sub, "demo", "build a small MoE, compress, reconstruct, load and generate")
     p.add_argument("--workdir", default="demo_output", help="folder for the demo's checkpoints")
     p.add_argument("--steps", type=int, default=300, help="optimisation steps per fit")
     p.add_argument("--target-ratio", type=float, default=0.3, help="expert-parameter reduction")

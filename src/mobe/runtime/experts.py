@@ -13,6 +13,7 @@ An optional LRU cache keeps what was built for recently used experts under `cach
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -91,8 +92,9 @@ class MobeExperts(nn.Module):
         if missing:
             module = self.matrix(matrix)
             factors = module.factors()
-            dtype = next(module.parameters()).dtype
-            idx = torch.tensor(missing, device=next(module.parameters()).device)
+            first = next(module.parameters())
+            dtype = first.dtype
+            idx = torch.tensor(missing, device=first.device)
             if isinstance(factors, MobeFactors):
                 per_group = self.num_experts // factors.groups
                 mixed = mix_bases(factors.coef[idx], factors.bases, idx // per_group, activation_fn(factors.activation))
@@ -139,19 +141,19 @@ class MobeExperts(nn.Module):
         experts = flat[order]  # (token, slot) pairs grouped by expert, ascending
         tokens = order // top_k_index.shape[-1]
         x, weights = hidden_states[tokens], top_k_weights.reshape(-1)[order, None]
-        counts = torch.bincount(experts, minlength=self.num_experts)
-        hit = counts.nonzero().flatten().tolist()
-        ends = counts.cumsum(0).tolist()
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()  # host-side: no per-expert syncs
+        hit = [e for e, n in enumerate(counts) if n]
+        ends = list(itertools.accumulate(counts))
         out = torch.empty_like(x)
         for start in range(0, len(hit), self.workspace_experts):
             batch = hit[start : start + self.workspace_experts]
             built = {matrix: self._built(matrix, batch) for matrix in self.factored}
-            rows = slice(ends[batch[0]] - counts[batch[0]].item(), ends[batch[-1]])
+            rows = slice(ends[batch[0]] - counts[batch[0]], ends[batch[-1]])
             if all(counts[e] == 1 for e in batch):  # decoding: one token per expert, one batched matmul per step
                 out[rows] = self._one_token_each(x[rows], batch, built)
                 continue
             for e in batch:
-                seg = slice(ends[e] - counts[e].item(), ends[e])
+                seg = slice(ends[e] - counts[e], ends[e])
                 h = self.act_fn(self._project("gate", x[seg], e, built)) * self._project("up", x[seg], e, built)
                 out[seg] = self._project("down", h, e, built)
             del built
