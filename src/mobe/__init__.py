@@ -2,7 +2,8 @@
 
 from .architectures import ArchSpec, get_arch, register, supported_model_types
 from .checkpoint import CheckpointError, CheckpointReader
-from .config import MobeConfig
+from .config import DistillConfig, MobeConfig
+from .distill import DistillReport
 from .evaluate import CompressionReport
 from .factorize import MobeFactors, fit_mobe
 from .info import ModelInfo, model_info
@@ -17,6 +18,8 @@ __all__ = [
     "CheckpointReader",
     "CompressionError",
     "CompressionReport",
+    "DistillConfig",
+    "DistillReport",
     "MobeConfig",
     "MobeExperts",
     "MobeFactors",

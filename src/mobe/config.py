@@ -167,3 +167,54 @@ class MobeConfig:
             for key in [k for k in out if k.startswith("calibration")]:
                 out.pop(key)
         return out
+
+
+DISTILL_MODES = ("router", "router+coef", "all-small")
+
+
+@dataclass
+class DistillConfig:
+    """Settings of knowledge distillation of a compressed model toward its original, on a text.
+
+    Only small tensors train; everything else stays frozen. The last `heldout_fraction` of the text's sequences
+    chooses the best state, and the input is kept when nothing beats it there.
+    """
+
+    train: str = field(
+        default="router",
+        metadata={
+            "help": "router: the routers' weights; router+coef: plus each expert's basis coefficients; "
+            "all-small: plus each expert's own factor A_i (shared bases stay frozen)"
+        },
+    )
+    epochs: int = field(default=3, metadata={"help": "passes over the training part of the text"})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the routers and coefficients"})
+    a_lr_scale: float = field(
+        default=0.1, metadata={"help": "all-small: the A_i (most of the trained entries) learn at lr times this"}
+    )
+    batch: int = field(default=4, metadata={"help": "sequences per optimiser step"})
+    top_k: int = field(default=64, metadata={"help": "teacher log-probabilities kept per token (plus their tail)"})
+    tokens: int = field(default=65536, metadata={"help": "tokens of the text used (its first N)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
+    heldout_fraction: float = field(default=0.1, metadata={"help": "share of the sequences held out, from the end"})
+    eval_every: int = field(default=4, metadata={"help": "optimiser steps between held-out checks"})
+    device: str = field(default="auto", metadata={"help": "cpu | cuda | cuda:N | mps | auto"})
+    seed: int = field(default=0, metadata={"help": "seed of the order of the training sequences"})
+
+    def __post_init__(self) -> None:
+        if self.train not in DISTILL_MODES:
+            raise ValueError(f"distill train must be one of {DISTILL_MODES}, got {self.train!r}")
+        positive = {"lr": self.lr, "a_lr_scale": self.a_lr_scale, "batch": self.batch, "top_k": self.top_k}
+        positive["eval_every"] = self.eval_every
+        bad = [f"{k}={v}" for k, v in positive.items() if v <= 0]
+        bad += [f"epochs={self.epochs}"] if self.epochs < 0 else []
+        if bad:
+            raise ValueError(f"distill settings out of range: {', '.join(bad)} (epochs >= 0, the others > 0)")
+        if self.tokens < 2 * self.seq_len or self.seq_len < 2 or not 0 < self.heldout_fraction < 1:
+            raise ValueError(
+                "need distill tokens >= 2 * seq_len, seq_len >= 2, 0 < heldout_fraction < 1; got "
+                f"{self.tokens}, {self.seq_len}, {self.heldout_fraction}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -22,6 +22,7 @@ class ModelInfo:
     num_bases: int | None = None
     rank: int | None = None
     stored: dict | None = None  # a compressed checkpoint's mobe section (its settings)
+    distill_memory: str | None = None  # what `mobe distill` with default settings would hold (compressed only)
 
     def summary(self) -> str:
         lay = self.layout
@@ -53,6 +54,8 @@ class ModelInfo:
                 f"{label}: routed experts {self.expert_params:,} -> {self.compressed_expert_params:,} "
                 f"({100 * abs(saved) / self.expert_params:.1f}% {word}), model {before:,} -> {after:,}"
             )
+        if self.distill_memory:
+            lines.append(f"memory:         {self.distill_memory}")
         return "\n".join(lines)
 
 
@@ -85,6 +88,12 @@ def model_info(
         len(layout.moe_layers) * layout.expert_params_per_layer,
     )
     section = reader.config.get("mobe")
+    if section:
+        from .config import DistillConfig
+        from .distill.memory import estimate
+
+        default = DistillConfig(train="router+coef" if section.get("format") == "native" else "router")
+        info.distill_memory = estimate(reader, default).summary(default)
     if section and section.get("format") == "native":  # count what the checkpoint holds for the experts
         info.stored = section
         prefixes = tuple(layout.arch.experts_prefix(layer) + "." for layer in layout.moe_layers)

@@ -24,7 +24,7 @@ from .calibrate.collect import TOKENIZER_FILES
 from .calibrate.stats import stats_path
 from .checkpoint import CheckpointError, CheckpointReader
 from .checkpoint.fp8 import SCALE_SUFFIX, block_size
-from .config import FORMAT_VERSION, MobeConfig
+from .config import FORMAT_VERSION, DistillConfig, MobeConfig
 from .devices import resolve_device
 from .distribute import JobSpec, JobStore, local_devices, require_ray, run_device_pool, run_ray, run_serial
 from .evaluate import CompressionReport, MatrixResult
@@ -277,6 +277,8 @@ def compress(
     ray: bool | str = False,
     calibration: str | Path | None = None,
     progress: bool = True,
+    distill: DistillConfig | None = None,
+    distill_text: str | Path | None = None,
 ) -> CompressionReport:
     """Compress the MoE checkpoint `model` (folder or hub id) into `output`.
 
@@ -294,9 +296,11 @@ def compress(
             run through the original model, layer by layer, to collect each expert's input Gram; the fits then
             minimise the output error on the tokens routed to each expert instead of the weight error.
         progress: show progress bars.
+        distill_text, distill: then distil the result toward `model` on this text (`mobe.distill`), before it
+            is moved into `output`; the teacher's targets are kept in the work folder until the end.
 
     Returns:
-        The report, also saved as `mobe_report.json` inside `output`.
+        The report, also saved as `mobe_report.json` inside `output` (with a `distill` section when distilled).
 
     Example:
         >>> report = compress("tiny-qwen3-moe", "tiny-mobe", MobeConfig(num_bases=4, steps=500))  # doctest: +SKIP
@@ -316,6 +320,10 @@ def compress(
     layout = moe_layout(reader.config)
     config = resolve_settings(layout, config)
     check_calibration(reader, config)
+    if distill_text is not None:  # refused now, not after hours of compression
+        read_calibration_text(distill_text)
+        if not any((reader.path / name).is_file() for name in TOKENIZER_FILES):
+            raise CalibrationError(f"{reader.path} has no tokenizer (tokenizer.json): cannot tokenize --distill text")
     jobs = plan_jobs(reader, layout, config)
     fmt = "dense" if reconstruct else "native"
 
@@ -367,6 +375,12 @@ def compress(
     factors_of = functools.lru_cache(maxsize=len(config.matrices))(lambda layer, m: store.load(layer, m)[0])
     _assemble(reader, layout, jobs, factors_of, assemble, _mobe_section(config, layout, jobs, fmt), progress)
     report.save(assemble)
+    if distill_text is not None:
+        from .distill import distill as run_distill
+
+        report.distill = run_distill(
+            reader.path, assemble, assemble, distill_text, distill, work_dir=work / "distill", progress=progress
+        )
     _move_into_place(assemble, output)
     shutil.rmtree(work)
     return report

@@ -123,6 +123,24 @@ class LayerStream:
         embed.to("meta")
         return out
 
+    def logits(self, hidden: list[Tensor]) -> Iterator[Tensor]:
+        """Yield each sequence's output logits (1, length, vocab) from its last hidden states (final norm, head)."""
+        norm, head = self.decoder.norm, self.model.get_output_embeddings()
+        self._load("model.norm.", norm)
+        if "lm_head.weight" in self.names or not getattr(self.config, "tie_word_embeddings", False):
+            self._load("lm_head.", head)
+        else:  # tied: the head is the input embedding
+            self._load("model.embed_tokens.", self.decoder.embed_tokens)
+            head.weight = self.decoder.embed_tokens.weight
+        try:
+            with torch.no_grad():
+                for h in hidden:
+                    yield head(norm(h)).float()
+        finally:
+            norm.to("meta")
+            head.to("meta")
+            self.decoder.embed_tokens.to("meta")
+
     def run_layer(self, layer: int, hidden: list[Tensor], hook=None) -> list[Tensor]:
         """Materialise decoder layer `layer`, run it over every sequence (in place of `hidden`), free it."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -143,7 +161,7 @@ class LayerStream:
                         config=self.config,
                         inputs_embeds=h,
                         attention_mask=None,
-                        past_key_values=None,
+                        cache=None,
                         position_ids=positions,
                     )
                     out = module(

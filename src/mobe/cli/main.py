@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import ACTIVATIONS, SCHEDULES, MobeConfig
+from ..config import ACTIVATIONS, DISTILL_MODES, SCHEDULES, DistillConfig, MobeConfig
 from ..devices import resolve_device
 from ..factorize import method_names
 
@@ -98,9 +98,29 @@ def _config_from_args(args: argparse.Namespace) -> MobeConfig:
     )
 
 
+DISTILL_OPTIONS = tuple(f.name for f in fields(DistillConfig) if f.name != "device")  # "train" first
+
+
+def _add_distill_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """DistillConfig's fields as options (`--train`, ...; with `prefix`, `--distill-train`, ...)."""
+    helps = {f.name: f.metadata.get("help", "") for f in fields(DistillConfig)}
+    default = DistillConfig()
+    p.add_argument(f"--{prefix}train", choices=DISTILL_MODES, default=default.train, help=helps["train"])
+    for name in DISTILL_OPTIONS[1:]:
+        flag = f"--{prefix}{name.replace('_', '-')}"
+        p.add_argument(flag, type=type(getattr(default, name)), default=getattr(default, name), help=helps[name])
+
+
+def _distill_config(args: argparse.Namespace, prefix: str = "", device: str = "auto") -> DistillConfig:
+    return DistillConfig(**{name: getattr(args, prefix + name) for name in DISTILL_OPTIONS}, device=device)
+
+
 def _cmd_compress(args: argparse.Namespace) -> None:
     from ..pipeline import compress
 
+    distill = None
+    if args.distill:
+        distill = _distill_config(args, "distill_", args.device.split(",")[0])  # the first of a device list
     report = compress(
         args.model,
         args.output,
@@ -109,9 +129,29 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         work_dir=args.work_dir,
         ray=True if args.ray == "" else (args.ray or False),
         progress=not args.quiet,
+        distill=distill,
+        distill_text=args.distill,
     )
     print(report.table())
+    if report.distill is not None:
+        print(report.distill.table())
     print(f"wrote {args.output} ({report.format}); report: {args.output}/mobe_report.json")
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    from ..distill import distill
+
+    report = distill(
+        args.original,
+        args.compressed,
+        args.output,
+        args.text,
+        _distill_config(args, device=args.device),
+        work_dir=args.work_dir,
+        progress=not args.quiet,
+    )
+    print(report.table())
+    print(f"wrote {args.output}; report: {args.output}/mobe_distill.json, plot: {args.output}/mobe_distill.png")
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -257,7 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_mobe_options(p)
+    p.add_argument(
+        "--distill",
+        metavar="FILE",
+        default=None,
+        help="then distil the result toward the original on this text (the --distill-* options; see mobe distill)",
+    )
+    _add_distill_options(p, "distill-")
     p.set_defaults(func=_cmd_compress)
+
+    p = _command(sub, "distill", "train a compressed model's routers (and small factors) toward the original")
+    p.add_argument("original", help="the uncompressed checkpoint (folder or hub id): the teacher")
+    p.add_argument("compressed", help="its compression by mobe, native or dense: the student")
+    p.add_argument("-o", "--output", required=True, help="new output folder (or the compressed folder itself)")
+    p.add_argument("--text", required=True, help="UTF-8 text to distil on; its last tenth chooses the best state")
+    _add_distill_options(p)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--work-dir", default=None, help="keep the teacher's targets here for further runs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_distill)
 
     p = _command(sub, "reconstruct", "rebuild dense experts from a native MoBE checkpoint")
     p.add_argument("native", help="native MoBE checkpoint folder")

@@ -49,6 +49,7 @@ class CompressionReport:
     results: list[MatrixResult] = field(default_factory=list)
     expert_params_before: int = 0
     model_params_before: int = 0
+    distill: Any = None  # the DistillReport when the result was distilled (saved by the distillation itself)
 
     @property
     def compressed_params_before(self) -> int:
@@ -86,7 +87,7 @@ class CompressionReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "source": self.source,
             "output": self.output,
             "format": self.format,
@@ -94,6 +95,9 @@ class CompressionReport:
             "summary": self.summary(),
             "results": [asdict(r) for r in self.results],
         }
+        if self.distill is not None:
+            out["distill"] = self.distill.to_dict()
+        return out
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / REPORT_FILE

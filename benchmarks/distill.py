@@ -1,0 +1,233 @@
+"""Distillation after compression: how much of the held-out perplexity gap each `--train` mode closes.
+
+For each trained fixture (coarse p > d, fine-grained p < d), each expert-parameter cut, and each fit (data-free,
+and with `--calibration`), the fixture is compressed by `--method` (MoBE by default: the best data-free method of
+benchmarks/results/data_free.json at the fine fixture's cuts and the coarse one's 37-50%; gate, up and down, native
+factors), then distilled toward the original in each mode (router; router+coef; all-small) on excerpts of the
+fixture's TRAINING documents. Perplexity is
+measured on the fixture's held-out documents, which neither the calibration nor the distillation sees. Gap closed =
+(ppl_compressed - ppl_distilled) / (ppl_compressed - ppl_original). Wall time of each step is measured in the run.
+
+    python benchmarks/distill.py [--fixtures coarse fine] [--ratios 0.25 0.5] [--steps 500]
+        [--modes router router+coef all-small] [--fits data-free calibrated]
+
+Prints a table, its verdicts, writes benchmarks/results/distill.json and .png. Needs the Debian packages of the
+fixtures' corpora (python3.11-doc, perl-doc), as their training does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from compare import _perplexity  # same directory: run as python benchmarks/distill.py
+from data_free import FIXTURES, _calibration_text
+from mobe import MobeConfig, compress
+from mobe.architectures import moe_layout
+from mobe.distill import DISTILL_MODES, DistillConfig, distill
+from results_io import write_results
+
+HERE = Path(__file__).resolve().parent
+FITS = ("data-free", "calibrated")
+
+
+def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    fixture = HERE.parent / "fixtures" / FIXTURES[name]
+    num_experts = moe_layout(json.loads((fixture / "config.json").read_text())).num_experts
+    tokenizer = AutoTokenizer.from_pretrained(fixture)
+    ids = tokenizer((fixture / "heldout.txt").read_text(), return_tensors="pt").input_ids[0][: args.tokens]
+    original = _perplexity(fixture, ids, args.context, args.stride)
+    text = _calibration_text(fixture, tmp)
+    print(f"\n{name} ({fixture.name}): original held-out perplexity {original:.3f}", flush=True)
+    targets_work = tmp / f"{name}-teacher"  # the teacher's targets, shared by every run on this fixture
+    rows = []
+    for ratio in args.ratios:
+        method = args.method
+        for fit in args.fits:
+            compressed = tmp / f"{name}-{ratio}-{fit}"
+            start = time.perf_counter()
+            report = compress(
+                fixture,
+                compressed,
+                MobeConfig(
+                    method=method,
+                    target_ratio=ratio,
+                    num_bases=max(1, num_experts // 4),  # the paper's m = E/4, as in data_free.py
+                    steps=args.steps,
+                    eval_every=args.eval_every,
+                    matrices=("gate", "up", "down"),
+                    device="cpu",
+                    threads=args.threads,
+                    calibration=str(text) if fit == "calibrated" else None,
+                    calibration_tokens=args.distill_tokens,
+                    calibration_seq_len=args.context,
+                ),
+                progress=False,
+            )
+            compress_seconds = time.perf_counter() - start
+            before = _perplexity(compressed, ids, args.context, args.stride)
+            row = {
+                "target_ratio": ratio,
+                "method": method,
+                "fit": fit,
+                "expert_reduction": report.summary()["expert_reduction"],
+                "compress_seconds": compress_seconds,
+                "perplexity_before": before,
+                "modes": {},
+            }
+            print(
+                f"  {method} @ {ratio:.2f} {fit}: cut {100 * row['expert_reduction']:.1f}%, ppl {before:.3f} "
+                f"({before - original:+.3f}), {compress_seconds:.0f} s",
+                flush=True,
+            )
+            for mode in args.modes:
+                out = tmp / f"{compressed.name}-{mode}"
+                start = time.perf_counter()
+                result = distill(
+                    fixture,
+                    compressed,
+                    out,
+                    text,
+                    DistillConfig(
+                        train=mode,
+                        epochs=args.epochs,
+                        lr=args.lr,
+                        a_lr_scale=args.a_lr_scale,
+                        tokens=args.distill_tokens,
+                        seq_len=args.context,
+                        device="cpu",
+                    ),
+                    work_dir=targets_work,
+                    progress=False,
+                )
+                seconds = time.perf_counter() - start
+                after = _perplexity(out, ids, args.context, args.stride)
+                gap = before - original
+                row["modes"][mode] = {
+                    "perplexity": after,
+                    "gap_closed": (before - after) / gap if gap > 0 else None,
+                    "heldout_kl_before": result.before["kl"],
+                    "heldout_kl_after": result.after["kl"],
+                    "kept_input": result.kept_input,
+                    "trained_params": result.trained_params,
+                    "seconds": seconds,
+                    "history": result.history,
+                }
+                closed = row["modes"][mode]["gap_closed"]
+                print(
+                    f"    {mode:>11}: ppl {after:.3f} ({after - original:+.3f}), gap closed "
+                    f"{'n/a' if closed is None else f'{100 * closed:.0f}%'}, KL {result.before['kl']:.4f} -> "
+                    f"{result.after['kl']:.4f}, {seconds:.0f} s",
+                    flush=True,
+                )
+            rows.append(row)
+    return {"fixture": fixture.name, "original_perplexity": original, "tokens": int(ids.numel()), "rows": rows}
+
+
+def verdicts(result: dict) -> list[str]:
+    out = []
+    worse = [
+        f"{name} {r['target_ratio']} {r['fit']} {mode}"
+        for name, f in result["fixtures"].items()
+        for r in f["rows"]
+        for mode, m in r["modes"].items()
+        if m["perplexity"] > r["perplexity_before"]
+    ]
+    out.append(
+        "distillation never made held-out perplexity worse: " + ("yes" if not worse else f"NO ({', '.join(worse)})")
+    )
+    for name, f in result["fixtures"].items():
+        for r in f["rows"]:
+            if r["target_ratio"] != max(result["args"]["ratios"]) or "router" not in r["modes"]:
+                continue
+            closed = r["modes"]["router"]["gap_closed"]
+            ok = closed is not None and closed >= 0.5
+            out.append(
+                f"{name} at {100 * r['target_ratio']:.0f}% ({r['fit']}): router distillation closes "
+                f"{'n/a' if closed is None else f'{100 * closed:.0f}%'} of the perplexity gap "
+                f"(target >= 50%): {'yes' if ok else 'no'}"
+            )
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixtures = result["fixtures"]
+    fig, axes = plt.subplots(1, len(fixtures), figsize=(6.5 * len(fixtures), 4.2), dpi=120, squeeze=False)
+    for ax, (name, f) in zip(axes[0], fixtures.items(), strict=True):
+        labels = [f"{100 * r['target_ratio']:.0f}% {r['fit']}" for r in f["rows"]]
+        modes = ["compressed", *dict.fromkeys(m for r in f["rows"] for m in r["modes"])]
+        width = 0.8 / len(modes)
+        for k, mode in enumerate(modes):
+            values = [
+                (r["perplexity_before"] if mode == "compressed" else r["modes"][mode]["perplexity"])
+                - f["original_perplexity"]
+                for r in f["rows"]
+            ]
+            ax.bar([i + k * width for i in range(len(labels))], values, width, label=mode)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=8)
+        ax.set_ylabel("held-out perplexity above the original")
+        ax.set_title(f"{name} ({f['fixture']})")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--fits", nargs="+", default=list(FITS), choices=FITS)
+    parser.add_argument("--method", default="mobe", choices=("mobe", "slbf"), help="methods with basis coefficients")
+    parser.add_argument("--modes", nargs="+", default=list(DISTILL_MODES), choices=DISTILL_MODES)
+    parser.add_argument("--steps", type=int, default=500, help="optimisation steps of each compression fit")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=DistillConfig.epochs)
+    parser.add_argument("--lr", type=float, default=DistillConfig.lr)
+    parser.add_argument("--a-lr-scale", type=float, default=DistillConfig.a_lr_scale)
+    parser.add_argument("--distill-tokens", type=int, default=32768, help="training-side tokens (also calibration)")
+    parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(HERE / "results" / "distill"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"fixtures": {name: run_fixture(name, args, Path(tmp)) for name in args.fixtures}}
+    result["args"] = vars(args)
+    print(
+        f"\n{'fixture':>7} {'cut':>4} {'fit':>10} {'method':>6} {'ppl':>8} " + " ".join(f"{m:>18}" for m in args.modes)
+    )
+    for name, f in result["fixtures"].items():
+        for r in f["rows"]:
+            cells = []
+            for mode in args.modes:
+                m = r["modes"][mode]
+                closed = "n/a" if m["gap_closed"] is None else f"{100 * m['gap_closed']:.0f}%"
+                cells.append(f"{m['perplexity']:>9.3f} ({closed:>5})")
+            print(
+                f"{name:>7} {100 * r['target_ratio']:>3.0f}% {r['fit']:>10} {r['method']:>6} "
+                f"{r['perplexity_before']:>8.3f} " + " ".join(f"{c:>18}" for c in cells)
+            )
+        print(f"{'':>7} original {f['original_perplexity']:.3f}")
+    result["verdicts"] = verdicts(result)
+    print("\n" + "\n".join(result["verdicts"]))
+    write_results(result, args, start, plot, args.out)
+
+
+if __name__ == "__main__":
+    main()

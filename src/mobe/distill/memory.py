@@ -1,0 +1,74 @@
+"""What a distillation will hold in memory, from the checkpoints' headers and the settings (no weights read)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..architectures import MoeLayout, moe_layout
+from ..checkpoint import CheckpointReader
+from ..config import DistillConfig
+from ..export import FACTOR_PREFIX
+from .trainable import FACTOR_FIELDS
+
+FLOAT32 = 4
+
+
+@dataclass(frozen=True)
+class DistillMemory:
+    """Bytes of each part; `student` and `optimizer` are exact, `activations` an estimate (see `estimate`)."""
+
+    trained_params: int
+    student: int  # the compressed model in float32
+    optimizer: int  # AdamW: two float32 moments per trained parameter, plus its gradient
+    targets: int  # the teacher's top-k per token, on disk and in memory during training
+    activations: int  # one sequence with activation checkpointing
+
+    @property
+    def total(self) -> int:
+        return self.student + self.optimizer + self.targets + self.activations
+
+    def summary(self, config: DistillConfig) -> str:
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        return (
+            f"distill --train {config.train} (seq {config.seq_len}, top-k {config.top_k}, {config.tokens:,} tokens): "
+            f"{self.trained_params:,} trained parameters; student {gib(self.student)} + optimiser "
+            f"{gib(self.optimizer)} + targets {gib(self.targets)} + activations ~{gib(self.activations)} = "
+            f"~{gib(self.total)}"
+        )
+
+
+def _trained_params(reader: CheckpointReader, layout: MoeLayout, mode: str) -> int:
+    """Entries of the routers and of the mode's factor tensors, counted from tensor shapes on disk."""
+    suffixes = [".gate.weight", ".gate.bias"] + [f".{FACTOR_PREFIX}{f}" for f in FACTOR_FIELDS[mode]]
+    prefixes = tuple(layout.arch.experts_prefix(i).rsplit(".", 1)[0] + "." for i in layout.moe_layers)
+    return sum(
+        math.prod(reader.shape(n))
+        for n in reader.weight_map
+        if n.startswith(prefixes) and any(n.endswith(s) for s in suffixes)
+    )
+
+
+def estimate(compressed: CheckpointReader, config: DistillConfig) -> DistillMemory:
+    """Memory of a distillation of `compressed` with `config`.
+
+    Activations: with checkpointing, each decoder layer's input for one sequence is kept (layers x L x d), one
+    layer is recomputed at a time (about 16 L x d for attention and norms plus the routed tokens' expert
+    intermediates, L x top_k x p x 3), and the logits, their log-softmax and gradient (3 x L x vocab).
+    """
+    layout = moe_layout(compressed.config)
+    cfg = compressed.config
+    length, d, p = config.seq_len, layout.hidden_size, layout.intermediate_size
+    top_k = int(cfg.get("num_experts_per_tok") or 1)
+    vocab = int(cfg.get("vocab_size") or 0)
+    trained = _trained_params(compressed, layout, config.train)
+    activations = FLOAT32 * (layout.num_layers * length * d + 16 * length * d + 3 * length * top_k * p)
+    activations += FLOAT32 * 3 * length * vocab
+    per_token = 2 * config.top_k * FLOAT32 + FLOAT32 + 8  # log-probs, int32 ids, tail; int64 token id
+    return DistillMemory(
+        trained_params=trained,
+        student=FLOAT32 * compressed.num_parameters(),
+        optimizer=3 * FLOAT32 * trained,
+        targets=per_token * config.tokens,
+        activations=activations,
+    )

@@ -1,0 +1,120 @@
+"""The distillation loop: the student's trainable tensors against the teacher's stored top-k targets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..config import DistillConfig
+from ..export import FACTOR_PREFIX
+from .loss import topk_kl
+from .targets import TeacherTargets
+
+
+@dataclass
+class Evaluation:
+    """Token-weighted means over some sequences: KL to the teacher and the student's next-token perplexity."""
+
+    kl: float
+    perplexity: float
+    tokens: int
+
+
+def split(n: int, heldout_fraction: float) -> tuple[list[int], list[int]]:
+    """Training and held-out sequence indices: the held-out part is the text's last tenth (at least one)."""
+    held = max(1, math.ceil(n * heldout_fraction))
+    if held >= n:
+        raise ValueError(f"the distillation text gives {n} sequence(s): too few to hold some out")
+    return list(range(n - held)), list(range(n - held, n))
+
+
+def _forward(model: nn.Module, targets: TeacherTargets, i: int) -> tuple[Tensor, Tensor]:
+    """(KL per token, next-token NLL per token) of sequence i."""
+    device = next(model.parameters()).device
+    ids = targets.input_ids[i].to(device)
+    logits = model(input_ids=ids[None]).logits[0]
+    kl = topk_kl(logits, targets.logprobs[i].to(device), targets.indices[i].to(device), targets.tail[i].to(device))
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="none")
+    return kl, nll
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, targets: TeacherTargets, indices: list[int]) -> Evaluation:
+    kl_sum = nll_sum = 0.0
+    kl_n = nll_n = 0
+    for i in indices:
+        kl, nll = _forward(model, targets, i)
+        kl_sum, kl_n = kl_sum + kl.sum().item(), kl_n + kl.numel()
+        nll_sum, nll_n = nll_sum + nll.sum().item(), nll_n + nll.numel()
+    return Evaluation(kl_sum / kl_n, math.exp(nll_sum / max(nll_n, 1)), kl_n)
+
+
+def train(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    targets: TeacherTargets,
+    config: DistillConfig,
+    progress: bool = False,
+) -> tuple[list[dict], int]:
+    """Train `params` for `config.epochs`; `model` ends with the state best on the held-out part.
+
+    Returns the history (one row per held-out check, the first before any step) and the best state's step.
+    """
+    train_idx, held_idx = split(len(targets), config.heldout_fraction)
+    own = [p for n, p in params.items() if n.endswith(f".{FACTOR_PREFIX}A")]  # each expert's own factor
+    rest = [p for n, p in params.items() if not n.endswith(f".{FACTOR_PREFIX}A")]
+    groups = [{"params": rest, "lr": config.lr}, {"params": own, "lr": config.lr * config.a_lr_scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = math.ceil(len(train_idx) / config.batch)
+    total = steps_per_epoch * config.epochs
+
+    first = evaluate(model, targets, held_idx)
+    history = [{"step": 0, "train_kl": None, "heldout_kl": first.kl, "heldout_perplexity": first.perplexity}]
+    best_kl, best_step = first.kl, 0
+    best = {n: p.detach().clone() for n, p in params.items()}
+    if total == 0:
+        return history, best_step
+    model.train()  # gradient checkpointing applies in training mode only
+    step, running, running_tokens = 0, 0.0, 0
+    bar = tqdm(total=total, desc="Distill", disable=not progress, leave=False)
+    for _ in range(config.epochs):
+        order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=generator).tolist()]
+        for start in range(0, len(order), config.batch):
+            batch = order[start : start + config.batch]
+            tokens = sum(targets.input_ids[i].numel() for i in batch)
+            optimizer.zero_grad(set_to_none=True)
+            for i in batch:
+                kl, _ = _forward(model, targets, i)
+                (kl.sum() / tokens).backward()
+                running, running_tokens = running + kl.sum().item(), running_tokens + kl.numel()
+            optimizer.step()
+            step += 1
+            bar.update()
+            if step % config.eval_every == 0 or step == total:
+                model.eval()
+                held = evaluate(model, targets, held_idx)
+                model.train()
+                history.append(
+                    {
+                        "step": step,
+                        "train_kl": running / running_tokens,
+                        "heldout_kl": held.kl,
+                        "heldout_perplexity": held.perplexity,
+                    }
+                )
+                running, running_tokens = 0.0, 0
+                bar.set_postfix(heldout_kl=f"{held.kl:.4f}")
+                if held.kl < best_kl:
+                    best_kl, best_step = held.kl, step
+                    best = {n: p.detach().clone() for n, p in params.items()}
+    bar.close()
+    model.eval()
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(best[name])
+    return history, best_step
