@@ -81,6 +81,112 @@ def tiny_config(
             qk_nope_head_dim=8,
             v_head_dim=8,
         )
+    layers3 = {**common, "num_hidden_layers": num_layers + 1}  # a dense first layer, then MoE layers
+    if model_type == "deepseek_v2":
+        return tf.DeepseekV2Config(
+            **layers3,
+            num_key_value_heads=4,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            n_routed_experts=num_experts,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
+    if model_type == "glm4_moe":
+        return tf.Glm4MoeConfig(
+            **layers3,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            n_routed_experts=num_experts,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        )
+    if model_type == "ernie4_5_moe":
+        return tf.Ernie4_5_MoeConfig(
+            **layers3,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            moe_num_experts=num_experts,
+            moe_k=top_k,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+            moe_layer_interval=1,
+        )
+    if model_type == "qwen3_next":  # layers 0-2 linear attention, layer 3 full attention; every layer MoE
+        return tf.Qwen3NextConfig(
+            **{**common, "num_hidden_layers": max(num_layers, 4)},
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            shared_expert_intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+        )
+    if model_type == "bailing_hybrid":
+        return tf.BailingHybridConfig(
+            **layers3,
+            num_key_value_heads=4,
+            head_dim=hidden_size // 4,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+            num_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            layer_group_size=num_layers + 1,  # linear attention, then one full-attention layer last
+        )
+    if model_type == "minimax_m2":
+        return tf.MiniMaxM2Config(
+            **common,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            intermediate_size=moe_intermediate_size,
+            num_local_experts=num_experts,
+        )
+    if model_type == "phimoe":
+        return tf.PhimoeConfig(
+            **common, num_key_value_heads=2, intermediate_size=moe_intermediate_size, num_local_experts=num_experts
+        )
+    if model_type == "granitemoe":
+        return tf.GraniteMoeConfig(
+            **common, num_key_value_heads=2, intermediate_size=moe_intermediate_size, num_local_experts=num_experts
+        )
+    if model_type == "gemma4":
+        text = dict(
+            **common,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            global_head_dim=hidden_size // 4,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+            top_k_experts=top_k,
+            enable_moe_block=True,
+            hidden_size_per_layer_input=0,
+            layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"],
+        )
+        text.pop("num_experts_per_tok")
+        text["pad_token_id"] = 1  # Gemma 4 masks multimodal positions with the pad token
+        return tf.Gemma4Config(text_config=text, tie_word_embeddings=False)
     raise ValueError(f"no tiny config for model_type {model_type!r}")
 
 

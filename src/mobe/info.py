@@ -88,8 +88,9 @@ def model_info(
     if section and section.get("format") == "native":  # count what the checkpoint holds for the experts
         info.stored = section
         prefixes = tuple(layout.arch.experts_prefix(layer) + "." for layer in layout.moe_layers)
+        fused = {name for layer in layout.moe_layers for name in layout.fused_tensors(layer)}
         info.compressed_expert_params = sum(
-            math.prod(reader.shape(n)) for n in reader.weight_map if n.startswith(prefixes)
+            math.prod(reader.shape(n)) for n in reader.weight_map if n.startswith(prefixes) or n in fused
         )
         info.model_params = reader.num_parameters()
         return info

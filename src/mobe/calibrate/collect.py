@@ -92,17 +92,7 @@ class LayerStream:
         tensors = self.reader.get_many([self.names[m] for m in names])
         state = {m[len(prefix) :]: tensors[self.names[m]] for m in names}
         if layer is not None and layer in self.layout.moe_layers:
-            stack = {
-                matrix: torch.stack(
-                    list(
-                        self.reader.get_many(
-                            [self.layout.arch.tensor_name(layer, e, matrix) for e in range(self.layout.num_experts)],
-                            dequantize=True,
-                        ).values()
-                    )
-                )
-                for matrix in ("gate", "up", "down")
-            }
+            stack = {matrix: self.layout.read_experts(self.reader, layer, matrix) for matrix in ("gate", "up", "down")}
             rel = self.layout.arch.experts_module.format(layer=layer)[len(prefix) :]
             state[f"{rel}.gate_up_proj"] = torch.cat([stack["gate"], stack["up"]], dim=1)
             state[f"{rel}.down_proj"] = stack["down"]

@@ -49,7 +49,12 @@ def install_compressed_experts(model: nn.Module, config: Any) -> None:
     method = section.get("method", "mobe")
     get_method(method)  # an unknown method fails here, by name
     meta = section.get("factor_meta", {})
-    for layer in layout.moe_layers:  # uncompressed MoE layers too: their experts load unfused, as on disk
+    fused = layout.arch.fused is not None
+    for layer in layout.moe_layers:
+        # Per-expert layouts: uncompressed MoE layers too, their experts load unfused, as on disk. Fused layouts:
+        # uncompressed layers keep transformers' module, which loads the fused tensors as they are.
+        if fused and layer not in section["layers"]:
+            continue
         path = layout.arch.experts_module.format(layer=layer)
         original = model.get_submodule(path)
         compressed = section["matrices"] if layer in section["layers"] else ()
@@ -131,8 +136,12 @@ def _register_conversions(base: str, *names: str) -> None:
     if mapping is None:
         pattern = getattr(cm, "_MODEL_TO_CONVERSION_PATTERN", {}).get(base)
         mapping = (cm.get_checkpoint_conversion_mapping(pattern) if pattern else None) or []
-    kept = [t for t in mapping if not any(".experts." in p for p in t.source_patterns)]
     arch = get_arch(base)
+    if arch.fused is not None:  # factors and dense stacks are stored under their module names: nothing to convert
+        for name in names:
+            cm.register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
+        return
+    kept = [t for t in mapping if not any(".experts." in p for p in t.source_patterns)]
     experts = arch.experts_module.split("{layer}.", 1)[1]  # `mlp.experts` (patterns are regexes: no leading dot,
     stacks = [  # which would also match `shared_experts`)
         WeightConverter(f"{experts}.*.{n}.weight", f"{experts}.{n}", operations=[MergeModulelist(dim=0)])

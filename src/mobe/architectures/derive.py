@@ -1,0 +1,99 @@
+"""What transformers itself says about a family: its model built on the meta device from the config.
+
+Families registered without explicit config rules take their MoE layers and sizes from here: the layers whose
+routed-experts module exists, and the experts' shapes, exactly as the installed transformers builds them. Nothing is
+allocated (meta tensors), so this costs the same for a 1T model as for a tiny one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .spec import ArchSpec
+
+
+class NotInTransformersError(ValueError):
+    """The installed transformers has no model class for a family."""
+
+
+@dataclass(frozen=True)
+class DerivedLayout:
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    intermediate_size: int  # p
+    hidden_size: int  # d
+
+
+def transformers_config(config: Mapping[str, Any], model_type: str):
+    """The transformers config object of a raw config dict, for `model_type` (its `mobe` section left out)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise NotInTransformersError(
+            f"model_type {model_type!r} is not in the installed transformers {transformers.__version__}"
+        )
+    clean = {k: v for k, v in config.items() if k not in ("mobe", "model_type", "architectures", "auto_map")}
+    return CONFIG_MAPPING[model_type].from_dict(clean)
+
+
+def model_on_meta(config: Mapping[str, Any], model_type: str) -> torch.nn.Module:
+    """The family's causal-LM class (as AutoModelForCausalLM picks it) built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = transformers_config(config, model_type)
+    try:
+        model_cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+    except KeyError:
+        raise NotInTransformersError(f"transformers has no causal-LM class for model_type {model_type!r}") from None
+    with torch.device("meta"):
+        return model_cls(cfg)
+
+
+def experts_module_sizes(module: torch.nn.Module) -> tuple[int, int, int]:
+    """(E, p, d) of a transformers experts module: `down_proj` is (E, d, p), or (E, p, d) where `gate_up_proj`
+    is stored transposed, (E, d, 2p) (Llama 4)."""
+    down = getattr(module, "down_proj", None)
+    gate_up = getattr(module, "gate_up_proj", None)
+    if not isinstance(down, torch.Tensor) or not isinstance(gate_up, torch.Tensor) or down.dim() != 3:
+        raise ValueError(f"{type(module).__name__} has no 3-D gate_up_proj / down_proj parameters")
+    E = down.shape[0]
+    if tuple(gate_up.shape) == (E, 2 * down.shape[2], down.shape[1]):
+        return E, down.shape[2], down.shape[1]
+    if tuple(gate_up.shape) == (E, down.shape[2], 2 * down.shape[1]):
+        return E, down.shape[1], down.shape[2]
+    raise ValueError(f"{type(module).__name__}: gate_up_proj {tuple(gate_up.shape)} does not fit down_proj")
+
+
+@functools.lru_cache(maxsize=32)
+def _derive(arch_key: str, experts_module: str, config_json: str) -> DerivedLayout:
+    config = json.loads(config_json)
+    model = model_on_meta(config, arch_key)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    moe, sizes = [], set()
+    for layer in range(num_layers):
+        try:
+            module = model.get_submodule(experts_module.format(layer=layer))
+        except AttributeError:
+            continue
+        moe.append(layer)
+        sizes.add(experts_module_sizes(module))
+    if not moe:
+        raise ValueError(f"{arch_key}: this config builds no routed-experts module at {experts_module}")
+    if len(sizes) > 1:
+        raise ValueError(f"{arch_key}: MoE layers of different sizes {sorted(sizes)} are not supported")
+    E, p, d = sizes.pop()
+    return DerivedLayout(num_layers, tuple(moe), E, p, d)
+
+
+def derive_layout(arch: ArchSpec, config: Mapping[str, Any]) -> DerivedLayout:
+    """Layers, MoE layers and expert sizes of `config` as transformers builds the model (cached per config)."""
+    return _derive(arch.model_type, arch.experts_module, json.dumps(dict(config), sort_keys=True, default=str))

@@ -1,0 +1,78 @@
+"""Families whose MoE layers and sizes come from transformers itself (the model built on the meta device).
+
+Each entry is only what transformers cannot tell: where the routed experts sit in the checkpoint as published,
+when that differs from the default (`model.layers.{layer}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight`).
+"""
+
+from __future__ import annotations
+
+from .spec import ArchSpec, FusedTensor
+
+_MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}  # w1 is activated, w3 multiplies, w2 projects down
+
+
+def _per_expert(model_type: str, **kwargs) -> ArchSpec:
+    return ArchSpec(model_type=model_type, experts="model.layers.{layer}.mlp.experts", **kwargs)
+
+
+def _fused_gate_up(model_type: str, experts: str, gate_up: str, down: str, transposed: bool = False) -> ArchSpec:
+    """Experts stored fused on disk: gate and up as the two halves (gate first) of one (E, 2p, d) tensor, down as
+    one (E, d, p) tensor (or both transposed); the experts module holds the same tensors."""
+    return ArchSpec(
+        model_type=model_type,
+        experts=experts,
+        experts_module=experts,
+        fused={
+            "gate": FusedTensor(gate_up, part=0, parts=2, transposed=transposed),
+            "up": FusedTensor(gate_up, part=1, parts=2, transposed=transposed),
+            "down": FusedTensor(down, transposed=transposed),
+        },
+    )
+
+
+FAMILIES = (
+    # Per-expert tensors, as transformers' `qwen2_moe` conversion rules expect them.
+    _per_expert("deepseek_v2"),  # DeepSeek-V2 / V2-Lite: shared experts and dense first layers left alone
+    _per_expert("glm4_moe"),  # GLM-4.5 / 4.6 / 4.7
+    _per_expert("ernie4_5_moe"),  # ERNIE-4.5 MoE
+    _per_expert("qwen3_next"),  # Qwen3-Next: hybrid (linear + full) attention, shared expert
+    _per_expert("bailing_hybrid"),  # Ling / Ring 2.5 (hybrid linear attention)
+    # Mixtral-style names under `block_sparse_moe`, which transformers renames to `mlp`.
+    ArchSpec(
+        model_type="minimax_m2",
+        experts="model.layers.{layer}.block_sparse_moe.experts",
+        matrices=_MIXTRAL_NAMES,
+        module_renames={".block_sparse_moe.": ".mlp."},
+    ),
+    ArchSpec(
+        model_type="phimoe",
+        experts="model.layers.{layer}.block_sparse_moe.experts",
+        matrices=_MIXTRAL_NAMES,
+        module_renames={".block_sparse_moe.": ".mlp."},
+    ),
+    # Fused on disk.
+    ArchSpec(
+        model_type="granitemoe",  # IBM Granite 3.x MoE: `input_linear` (E, 2p, d), `output_linear` (E, d, p)
+        experts="model.layers.{layer}.block_sparse_moe.experts",
+        experts_module="model.layers.{layer}.block_sparse_moe.experts",
+        fused={
+            "gate": FusedTensor("model.layers.{layer}.block_sparse_moe.input_linear.weight", part=0, parts=2),
+            "up": FusedTensor("model.layers.{layer}.block_sparse_moe.input_linear.weight", part=1, parts=2),
+            "down": FusedTensor("model.layers.{layer}.block_sparse_moe.output_linear.weight"),
+        },
+    ),
+    _fused_gate_up(  # Gemma 4 MoE (text part of the multimodal checkpoint)
+        "gemma4",
+        "model.language_model.layers.{layer}.experts",
+        "model.language_model.layers.{layer}.experts.gate_up_proj",
+        "model.language_model.layers.{layer}.experts.down_proj",
+    ),
+)
+
+# Families mobe knows of and cannot read, each with the reason (the error a user gets).
+UNSUPPORTED = {
+    "gpt_oss": "gpt-oss experts carry biases and a clamped, interleaved SwiGLU on MXFP4 weights; the factorised "
+    "experts compute act(gate x) * (up x) without biases, so they cannot reproduce it",
+    "bailing_moe": "Ling / Ring 2.0 (bailing_moe) ships only as remote code; the installed transformers has no "
+    "bailing_moe class (bailing_hybrid is supported)",
+}
