@@ -50,20 +50,19 @@ def test_native_checkpoint_layout_and_report(arch, tiny_checkpoints, tmp_path):
     for layer in layout.moe_layers:
         prefix = arch_spec.experts_prefix(layer)
         for matrix in ("gate", "up"):
-            assert arch_spec.tensor_name(layer, 0, matrix) not in reader.weight_map
+            assert not set(layout.stored_names(layer, matrix)) & set(reader.weight_map)
             name = arch_spec.matrices[matrix]
             assert reader.shape(f"{prefix}.{name}.mobe_A") == (E, p, 8)
             assert reader.shape(f"{prefix}.{name}.mobe_bases") == (1, 2, 8, d)
             assert reader.shape(f"{prefix}.{name}.mobe_coef") == (E, 2)
-        assert reader.shape(arch_spec.tensor_name(layer, E - 1, "down")) == (d, p)
+        down = layout.stored_names(layer, "down")[-1]  # left as the source stores it
+        assert reader.shape(down) == (layout.fused_shape("down") if arch_spec.fused else (d, p))
 
     # Every tensor that is neither a replaced gate/up matrix nor a factor is copied bit for bit.
     source = CheckpointReader(src)
-    kept = [
-        n
-        for n in source.weight_map
-        if not any(f".{arch_spec.matrices[m]}.weight" in n and ".experts." in n for m in ("gate", "up"))
-    ]
+    replaced = {n for layer in layout.moe_layers for m in ("gate", "up") for n in layout.stored_names(layer, m)}
+    kept = [n for n in source.weight_map if n not in replaced]
+    assert len(kept) < len(source.weight_map)
     for name in kept:
         assert torch.equal(reader.get(name), source.get(name)), name
 
