@@ -72,6 +72,17 @@ class ArchSpec:
             raise ValueError(f"{self.model_type} stores its experts fused; there is no tensor per expert")
         return f"{self.experts_prefix(layer)}.{expert}.{self.matrices[matrix]}.weight"
 
+    def storage(self) -> str:
+        """How the checkpoint stores the experts of a layer, in one line (for `mobe info --list` and the docs)."""
+        if self.fused is None:
+            names = ",".join(self.matrices[m] for m in MATRIX_TYPES)
+            return f"{self.experts}.{{e}}.{{{names}}}.weight (per expert)"
+        tensors: dict[str, list[str]] = {}
+        for matrix in MATRIX_TYPES:
+            fused = self.fused[matrix]
+            tensors.setdefault(fused.name + (" (E, in, out)" if fused.transposed else ""), []).append(matrix)
+        return "; ".join(f"{name} = {'|'.join(matrices)}" for name, matrices in tensors.items()) + " (fused)"
+
     def stored_names(self, layer: int, matrix: str, num_experts: int) -> list[str]:
         """The checkpoint tensors that hold one layer's matrices of one type (one per expert, or one fused)."""
         if self.fused is not None:
