@@ -5,6 +5,7 @@ Used by the demo, the tests and the benchmarks: no hub access needed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,22 @@ def tiny_config(
         text.pop("num_experts_per_tok")
         text["pad_token_id"] = 1  # Gemma 4 masks multimodal positions with the pad token
         return tf.Gemma4Config(text_config=text, tie_word_embeddings=False)
+    if model_type == "qwen3_5_moe":  # linear attention, then full attention; a one-block vision tower
+        text = dict(
+            **common,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            moe_intermediate_size=moe_intermediate_size,
+            shared_expert_intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+            layer_types=["linear_attention"] * (num_layers - 1) + ["full_attention"],
+        )
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden_size)
+        return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
     raise ValueError(f"no tiny config for model_type {model_type!r}")
 
 
@@ -199,16 +216,62 @@ def build_tiny_moe(
     dtype: torch.dtype = torch.float32,
     **sizes,
 ) -> Path:
-    """Save a randomly initialised tiny MoE of `model_type` to `path` with `save_pretrained` (sharded)."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    """Save a randomly initialised tiny MoE of `model_type` to `path` with `save_pretrained` (sharded), in the
+    layout its published checkpoints have (see `fuse_experts_on_disk`)."""
+    from transformers import GenerationConfig
+
+    from .architectures import get_arch
+    from .architectures.derive import model_class
 
     torch.manual_seed(seed)
     config = tiny_config(model_type, **sizes)
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model = model_class(model_type, get_arch(model_type).model_class)(config).to(dtype)
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1)
     path = Path(path)
     model.save_pretrained(path, max_shard_size=max_shard_size)
+    fuse_experts_on_disk(path)
     return path
+
+
+def fuse_experts_on_disk(path: Path) -> None:
+    """Rewrite per-expert tensors as the fused ones the family's published checkpoints hold.
+
+    transformers' save_pretrained reverses its loading rules, so it writes Qwen3.5-MoE's experts one tensor per
+    expert (the `qwen2_moe` rules it also loads), while the published checkpoints store them fused (the module's
+    own `gate_up_proj` and `down_proj`). This applies those rules forward on the saved files; families saved as
+    published already are left alone.
+    """
+    from safetensors.torch import load_file
+
+    from .architectures import moe_layout
+    from .checkpoint import CheckpointReader
+    from .export.files import atomic_save_file, write_json_atomic
+
+    reader = CheckpointReader(path)
+    layout = moe_layout(reader.config)
+    arch = layout.arch
+    per_expert = {m: f"{arch.experts}.{{e}}.{arch.matrices[m]}.weight" for m in ("gate", "up", "down")}
+    if arch.fused is None or per_expert["gate"].format(layer=layout.moe_layers[0], e=0) not in reader.weight_map:
+        return
+    shards = {shard: load_file(path / shard) for shard in reader.shards}
+    weight_map = dict(reader.weight_map)
+    for layer in layout.moe_layers:
+        for name, matrices in layout.fused_tensors(layer).items():
+            blocks = {}
+            for m in matrices:
+                names = [per_expert[m].format(layer=layer, e=e) for e in range(layout.num_experts)]
+                blocks[m] = torch.stack([shards[weight_map[n]].pop(n) for n in names])
+                target = weight_map[names[0]]
+                for n in names:
+                    del weight_map[n]
+            shards[target][name] = layout.assemble_fused(matrices, blocks)
+            weight_map[name] = target
+    for shard, tensors in shards.items():
+        atomic_save_file(tensors, path / shard, {"format": "pt"})
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        write_json_atomic({**index, "weight_map": dict(sorted(weight_map.items()))}, index_file)
 
 
 TRAINED_FIXTURE = "qwen3-moe-trained"  # coarse: 16 experts of p=256 on d=128, top-2 (p > d)

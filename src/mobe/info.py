@@ -125,18 +125,21 @@ def supported_families() -> list[FamilyRow]:
             tested = True
         except ValueError:
             tested = False
-        rows.append(FamilyRow(model_type, arch.aliases, _causal_lm_class(model_type), arch.storage(), tested))
+        rows.append(FamilyRow(model_type, arch.aliases, _model_class_name(arch), arch.storage(), tested))
     return rows
 
 
-def _causal_lm_class(model_type: str) -> str | None:
-    from transformers import AutoModelForCausalLM
+def _model_class_name(arch) -> str | None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if model_type not in CONFIG_MAPPING:
+    from .architectures.derive import NotInTransformersError, model_class
+
+    if arch.model_type not in CONFIG_MAPPING:
         return None
-    model_cls = AutoModelForCausalLM._model_mapping.get(CONFIG_MAPPING[model_type], None)
-    return model_cls.__name__ if model_cls is not None else None
+    try:
+        return model_class(arch.model_type, arch.model_class).__name__
+    except NotInTransformersError:
+        return None
 
 
 def families_table() -> str:

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from mobe import CheckpointReader, MobeConfig, compress, reconstruct
 from mobe.architectures import UnsupportedArchitectureError, canonical_model_types, get_arch, moe_layout
+from mobe.architectures.derive import model_class
 from mobe.cli.main import main
 
 FUSED = [a for a in canonical_model_types() if get_arch(a).fused is not None]
@@ -19,7 +19,7 @@ def test_expert_stacks_are_what_transformers_loads(arch, tiny_checkpoints):
     src = tiny_checkpoints[arch]
     reader = CheckpointReader(src)
     layout = moe_layout(reader.config)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model = model_class(arch, get_arch(arch).model_class).from_pretrained(src, dtype=torch.float32)
     p = layout.intermediate_size
     with_experts = []
     for layer in range(layout.num_layers):

@@ -45,15 +45,26 @@ def transformers_config(config: Mapping[str, Any], model_type: str):
     return CONFIG_MAPPING[model_type].from_dict(clean)
 
 
-def model_on_meta(config: Mapping[str, Any], model_type: str) -> torch.nn.Module:
-    """The family's causal-LM class (as AutoModelForCausalLM picks it) built on the meta device."""
+def model_class(model_type: str, class_name: str | None = None) -> type:
+    """The family's model class: `class_name` from transformers, or the causal LM AutoModelForCausalLM picks."""
+    import transformers
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if class_name is not None:
+        if not hasattr(transformers, class_name):
+            raise NotInTransformersError(f"the installed transformers {transformers.__version__} has no {class_name}")
+        return getattr(transformers, class_name)
+    model_cls = AutoModelForCausalLM._model_mapping.get(CONFIG_MAPPING[model_type], None)
+    if model_cls is None:
+        raise NotInTransformersError(f"transformers has no causal-LM class for model_type {model_type!r}")
+    return model_cls
+
+
+def model_on_meta(config: Mapping[str, Any], model_type: str, class_name: str | None = None) -> torch.nn.Module:
+    """The family's model class (`model_class`) built from `config` on the meta device."""
     cfg = transformers_config(config, model_type)
-    try:
-        model_cls = AutoModelForCausalLM._model_mapping[type(cfg)]
-    except KeyError:
-        raise NotInTransformersError(f"transformers has no causal-LM class for model_type {model_type!r}") from None
+    model_cls = model_class(model_type, class_name)
     with torch.device("meta"):
         return model_cls(cfg)
 
@@ -74,9 +85,9 @@ def experts_module_sizes(module: torch.nn.Module) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=32)
-def _derive(arch_key: str, experts_module: str, config_json: str) -> DerivedLayout:
+def _derive(arch_key: str, class_name: str | None, experts_module: str, config_json: str) -> DerivedLayout:
     config = json.loads(config_json)
-    model = model_on_meta(config, arch_key)
+    model = model_on_meta(config, arch_key, class_name)
     num_layers = model.config.get_text_config().num_hidden_layers
     moe, sizes = [], set()
     for layer in range(num_layers):
@@ -96,4 +107,5 @@ def _derive(arch_key: str, experts_module: str, config_json: str) -> DerivedLayo
 
 def derive_layout(arch: ArchSpec, config: Mapping[str, Any]) -> DerivedLayout:
     """Layers, MoE layers and expert sizes of `config` as transformers builds the model (cached per config)."""
-    return _derive(arch.model_type, arch.experts_module, json.dumps(dict(config), sort_keys=True, default=str))
+    config_json = json.dumps(dict(config), sort_keys=True, default=str)
+    return _derive(arch.model_type, arch.model_class, arch.experts_module, config_json)

@@ -15,18 +15,19 @@ def _per_expert(model_type: str, **kwargs) -> ArchSpec:
     return ArchSpec(model_type=model_type, experts="model.layers.{layer}.mlp.experts", **kwargs)
 
 
-def _fused_gate_up(model_type: str, experts: str, gate_up: str, down: str, transposed: bool = False) -> ArchSpec:
-    """Experts stored fused on disk: gate and up as the two halves (gate first) of one (E, 2p, d) tensor, down as
-    one (E, d, p) tensor (or both transposed); the experts module holds the same tensors."""
+def _fused_gate_up(model_type: str, experts: str, transposed: bool = False, **kwargs) -> ArchSpec:
+    """Experts stored fused on disk as the experts module holds them: `{experts}.gate_up_proj`, gate and up the two
+    halves (gate first) of one (E, 2p, d) tensor, and `{experts}.down_proj` (E, d, p) (or both transposed)."""
     return ArchSpec(
         model_type=model_type,
         experts=experts,
         experts_module=experts,
         fused={
-            "gate": FusedTensor(gate_up, part=0, parts=2, transposed=transposed),
-            "up": FusedTensor(gate_up, part=1, parts=2, transposed=transposed),
-            "down": FusedTensor(down, transposed=transposed),
+            "gate": FusedTensor(f"{experts}.gate_up_proj", part=0, parts=2, transposed=transposed),
+            "up": FusedTensor(f"{experts}.gate_up_proj", part=1, parts=2, transposed=transposed),
+            "down": FusedTensor(f"{experts}.down_proj", transposed=transposed),
         },
+        **kwargs,
     )
 
 
@@ -61,11 +62,13 @@ FAMILIES = (
             "down": FusedTensor("model.layers.{layer}.block_sparse_moe.output_linear.weight"),
         },
     ),
-    _fused_gate_up(  # Gemma 4 MoE (text part of the multimodal checkpoint)
-        "gemma4",
-        "model.language_model.layers.{layer}.experts",
-        "model.language_model.layers.{layer}.experts.gate_up_proj",
-        "model.language_model.layers.{layer}.experts.down_proj",
+    _fused_gate_up("gemma4", "model.language_model.layers.{layer}.experts"),  # Gemma 4 MoE (text part)
+    # Qwen3.5 MoE (text part; hybrid linear attention). AutoModelForCausalLM would build the text-only model, whose
+    # names drop `language_model`; the multimodal class holds the tensors under the checkpoint's own names.
+    _fused_gate_up(
+        "qwen3_5_moe",
+        "model.language_model.layers.{layer}.mlp.experts",
+        model_class="Qwen3_5MoeForConditionalGeneration",
     ),
 )
 

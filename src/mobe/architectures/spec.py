@@ -41,6 +41,8 @@ class ArchSpec:
             experts module exists in the model transformers builds on the meta device.
         aliases: other `model_type`s with the same layout (Kimi-K2 uses DeepSeek-V3's).
         fused: experts stored as one tensor per layer (not one per expert): matrix type -> where it is.
+        model_class: the transformers class that holds the checkpoint's tensors under their own names, where
+            AutoModelForCausalLM would build a text-only model under other names (multimodal checkpoints).
     """
 
     model_type: str
@@ -57,6 +59,7 @@ class ArchSpec:
     experts_module: str = "model.layers.{layer}.mlp.experts"
     module_renames: Mapping[str, str] = field(default_factory=dict)
     fused: Mapping[str, FusedTensor] | None = None
+    model_class: str | None = None
 
     def module_name(self, checkpoint_name: str) -> str:
         for old, new in self.module_renames.items():

@@ -94,12 +94,14 @@ def _native_classes(base: str) -> tuple[type, type] | None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from ..architectures.derive import NotInTransformersError, model_class
+
     if base not in CONFIG_MAPPING:
         return None
     base_config = CONFIG_MAPPING[base]
     try:
-        base_model = AutoModelForCausalLM._model_mapping[base_config]
-    except KeyError:
+        base_model = model_class(base, get_arch(base).model_class)
+    except NotInTransformersError:
         return None
     name = native_model_type(base)
     config_cls = type(f"Mobe{base_config.__name__}", (base_config,), {"model_type": name, "__module__": __name__})
