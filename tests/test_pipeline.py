@@ -41,7 +41,7 @@ def test_native_checkpoint_layout_and_report(arch, tiny_checkpoints, tmp_path):
     layout = moe_layout(json.loads((src / "config.json").read_text()))
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
 
-    reader = CheckpointReader(out)
+    reader, src_reader = CheckpointReader(out), CheckpointReader(src)
     section = reader.config["mobe"]
     assert section["format"] == "native" and section["layers"] == list(layout.moe_layers)
     assert (section["num_bases"], section["rank"], section["matrices"]) == (2, 8, ["gate", "up"])
@@ -55,12 +55,17 @@ def test_native_checkpoint_layout_and_report(arch, tiny_checkpoints, tmp_path):
             assert reader.shape(f"{prefix}.{name}.mobe_A") == (E, p, 8)
             assert reader.shape(f"{prefix}.{name}.mobe_bases") == (1, 2, 8, d)
             assert reader.shape(f"{prefix}.{name}.mobe_coef") == (E, 2)
-        down = layout.stored_names(layer, "down")[-1]  # left as the source stores it
-        assert reader.shape(down) == (layout.fused_shape("down") if arch_spec.fused else (d, p))
+        if arch_spec.fused:  # the compressed layer's experts module holds down as one (E, d, p) stack
+            assert torch.equal(
+                reader.get(f"{prefix}.{arch_spec.matrices['down']}"), layout.read_experts(src_reader, layer, "down")
+            )
+        else:  # left as the source stores it
+            assert reader.shape(layout.stored_names(layer, "down")[-1]) == (d, p)
 
-    # Every tensor that is neither a replaced gate/up matrix nor a factor is copied bit for bit.
+    # Every tensor that is neither a replaced gate/up matrix (fused: any experts tensor) nor a factor is copied as is.
     source = CheckpointReader(src)
-    replaced = {n for layer in layout.moe_layers for m in ("gate", "up") for n in layout.stored_names(layer, m)}
+    replaced_types = ("gate", "up", "down") if arch_spec.fused else ("gate", "up")
+    replaced = {n for layer in layout.moe_layers for m in replaced_types for n in layout.stored_names(layer, m)}
     kept = [n for n in source.weight_map if n not in replaced]
     assert len(kept) < len(source.weight_map)
     for name in kept:

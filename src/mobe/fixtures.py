@@ -204,6 +204,28 @@ def tiny_config(
         )
         vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden_size)
         return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    if model_type == "llama4":  # MoE every second layer (as Llama 4 Maverick), a shared expert in each
+        text = dict(
+            **{**common, "num_hidden_layers": 2 * num_layers},
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            intermediate_size=moe_intermediate_size,
+            intermediate_size_mlp=2 * hidden_size,
+            num_local_experts=num_experts,
+            interleave_moe_layer_step=2,
+        )
+        vision = dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vision_output_dim=32,
+            image_size=28,
+            patch_size=14,
+            projector_input_dim=32,
+            projector_output_dim=hidden_size,
+        )
+        return tf.Llama4Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
     raise ValueError(f"no tiny config for model_type {model_type!r}")
 
 

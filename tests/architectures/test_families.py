@@ -29,6 +29,8 @@ def test_expert_stacks_are_what_transformers_loads(arch, tiny_checkpoints):
             continue
         with_experts.append(layer)
         gate_up, down = experts.gate_up_proj, experts.down_proj  # (E, 2p, d): gate rows first; (E, d, p)
+        if layout.arch.fused is not None and layout.arch.fused["gate"].transposed:  # Llama 4 holds both transposed
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         assert torch.equal(layout.read_experts(reader, layer, "gate"), gate_up[:, :p])
         assert torch.equal(layout.read_experts(reader, layer, "up"), gate_up[:, p:])
         assert torch.equal(layout.read_experts(reader, layer, "down"), down)

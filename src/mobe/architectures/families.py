@@ -70,6 +70,15 @@ FAMILIES = (
         "model.language_model.layers.{layer}.mlp.experts",
         model_class="Qwen3_5MoeForConditionalGeneration",
     ),
+    # Llama 4 (text part): fused and transposed, gate_up_proj (E, d, 2p) and down_proj (E, p, d); its experts module
+    # takes every token for every expert, pre-scaled by the routing weights (`MobeExperts` computes routed rows only).
+    _fused_gate_up(
+        "llama4",
+        "language_model.model.layers.{layer}.feed_forward.experts",
+        transposed=True,
+        model_class="Llama4ForConditionalGeneration",
+        text_model="language_model",  # its multimodal forward fails on every input in transformers 5.24
+    ),
 )
 
 # Families mobe knows of and cannot read, each with the reason (the error a user gets).

@@ -43,6 +43,8 @@ class ArchSpec:
         fused: experts stored as one tensor per layer (not one per expert): matrix type -> where it is.
         model_class: the transformers class that holds the checkpoint's tensors under their own names, where
             AutoModelForCausalLM would build a text-only model under other names (multimodal checkpoints).
+        text_model: where `model_class.forward` cannot run text alone, its attribute that can (the native model's
+            forward goes there).
     """
 
     model_type: str
@@ -60,6 +62,7 @@ class ArchSpec:
     module_renames: Mapping[str, str] = field(default_factory=dict)
     fused: Mapping[str, FusedTensor] | None = None
     model_class: str | None = None
+    text_model: str | None = None
 
     def module_name(self, checkpoint_name: str) -> str:
         for old, new in self.module_renames.items():

@@ -2,10 +2,10 @@
 
 Native format: each compressed expert matrix type of a layer becomes three tensors beside the
 experts, `{experts}.{name}.mobe_A` (E, p, r), `.mobe_bases` (g, m/g, r, d), `.mobe_coef` (E, m/g);
-the per-expert gate/up tensors are dropped, everything else is copied unchanged. Where the checkpoint stores a
-layer's experts fused (several matrix types in one tensor), that tensor is dropped and the matrix types it holds that
-are not compressed are written beside the factors as `{experts}.{name}` stacks ((E, p, d); down (E, d, p)). Dense
-format: the
+the per-expert gate/up tensors are dropped, everything else is copied unchanged. Where the checkpoint stores the
+experts fused (one tensor per layer for one or more matrix types, Qwen3.5 / Gemma 4 / Llama 4), a compressed layer's
+fused tensors are dropped and its matrix types left dense are written beside the factors as `{experts}.{name}` stacks
+((E, p, d); down (E, d, p)), the layout of the experts module that runs them. Dense format: the
 same tensors and shard layout as the source, with the compressed matrices rebuilt from the factors
 (block-FP8 sources get FP8 matrices and fresh `_scale_inv` block scales back, so engines load them as before).
 """
@@ -50,14 +50,12 @@ def _replaced_tensors(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[st
 
 
 def replaced_fused_tensors(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[str, tuple[int, list[str]]]:
-    """Fused layouts: source tensor name -> (layer, the matrix types it holds) for each tensor holding a compressed
-    matrix type."""
-    compressed = set(jobs)
+    """Fused layouts: source tensor name -> (layer, the matrix types it holds) for every fused tensor of a compressed
+    layer (the compressed experts module of a layer holds all its matrix types, in its own orientation)."""
     out = {}
     for layer in sorted({layer for layer, _ in jobs}) if layout.arch.fused is not None else ():
         for name, matrices in layout.fused_tensors(layer).items():
-            if any((layer, m) in compressed for m in matrices):
-                out[name] = (layer, matrices)
+            out[name] = (layer, matrices)
     return out
 
 
@@ -68,8 +66,8 @@ def replaced_tensor_names(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dic
 
 
 def dense_stacks(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[str, tuple[int, str]]:
-    """Native format, fused layouts: the `{experts}.{name}` stack written for each matrix type left dense in a fused
-    tensor that also holds a compressed one -> (layer, matrix)."""
+    """Native format, fused layouts: the `{experts}.{name}` stack written for each matrix type left dense in a
+    compressed layer -> (layer, matrix)."""
     compressed = set(jobs)
     return {
         f"{layout.arch.experts_prefix(layer)}.{layout.arch.matrices[m]}": (layer, m)
@@ -106,7 +104,8 @@ def write_checkpoint(
     # A matrix is FP8 in the output exactly when the plan holds its scales (the source's FP8 experts).
     replaced_scales = {n + SCALE_SUFFIX: n for n in replaced if block and n + SCALE_SUFFIX in planned}
     quantized = set(replaced_scales.values())
-    dropped = set(stacks) if fmt == "dense" else {*replaced, *replaced_scales, *fused}
+    dropped = set(stacks) - set(fused) if fmt == "dense" else {*replaced, *replaced_scales, *fused}
+    source_is_native = (reader.config.get("mobe") or {}).get("format") == "native"
     kept = {shard: [n for n in names if n not in dropped] for shard, names in by_shard.items()}
     kept = {shard: names for shard, names in kept.items() if names}
     factor_layers = sorted({layer for layer, _ in jobs}) if fmt == "native" else []
@@ -130,13 +129,14 @@ def write_checkpoint(
         if (layer, matrix) in jobs:
             factors = factors_of(layer, matrix)
             return oriented(matrix, factors.reconstruct()).to(factors.dtype)
-        stack = f"{layout.arch.experts_prefix(layer)}.{layout.arch.matrices[matrix]}"
-        return reader.get(stack) if stack in reader.weight_map else layout.read_experts(reader, layer, matrix)
+        if source_is_native:
+            return reader.get(f"{layout.arch.experts_prefix(layer)}.{layout.arch.matrices[matrix]}")
+        return layout.read_experts(reader, layer, matrix)
 
     def rebuilt_fused(name: str) -> torch.Tensor:
         layer, matrices = fused[name]
         blocks = {m: dense_block(layer, m) for m in matrices}
-        dtype = next(blocks[m].dtype for m in matrices if (layer, m) in jobs)
+        dtype = next((blocks[m].dtype for m in matrices if (layer, m) in jobs), blocks[matrices[0]].dtype)
         return layout.assemble_fused(matrices, {m: b.to(dtype) for m, b in blocks.items()})
 
     read_here = set(replaced) | set(replaced_scales) | set(fused)

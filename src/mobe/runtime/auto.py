@@ -110,22 +110,35 @@ def _native_classes(base: str) -> tuple[type, type] | None:
         base_model.__init__(self, config)
         install_compressed_experts(self, config)
 
-    model_cls = type(
-        f"Mobe{base_model.__name__}",
-        (base_model,),
-        {
-            "config_class": config_cls,
-            "__init__": __init__,
-            "from_pretrained": classmethod(_from_pretrained),
-            "__module__": __name__,
-        },
-    )
+    attributes = {
+        "config_class": config_cls,
+        "__init__": __init__,
+        "from_pretrained": classmethod(_from_pretrained),
+        "__module__": __name__,
+    }
+    if get_arch(base).text_model is not None:
+        attributes["forward"] = _text_forward(get_arch(base).text_model)
+    model_cls = type(f"Mobe{base_model.__name__}", (base_model,), attributes)
     AutoConfig.register(name, config_cls, exist_ok=True)
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
     _register_conversions(base, name, model_cls.__name__)
     globals()[config_cls.__name__] = config_cls  # importable by name (pickling, Ray workers)
     globals()[model_cls.__name__] = model_cls
     return config_cls, model_cls
+
+
+def _text_forward(text_model: str):
+    """A forward that hands text straight to the model's language model (the `text_model` attribute), for families
+    whose multimodal forward cannot run text (transformers 5.24's Llama 4 reads `image_outputs` from a language-model
+    output that has none, on every input)."""
+
+    def forward(self, input_ids=None, pixel_values=None, **kwargs):
+        if pixel_values is not None:
+            raise ValueError(f"{type(self).__name__} runs text only (its compressed experts are in the language model)")
+        kwargs.pop("mm_encoder_outputs", None)
+        return getattr(self, text_model)(input_ids=input_ids, **kwargs)
+
+    return forward
 
 
 def _register_conversions(base: str, *names: str) -> None:
