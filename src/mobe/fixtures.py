@@ -226,6 +226,20 @@ def tiny_config(
             projector_output_dim=hidden_size,
         )
         return tf.Llama4Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    if model_type == "dbrx":
+        return tf.DbrxConfig(
+            vocab_size=vocab_size,
+            d_model=hidden_size,
+            n_layers=num_layers,
+            n_heads=4,
+            max_seq_len=512,
+            # transformers 5.24's DBRX attention reads rope_theta here and clamps q/k/v by clip_qkv (8 as published)
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            ffn_config={"ffn_hidden_size": moe_intermediate_size, "moe_num_experts": num_experts, "moe_top_k": top_k},
+            bos_token_id=0,
+            eos_token_id=1,
+            tie_word_embeddings=False,
+        )
     raise ValueError(f"no tiny config for model_type {model_type!r}")
 
 

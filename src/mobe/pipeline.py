@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .architectures import MoeLayout, base_model_type, moe_layout, native_model_type
 from .calibrate import CalibrationError, calibration_ids, collect_statistics, read_calibration_text
-from .calibrate.collect import TOKENIZER_FILES
+from .calibrate.collect import TOKENIZER_FILES, check_streamable
 from .calibrate.stats import stats_path
 from .checkpoint import CheckpointError, CheckpointReader
 from .checkpoint.fp8 import SCALE_SUFFIX, block_size
@@ -150,11 +150,7 @@ def check_calibration(reader: CheckpointReader, config: MobeConfig) -> None:
     if config.calibration is None:
         return
     read_calibration_text(config.calibration)
-    if moe_layout(reader.config).arch.fused is not None:
-        raise CalibrationError(
-            f"--calibration reads checkpoints that store one tensor per expert; {reader.config['model_type']} "
-            "stores its experts fused"
-        )
+    check_streamable(moe_layout(reader.config))
     if not any((reader.path / name).is_file() for name in TOKENIZER_FILES):
         raise CalibrationError(f"{reader.path} has no tokenizer (tokenizer.json): cannot tokenize --calibration text")
     if not get_method(config.method).weighted:

@@ -69,13 +69,13 @@ def model_on_meta(config: Mapping[str, Any], model_type: str, class_name: str | 
         return model_cls(cfg)
 
 
-def experts_module_sizes(module: torch.nn.Module) -> tuple[int, int, int]:
+def experts_module_sizes(module: torch.nn.Module, arch: ArchSpec, layer: int) -> tuple[int, int, int]:
     """(E, p, d) of a transformers experts module: `down_proj` is (E, d, p), or (E, p, d) where `gate_up_proj`
-    is stored transposed, (E, d, 2p) (Llama 4)."""
+    is stored transposed, (E, d, 2p) (Llama 4); other modules hold the checkpoint's own fused tensors (DBRX)."""
     down = getattr(module, "down_proj", None)
     gate_up = getattr(module, "gate_up_proj", None)
     if not isinstance(down, torch.Tensor) or not isinstance(gate_up, torch.Tensor) or down.dim() != 3:
-        raise ValueError(f"{type(module).__name__} has no 3-D gate_up_proj / down_proj parameters")
+        return _sizes_from_fused_tensors(module, arch, layer)
     E = down.shape[0]
     if tuple(gate_up.shape) == (E, 2 * down.shape[2], down.shape[1]):
         return E, down.shape[2], down.shape[1]
@@ -84,10 +84,28 @@ def experts_module_sizes(module: torch.nn.Module) -> tuple[int, int, int]:
     raise ValueError(f"{type(module).__name__}: gate_up_proj {tuple(gate_up.shape)} does not fit down_proj")
 
 
+def _sizes_from_fused_tensors(module: torch.nn.Module, arch: ArchSpec, layer: int) -> tuple[int, int, int]:
+    """(E, p, d) from the module's parameters named as the checkpoint's fused tensors and its `num_experts`."""
+    prefix = arch.experts_module.format(layer=layer) + "."
+    E = getattr(module, "num_experts", None)
+    if arch.fused is None or E is None:
+        raise ValueError(f"{type(module).__name__}: no gate_up_proj / down_proj, and no fused layout to read it by")
+    gate = arch.fused["gate"]
+    shape = tuple(module.get_parameter(gate.name.format(layer=layer).removeprefix(prefix)).shape)
+    if gate.flat:
+        shape = (E, shape[0] // E, shape[1])
+    out, inp = (shape[2], shape[1]) if gate.transposed else (shape[1], shape[2])
+    return E, out // gate.parts, inp
+
+
 @functools.lru_cache(maxsize=32)
-def _derive(arch_key: str, class_name: str | None, experts_module: str, config_json: str) -> DerivedLayout:
+def _derive(arch_key: str, config_json: str) -> DerivedLayout:
+    from . import get_arch
+
     config = json.loads(config_json)
-    model = model_on_meta(config, arch_key, class_name)
+    arch = get_arch(arch_key)
+    experts_module = arch.experts_module
+    model = model_on_meta(config, arch_key, arch.model_class)
     num_layers = model.config.get_text_config().num_hidden_layers
     moe, sizes = [], set()
     for layer in range(num_layers):
@@ -96,7 +114,7 @@ def _derive(arch_key: str, class_name: str | None, experts_module: str, config_j
         except AttributeError:
             continue
         moe.append(layer)
-        sizes.add(experts_module_sizes(module))
+        sizes.add(experts_module_sizes(module, arch, layer))
     if not moe:
         raise ValueError(f"{arch_key}: this config builds no routed-experts module at {experts_module}")
     if len(sizes) > 1:
@@ -108,4 +126,4 @@ def _derive(arch_key: str, class_name: str | None, experts_module: str, config_j
 def derive_layout(arch: ArchSpec, config: Mapping[str, Any]) -> DerivedLayout:
     """Layers, MoE layers and expert sizes of `config` as transformers builds the model (cached per config)."""
     config_json = json.dumps(dict(config), sort_keys=True, default=str)
-    return _derive(arch.model_type, arch.model_class, arch.experts_module, config_json)
+    return _derive(arch.model_type, config_json)

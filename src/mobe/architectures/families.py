@@ -79,6 +79,19 @@ FAMILIES = (
         model_class="Llama4ForConditionalGeneration",
         text_model="language_model",  # its multimodal forward fails on every input in transformers 5.24
     ),
+    # DBRX: per layer three (E * p, d) tensors, w1 (gate) and v1 (up) as (p, d) per expert, w2 the transpose of
+    # down, (p, d) per expert; the experts module holds them as they are and calls its activation `mlp.activation_fn`.
+    ArchSpec(
+        model_type="dbrx",
+        experts="transformer.blocks.{layer}.ffn.experts",
+        experts_module="transformer.blocks.{layer}.ffn.experts",
+        fused={
+            "gate": FusedTensor("transformer.blocks.{layer}.ffn.experts.mlp.w1", flat=True),
+            "up": FusedTensor("transformer.blocks.{layer}.ffn.experts.mlp.v1", flat=True),
+            "down": FusedTensor("transformer.blocks.{layer}.ffn.experts.mlp.w2", transposed=True, flat=True),
+        },
+        activation="mlp.activation_fn",
+    ),
 )
 
 # Families mobe knows of and cannot read, each with the reason (the error a user gets).

@@ -29,7 +29,8 @@ class MoeLayout:
         fused = self.arch.fused[matrix]
         out, inp = self.expected_shape(matrix)
         E = self.num_experts
-        return (E, inp, fused.parts * out) if fused.transposed else (E, fused.parts * out, inp)
+        shape = (E, inp, fused.parts * out) if fused.transposed else (E, fused.parts * out, inp)
+        return (E * shape[1], shape[2]) if fused.flat else shape
 
     @property
     def expert_params_per_layer(self) -> int:
@@ -46,8 +47,13 @@ class MoeLayout:
         fused = self.arch.fused[matrix]
         out = self.expected_shape(matrix)[0]
         dim = 2 if fused.transposed else 1
-        stack = reader.get_part(fused.name.format(layer=layer), dim, fused.part * out, (fused.part + 1) * out)
-        return stack.transpose(1, 2).contiguous() if fused.transposed else stack
+        name = fused.name.format(layer=layer)
+        if fused.flat:  # experts merged with the next dimension: read whole, then split (no part to slice alone)
+            stored = reader.get(name)
+            stack = stored.view(self.num_experts, -1, stored.shape[-1]).narrow(dim, fused.part * out, out)
+        else:
+            stack = reader.get_part(name, dim, fused.part * out, (fused.part + 1) * out)
+        return stack.transpose(1, 2).contiguous() if fused.transposed else stack.contiguous()
 
     def fused_tensors(self, layer: int) -> dict[str, list[str]]:
         """Fused layouts: each checkpoint tensor of a layer -> the matrix types it holds, in block order."""
@@ -59,8 +65,10 @@ class MoeLayout:
     def assemble_fused(self, matrices: list[str], blocks: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The inverse of `read_experts` for one fused tensor holding `matrices` (in block order): the blocks,
         each an (E, out, in) stack, in the stored form."""
+        fused = self.arch.fused[matrices[0]]
         stack = torch.cat([blocks[m] for m in matrices], dim=1)
-        return stack.transpose(1, 2).contiguous() if self.arch.fused[matrices[0]].transposed else stack
+        stack = stack.transpose(1, 2).contiguous() if fused.transposed else stack
+        return stack.reshape(-1, stack.shape[-1]) if fused.flat else stack
 
 
 def moe_layout(config: Mapping[str, Any]) -> MoeLayout:

@@ -18,12 +18,14 @@ class FusedTensor:
         part / parts: the matrix is block `part` of `parts` equal blocks along the output dimension (gate is
             block 0 and up block 1 of a `gate_up_proj` of 2p rows).
         transposed: stored (E, in, out) instead of torch's (E, out, in) (Llama 4).
+        flat: the expert dimension merged into the next one, (E * out, in) or (E * in, out) (DBRX).
     """
 
     name: str
     part: int = 0
     parts: int = 1
     transposed: bool = False
+    flat: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class ArchSpec:
             AutoModelForCausalLM would build a text-only model under other names (multimodal checkpoints).
         text_model: where `model_class.forward` cannot run text alone, its attribute that can (the native model's
             forward goes there).
+        activation: the experts module's activation, as an attribute path (DBRX: `mlp.activation_fn`).
     """
 
     model_type: str
@@ -63,6 +66,7 @@ class ArchSpec:
     fused: Mapping[str, FusedTensor] | None = None
     model_class: str | None = None
     text_model: str | None = None
+    activation: str = "act_fn"
 
     def module_name(self, checkpoint_name: str) -> str:
         for old, new in self.module_renames.items():
@@ -86,7 +90,10 @@ class ArchSpec:
         tensors: dict[str, list[str]] = {}
         for matrix in MATRIX_TYPES:
             fused = self.fused[matrix]
-            tensors.setdefault(fused.name + (" (E, in, out)" if fused.transposed else ""), []).append(matrix)
+            shape = {(False, False): "", (True, False): " (E, in, out)", (False, True): " (E*out, in)"}.get(
+                (fused.transposed, fused.flat), " (E*in, out)"
+            )
+            tensors.setdefault(fused.name + shape, []).append(matrix)
         return "; ".join(f"{name} = {'|'.join(matrices)}" for name, matrices in tensors.items()) + " (fused)"
 
     def stored_names(self, layer: int, matrix: str, num_experts: int) -> list[str]:

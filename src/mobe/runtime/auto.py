@@ -12,6 +12,7 @@ checkpoint: a native checkpoint never loads as random experts.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,7 +64,7 @@ def install_compressed_experts(model: nn.Module, config: Any) -> None:
             for m in compressed
         }
         experts = MobeExperts(
-            original.act_fn,
+            operator.attrgetter(layout.arch.activation)(original),
             layout.num_experts,
             layout.intermediate_size,
             layout.hidden_size,
