@@ -13,7 +13,7 @@ from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .qwen2_moe import QWEN2_MOE
 from .qwen3_moe import QWEN3_MOE
-from .spec import MATRIX_TYPES, ArchSpec, FusedTensor
+from .spec import MATRIX_TYPES, ArchSpec, FusedTensor, UnsupportedArchitectureError
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
@@ -30,10 +30,6 @@ def base_model_type(model_type: str | None) -> str | None:
     if model_type and model_type.startswith(NATIVE_MODEL_TYPE_PREFIX):
         return model_type[len(NATIVE_MODEL_TYPE_PREFIX) :]
     return model_type
-
-
-class UnsupportedArchitectureError(ValueError):
-    pass
 
 
 def register(spec: ArchSpec) -> None:

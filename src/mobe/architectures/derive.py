@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from .spec import ArchSpec
+from .spec import ArchSpec, UnsupportedArchitectureError
 
 
-class NotInTransformersError(ValueError):
+class NotInTransformersError(UnsupportedArchitectureError):
     """The installed transformers has no model class for a family."""
 
 

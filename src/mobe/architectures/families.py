@@ -43,13 +43,11 @@ FAMILIES = (
         model_type="minimax_m2",
         experts="model.layers.{layer}.block_sparse_moe.experts",
         matrices=_MIXTRAL_NAMES,
-        module_renames={".block_sparse_moe.": ".mlp."},
     ),
     ArchSpec(
         model_type="phimoe",
         experts="model.layers.{layer}.block_sparse_moe.experts",
         matrices=_MIXTRAL_NAMES,
-        module_renames={".block_sparse_moe.": ".mlp."},
     ),
     # Fused on disk.
     ArchSpec(

@@ -9,6 +9,10 @@ from typing import Any
 MATRIX_TYPES = ("gate", "up", "down")
 
 
+class UnsupportedArchitectureError(ValueError):
+    """A model type mobe cannot read, with the reason."""
+
+
 @dataclass(frozen=True)
 class FusedTensor:
     """Where one matrix type of a layer's experts lives in a checkpoint that stores all experts in one tensor.
@@ -59,19 +63,13 @@ class ArchSpec:
     intermediate_size_keys: tuple[str, ...] = ()
     is_moe_layer: Callable[[Mapping[str, Any], int], bool] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
-    # In memory (transformers 5) the routed experts of a layer are one fused module at this path, and a few
-    # checkpoint names differ from module names (Mixtral's `block_sparse_moe` is `mlp`).
+    # In memory (transformers 5) the routed experts of a layer are one module at this path (Mixtral's
+    # `block_sparse_moe` is `mlp` there: transformers' own renaming rules map the names).
     experts_module: str = "model.layers.{layer}.mlp.experts"
-    module_renames: Mapping[str, str] = field(default_factory=dict)
     fused: Mapping[str, FusedTensor] | None = None
     model_class: str | None = None
     text_model: str | None = None
     activation: str = "act_fn"
-
-    def module_name(self, checkpoint_name: str) -> str:
-        for old, new in self.module_renames.items():
-            checkpoint_name = checkpoint_name.replace(old, new)
-        return checkpoint_name
 
     def experts_prefix(self, layer: int) -> str:
         return self.experts.format(layer=layer)
