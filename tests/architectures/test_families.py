@@ -95,3 +95,10 @@ def test_info_list_names_every_family_its_class_and_layout(capsys):
     assert "GraniteMoeForCausalLM; tested" in out and "gpt_oss: " in out
     assert main(["info"]) == 2
     assert "--list" in capsys.readouterr().err
+
+
+def test_family_missing_from_transformers_is_one_line():
+    from mobe.architectures.derive import model_on_meta
+
+    with pytest.raises(UnsupportedArchitectureError, match=r"'bailing_moe' is not in the installed transformers 5\."):
+        model_on_meta({}, "bailing_moe")
