@@ -155,6 +155,87 @@ def tiny_config(
             topk_group=1,
             layer_group_size=num_layers + 1,  # linear attention, then one full-attention layer last
         )
+    mla = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    deepseek_like = dict(
+        num_key_value_heads=4,
+        intermediate_size=2 * hidden_size,
+        moe_intermediate_size=moe_intermediate_size,
+        n_routed_experts=num_experts,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+    )
+    if model_type == "deepseek_v32":
+        return tf.DeepseekV32Config(**layers3, **deepseek_like, **mla, index_n_heads=2, index_head_dim=16, index_topk=4)
+    if model_type == "glm4_moe_lite":
+        return tf.Glm4MoeLiteConfig(**layers3, **deepseek_like, **mla)
+    if model_type == "dots1":
+        return tf.Dots1Config(**layers3, **{**deepseek_like, "num_key_value_heads": 2}, head_dim=hidden_size // 4)
+    if model_type == "hunyuan_v1_moe":
+        return tf.HunYuanMoEV1Config(
+            **common,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+            moe_topk=top_k,
+        )
+    if model_type == "exaone_moe":
+        return tf.ExaoneMoeConfig(
+            **layers3,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+            first_k_dense_replace=1,
+        )
+    if model_type == "jamba":  # Mamba layer, then attention; every layer MoE
+        return tf.JambaConfig(
+            **common,
+            num_key_value_heads=2,
+            intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
+            use_mamba_kernels=False,
+        )
+    if model_type == "lfm2_moe":  # convolution layers around an attention layer; a dense first layer
+        return tf.Lfm2MoeConfig(
+            **layers3,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden_size,
+            moe_intermediate_size=moe_intermediate_size,
+            num_experts=num_experts,
+            num_dense_layers=1,
+            layer_types=["conv", "full_attention", "conv"],
+        )
+    if model_type in ("granitemoeshared", "granitemoehybrid"):
+        extra: dict[str, Any] = dict(shared_intermediate_size=moe_intermediate_size)
+        if model_type == "granitemoehybrid":  # Granite 4.0: a Mamba-2 layer, then attention
+            extra.update(
+                layer_types=["mamba"] * (num_layers - 1) + ["attention"],
+                mamba_n_heads=4,
+                mamba_d_head=16,
+                mamba_d_state=8,
+                mamba_n_groups=1,
+                mamba_expand=2,
+            )
+        config_cls = tf.GraniteMoeSharedConfig if model_type == "granitemoeshared" else tf.GraniteMoeHybridConfig
+        return config_cls(
+            **common,
+            num_key_value_heads=2,
+            intermediate_size=moe_intermediate_size,
+            num_local_experts=num_experts,
+            **extra,
+        )
     if model_type == "minimax_m2":
         return tf.MiniMaxM2Config(
             **common,

@@ -41,8 +41,9 @@ def transformers_config(config: Mapping[str, Any], model_type: str):
         raise NotInTransformersError(
             f"model_type {model_type!r} is not in the installed transformers {transformers.__version__}"
         )
+    config_cls = CONFIG_MAPPING[model_type]
     clean = {k: v for k, v in config.items() if k not in ("mobe", "model_type", "architectures", "auto_map")}
-    return CONFIG_MAPPING[model_type].from_dict(clean)
+    return config_cls.from_dict(config_cls._decode_special_floats(clean))  # `{"__float__": "Infinity"}` as saved
 
 
 def model_class(model_type: str, class_name: str | None = None) -> type:

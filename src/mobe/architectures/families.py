@@ -9,6 +9,8 @@ from __future__ import annotations
 from .spec import ArchSpec, FusedTensor
 
 _MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}  # w1 is activated, w3 multiplies, w2 projects down
+_FEED_FORWARD = "model.layers.{layer}.feed_forward.experts"
+_NO_ROTARY = "its decoder layers take no rotary position embeddings from the model (Mamba / convolution layers)"
 
 
 def _per_expert(model_type: str, **kwargs) -> ArchSpec:
@@ -31,6 +33,20 @@ def _fused_gate_up(model_type: str, experts: str, transposed: bool = False, **kw
     )
 
 
+def _granite(model_type: str) -> ArchSpec:
+    moe = "model.layers.{layer}.block_sparse_moe"
+    return ArchSpec(
+        model_type=model_type,
+        experts=f"{moe}.experts",
+        experts_module=f"{moe}.experts",
+        fused={
+            "gate": FusedTensor(f"{moe}.input_linear.weight", part=0, parts=2),
+            "up": FusedTensor(f"{moe}.input_linear.weight", part=1, parts=2),
+            "down": FusedTensor(f"{moe}.output_linear.weight"),
+        },
+    )
+
+
 FAMILIES = (
     # Per-expert tensors, as transformers' `qwen2_moe` conversion rules expect them.
     _per_expert("deepseek_v2"),  # DeepSeek-V2 / V2-Lite: shared experts and dense first layers left alone
@@ -38,6 +54,23 @@ FAMILIES = (
     _per_expert("ernie4_5_moe"),  # ERNIE-4.5 MoE
     _per_expert("qwen3_next"),  # Qwen3-Next: hybrid (linear + full) attention, shared expert
     _per_expert("bailing_hybrid"),  # Ling / Ring 2.5 (hybrid linear attention)
+    _per_expert(  # DeepSeek-V3.2 (sparse attention indexer)
+        "deepseek_v32", no_calibration="its sparse-attention indexer needs the whole model's cache to run a layer"
+    ),
+    _per_expert("glm4_moe_lite"),  # GLM-4.7-Flash (MLA attention)
+    _per_expert("dots1"),  # dots.llm1
+    _per_expert("hunyuan_v1_moe"),  # Hunyuan-A13B
+    _per_expert("exaone_moe"),  # K-EXAONE
+    ArchSpec(  # Jamba (Mamba / attention)
+        model_type="jamba", experts=_FEED_FORWARD, experts_module=_FEED_FORWARD, no_calibration=_NO_ROTARY
+    ),
+    ArchSpec(  # LFM2-MoE (LFM2-8B-A1B): Mixtral-style names under `feed_forward`
+        model_type="lfm2_moe",
+        experts=_FEED_FORWARD,
+        experts_module=_FEED_FORWARD,
+        matrices=_MIXTRAL_NAMES,
+        no_calibration=_NO_ROTARY,
+    ),
     # Mixtral-style names under `block_sparse_moe`, which transformers renames to `mlp`.
     ArchSpec(
         model_type="minimax_m2",
@@ -49,17 +82,11 @@ FAMILIES = (
         experts="model.layers.{layer}.block_sparse_moe.experts",
         matrices=_MIXTRAL_NAMES,
     ),
-    # Fused on disk.
-    ArchSpec(
-        model_type="granitemoe",  # IBM Granite 3.x MoE: `input_linear` (E, 2p, d), `output_linear` (E, d, p)
-        experts="model.layers.{layer}.block_sparse_moe.experts",
-        experts_module="model.layers.{layer}.block_sparse_moe.experts",
-        fused={
-            "gate": FusedTensor("model.layers.{layer}.block_sparse_moe.input_linear.weight", part=0, parts=2),
-            "up": FusedTensor("model.layers.{layer}.block_sparse_moe.input_linear.weight", part=1, parts=2),
-            "down": FusedTensor("model.layers.{layer}.block_sparse_moe.output_linear.weight"),
-        },
-    ),
+    # Fused on disk. IBM Granite MoE: `input_linear` (E, 2p, d), `output_linear` (E, d, p); 3.x, 3.x with a shared
+    # expert, and 4.0 (hybrid Mamba-2 / attention).
+    _granite("granitemoe"),
+    _granite("granitemoeshared"),
+    _granite("granitemoehybrid"),
     _fused_gate_up("gemma4", "model.language_model.layers.{layer}.experts"),  # Gemma 4 MoE (text part)
     # Qwen3.5 MoE (text part; hybrid linear attention). AutoModelForCausalLM would build the text-only model, whose
     # names drop `language_model`; the multimodal class holds the tensors under the checkpoint's own names.

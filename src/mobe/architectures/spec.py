@@ -52,6 +52,7 @@ class ArchSpec:
         text_model: where `model_class.forward` cannot run text alone, its attribute that can (the native model's
             forward goes there).
         activation: the experts module's activation, as an attribute path (DBRX: `mlp.activation_fn`).
+        no_calibration: why `--calibration` cannot stream this family one decoder layer at a time, if it cannot.
     """
 
     model_type: str
@@ -70,6 +71,7 @@ class ArchSpec:
     model_class: str | None = None
     text_model: str | None = None
     activation: str = "act_fn"
+    no_calibration: str | None = None
 
     def experts_prefix(self, layer: int) -> str:
         return self.experts.format(layer=layer)
