@@ -1,4 +1,5 @@
-"""The MoE layout of one concrete model: its architecture plus the sizes read from config.json."""
+"""The MoE layout of one concrete model: its architecture plus its MoE layers and sizes (from config.json, or from
+the model transformers builds from it on the meta device), and how to read and write its expert stacks."""
 
 from __future__ import annotations
 
