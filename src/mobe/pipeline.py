@@ -80,9 +80,9 @@ def plan_jobs(reader: CheckpointReader, layout: MoeLayout, config: MobeConfig) -
     not_moe = [layer for layer in layers if layer not in layout.moe_layers]
     if not_moe:
         raise CompressionError(f"--layers {not_moe} are not MoE layers; MoE layers are {list(layout.moe_layers)}")
+    fused = layout.arch.fused is not None
     for layer in layers:
         for matrix in ("gate", "up", "down"):
-            fused = layout.arch.fused is not None
             expected = layout.fused_shape(matrix) if fused else layout.expected_shape(matrix)
             for name in layout.stored_names(layer, matrix):
                 shape = reader.shape(name)
