@@ -102,3 +102,21 @@ def test_family_missing_from_transformers_is_one_line():
 
     with pytest.raises(UnsupportedArchitectureError, match=r"'bailing_moe' is not in the installed transformers 5\."):
         model_on_meta({}, "bailing_moe")
+
+
+def test_experts_with_biases_are_refused_by_what_transformers_builds():
+    """gpt-oss is refused by name; its experts module, as transformers builds it, shows why (biases)."""
+    import transformers
+
+    from mobe.architectures import ArchSpec
+    from mobe.architectures.derive import check_no_other_parameters
+
+    config = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.GptOssForCausalLM(config)
+    spec = ArchSpec(model_type="gpt_oss", experts="model.layers.{layer}.mlp.experts")
+    with pytest.raises(UnsupportedArchitectureError, match="gate_up_proj_bias"):
+        check_no_other_parameters(model.get_submodule("model.layers.0.mlp.experts"), spec, 0)

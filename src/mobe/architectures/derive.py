@@ -85,6 +85,21 @@ def experts_module_sizes(module: torch.nn.Module, arch: ArchSpec, layer: int) ->
     raise ValueError(f"{type(module).__name__}: gate_up_proj {tuple(gate_up.shape)} does not fit down_proj")
 
 
+def check_no_other_parameters(module: torch.nn.Module, arch: ArchSpec, layer: int) -> None:
+    """Refuse experts modules holding parameters besides the gate, up and down matrices (biases: gpt-oss), which the
+    factorised experts would drop."""
+    prefix = arch.experts_module.format(layer=layer) + "."
+    known = {"gate_up_proj", "down_proj"} | {
+        f.name.format(layer=layer).removeprefix(prefix) for f in (arch.fused or {}).values()
+    }
+    other = sorted(name for name, _ in module.named_parameters() if name not in known)
+    if other:
+        raise UnsupportedArchitectureError(
+            f"{arch.model_type}: the experts module {type(module).__name__} also holds {other}, which the factorised "
+            "experts (act(gate x) * (up x), then down) cannot represent"
+        )
+
+
 def _sizes_from_fused_tensors(module: torch.nn.Module, arch: ArchSpec, layer: int) -> tuple[int, int, int]:
     """(E, p, d) from the module's parameters named as the checkpoint's fused tensors and its `num_experts`."""
     prefix = arch.experts_module.format(layer=layer) + "."
@@ -115,6 +130,7 @@ def _derive(arch_key: str, config_json: str) -> DerivedLayout:
         except AttributeError:
             continue
         moe.append(layer)
+        check_no_other_parameters(module, arch, layer)
         sizes.add(experts_module_sizes(module, arch, layer))
     if not moe:
         raise ValueError(f"{arch_key}: this config builds no routed-experts module at {experts_module}")
