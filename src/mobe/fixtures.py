@@ -321,7 +321,32 @@ def tiny_config(
             eos_token_id=1,
             tie_word_embeddings=False,
         )
+    if model_type in _PLAIN_CONFIGS:
+        return _plain_config(model_type, common, hidden_size, moe_intermediate_size, num_experts)
     raise ValueError(f"no tiny config for model_type {model_type!r}")
+
+
+# Families whose config classes take the usual names: their tiny configs are the common sizes, with the expert count
+# and expert intermediate size under whichever names the class has.
+_PLAIN_CONFIGS = ("afmoe", "cohere2_moe", "flex_olmo", "hy_v3", "mimo_v2_flash", "minimax", "solar_open")
+
+
+def _plain_config(model_type: str, common: dict[str, Any], hidden_size: int, p: int, num_experts: int):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_cls = CONFIG_MAPPING[model_type]
+    fields = set(config_cls.__dataclass_fields__)
+    wanted = {
+        **common,
+        "num_key_value_heads": 2,
+        "head_dim": hidden_size // 4,
+        "intermediate_size": p if "moe_intermediate_size" not in fields else 2 * hidden_size,
+        "moe_intermediate_size": p,
+        "num_experts": num_experts,
+        "num_local_experts": num_experts,
+        "n_routed_experts": num_experts,
+    }
+    return config_cls(**{k: v for k, v in wanted.items() if k in fields})
 
 
 def build_tiny_moe(

@@ -61,6 +61,14 @@ FAMILIES = (
     _per_expert("dots1"),  # dots.llm1
     _per_expert("hunyuan_v1_moe"),  # Hunyuan-A13B
     _per_expert("exaone_moe"),  # K-EXAONE
+    _per_expert("afmoe"),  # Arcee Trinity
+    _per_expert("cohere2_moe"),  # Cohere MoE
+    _per_expert("flex_olmo"),  # FlexOlmo
+    _per_expert("hy_v3"),  # Hunyuan v3
+    _per_expert(  # MiMo-V2-Flash
+        "mimo_v2_flash", no_calibration="its attention has no SDPA implementation, which the layer stream runs"
+    ),
+    _per_expert("solar_open"),  # Solar Open
     ArchSpec(  # Jamba (Mamba / attention)
         model_type="jamba", experts=_FEED_FORWARD, experts_module=_FEED_FORWARD, no_calibration=_NO_ROTARY
     ),
@@ -74,6 +82,11 @@ FAMILIES = (
     # Mixtral-style names under `block_sparse_moe`, which transformers renames to `mlp`.
     ArchSpec(
         model_type="minimax_m2",
+        experts="model.layers.{layer}.block_sparse_moe.experts",
+        matrices=_MIXTRAL_NAMES,
+    ),
+    ArchSpec(  # MiniMax-Text-01 / M1 (lightning attention)
+        model_type="minimax",
         experts="model.layers.{layer}.block_sparse_moe.experts",
         matrices=_MIXTRAL_NAMES,
     ),
@@ -125,4 +138,6 @@ UNSUPPORTED = {
     "experts compute act(gate x) * (up x) without biases, so they cannot reproduce it",
     "bailing_moe": "Ling / Ring 2.0 (bailing_moe) ships only as remote code; the installed transformers has no "
     "bailing_moe class (bailing_hybrid is supported)",
+    "nemotron_h": "Nemotron-H experts are not gated (relu2(up x), then down): there is no gate matrix to factorise "
+    "beside up, and the factorised experts compute act(gate x) * (up x)",
 }
