@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .spec import ArchSpec, first_config_value
+
+if TYPE_CHECKING:
+    from ..checkpoint import CheckpointReader
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class MoeLayout:
     def stored_names(self, layer: int, matrix: str) -> list[str]:
         return self.arch.stored_names(layer, matrix, self.num_experts)
 
-    def read_experts(self, reader, layer: int, matrix: str) -> torch.Tensor:
+    def read_experts(self, reader: CheckpointReader, layer: int, matrix: str) -> torch.Tensor:
         """One layer's matrices of one type as an (E, p, d) stack for gate/up, (E, d, p) for down, whichever way
         the checkpoint stores them (block-FP8 dequantised); a fused tensor is read only in the rows asked for."""
         if self.arch.fused is None:
