@@ -19,6 +19,8 @@ ARCHITECTURES = canonical_model_types()
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every registered family, saved in the layout its published checkpoints have: save_pretrained's, except where
+    it differs (Qwen3.5-MoE, which save_pretrained writes per expert: `fuse_experts_on_disk` fuses them)."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: build_tiny_moe(root / arch, arch, max_shard_size="20KB") for arch in ARCHITECTURES}
 

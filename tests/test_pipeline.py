@@ -41,7 +41,7 @@ def test_native_checkpoint_layout_and_report(arch, tiny_checkpoints, tmp_path):
     layout = moe_layout(json.loads((src / "config.json").read_text()))
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
 
-    reader = CheckpointReader(out)
+    reader, src_reader = CheckpointReader(out), CheckpointReader(src)
     section = reader.config["mobe"]
     assert section["format"] == "native" and section["layers"] == list(layout.moe_layers)
     assert (section["num_bases"], section["rank"], section["matrices"]) == (2, 8, ["gate", "up"])
@@ -50,20 +50,24 @@ def test_native_checkpoint_layout_and_report(arch, tiny_checkpoints, tmp_path):
     for layer in layout.moe_layers:
         prefix = arch_spec.experts_prefix(layer)
         for matrix in ("gate", "up"):
-            assert arch_spec.tensor_name(layer, 0, matrix) not in reader.weight_map
+            assert not set(layout.stored_names(layer, matrix)) & set(reader.weight_map)
             name = arch_spec.matrices[matrix]
             assert reader.shape(f"{prefix}.{name}.mobe_A") == (E, p, 8)
             assert reader.shape(f"{prefix}.{name}.mobe_bases") == (1, 2, 8, d)
             assert reader.shape(f"{prefix}.{name}.mobe_coef") == (E, 2)
-        assert reader.shape(arch_spec.tensor_name(layer, E - 1, "down")) == (d, p)
+        if arch_spec.fused:  # the compressed layer's experts module holds down as one (E, d, p) stack
+            assert torch.equal(
+                reader.get(f"{prefix}.{arch_spec.matrices['down']}"), layout.read_experts(src_reader, layer, "down")
+            )
+        else:  # left as the source stores it
+            assert reader.shape(layout.stored_names(layer, "down")[-1]) == (d, p)
 
-    # Every tensor that is neither a replaced gate/up matrix nor a factor is copied bit for bit.
+    # Every tensor that is neither a replaced gate/up matrix (fused: any experts tensor) nor a factor is copied as is.
     source = CheckpointReader(src)
-    kept = [
-        n
-        for n in source.weight_map
-        if not any(f".{arch_spec.matrices[m]}.weight" in n and ".experts." in n for m in ("gate", "up"))
-    ]
+    replaced_types = ("gate", "up", "down") if arch_spec.fused else ("gate", "up")
+    replaced = {n for layer in layout.moe_layers for m in replaced_types for n in layout.stored_names(layer, m)}
+    kept = [n for n in source.weight_map if n not in replaced]
+    assert len(kept) < len(source.weight_map)
     for name in kept:
         assert torch.equal(reader.get(name), source.get(name)), name
 
@@ -129,7 +133,8 @@ def test_target_ratio_out_of_reach(qwen3_checkpoint, tmp_path):
         compress(qwen3_checkpoint, tmp_path / "o", MobeConfig(method="d2moe", target_ratio=0.66), progress=False)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+# Per expert; fused (E, d, p); fused and transposed (Llama 4); fused, flat and transposed (DBRX).
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "granitemoe", "llama4", "dbrx"])
 def test_down_matrices_too_lossless(arch, tiny_checkpoints, tmp_path):
     src = tiny_checkpoints[arch]
     config = MobeConfig(num_bases=8, activation="none", init_logit=60.0, steps=0, matrices=("gate", "up", "down"))
@@ -138,7 +143,7 @@ def test_down_matrices_too_lossless(arch, tiny_checkpoints, tmp_path):
     assert max(r.relative_error for r in report.results) < 1e-5
     reader = CheckpointReader(tmp_path / "native")
     layout = moe_layout(reader.config)
-    assert layout.arch.tensor_name(layout.moe_layers[0], 0, "down") not in reader.weight_map
+    assert not set(layout.stored_names(layout.moe_layers[0], "down")) & set(reader.weight_map)
     reconstruct(tmp_path / "native", tmp_path / "dense", progress=False)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(_logits(tmp_path / "dense", ids), _logits(src, ids), atol=1e-4, rtol=1e-4)

@@ -97,8 +97,9 @@ def model_info(
     if section and section.get("format") == "native":  # count what the checkpoint holds for the experts
         info.stored = section
         prefixes = tuple(layout.arch.experts_prefix(layer) + "." for layer in layout.moe_layers)
+        fused = {name for layer in layout.moe_layers for name in layout.fused_tensors(layer)}
         info.compressed_expert_params = sum(
-            math.prod(reader.shape(n)) for n in reader.weight_map if n.startswith(prefixes)
+            math.prod(reader.shape(n)) for n in reader.weight_map if n.startswith(prefixes) or n in fused
         )
         info.model_params = reader.num_parameters()
         return info
@@ -109,3 +110,61 @@ def model_info(
         info.compressed_expert_params = len(layout.moe_layers) * per_layer
         info.num_bases, info.rank = num_bases, rank
     return info
+
+
+@dataclass(frozen=True)
+class FamilyRow:
+    model_type: str
+    aliases: tuple[str, ...]
+    model_class: str | None  # the installed transformers' causal-LM class, None where it has none
+    storage: str
+    tested: bool  # the test suite builds a tiny model of it (`mobe.fixtures.tiny_config`) and runs it end to end
+
+
+def supported_families() -> list[FamilyRow]:
+    """Every registered family, with the class the installed transformers opens it with and its on-disk layout."""
+    from .architectures import canonical_model_types, get_arch
+    from .fixtures import tiny_config
+
+    rows = []
+    for model_type in canonical_model_types():
+        arch = get_arch(model_type)
+        try:
+            tiny_config(model_type)
+            tested = True
+        except ValueError:
+            tested = False
+        rows.append(FamilyRow(model_type, arch.aliases, _model_class_name(arch), arch.storage(), tested))
+    return rows
+
+
+def _model_class_name(arch) -> str | None:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .architectures.derive import NotInTransformersError, model_class
+
+    if arch.model_type not in CONFIG_MAPPING:
+        return None
+    try:
+        return model_class(arch.model_type, arch.model_class).__name__
+    except NotInTransformersError:
+        return None
+
+
+def families_table() -> str:
+    """`mobe info --list`: the supported families, then the known ones mobe refuses and why."""
+    import transformers
+
+    from .architectures import UNSUPPORTED
+
+    rows = supported_families()
+    width = max(len(r.model_type + "".join(f", {a}" for a in r.aliases)) for r in rows) + 2
+    lines = [f"supported MoE families (transformers {transformers.__version__}):"]
+    for r in rows:
+        name = r.model_type + "".join(f", {a}" for a in r.aliases)
+        where = r.model_class or f"not in transformers {transformers.__version__}"
+        lines.append(f"  {name:<{width}}{where}; {'tested' if r.tested else 'untested'}")
+        lines.append(f"  {'':<{width}}{r.storage}")
+    lines.append("not supported:")
+    lines += [f"  {name}: {why}" for name, why in sorted(UNSUPPORTED.items())]
+    return "\n".join(lines)

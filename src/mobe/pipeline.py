@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .architectures import MoeLayout, base_model_type, moe_layout, native_model_type
 from .calibrate import CalibrationError, calibration_ids, collect_statistics, read_calibration_text
-from .calibrate.collect import TOKENIZER_FILES
+from .calibrate.collect import TOKENIZER_FILES, check_streamable
 from .calibrate.stats import stats_path
 from .checkpoint import CheckpointError, CheckpointReader
 from .checkpoint.fp8 import SCALE_SUFFIX, block_size
@@ -31,7 +31,9 @@ from .evaluate import CompressionReport, MatrixResult
 from .export import (
     FACTOR_PREFIX,
     copy_side_files,
+    dense_stacks,
     factor_tensor_names,
+    replaced_tensor_names,
     write_checkpoint,
     write_json_atomic,
 )
@@ -74,17 +76,21 @@ def resolve_settings(layout: MoeLayout, config: MobeConfig) -> MobeConfig:
 
 def plan_jobs(reader: CheckpointReader, layout: MoeLayout, config: MobeConfig) -> list[tuple[int, str]]:
     """Check the layers and every expert tensor's shape (headers only); return the jobs to run."""
-    E = layout.num_experts
     layers = layout.moe_layers if config.layers is None else config.layers
     not_moe = [layer for layer in layers if layer not in layout.moe_layers]
     if not_moe:
         raise CompressionError(f"--layers {not_moe} are not MoE layers; MoE layers are {list(layout.moe_layers)}")
+    fused = layout.arch.fused is not None
     for layer in layers:
         for matrix in ("gate", "up", "down"):
-            expected = layout.expected_shape(matrix)
-            for e in range(E):
-                name = layout.arch.tensor_name(layer, e, matrix)
+            expected = layout.fused_shape(matrix) if fused else layout.expected_shape(matrix)
+            for name in layout.stored_names(layer, matrix):
                 shape = reader.shape(name)
+                if fused and reader.dtype_name(name) not in FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"tensor {name} is {reader.dtype_name(name)}; mobe reads fused experts in "
+                        "float32/bfloat16/float16 only (dequantise the checkpoint first)"
+                    )
                 if reader.dtype_name(name) not in FLOAT_DTYPES and not reader.is_block_fp8(name):
                     raise CheckpointError(
                         f"tensor {name} is {reader.dtype_name(name)}; mobe reads float32/bfloat16/float16 experts "
@@ -144,6 +150,7 @@ def check_calibration(reader: CheckpointReader, config: MobeConfig) -> None:
     if config.calibration is None:
         return
     read_calibration_text(config.calibration)
+    check_streamable(moe_layout(reader.config))
     if not any((reader.path / name).is_file() for name in TOKENIZER_FILES):
         raise CalibrationError(f"{reader.path} has no tokenizer (tokenizer.json): cannot tokenize --calibration text")
     if not get_method(config.method).weighted:
@@ -204,17 +211,7 @@ def refine_layers(
                 for m in matrices:
                     results[layer, m] = dataclasses.replace(refined.load(layer, m)[1], resumed=True)
                 continue
-            originals = {
-                m: torch.stack(
-                    list(
-                        reader.get_many(
-                            [layout.arch.tensor_name(layer, e, m) for e in range(layout.num_experts)],
-                            dequantize=True,
-                        ).values()
-                    )
-                )
-                for m in ("gate", "up", "down")
-            }
+            originals = {m: layout.read_experts(reader, layer, m) for m in ("gate", "up", "down")}
             stats = LayerStats.load(stats_path(work, layer), with_inputs=True)
             factors = {m: fitted.load(layer, m)[0] for m in matrices}
             torch.manual_seed(config.seed)
@@ -465,9 +462,8 @@ def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True
     layout = moe_layout(reader.config)
     factors_cls = get_method(section.get("method", "mobe")).factors_cls
     jobs = [(layer, matrix) for layer in section["layers"] for matrix in section["matrices"]]
-    original_names = {
-        layout.arch.tensor_name(layer, e, m): (layer, m) for layer, m in jobs for e in range(layout.num_experts)
-    }
+    original_names = replaced_tensor_names(layout, jobs)  # name -> layer
+    stacks = dense_stacks(layout, jobs)  # fused layouts: the matrix types left dense, which go back in place
     factors_of = functools.lru_cache(maxsize=len(section["matrices"]))(
         lambda layer, m: read_native_factors(reader, layout, layer, m)
     )
@@ -478,9 +474,11 @@ def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True
     # Dense shard layout: each rebuilt matrix goes to the shard that holds its layer's factors.
     plan: dict[str, list[str]] = {}
     for name, shard in reader.weight_map.items():
-        if FACTOR_PREFIX not in name.rsplit(".", 1)[-1]:
+        if FACTOR_PREFIX not in name.rsplit(".", 1)[-1] and name not in stacks:
             plan.setdefault(shard, []).append(name)
-    for name, (layer, m) in original_names.items():
+    first_matrix = {layer: m for layer, m in reversed(jobs)}
+    for name, layer in original_names.items():
+        m = first_matrix[layer]
         first_factor = next(iter(factor_tensor_names(layout, layer, m, factors_cls.tensor_fields).values()))
         plan.setdefault(reader.weight_map[first_factor], []).append(name)
         if block_size(reader.config):  # block-FP8 model: the rebuilt matrix is written in FP8 with its scales

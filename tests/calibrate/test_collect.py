@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mobe.architectures import canonical_model_types, moe_layout
-from mobe.calibrate import LayerStats, collect_statistics
+from mobe.architectures import canonical_model_types, get_arch, moe_layout
+from mobe.calibrate import CalibrationError, LayerStats, collect_statistics
 from mobe.checkpoint import CheckpointReader
 
 ARCHITECTURES = canonical_model_types()
@@ -38,6 +38,11 @@ def _reference(path, layout, sequences):
     return ref
 
 
+# Not streamed: fused experts, layers that cannot run alone (declared per family), and Ling's q/k/v convolutions,
+# which transformers merges into one tensor on load (found from its rules).
+REFUSED = {a for a in ARCHITECTURES if get_arch(a).fused is not None or get_arch(a).no_calibration} | {"bailing_hybrid"}
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_streamed_grams_equal_a_full_run(tiny_checkpoints, arch):
     path = tiny_checkpoints[arch]
@@ -45,6 +50,11 @@ def test_streamed_grams_equal_a_full_run(tiny_checkpoints, arch):
     layout = moe_layout(reader.config)
     g = torch.Generator().manual_seed(0)
     sequences = [torch.randint(0, 128, (48,), generator=g), torch.randint(0, 128, (13,), generator=g)]
+    if arch in REFUSED:
+        with pytest.raises(CalibrationError, match="fused|merges it with others|cannot stream") as err:
+            dict(collect_statistics(reader, layout, sequences, layout.moe_layers))
+        assert "\n" not in str(err.value)
+        return
     streamed = dict(collect_statistics(reader, layout, sequences, layout.moe_layers, keep_inputs=True))
     ref = _reference(path, layout, sequences)
     assert sorted(streamed) == list(layout.moe_layers)

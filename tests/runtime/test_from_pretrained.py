@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import mobe  # noqa: F401  (registers the native model types)
 from mobe import MobeConfig, compress, load_model, reconstruct
-from mobe.architectures import canonical_model_types
+from mobe.architectures import canonical_model_types, get_arch
+from mobe.architectures.derive import model_class
 from mobe.runtime import MissingFactorsError, MobeExperts
 
 CONFIG = MobeConfig(num_bases=4, rank=8, steps=10)
@@ -42,11 +43,12 @@ def test_from_pretrained_equals_dense_and_round_trips(arch, pairs, tmp_path):
     native_path, dense_path = pairs[arch]
     native = AutoModelForCausalLM.from_pretrained(native_path, dtype=torch.float32).eval()
     dense = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.float32).eval()
-    assert type(native).__name__ == "Mobe" + type(dense).__name__
+    # The family's class (AutoModelForCausalLM's, or the multimodal one that holds the checkpoint's names).
+    assert type(native).__name__ == "Mobe" + model_class(arch, get_arch(arch).model_class).__name__
     experts = [m for m in native.modules() if isinstance(m, MobeExperts)]
     assert experts and all(m.factored == ("gate", "down") for m in experts)
     dense_stacks = {n.rsplit(".", 1)[-1] for n, _ in native.named_parameters() if ".experts." in n and "mobe_" not in n}
-    assert dense_stacks == {"w3" if arch == "mixtral" else "up_proj"}
+    assert dense_stacks == {get_arch(arch).matrices["up"]}
     with torch.no_grad():
         reference = dense(IDS).logits
         assert _relative(native(IDS).logits, reference) <= 1e-4

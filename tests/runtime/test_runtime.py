@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mobe import MobeConfig, compress, load_model, reconstruct
-from mobe.architectures import canonical_model_types
+from mobe import CheckpointReader, MobeConfig, compress, load_model, reconstruct
+from mobe.architectures import canonical_model_types, moe_layout
 from mobe.runtime import MobeExperts
 
 CONFIG = MobeConfig(num_bases=4, rank=8, steps=20)
@@ -70,10 +70,12 @@ def test_plain_checkpoints_load_as_usual(pairs, tiny_checkpoints):
     assert not any(isinstance(m, MobeExperts) for m in model.modules())
 
 
-def test_partially_compressed_model(tiny_checkpoints, tmp_path):
-    src = tiny_checkpoints["deepseek_v3"]
+@pytest.mark.parametrize("arch", ["deepseek_v3", "llama4"])  # per expert; fused (uncompressed layers keep theirs)
+def test_partially_compressed_model(arch, tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints[arch]
+    last = moe_layout(CheckpointReader(src).config).moe_layers[-1]
     compress(
-        src, tmp_path / "n", MobeConfig(num_bases=2, rank=8, steps=5, layers=(2,), matrices=("up",)), progress=False
+        src, tmp_path / "n", MobeConfig(num_bases=2, rank=8, steps=5, layers=(last,), matrices=("up",)), progress=False
     )
     reconstruct(tmp_path / "n", tmp_path / "d", progress=False)
     ids = torch.randint(2, 128, (1, 10))

@@ -1,17 +1,19 @@
 """Registry of supported MoE architectures, keyed by `config.json["model_type"]`.
 
-Adding an architecture is one file with an `ArchSpec` plus one `register()` line below.
+Adding an architecture is one `ArchSpec` (data) plus one `register()` line below; families whose MoE layers and
+sizes transformers can tell (`derive.py`) are one line in `families.py`.
 """
 
 from __future__ import annotations
 
 from .deepseek_v3 import DEEPSEEK_V3
+from .families import FAMILIES, UNSUPPORTED
 from .layout import MoeLayout, moe_layout
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .qwen2_moe import QWEN2_MOE
 from .qwen3_moe import QWEN3_MOE
-from .spec import MATRIX_TYPES, ArchSpec
+from .spec import MATRIX_TYPES, ArchSpec, FusedTensor, UnsupportedArchitectureError
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
@@ -28,10 +30,6 @@ def base_model_type(model_type: str | None) -> str | None:
     if model_type and model_type.startswith(NATIVE_MODEL_TYPE_PREFIX):
         return model_type[len(NATIVE_MODEL_TYPE_PREFIX) :]
     return model_type
-
-
-class UnsupportedArchitectureError(ValueError):
-    pass
 
 
 def register(spec: ArchSpec) -> None:
@@ -53,6 +51,8 @@ def canonical_model_types() -> list[str]:
 def get_arch(model_type: str | None) -> ArchSpec:
     """The spec of a family, for its own model type or its native (`mobe_`) one."""
     model_type = base_model_type(model_type)
+    if model_type in UNSUPPORTED:
+        raise UnsupportedArchitectureError(f"model_type {model_type!r} is not supported: {UNSUPPORTED[model_type]}")
     if model_type not in _REGISTRY:
         raise UnsupportedArchitectureError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
@@ -60,13 +60,15 @@ def get_arch(model_type: str | None) -> ArchSpec:
     return _REGISTRY[model_type]
 
 
-for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, DEEPSEEK_V3, OLMOE):
+for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, DEEPSEEK_V3, OLMOE, *FAMILIES):
     register(_spec)
 
 __all__ = [
     "MATRIX_TYPES",
     "NATIVE_MODEL_TYPE_PREFIX",
+    "UNSUPPORTED",
     "ArchSpec",
+    "FusedTensor",
     "MoeLayout",
     "UnsupportedArchitectureError",
     "base_model_type",

@@ -8,5 +8,4 @@ MIXTRAL = ArchSpec(
     num_experts_keys=("num_local_experts",),
     intermediate_size_keys=("intermediate_size",),
     is_moe_layer=lambda config, layer: True,
-    module_renames={".block_sparse_moe.": ".mlp."},
 )

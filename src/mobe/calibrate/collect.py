@@ -70,39 +70,67 @@ def _rebuild_meta_buffers(module: nn.Module) -> None:
                 setattr(parent, name, type(child)(config=child.config))
 
 
+def check_streamable(layout: MoeLayout) -> None:
+    """Calibration stacks each layer's experts from per-expert tensors and runs decoder layers one by one: fused
+    layouts and families whose layers cannot run alone are refused with the reason."""
+    if layout.arch.fused is not None:
+        raise CalibrationError(
+            f"--calibration reads checkpoints that store one tensor per expert; {layout.arch.model_type} "
+            "stores its experts fused"
+        )
+    if layout.arch.no_calibration:
+        raise CalibrationError(f"--calibration cannot stream {layout.arch.model_type}: {layout.arch.no_calibration}")
+
+
+def _module_names(model: nn.Module, checkpoint_names: list[str]) -> dict[str, str]:
+    """Module name -> checkpoint name of each (non-expert) tensor, by transformers' own renaming rules for the model.
+
+    Tensors that transformers merges or splits on load (other than the experts, which are stacked here) cannot be
+    streamed one layer at a time: they are refused by name.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    out = {}
+    for name in checkpoint_names:
+        module_name, converted = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        if converted is not None:
+            raise CalibrationError(
+                f"tensor {name}: transformers merges it with others on load ({converted}); --calibration streams "
+                "checkpoints whose non-expert tensors load one by one"
+            )
+        out[module_name] = name
+    return out
+
+
 class LayerStream:
     """The original model on the meta device, materialised one piece at a time from the checkpoint's shards."""
 
     def __init__(self, reader: CheckpointReader, layout: MoeLayout):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        check_streamable(layout)
         self.reader, self.layout = reader, layout
         self.config = AutoConfig.from_pretrained(reader.path)
         self.config._attn_implementation = "sdpa"
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa")
-        self.names = {layout.arch.module_name(n): n for n in reader.weight_map}
+        self.names = _module_names(self.model, [n for n in reader.weight_map if not _EXPERT_TENSOR.search(n)])
         self.decoder = self.model.get_submodule("model")
         if hasattr(self.decoder, "rotary_emb"):  # non-persistent buffers: built anew on the CPU
             self.decoder.rotary_emb = type(self.decoder.rotary_emb)(config=self.config)
 
     def _load(self, prefix: str, module: nn.Module, layer: int | None = None) -> None:
         module.to_empty(device="cpu")
-        names = [m for m in self.names if m.startswith(prefix) and not _EXPERT_TENSOR.search(self.names[m])]
+        names = [m for m in self.names if m.startswith(prefix)]
         tensors = self.reader.get_many([self.names[m] for m in names])
         state = {m[len(prefix) :]: tensors[self.names[m]] for m in names}
         if layer is not None and layer in self.layout.moe_layers:
-            stack = {
-                matrix: torch.stack(
-                    list(
-                        self.reader.get_many(
-                            [self.layout.arch.tensor_name(layer, e, matrix) for e in range(self.layout.num_experts)],
-                            dequantize=True,
-                        ).values()
-                    )
-                )
-                for matrix in ("gate", "up", "down")
-            }
+            stack = {matrix: self.layout.read_experts(self.reader, layer, matrix) for matrix in ("gate", "up", "down")}
             rel = self.layout.arch.experts_module.format(layer=layer)[len(prefix) :]
             state[f"{rel}.gate_up_proj"] = torch.cat([stack["gate"], stack["up"]], dim=1)
             state[f"{rel}.down_proj"] = stack["down"]

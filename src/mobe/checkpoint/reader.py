@@ -120,6 +120,13 @@ class CheckpointReader:
         with safe_open(self.path / self._locate(name), framework="pt") as f:
             return f.get_tensor(name)
 
+    def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of dimension `dim` of a tensor, reading only those bytes (one matrix type of a fused
+        experts tensor)."""
+        with safe_open(self.path / self._locate(name), framework="pt") as f:
+            index = (slice(None),) * dim + (slice(start, stop),)
+            return f.get_slice(name)[index]
+
     def get_many(self, names: list[str], dequantize: bool = False) -> dict[str, torch.Tensor]:
         """Read several tensors, opening each shard once; `dequantize` turns block-FP8 weights into float32."""
         if dequantize:

@@ -162,8 +162,13 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from ..info import model_info
+    from ..info import families_table, model_info
 
+    if args.list:
+        print(families_table())
+        return
+    if args.model is None:
+        raise ValueError("mobe info needs a checkpoint folder or hub id (or --list)")
     print(model_info(args.model, args.num_bases, args.rank, args.groups).summary())
 
 
@@ -324,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_reconstruct)
 
     p = _command(sub, "info", "architecture, parameters and the saving of given settings (no weights read)")
-    p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hugging Face hub id")
+    p.add_argument("--list", action="store_true", help="list the supported MoE families and their on-disk layouts")
     p.add_argument("--bases", "-m", dest="num_bases", type=int, default=None, help="m: bases per layer to cost")
     p.add_argument("--rank", "-r", type=int, default=None, help="r: rank to cost (default min(p, d))")
     p.add_argument("--groups", type=int, default=1, help="expert groups with their own bases")

@@ -86,8 +86,8 @@ def fit_job(
     (`OutputWeighting`); the reported relative error stays the weight error, and the relative output error is
     reported beside it.
     """
-    names = [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
-    weights = oriented(matrix, torch.stack(list(reader.get_many(names, dequantize=True).values())))
+    names = layout.stored_names(layer, matrix)
+    weights = oriented(matrix, layout.read_experts(reader, layer, matrix))
     torch.manual_seed(config.seed)
     fit = get_method(config.method).fit
     side = "left" if matrix == "down" else "right"

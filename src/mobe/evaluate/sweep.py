@@ -11,7 +11,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..architectures import moe_layout
@@ -59,8 +58,7 @@ def sweep(
     points = []
     bar = tqdm(total=len(matrices) * len(methods) * len(ratios), desc="Sweep", disable=not progress)
     for matrix in matrices:
-        names = [layout.arch.tensor_name(layer, e, matrix) for e in range(E)]
-        weights = oriented(matrix, torch.stack(list(reader.get_many(names, dequantize=True).values()))).float()
+        weights = oriented(matrix, layout.read_experts(reader, layer, matrix)).float()
         for method_name in methods:
             method = get_method(method_name)
             for ratio in ratios:

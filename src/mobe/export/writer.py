@@ -2,7 +2,10 @@
 
 Native format: each compressed expert matrix type of a layer becomes three tensors beside the
 experts, `{experts}.{name}.mobe_A` (E, p, r), `.mobe_bases` (g, m/g, r, d), `.mobe_coef` (E, m/g);
-the per-expert gate/up tensors are dropped, everything else is copied unchanged. Dense format: the
+the per-expert gate/up tensors are dropped, everything else is copied unchanged. Where the checkpoint stores the
+experts fused (one tensor per layer for one or more matrix types, Qwen3.5 / Gemma 4 / Llama 4), a compressed layer's
+fused tensors are dropped and its matrix types left dense are written beside the factors as `{experts}.{name}` stacks
+((E, p, d); down (E, d, p)), the layout of the experts module that runs them. Dense format: the
 same tensors and shard layout as the source, with the compressed matrices rebuilt from the factors
 (block-FP8 sources get FP8 matrices and fresh `_scale_inv` block scales back, so engines load them as before).
 """
@@ -36,11 +39,41 @@ def factor_tensor_names(
 
 
 def _replaced_tensors(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[str, tuple[int, str, int]]:
-    """Source tensor name -> (layer, matrix, expert) for every matrix the factors replace."""
+    """Source tensor name -> (layer, matrix, expert) for every per-expert matrix the factors replace."""
+    if layout.arch.fused is not None:
+        return {}
     return {
         layout.arch.tensor_name(layer, e, matrix): (layer, matrix, e)
         for layer, matrix in jobs
         for e in range(layout.num_experts)
+    }
+
+
+def replaced_fused_tensors(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[str, tuple[int, list[str]]]:
+    """Fused layouts: source tensor name -> (layer, the matrix types it holds) for every fused tensor of a compressed
+    layer (the compressed experts module of a layer holds all its matrix types, in its own orientation)."""
+    out = {}
+    for layer in sorted({layer for layer, _ in jobs}) if layout.arch.fused is not None else ():
+        for name, matrices in layout.fused_tensors(layer).items():
+            out[name] = (layer, matrices)
+    return out
+
+
+def replaced_tensor_names(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[str, int]:
+    """Every source tensor the compressed matrices replace (per expert or fused) -> its layer."""
+    per_expert = {name: layer for name, (layer, _, _) in _replaced_tensors(layout, jobs).items()}
+    return per_expert | {name: layer for name, (layer, _) in replaced_fused_tensors(layout, jobs).items()}
+
+
+def dense_stacks(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[str, tuple[int, str]]:
+    """Native format, fused layouts: the `{experts}.{name}` stack written for each matrix type left dense in a
+    compressed layer -> (layer, matrix)."""
+    compressed = set(jobs)
+    return {
+        f"{layout.arch.experts_prefix(layer)}.{layout.arch.matrices[m]}": (layer, m)
+        for name, (layer, matrices) in replaced_fused_tensors(layout, jobs).items()
+        for m in matrices
+        if (layer, m) not in compressed
     }
 
 
@@ -62,6 +95,8 @@ def write_checkpoint(
     rebuilt expert by expert in the factors' dtype.
     """
     replaced = _replaced_tensors(layout, jobs)
+    fused = replaced_fused_tensors(layout, jobs)
+    stacks = dense_stacks(layout, jobs)
     # Block-FP8 checkpoints: dense experts go back to FP8 with fresh block scales; native ones drop the scales.
     block = block_size(reader.config)
     by_shard = shard_plan or reader.tensors_by_shard()
@@ -69,7 +104,8 @@ def write_checkpoint(
     # A matrix is FP8 in the output exactly when the plan holds its scales (the source's FP8 experts).
     replaced_scales = {n + SCALE_SUFFIX: n for n in replaced if block and n + SCALE_SUFFIX in planned}
     quantized = set(replaced_scales.values())
-    dropped = {} if fmt == "dense" else {**replaced, **replaced_scales}
+    dropped = set(stacks) - set(fused) if fmt == "dense" else {*replaced, *replaced_scales, *fused}
+    source_is_native = (reader.config.get("mobe") or {}).get("format") == "native"
     kept = {shard: [n for n in names if n not in dropped] for shard, names in by_shard.items()}
     kept = {shard: names for shard, names in kept.items() if names}
     factor_layers = sorted({layer for layer, _ in jobs}) if fmt == "native" else []
@@ -88,14 +124,32 @@ def write_checkpoint(
         dense = oriented(matrix, factors.reconstruct(torch.tensor([e])))[0]
         return quantize_blockwise(dense, block) if name in quantized else (dense.to(factors.dtype), None)
 
+    def dense_block(layer: int, matrix: str) -> torch.Tensor:
+        """A dense (E, out, in) stack: rebuilt from factors, or as the source holds it (fused, or a native stack)."""
+        if (layer, matrix) in jobs:
+            factors = factors_of(layer, matrix)
+            return oriented(matrix, factors.reconstruct()).to(factors.dtype)
+        if source_is_native:
+            return reader.get(f"{layout.arch.experts_prefix(layer)}.{layout.arch.matrices[matrix]}")
+        return layout.read_experts(reader, layer, matrix)
+
+    def rebuilt_fused(name: str) -> torch.Tensor:
+        layer, matrices = fused[name]
+        blocks = {m: dense_block(layer, m) for m in matrices}
+        dtype = next((blocks[m].dtype for m in matrices if (layer, m) in jobs), blocks[matrices[0]].dtype)
+        return layout.assemble_fused(matrices, {m: b.to(dtype) for m, b in blocks.items()})
+
+    read_here = set(replaced) | set(replaced_scales) | set(fused)
     bar = tqdm(total=total, desc=f"Writing {fmt} shards", disable=not progress)
     for i, names in enumerate(kept.values()):
-        tensors = reader.get_many([n for n in names if n not in replaced and n not in replaced_scales])
+        tensors = reader.get_many([n for n in names if n not in read_here])
         for name in names:
             if name in replaced:
                 tensors[name] = rebuilt(name)[0]
             elif name in replaced_scales:
                 tensors[name] = rebuilt(replaced_scales[name])[1]
+            elif name in fused:
+                tensors[name] = rebuilt_fused(name)
         tensors = {name: tensors[name] for name in names}
         atomic_save_file(tensors, target / shard_name(i), metadata)
         total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -108,6 +162,9 @@ def write_checkpoint(
             factors = factors_of(layer, matrix)
             for field, name in factor_tensor_names(layout, layer, matrix, factors.tensor_fields).items():
                 tensors[name] = getattr(factors, field)
+        for name, (layer_, matrix) in stacks.items():
+            if layer_ == layer:
+                tensors[name] = dense_block(layer, matrix)
         name = shard_name(len(kept) + j)
         atomic_save_file(tensors, target / name, metadata)
         total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())

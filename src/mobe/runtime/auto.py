@@ -12,6 +12,7 @@ checkpoint: a native checkpoint never loads as random experts.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,7 +50,12 @@ def install_compressed_experts(model: nn.Module, config: Any) -> None:
     method = section.get("method", "mobe")
     get_method(method)  # an unknown method fails here, by name
     meta = section.get("factor_meta", {})
-    for layer in layout.moe_layers:  # uncompressed MoE layers too: their experts load unfused, as on disk
+    fused = layout.arch.fused is not None
+    for layer in layout.moe_layers:
+        # Per-expert layouts: uncompressed MoE layers too, their experts load unfused, as on disk. Fused layouts:
+        # uncompressed layers keep transformers' module, which loads the fused tensors as they are.
+        if fused and layer not in section["layers"]:
+            continue
         path = layout.arch.experts_module.format(layer=layer)
         original = model.get_submodule(path)
         compressed = section["matrices"] if layer in section["layers"] else ()
@@ -58,7 +64,7 @@ def install_compressed_experts(model: nn.Module, config: Any) -> None:
             for m in compressed
         }
         experts = MobeExperts(
-            original.act_fn,
+            operator.attrgetter(layout.arch.activation)(original),
             layout.num_experts,
             layout.intermediate_size,
             layout.hidden_size,
@@ -89,12 +95,14 @@ def _native_classes(base: str) -> tuple[type, type] | None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from ..architectures.derive import NotInTransformersError, model_class
+
     if base not in CONFIG_MAPPING:
         return None
     base_config = CONFIG_MAPPING[base]
     try:
-        base_model = AutoModelForCausalLM._model_mapping[base_config]
-    except KeyError:
+        base_model = model_class(base, get_arch(base).model_class)
+    except NotInTransformersError:
         return None
     name = native_model_type(base)
     config_cls = type(f"Mobe{base_config.__name__}", (base_config,), {"model_type": name, "__module__": __name__})
@@ -103,22 +111,35 @@ def _native_classes(base: str) -> tuple[type, type] | None:
         base_model.__init__(self, config)
         install_compressed_experts(self, config)
 
-    model_cls = type(
-        f"Mobe{base_model.__name__}",
-        (base_model,),
-        {
-            "config_class": config_cls,
-            "__init__": __init__,
-            "from_pretrained": classmethod(_from_pretrained),
-            "__module__": __name__,
-        },
-    )
+    attributes = {
+        "config_class": config_cls,
+        "__init__": __init__,
+        "from_pretrained": classmethod(_from_pretrained),
+        "__module__": __name__,
+    }
+    if get_arch(base).text_model is not None:
+        attributes["forward"] = _text_forward(get_arch(base).text_model)
+    model_cls = type(f"Mobe{base_model.__name__}", (base_model,), attributes)
     AutoConfig.register(name, config_cls, exist_ok=True)
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
     _register_conversions(base, name, model_cls.__name__)
     globals()[config_cls.__name__] = config_cls  # importable by name (pickling, Ray workers)
     globals()[model_cls.__name__] = model_cls
     return config_cls, model_cls
+
+
+def _text_forward(text_model: str):
+    """A forward that hands text straight to the model's language model (the `text_model` attribute), for families
+    whose multimodal forward cannot run text (transformers 5.24's Llama 4 reads `image_outputs` from a language-model
+    output that has none, on every input)."""
+
+    def forward(self, input_ids=None, pixel_values=None, **kwargs):
+        if pixel_values is not None:
+            raise ValueError(f"{type(self).__name__} runs text only (its compressed experts are in the language model)")
+        kwargs.pop("mm_encoder_outputs", None)
+        return getattr(self, text_model)(input_ids=input_ids, **kwargs)
+
+    return forward
 
 
 def _register_conversions(base: str, *names: str) -> None:
@@ -131,8 +152,12 @@ def _register_conversions(base: str, *names: str) -> None:
     if mapping is None:
         pattern = getattr(cm, "_MODEL_TO_CONVERSION_PATTERN", {}).get(base)
         mapping = (cm.get_checkpoint_conversion_mapping(pattern) if pattern else None) or []
-    kept = [t for t in mapping if not any(".experts." in p for p in t.source_patterns)]
     arch = get_arch(base)
+    if arch.fused is not None:  # factors and dense stacks are stored under their module names: nothing to convert
+        for name in names:
+            cm.register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
+        return
+    kept = [t for t in mapping if not any(".experts." in p for p in t.source_patterns)]
     experts = arch.experts_module.split("{layer}.", 1)[1]  # `mlp.experts` (patterns are regexes: no leading dot,
     stacks = [  # which would also match `shared_experts`)
         WeightConverter(f"{experts}.*.{n}.weight", f"{experts}.{n}", operations=[MergeModulelist(dim=0)])

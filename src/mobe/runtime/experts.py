@@ -134,7 +134,28 @@ class MobeExperts(nn.Module):
         A, M = item
         return (x @ A) @ M if matrix == "down" else (x @ M.T) @ A.T
 
-    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, top_k_index: Tensor | None = None, top_k_weights: Tensor | None = None
+    ) -> Tensor:
+        if top_k_index is None:
+            return self._forward_every_expert(hidden_states)
+        shape = hidden_states.shape  # (tokens, d), or (batch, seq, d) where the caller passes it so (DBRX)
+        hidden_states = hidden_states.reshape(-1, shape[-1])
+        return self._forward_routed(hidden_states, top_k_index.reshape(-1, top_k_index.shape[-1]), top_k_weights).view(
+            shape
+        )
+
+    def _forward_every_expert(self, hidden_states: Tensor) -> Tensor:
+        """Llama 4's call: E blocks of rows, block e holding every token scaled by its weight for expert e (zero
+        where e was not chosen). A zero row gives zero (the experts have no biases), so each block's non-zero rows
+        run as tokens routed to expert e with weight 1, and the others are never computed."""
+        E = self.num_experts
+        routed = hidden_states.view(E, -1, hidden_states.shape[-1]).ne(0).any(dim=-1).reshape(-1, 1)
+        expert = torch.arange(E, device=hidden_states.device).repeat_interleave(hidden_states.shape[0] // E)
+        index = torch.where(routed, expert[:, None], E)  # E: out of range, skipped
+        return self._forward_routed(hidden_states, index, torch.ones_like(index, dtype=hidden_states.dtype))
+
+    def _forward_routed(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         flat = top_k_index.reshape(-1)
         keep = (flat >= 0) & (flat < self.num_experts)
         order = torch.argsort(torch.where(keep, flat, self.num_experts), stable=True)[: int(keep.sum())]
