@@ -54,6 +54,31 @@ def data_free_table(result: dict, calibrated: bool = False) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def distill_table(result: dict) -> str:
+    """Held-out perplexity above the original before and after each distillation mode, and the gap it closes."""
+    modes = list(dict.fromkeys(m for f in result["fixtures"].values() for r in f["rows"] for m in r["modes"]))
+    lines = [
+        "| fixture | cut | fit | compressed: d ppl | "
+        + " | ".join(f"{m}: d ppl (gap closed) | s" for m in modes)
+        + " |",
+        "|---|---:|---|---:|" + "---:|---:|" * len(modes),
+    ]
+    for name, f in result["fixtures"].items():
+        for r in f["rows"]:
+            cells = []
+            for mode in modes:
+                m = r["modes"][mode]
+                closed = "" if m["gap_closed"] is None else f" ({100 * m['gap_closed']:.0f}%)"
+                cells += [f"{m['perplexity'] - f['original_perplexity']:+.3f}{closed}", f"{m['seconds']:.0f}"]
+            lines.append(
+                f"| {name} (original {f['original_perplexity']:.2f}) | {100 * r['target_ratio']:.0f}% | "
+                f"{r['method']} {r['fit']} | {r['perplexity_before'] - f['original_perplexity']:+.3f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def replace_block(path: Path, name: str, body: str) -> None:
     text = path.read_text()
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
@@ -70,6 +95,11 @@ def main() -> None:
         table = data_free_table(result)
         replace_block(ROOT / "README.md", "data_free", table)
         replace_block(ROOT / "docs" / "results.md", "data_free", table)
+    distill = RESULTS / "distill.json"
+    if distill.exists():
+        table = distill_table(json.loads(distill.read_text()))
+        replace_block(ROOT / "README.md", "distill", table)
+        replace_block(ROOT / "docs" / "distill.md", "distill", table)
     calibrated = RESULTS / "data_free_calibrated.json"
     if calibrated.exists():
         result = json.loads(calibrated.read_text())

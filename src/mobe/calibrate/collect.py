@@ -25,7 +25,7 @@ from .stats import LayerStats
 
 logger = logging.getLogger(__name__)
 
-_EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
+EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -82,7 +82,7 @@ def check_streamable(layout: MoeLayout) -> None:
         raise CalibrationError(f"--calibration cannot stream {layout.arch.model_type}: {layout.arch.no_calibration}")
 
 
-def _module_names(model: nn.Module, checkpoint_names: list[str]) -> dict[str, str]:
+def module_names(model: nn.Module, checkpoint_names: list[str]) -> dict[str, str]:
     """Module name -> checkpoint name of each (non-expert) tensor, by transformers' own renaming rules for the model.
 
     Tensors that transformers merges or splits on load (other than the experts, which are stacked here) cannot be
@@ -119,7 +119,7 @@ class LayerStream:
         self.config._attn_implementation = "sdpa"
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa")
-        self.names = _module_names(self.model, [n for n in reader.weight_map if not _EXPERT_TENSOR.search(n)])
+        self.names = module_names(self.model, [n for n in reader.weight_map if not EXPERT_TENSOR.search(n)])
         self.decoder = self.model.get_submodule("model")
         if hasattr(self.decoder, "rotary_emb"):  # non-persistent buffers: built anew on the CPU
             self.decoder.rotary_emb = type(self.decoder.rotary_emb)(config=self.config)

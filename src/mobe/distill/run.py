@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from ..architectures import base_model_type, moe_layout
 from ..calibrate import calibration_ids
+from ..calibrate.collect import EXPERT_TENSOR, module_names
 from ..checkpoint import CheckpointReader, resolve_checkpoint
 from ..config import DistillConfig, file_sha256
 from ..devices import resolve_device
@@ -205,7 +206,7 @@ def distill(
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()  # activations recomputed in the backward pass: memory of one decoder layer's, not the model's
     params = select_trainable(model, layout, config.train)
-    names = {layout.arch.module_name(n): n for n in student_reader.weight_map}
+    names = module_names(model, [n for n in student_reader.weight_map if not EXPERT_TENSOR.search(n)])
     missing = [n for n in params if n not in names]
     if missing:
         raise DistillError(f"{compressed_path}: no checkpoint tensor for the trained parameter {missing[0]}")
