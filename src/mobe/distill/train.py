@@ -34,10 +34,11 @@ def split(n: int, heldout_fraction: float) -> tuple[list[int], list[int]]:
 
 def _forward(model: nn.Module, targets: TeacherTargets, i: int) -> tuple[Tensor, Tensor]:
     """(KL per token, next-token NLL per token) of sequence i."""
-    device = next(model.parameters()).device
-    ids = targets.input_ids[i].to(device)
+    ids = targets.input_ids[i].to(model.get_input_embeddings().weight.device)
     logits = model(input_ids=ids[None]).logits[0]
-    kl = topk_kl(logits, targets.logprobs[i].to(device), targets.indices[i].to(device), targets.tail[i].to(device))
+    out = logits.device  # the last device when the model is spread over several
+    kl = topk_kl(logits, targets.logprobs[i].to(out), targets.indices[i].to(out), targets.tail[i].to(out))
+    ids = ids.to(out)
     nll = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="none")
     return kl, nll
 
