@@ -187,6 +187,8 @@ class _Accumulator:
             self.weights.append(top_k_weights.float().clone())
 
     def finish(self) -> LayerStats:
+        self.stats.inputs_factor.compact()
+        self.stats.mid_factor.compact()
         if self.keep_inputs:
             self.stats.inputs = torch.cat(self.inputs)
             self.stats.top_k_index = torch.cat(self.index)

@@ -70,6 +70,12 @@ class GramFactor:
             self._rows[expert] = [torch.cat([r.to(dtype) for r in rows])]
         return self._rows[expert][0] if rows else torch.zeros(0, self.dim)
 
+    def compact(self) -> GramFactor:
+        """Fold every expert's waiting rows into one tensor (its factor); returns self."""
+        for e in range(self.num_experts):
+            self.factor(e)
+        return self
+
     def gram(self, experts: list[int] | None = None) -> Tensor:
         """The dense Grams (n, dim, dim) in float64, for checks and small layers (dim^2 numbers per expert)."""
         experts = list(range(self.num_experts)) if experts is None else experts
