@@ -88,12 +88,13 @@ class LayerStats:
                         else GramFactor(gram.get_shape()[0], gram.get_shape()[-1])
                     )
                 elif name in wanted:
+                    prefix = f"{name}."
                     factors[name] = GramFactor.from_tensors(
-                        {k: f.get_tensor(f"{name}.{k}") for k in ("counts", "rows", "square")}
+                        {k[len(prefix) :]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
                     )
                 else:
-                    counts, rows = f.get_slice(f"{name}.counts"), f.get_slice(f"{name}.rows")
-                    factors[name] = GramFactor(counts.get_shape()[0], rows.get_shape()[1])
+                    counts, first = f.get_slice(f"{name}.counts"), f.get_slice(f"{name}.0")
+                    factors[name] = GramFactor(counts.get_shape()[0], first.get_shape()[1])
             routing = {k: f.get_tensor(k) for k in ROUTING if with_inputs and k in keys}
         return cls(**factors, **routing)
 

@@ -47,6 +47,15 @@ class GramFactor:
             self._fold(expert)
         elif self._r[expert] is not None and waiting >= max(1, self.dim // 2):
             self._fold(expert)
+        elif len(self._rows[expert]) > 1 and 2 * self._rows[expert][0].shape[0] <= waiting:
+            self._merge(expert)  # blocks merged as they double: few blocks, O(n log n) copying
+
+    def _merge(self, expert: int) -> None:
+        rows = self._rows[expert]
+        dtype = rows[0].dtype
+        for r in rows[1:]:
+            dtype = torch.promote_types(dtype, r.dtype)
+        self._rows[expert] = [torch.cat([r.to(dtype) for r in rows])]
 
     def _fold(self, expert: int) -> None:
         """R <- R factor of [R; waiting rows] (float64); the waiting rows are freed."""
@@ -62,13 +71,9 @@ class GramFactor:
             self._fold(expert)
         if self._r[expert] is not None:
             return self._r[expert]
-        rows = self._rows[expert]
-        if len(rows) > 1:
-            dtype = rows[0].dtype
-            for r in rows[1:]:
-                dtype = torch.promote_types(dtype, r.dtype)
-            self._rows[expert] = [torch.cat([r.to(dtype) for r in rows])]
-        return self._rows[expert][0] if rows else torch.zeros(0, self.dim)
+        if len(self._rows[expert]) > 1:
+            self._merge(expert)
+        return self._rows[expert][0] if self._rows[expert] else torch.zeros(0, self.dim)
 
     def compact(self) -> GramFactor:
         """Fold every expert's waiting rows into one tensor (its factor); returns self."""
@@ -97,36 +102,27 @@ class GramFactor:
         return held + self.counts.numel() * self.counts.element_size()
 
     def tensors(self) -> dict[str, Tensor]:
-        """As plain tensors: `counts`, `rows` (the factors of experts with n_i < dim, stacked) and `square` (the
-        R factors of the others, (n, dim, dim) float64). The layout follows from `counts` alone."""
-        short = [e for e in range(self.num_experts) if self.counts[e] < self.dim]
-        full = [e for e in range(self.num_experts) if self.counts[e] >= self.dim]
-        factors = [self.factor(e) for e in short]
-        dtype = torch.float32
-        for f in factors:
-            if f.shape[0]:
-                dtype = torch.promote_types(dtype, f.dtype)
-        rows = torch.cat([f.to(dtype) for f in factors]) if factors else torch.zeros(0, self.dim)
-        square = torch.stack([self.factor(e) for e in full]) if full else torch.zeros(0, self.dim, self.dim)
-        return {"counts": self.counts, "rows": rows, "square": square.to(torch.float64)}
+        """As plain tensors, without copying them: `counts` and one factor per expert under its index ("0", "1", ...):
+        float32 rows while n_i < dim, the float64 R factor from then on."""
+        return {"counts": self.counts, **{str(e): self.factor(e) for e in range(self.num_experts)}}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> GramFactor:
-        counts, rows, square = tensors["counts"], tensors["rows"], tensors["square"]
-        out = cls(counts.numel(), rows.shape[1])
+        counts = tensors["counts"]
+        factors = [tensors[str(e)] for e in range(counts.numel())]
+        out = cls(counts.numel(), factors[0].shape[1] if factors else 1)
         out.counts = counts.to(torch.int64).clone()
-        short = [e for e in range(out.num_experts) if counts[e] < out.dim]
-        full = [e for e in range(out.num_experts) if counts[e] >= out.dim]
-        sizes = [int(counts[e]) for e in short]
-        if sum(sizes) != rows.shape[0] or len(full) != square.shape[0]:
-            raise ValueError(
-                f"factor tensors do not match their counts: {rows.shape[0]} rows for {sum(sizes)} routed tokens, "
-                f"{square.shape[0]} square factors for {len(full)} experts"
-            )
-        for e, part in zip(short, rows.split(sizes), strict=True):
-            out._rows[e] = [part] if part.shape[0] else []
-        for e, R in zip(full, square, strict=True):
-            out._r[e] = R
+        for e, F in enumerate(factors):
+            n = int(counts[e])
+            if F.ndim != 2 or F.shape != (min(n, out.dim), out.dim):
+                raise ValueError(
+                    f"factor of expert {e} has shape {tuple(F.shape)}, expected {(min(n, out.dim), out.dim)} for "
+                    f"{n} routed tokens"
+                )
+            if n >= out.dim:
+                out._r[e] = F.to(torch.float64)
+            elif n:
+                out._rows[e] = [F]
         return out
 
     @classmethod
