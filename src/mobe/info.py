@@ -201,7 +201,8 @@ def compression_job_bytes(
     weighting built from it (`weighting_rows` directions of d float32 numbers). On top, the largest of: reading
     (the per-expert tensors before they are stacked), fitting (the float32 target, the parameters with their
     gradients, two Adam moments and the best state, and the larger of one chunk's activations (`auto_chunk`) and
-    one SVD group's initialisation), and the error report (a float32 copy and the reconstruction). On a GPU the
+    one SVD group's initialisation, with calibration also the weighted loss's transients and the whitened stack),
+    and the error report (a float32 copy and the reconstruction). On a GPU the
     fit and a copy of the weighting are there, the rest in host RAM.
     """
     from .factorize.mobe import auto_chunk
@@ -214,6 +215,9 @@ def compression_job_bytes(
     activations = chunk * 4 * (3 * rank * d + 2 * p * d)
     group = -(-num_experts // num_bases) * p * d  # the experts of one SVD group, stacked
     init = 4 * (2 * group + min(group, rank * d))
+    if weighting_rows:  # the weighted loss's two (chunk, p, d) transients; the whitened stack for the init
+        activations += chunk * 4 * 2 * p * d
+        init += 4 * stack
     fit = 4 * stack + 5 * 4 * params + max(activations, init)
     report = 8 * stack + 4 * params
     if device == "cpu":

@@ -158,9 +158,10 @@ class OutputWeighting:
             coeff = (1 / s - c[:, None]) * mask
         else:
             coeff = (s - c[:, None]) * mask
-        if self.side == "right":
-            return c[:, None, None] * x + ((x @ V.mT) * coeff[:, None, :]) @ V
-        return c[:, None, None] * x + V.mT @ (coeff[:, :, None] * (V @ x))
+        V = V.expand(x.shape[0], *V.shape[1:])  # one metric for many matrices: a view
+        if self.side == "right":  # baddbmm: one (n, p, d) result besides c x
+            return torch.baddbmm(c[:, None, None] * x, (x @ V.mT) * coeff[:, None, :], V)
+        return torch.baddbmm(c[:, None, None] * x, V.mT, coeff[:, :, None] * (V @ x))
 
     def apply(self, diff: Tensor, experts: Tensor | slice | list[int] | None = None) -> Tensor:
         """D L_i (right) or L_i^T D (left) for a stack of differences D (n, p, d) of the given experts."""
