@@ -42,8 +42,8 @@ def test_tensors_round_trip_and_reject_a_mismatch():
     _, factor = _blocks()
     again = GramFactor.from_tensors(factor.tensors())
     assert torch.equal(again.gram(), factor.gram())
-    bad = factor.tensors() | {"1": torch.zeros(3, D)}
-    with pytest.raises(ValueError, match="factor of expert 1 has shape"):
+    bad = factor.tensors() | {"1.0": torch.zeros(3, D)}
+    with pytest.raises(ValueError, match="factor of expert 1 has 3 rows, expected 5"):
         GramFactor.from_tensors(bad)
 
 

@@ -187,7 +187,7 @@ class _Accumulator:
             self.weights.append(top_k_weights.float().clone())
 
     def finish(self) -> LayerStats:
-        self.stats.inputs_factor.compact()
+        self.stats.inputs_factor.compact()  # the rows waiting beside R factors
         self.stats.mid_factor.compact()
         if self.keep_inputs:
             self.stats.inputs = torch.cat(self.inputs)

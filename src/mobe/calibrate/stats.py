@@ -93,7 +93,7 @@ class LayerStats:
                         {k[len(prefix) :]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
                     )
                 else:
-                    counts, first = f.get_slice(f"{name}.counts"), f.get_slice(f"{name}.0")
+                    counts, first = f.get_slice(f"{name}.counts"), f.get_slice(f"{name}.0.0")
                     factors[name] = GramFactor(counts.get_shape()[0], first.get_shape()[1])
             routing = {k: f.get_tensor(k) for k in ROUTING if with_inputs and k in keys}
         return cls(**factors, **routing)

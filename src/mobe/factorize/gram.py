@@ -5,7 +5,8 @@ calibration run routes a few hundred to a few thousand tokens to each expert. `G
 
 - the rows X_i themselves while it has seen fewer than `dim` of them (in their own dtype: an exact copy);
 - from the `dim`-th row on, the R factor (dim x dim, float64) of a QR of all rows seen: R^T R = X_i^T X_i. New rows
-  are buffered and folded in by a QR of [R; rows] once `dim // 2` of them are waiting.
+  are buffered and folded in by a QR of [R; rows] once `dim // 2` of them are waiting (so between folds an expert
+  holds up to 1.25 times a Gram's bytes, and a fold costs about twice the flops of the Gram updates it replaces).
 
 So an expert costs min(n_i, dim) * dim numbers instead of dim^2, every consumer gets G_i exactly (to float64
 rounding) through `gram`, and an output error ||(W_i - What_i) X_i^T||^2 is ||(W_i - What_i) F_i^T||^2.
@@ -47,15 +48,6 @@ class GramFactor:
             self._fold(expert)
         elif self._r[expert] is not None and waiting >= max(1, self.dim // 2):
             self._fold(expert)
-        elif len(self._rows[expert]) > 1 and 2 * self._rows[expert][0].shape[0] <= waiting:
-            self._merge(expert)  # blocks merged as they double: few blocks, O(n log n) copying
-
-    def _merge(self, expert: int) -> None:
-        rows = self._rows[expert]
-        dtype = rows[0].dtype
-        for r in rows[1:]:
-            dtype = torch.promote_types(dtype, r.dtype)
-        self._rows[expert] = [torch.cat([r.to(dtype) for r in rows])]
 
     def _fold(self, expert: int) -> None:
         """R <- R factor of [R; waiting rows] (float64); the waiting rows are freed."""
@@ -66,19 +58,30 @@ class GramFactor:
         self._rows[expert] = []
 
     def factor(self, expert: int) -> Tensor:
-        """F_i (k_i, dim), k_i = min(n_i, dim), with F_i^T F_i = G_i: the rows themselves or R (float64)."""
+        """F_i (k_i, dim), k_i = min(n_i, dim), with F_i^T F_i = G_i: the rows themselves or R (float64).
+
+        An expert's rows stay in the blocks they came in (merging them would leave the freed blocks as holes in
+        the heap, a third more peak RSS); here they are concatenated into a new tensor, not kept.
+        """
         if self._r[expert] is not None and self._rows[expert]:
             self._fold(expert)
         if self._r[expert] is not None:
             return self._r[expert]
-        if len(self._rows[expert]) > 1:
-            self._merge(expert)
-        return self._rows[expert][0] if self._rows[expert] else torch.zeros(0, self.dim)
+        blocks = self._rows[expert]
+        if len(blocks) == 1:
+            return blocks[0]
+        if not blocks:
+            return torch.zeros(0, self.dim)
+        dtype = blocks[0].dtype
+        for b in blocks[1:]:
+            dtype = torch.promote_types(dtype, b.dtype)
+        return torch.cat([b.to(dtype) for b in blocks])
 
     def compact(self) -> GramFactor:
-        """Fold every expert's waiting rows into one tensor (its factor); returns self."""
+        """Fold the rows waiting beside each R factor into it (the factor is then one tensor); returns self."""
         for e in range(self.num_experts):
-            self.factor(e)
+            if self._r[e] is not None and self._rows[e]:
+                self._fold(e)
         return self
 
     def gram(self, experts: list[int] | None = None) -> Tensor:
@@ -102,27 +105,39 @@ class GramFactor:
         return held + self.counts.numel() * self.counts.element_size()
 
     def tensors(self) -> dict[str, Tensor]:
-        """As plain tensors, without copying them: `counts` and one factor per expert under its index ("0", "1", ...):
-        float32 rows while n_i < dim, the float64 R factor from then on."""
-        return {"counts": self.counts, **{str(e): self.factor(e) for e in range(self.num_experts)}}
+        """As plain tensors, without copying them: `counts`, and under "E.J" block J of expert E: its rows as they
+        came (n_i < dim) or its float64 R factor. An expert without rows has one empty block."""
+        self.compact()
+        out = {"counts": self.counts}
+        for e in range(self.num_experts):
+            blocks = [self._r[e]] if self._r[e] is not None else self._rows[e] or [torch.zeros(0, self.dim)]
+            out |= {f"{e}.{j}": block for j, block in enumerate(blocks)}
+        return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> GramFactor:
         counts = tensors["counts"]
-        factors = [tensors[str(e)] for e in range(counts.numel())]
-        out = cls(counts.numel(), factors[0].shape[1] if factors else 1)
+        blocks: dict[int, list[tuple[int, Tensor]]] = {e: [] for e in range(counts.numel())}
+        for key, tensor in tensors.items():
+            if key != "counts":
+                e, j = (int(x) for x in key.split("."))
+                blocks[e].append((j, tensor))
+        dims = {t.shape[-1] for parts in blocks.values() for _, t in parts}
+        if len(dims) != 1 or any(not parts for parts in blocks.values()):
+            raise ValueError(f"factor tensors hold rows of widths {sorted(dims)} or miss an expert")
+        out = cls(counts.numel(), dims.pop())
         out.counts = counts.to(torch.int64).clone()
-        for e, F in enumerate(factors):
-            n = int(counts[e])
-            if F.ndim != 2 or F.shape != (min(n, out.dim), out.dim):
+        for e, parts in blocks.items():
+            n, rows = int(counts[e]), [t for _, t in sorted(parts, key=lambda jt: jt[0]) if t.shape[0]]
+            if sum(t.shape[0] for t in rows) != min(n, out.dim) or any(t.ndim != 2 for t in rows):
                 raise ValueError(
-                    f"factor of expert {e} has shape {tuple(F.shape)}, expected {(min(n, out.dim), out.dim)} for "
-                    f"{n} routed tokens"
+                    f"factor of expert {e} has {sum(t.shape[0] for t in rows)} rows, expected {min(n, out.dim)} "
+                    f"for {n} routed tokens"
                 )
             if n >= out.dim:
-                out._r[e] = F.to(torch.float64)
-            elif n:
-                out._rows[e] = [F]
+                out._r[e] = rows[0].to(torch.float64)
+            else:
+                out._rows[e] = rows
         return out
 
     @classmethod
