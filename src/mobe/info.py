@@ -152,8 +152,10 @@ def factor_stats_bound(num_experts: int, p: int, d: int, tokens: int, top_k: int
 class MemoryEstimate:
     """Peak bytes of the big tensors (the interpreter and libraries, about 0.5 GB, not included)."""
 
-    job_host: int  # one (layer, matrix) compression job: host RAM
+    job_host: int  # one (layer, matrix) compression job, data-free: host RAM
     job_device: int  # ... on the accelerator (0 when it runs on the CPU)
+    calibrated_job_host: int  # ... with --calibration
+    calibrated_job_device: int
     stats_gram: int  # one layer's calibration statistics as dense float64 Grams (before)
     stats_factor: int  # ... factored, balanced routing, while collecting (peak)
     stats_factor_bound: int  # ... factored, any routing
@@ -169,11 +171,14 @@ class MemoryEstimate:
                     return f"{n / size:,.1f} {unit}"
             return f"{n / 2**10:,.1f} KiB"
 
-        job = f"{gib(self.job_host)} RAM" + (f" + {gib(self.job_device)} GPU" if self.job_device else "")
+        def job(host: int, device: int) -> str:
+            return f"{gib(host)} RAM" + (f" + {gib(device)} GPU" if device else "")
+
         return "\n".join(
             [
                 "memory (estimates from the config's shapes):",
-                f"  compression job (one layer, one matrix type): {job}",
+                f"  compression job (one layer, one matrix type): {job(self.job_host, self.job_device)}, "
+                f"with --calibration {job(self.calibrated_job_host, self.calibrated_job_device)}",
                 f"  calibration statistics of one layer ({self.calibration_tokens} tokens x top-{self.top_k}): "
                 f"factored {gib(self.stats_factor)} (balanced routing; at most {gib(self.stats_factor_bound)}), "
                 f"dense Grams {gib(self.stats_gram)}",
@@ -281,7 +286,8 @@ def memory_estimate(
     counts = balanced_counts(E, calibration_tokens, top_k)
     stats = factor_stats_bytes(counts, p, d, collecting=True)
     job_stats = factor_bytes(counts, d)  # a gate/up job reads the inputs' factor (the larger one)
-    host, gpu = compression_job_bytes(
+    host, gpu = compression_job_bytes(E, p, d, num_bases, rank, groups, source_bytes, device=device)
+    calibrated = compression_job_bytes(
         E, p, d, num_bases, rank, groups, source_bytes, job_stats, sum(min(n, d) for n in counts), device
     )
     weights, workspace = inference_bytes(
@@ -299,6 +305,8 @@ def memory_estimate(
     return MemoryEstimate(
         job_host=host,
         job_device=gpu,
+        calibrated_job_host=calibrated[0],
+        calibrated_job_device=calibrated[1],
         stats_gram=gram_stats_bytes(E, p, d),
         stats_factor=stats,
         stats_factor_bound=factor_stats_bound(E, p, d, calibration_tokens, top_k, collecting=True),
