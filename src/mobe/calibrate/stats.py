@@ -80,13 +80,11 @@ class LayerStats:
             keys = set(f.keys())
             factors = {}
             for name, legacy in zip(FACTORS, ("gram_in", "gram_mid"), strict=True):
-                if legacy in keys:
-                    gram = f.get_tensor(legacy) if name in wanted else f.get_slice(legacy)
-                    factors[name] = (
-                        GramFactor.from_gram(gram, f.get_tensor("counts"))
-                        if name in wanted
-                        else GramFactor(gram.get_shape()[0], gram.get_shape()[-1])
-                    )
+                if legacy in keys and name in wanted:
+                    factors[name] = GramFactor.from_gram(f.get_tensor(legacy), f.get_tensor("counts"))
+                elif legacy in keys:
+                    shape = f.get_slice(legacy).get_shape()
+                    factors[name] = GramFactor(shape[0], shape[-1])
                 elif name in wanted:
                     prefix = f"{name}."
                     factors[name] = GramFactor.from_tensors(
