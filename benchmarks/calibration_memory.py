@@ -117,7 +117,7 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("peak RSS of one layer's statistics (GiB, log)")
-    ax.set_title("Calibration statistics of one MoE layer (measured on a subset of experts, scaled)")
+    ax.set_title("One MoE layer's calibration statistics (subsets of experts, extrapolated)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
