@@ -15,12 +15,13 @@ the losses stay on the scale of the weight error. The Grams come as factors F_i 
     L_i = c_i I + V_i diag(s_i - c_i) V_i^T        (V_i: d x k_i, orthonormal; the right singular vectors of F_i)
 
 so a layer's metric costs sum_i k_i * d numbers instead of E * d^2, and applying it to a p x d matrix costs
-O(p d k_i) instead of O(p d^2).
+O(p d k_i) instead of O(p d^2). An expert that saw at least d tokens (k_i = d) keeps L_i as one dense symmetric
+d x d matrix instead (the same numbers, one matmul).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -53,13 +54,32 @@ class OutputWeighting:
     scales: list[Tensor]  # per expert (k_i,): s_i, L_i's eigenvalues along those directions
     iso: Tensor  # (E,): c_i, L_i's eigenvalue on the rest of the space
     side: str = "right"
+    square: list[Tensor | None] = field(default_factory=list)  # per expert: L_i itself (size, size), or None
 
     def __post_init__(self) -> None:
         if self.side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {self.side!r}")
-        if not len(self.vectors) == len(self.scales) == self.iso.numel():
-            raise ValueError("vectors, scales and iso must have one entry per expert")
-        self._sizes = [v.shape[0] for v in self.vectors]
+        self.square = self.square or [None] * len(self.vectors)
+        if not len(self.vectors) == len(self.scales) == self.iso.numel() == len(self.square):
+            raise ValueError("vectors, scales, iso and square must have one entry per expert")
+        self._sizes = [v.shape[0] if L is None else 0 for v, L in zip(self.vectors, self.square, strict=True)]
+
+    @classmethod
+    def _build(cls, spectra: list[tuple[Tensor, Tensor, Tensor]], side: str) -> OutputWeighting:
+        """From (s^2, V^T, c^2) per expert, float64: L = c I + V^T diag(s - c) V, dense where V spans the space."""
+        vectors, scales, iso, square = [], [], [], []
+        for s2, Vt, c2 in spectra:
+            if Vt.shape[0] == Vt.shape[1]:
+                square.append(((Vt.T * s2.sqrt()) @ Vt).float())
+                vectors.append(Vt.new_zeros(0, Vt.shape[1]).float())
+                scales.append(s2.new_zeros(0).float())
+                iso.append(0.0)
+            else:
+                square.append(None)
+                vectors.append(Vt.float())
+                scales.append(s2.sqrt().float())
+                iso.append(c2.sqrt().item())
+        return cls(vectors, scales, torch.tensor(iso), side, square)
 
     @property
     def num_experts(self) -> int:
@@ -71,7 +91,7 @@ class OutputWeighting:
 
     @property
     def nbytes(self) -> int:
-        tensors = [*self.vectors, *self.scales, self.iso]
+        tensors = [*self.vectors, *self.scales, self.iso, *(L for L in self.square if L is not None)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @classmethod
@@ -97,18 +117,17 @@ class OutputWeighting:
             return cls.identity(factor.num_experts, k, side)
         lam = damping * diag + prior * per_token
         norm = (diag + lam).mean()
-        vectors, scales = [], []
+        spectra = []
         for e in range(factor.num_experts):
             sigma2, Vt = _spectrum(factor.factor(e).to(torch.float64))
-            vectors.append(Vt.float())
-            scales.append(((sigma2 + lam[e]) / norm).sqrt().float())
+            spectra.append(((sigma2 + lam[e]) / norm, Vt, lam[e] / norm))
             smallest = min(sigma2.min().item() if sigma2.numel() else 0.0, 0.0 if Vt.shape[0] < k else float("inf"))
             if smallest + lam[e] <= 0:
                 raise ValueError(
                     f"the output metric of expert {e} is singular ({int(factor.counts[e])} tokens for {k} "
                     "dimensions, no damping): use damping > 0 or prior_tokens > 0"
                 )
-        return cls(vectors, scales, (lam / norm).sqrt().float(), side)
+        return cls._build(spectra, side)
 
     @classmethod
     def identity(cls, num_experts: int, size: int, side: str = "right") -> OutputWeighting:
@@ -116,7 +135,11 @@ class OutputWeighting:
 
     def to(self, device: torch.device | str) -> OutputWeighting:
         return OutputWeighting(
-            [v.to(device) for v in self.vectors], [s.to(device) for s in self.scales], self.iso.to(device), self.side
+            [v.to(device) for v in self.vectors],
+            [s.to(device) for s in self.scales],
+            self.iso.to(device),
+            self.side,
+            [None if L is None else L.to(device) for L in self.square],
         )
 
     def _select(self, experts: Tensor | slice | list[int] | None) -> list[int]:
@@ -136,9 +159,9 @@ class OutputWeighting:
             raise ValueError(f"{x.shape[0]} matrices for {len(idx)} experts")
         parts, start = [], 0
         while start < len(idx):  # bounded padding: never all experts' directions at once
-            end, widest = start + 1, self._sizes[idx[start]]
+            end, widest = start + 1, self._width(idx[start])
             while end < len(idx):
-                widest = max(widest, self._sizes[idx[end]])
+                widest = max(widest, self._width(idx[end]))
                 if (end + 1 - start) * max(widest, 1) * self.size > CHUNK_ELEMENTS:
                     break
                 end += 1
@@ -146,8 +169,33 @@ class OutputWeighting:
             start = end
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def _width(self, expert: int) -> int:
+        return self.size if self.square[expert] is not None else self._sizes[expert]
+
     def _block(self, x: Tensor, idx: list[int], inverse: bool) -> Tensor:
-        """L x (left) or x L (right) for each expert of `idx` (or L^{-1}): L = c I + V^T diag(s - c) V."""
+        """x L (right) or L x (left) for each expert of `idx`, or with L^{-1}; dense and low-rank experts apart."""
+        dense = [j for j, i in enumerate(idx) if self.square[i] is not None]
+        if len(dense) == len(idx):
+            return self._dense_block(x, idx, inverse)
+        if not dense:
+            return self._low_rank_block(x, idx, inverse)
+        low = [j for j, i in enumerate(idx) if self.square[i] is None]
+        parts = torch.cat(
+            [
+                self._dense_block(x[dense], [idx[j] for j in dense], inverse),
+                self._low_rank_block(x[low], [idx[j] for j in low], inverse),
+            ]
+        )
+        return parts[torch.tensor(dense + low, device=x.device).argsort()]
+
+    def _dense_block(self, x: Tensor, idx: list[int], inverse: bool) -> Tensor:
+        L = torch.stack([self.square[i] for i in idx]).to(x.dtype)  # symmetric
+        if inverse:
+            return torch.linalg.solve(L, x, left=self.side == "left")
+        return x @ L if self.side == "right" else L @ x
+
+    def _low_rank_block(self, x: Tensor, idx: list[int], inverse: bool) -> Tensor:
+        """L = c I + V^T diag(s - c) V (or its inverse, c^-1 I + V^T diag(1/s - c^-1) V)."""
         V = pad_sequence([self.vectors[i] for i in idx], batch_first=True).to(x.dtype)  # (n, K, size)
         s = pad_sequence([self.scales[i] for i in idx], batch_first=True, padding_value=1.0).to(x.dtype)
         sizes = torch.tensor([self._sizes[i] for i in idx], device=s.device)
@@ -172,20 +220,20 @@ class OutputWeighting:
         return self._transform(whitened, experts, inverse=True)
 
     def mean(self, experts: list[int]) -> OutputWeighting:
-        """The mean metric of `experts`, (1/n) sum_i M_i, as a one-expert weighting (a group's shared whitening)."""
+        """The mean metric of `experts`, (1/n) sum_i M_i, as a one-expert weighting (a group's shared whitening).
+
+        M_i = c_i^2 I + R_i^T R_i with R_i = diag(sqrt(s_i^2 - c_i^2)) V_i, or R_i = L_i (c_i = 0) for a dense L_i.
+        """
         iso2 = torch.stack([self.iso[i].double().square() for i in experts]).mean()
-        rows = (
-            torch.cat(
-                [
-                    (self.scales[i].double().square() - self.iso[i].double().square()).clamp(min=0).sqrt()[:, None]
-                    * self.vectors[i].double()
-                    for i in experts
-                ]
-            )
-            / len(experts) ** 0.5
-        )
-        sigma2, Vt = _spectrum(rows)
-        return OutputWeighting([Vt.float()], [(sigma2 + iso2).sqrt().float()], iso2.sqrt().float()[None], self.side)
+        rows = []
+        for i in experts:
+            if self.square[i] is not None:
+                rows.append(self.square[i].double())
+            else:
+                gap = (self.scales[i].double().square() - self.iso[i].double().square()).clamp(min=0)
+                rows.append(gap.sqrt()[:, None] * self.vectors[i].double())
+        sigma2, Vt = _spectrum(torch.cat(rows) / len(experts) ** 0.5)
+        return OutputWeighting._build([(sigma2 + iso2, Vt, iso2)], self.side)
 
     def dense(self, experts: Tensor | slice | list[int] | None = None) -> Tensor:
         """L_i as dense (n, size, size) matrices, for checks and small layers."""
