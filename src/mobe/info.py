@@ -283,6 +283,8 @@ def memory_estimate(
     top_k = int(reader.config.get("num_experts_per_tok") or 1)
     first = layout.arch.tensor_name(layout.moe_layers[0], 0, "gate")
     source_bytes = DTYPE_BYTES.get(reader.dtype_name(first), 4)
+    if reader.is_block_fp8(first):  # read dequantised to float32; the factors are written in bfloat16
+        source_bytes = 4
     counts = balanced_counts(E, calibration_tokens, top_k)
     stats = factor_stats_bytes(counts, p, d, collecting=True)
     job_stats = factor_bytes(counts, d)  # a gate/up job reads the inputs' factor (the larger one)
@@ -297,7 +299,7 @@ def memory_estimate(
         rank,
         groups,
         matrices,
-        source_bytes,
+        2 if reader.is_block_fp8(first) else source_bytes,
         reader.config,
         cache_mib=cache_mib,
         context=context,
