@@ -79,6 +79,30 @@ def distill_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def calibration_memory_table(result: dict) -> str:
+    """One layer's calibration statistics: dense Grams against factored Grams, measured and estimated."""
+    lines = [
+        "| model shape | tokens | rows per expert | dense Grams GiB (formula) | factored GiB (formula) | smaller by "
+        "| s Grams | s factored |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        counts = r["factor"]["runs"][-1]["counts"]
+        lines.append(
+            f"| {r['shape']} (E={r['E']}, d={r['d']}, p={r['p']}, top-{r['top_k']}) | {r['tokens']} "
+            f"| {sum(counts) / len(counts):.0f} | {r['gram_layer_gib']:.2f} ({r['gram_formula_gib']:.2f}) "
+            f"| {r['factor_layer_gib']:.2f} ({r['factor_formula_gib']:.2f}) | {r['reduction']:.1f}x "
+            f"| {r['gram_seconds_layer']:.0f} | {r['factor_seconds_layer']:.0f} |"
+        )
+    gram, factor = result["rows"][0]["gram"], result["rows"][0]["factor"]
+    lines.append("")
+    lines.append(
+        f"Measured on {' and '.join(map(str, gram['experts_measured']))} experts with dense Grams and "
+        f"{' and '.join(map(str, factor['experts_measured']))} with factors, extrapolated to all E experts."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def replace_block(path: Path, name: str, body: str) -> None:
     text = path.read_text()
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
@@ -100,6 +124,10 @@ def main() -> None:
         table = distill_table(json.loads(distill.read_text()))
         replace_block(ROOT / "README.md", "distill", table)
         replace_block(ROOT / "docs" / "distill.md", "distill", table)
+    memory = RESULTS / "calibration_memory.json"
+    if memory.exists():
+        result = json.loads(memory.read_text())
+        replace_block(ROOT / "docs" / "results.md", "calibration_memory", calibration_memory_table(result))
     calibrated = RESULTS / "data_free_calibrated.json"
     if calibrated.exists():
         result = json.loads(calibrated.read_text())

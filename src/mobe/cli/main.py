@@ -162,14 +162,28 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from ..info import families_table, model_info
+    from ..info import families_table, memory_estimate, model_info
 
     if args.list:
         print(families_table())
         return
     if args.model is None:
         raise ValueError("mobe info needs a checkpoint folder or hub id (or --list)")
-    print(model_info(args.model, args.num_bases, args.rank, args.groups).summary())
+    info = model_info(args.model, args.num_bases, args.rank, args.groups)
+    print(info.summary())
+    if info.stored is None:  # an original checkpoint: what compressing and running it would take
+        estimate = memory_estimate(
+            args.model,
+            args.num_bases or MobeConfig().num_bases,
+            args.rank,
+            args.groups,
+            tuple(m for m in args.matrices.split(",") if m),
+            args.calibration_tokens,
+            "cpu" if args.device == "cpu" else "cuda",
+            args.context,
+            args.cache_mib,
+        )
+        print(estimate.summary())
 
 
 def _load(args: argparse.Namespace):
@@ -334,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bases", "-m", dest="num_bases", type=int, default=None, help="m: bases per layer to cost")
     p.add_argument("--rank", "-r", type=int, default=None, help="r: rank to cost (default min(p, d))")
     p.add_argument("--groups", type=int, default=1, help="expert groups with their own bases")
+    p.add_argument("--matrices", default="gate,up", help="matrix types to cost (memory estimates)")
+    p.add_argument(
+        "--calibration-tokens", type=int, default=MobeConfig().calibration_tokens, help="calibration tokens to cost"
+    )
+    p.add_argument("--device", default="cpu", help="where a job fits: cpu (all in RAM) or cuda (fit on the GPU)")
+    p.add_argument("--context", type=int, default=4096, help="tokens of KV cache to cost for native inference")
+    p.add_argument("--cache-mib", type=float, default=0.0, help="per-layer LRU cache of native inference, MiB")
     p.set_defaults(func=_cmd_info)
 
     p = _command(sub, "generate", "greedy generation from any checkpoint, native MoBE included")
