@@ -224,6 +224,45 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
+# --- mobe eval: lm-eval benchmarks on any checkpoint mobe opens ---------------------------------------------------
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from ..evaluate.harness import evaluate_tasks, results_json, results_table
+
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer (tokenizer_config.json): lm-eval needs one")
+    tasks = [t for t in args.tasks.split(",") if t]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = evaluate_tasks(
+        model, tokenizer, tasks, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot
+    )
+    print(results_table(results))
+    if args.json:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        extra = {"model": str(args.model), "tasks": tasks, "limit": limit, "dtype": dtype}
+        Path(args.json).write_text(results_json(results, **extra))
+        print(f"wrote {args.json}")
+
+
+def _add_eval_command(sub) -> None:
+    p = _command(sub, "eval", "lm-eval benchmarks (accuracy) of any checkpoint, native MoBE included")
+    _add_runtime_options(p, dtype="float32")  # evaluation in float32 unless asked otherwise
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated lm-eval task names and/or task YAML files, e.g. hellaswag,arc_easy",
+    )
+    p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction of each task when < 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="requests per forward pass")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--json", default=None, help="write the metrics and task settings here as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from ..demo import run_demo
 
@@ -286,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
     p.add_argument("--json", default=None, help="write the result here as JSON")
     p.set_defaults(func=_cmd_perplexity)
+
+    _add_eval_command(sub)
 
     p = _command(
         sub, "sweep", "fit one layer with every method at several cuts: the error-vs-size frontier, in minutes"
