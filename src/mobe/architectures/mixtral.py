@@ -9,4 +9,5 @@ MIXTRAL = ArchSpec(
     intermediate_size_keys=("intermediate_size",),
     is_moe_layer=lambda config, layer: True,
     module_renames={".block_sparse_moe.": ".mlp."},
+    router="model.layers.{layer}.block_sparse_moe.gate",
 )

@@ -34,6 +34,11 @@ class ArchSpec:
     # checkpoint names differ from module names (Mixtral's `block_sparse_moe` is `mlp`).
     experts_module: str = "model.layers.{layer}.mlp.experts"
     module_renames: Mapping[str, str] = field(default_factory=dict)
+    # The router of a layer (checkpoint prefix: its `weight` rows, and any other tensor whose first dimension is the
+    # expert count, such as DeepSeek-V3's `e_score_correction_bias`, are per expert), and the config key that splits
+    # the experts into contiguous routing groups (DeepSeek-V3's `n_group`), if any.
+    router: str = "model.layers.{layer}.mlp.gate"
+    router_groups_key: str | None = None
 
     def module_name(self, checkpoint_name: str) -> str:
         for old, new in self.module_renames.items():
@@ -42,6 +47,9 @@ class ArchSpec:
 
     def experts_prefix(self, layer: int) -> str:
         return self.experts.format(layer=layer)
+
+    def router_prefix(self, layer: int) -> str:
+        return self.router.format(layer=layer)
 
     def tensor_name(self, layer: int, expert: int, matrix: str) -> str:
         return f"{self.experts_prefix(layer)}.{expert}.{self.matrices[matrix]}.weight"

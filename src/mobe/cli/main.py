@@ -25,7 +25,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     helps = {f.name: f.metadata.get("help", "") for f in fields(MobeConfig)}
     default = MobeConfig()
-    p.add_argument("--method", choices=method_names(), default=default.method, help=helps["method"])
+    p.add_argument(
+        "--method",
+        choices=[*method_names(), "reap"],
+        default=default.method,
+        help=helps["method"] + "; reap: remove whole experts by their REAP score (needs --calibration)",
+    )
     p.add_argument("--bases", "-m", dest="num_bases", type=int, default=default.num_bases, help=helps["num_bases"])
     p.add_argument("--target-ratio", type=float, default=None, help=helps["target_ratio"])
     p.add_argument("--rank", "-r", type=int, default=None, help=helps["rank"])
@@ -99,6 +104,8 @@ def _config_from_args(args: argparse.Namespace) -> MobeConfig:
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
+    if args.method == "reap":
+        return _cmd_prune(args)
     from ..pipeline import compress
 
     report = compress(
@@ -112,6 +119,45 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     )
     print(report.table())
     print(f"wrote {args.output} ({report.format}); report: {args.output}/mobe_report.json")
+
+
+# --- --method reap: expert pruning (a stage of its own: the output is a smaller model, not factors) ---------------
+def _add_reap_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reap-budget",
+        choices=("layer", "global"),
+        default="layer",
+        help="--method reap: remove --target-ratio of the experts of every layer, or the lowest scores of the whole "
+        "model (which must come out as the same count per layer)",
+    )
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    from ..prune import prune_experts
+
+    if args.target_ratio is None:
+        raise ValueError("--method reap needs --target-ratio (the share of routed experts to remove)")
+    if args.calibration is None:
+        raise ValueError("--method reap needs --calibration FILE: experts are scored on the tokens routed to them")
+    if args.layers is not None or args.reconstruct:
+        raise ValueError(
+            "--method reap prunes every MoE layer alike and writes a plain checkpoint: drop --layers, --reconstruct"
+        )
+    report = prune_experts(
+        args.model,
+        args.output,
+        target_ratio=args.target_ratio,
+        calibration=args.calibration,
+        budget=args.reap_budget,
+        calibration_tokens=args.calibration_tokens,
+        calibration_seq_len=args.calibration_seq_len,
+        progress=not args.quiet,
+    )
+    print(report.table())
+    print(
+        f"wrote {args.output} (pruned, {report.layers[0].experts_before} -> {len(report.layers[0].kept)} experts "
+        f"per layer); report: {args.output}/mobe_report.json"
+    )
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -296,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_mobe_options(p)
+    _add_reap_options(p)
     p.set_defaults(func=_cmd_compress)
 
     p = _command(sub, "reconstruct", "rebuild dense experts from a native MoBE checkpoint")
