@@ -134,7 +134,7 @@ def test_pruned_checkpoints_load_without_mobe_and_equal_the_masked_original(tiny
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
-def test_scores_equal_a_brute_force_count_with_hooks(arch, tiny, pruned):
+def test_scores_equal_a_brute_force_count_with_hooks(arch, tiny, pruned, calibration, tmp_path):
     report, _ = pruned[arch]
     tokenizer = AutoTokenizer.from_pretrained(tiny[arch])
     ids = tokenizer(heldout_text()[:3000], return_tensors="pt").input_ids[0][:256]
@@ -150,6 +150,19 @@ def test_scores_equal_a_brute_force_count_with_hooks(arch, tiny, pruned):
             model(seq[None])
     for h in hooks:
         h.remove()
+    by_frequency = {}
+    if arch == "qwen3_moe":  # the baseline criterion: the experts the fewest calibration tokens reach go first
+        out = prune_experts(
+            tiny[arch],
+            tmp_path / "freq",
+            target_ratio=RATIO,
+            calibration=calibration,
+            calibration_seq_len=64,
+            calibration_tokens=256,
+            criterion="frequency",
+            progress=False,
+        )
+        by_frequency = {lay.layer: lay.pruned for lay in out.layers}
     for lay in report.layers:
         E = lay.experts_before
         total, counts = torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
@@ -168,6 +181,8 @@ def test_scores_equal_a_brute_force_count_with_hooks(arch, tiny, pruned):
         lowest = sorted(range(E), key=lambda e: expected[e].item())
         if arch == "qwen3_moe":  # without routing groups the lowest scores go
             assert set(lay.pruned) == set(lowest[:2])
+            rarest = sorted(range(E), key=lambda e: (counts[e].item(), -e))[:2]
+            assert by_frequency[lay.layer] == sorted(rarest)
 
 
 def test_unrouted_experts_score_zero_and_go_first(tiny, calibration, tmp_path):

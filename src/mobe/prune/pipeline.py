@@ -27,6 +27,7 @@ from .report import LayerPruning, PruneReport
 from .scores import ExpertScores, collect_reap_scores
 from .select import PruneError, experts_to_prune
 
+CRITERIA = ("reap", "frequency")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -37,6 +38,7 @@ def prune_experts(
     target_ratio: float,
     calibration: str | Path,
     budget: str = "layer",
+    criterion: str = "reap",
     calibration_tokens: int = 32768,
     calibration_seq_len: int = 512,
     progress: bool = True,
@@ -51,6 +53,8 @@ def prune_experts(
             are run through the original model, one decoder layer at a time.
         budget: `layer` (the same share in every layer) or `global` (the lowest scores of the whole model; it must
             come out as the same count in every layer).
+        criterion: `reap` (the score above), or `frequency` (the calibration tokens routed to each expert: the
+            baseline REAP is compared with).
 
     Returns:
         The report, also saved as `mobe_report.json` in `output`.
@@ -60,6 +64,8 @@ def prune_experts(
         >>> print(report.table())  # doctest: +SKIP
     """
     start = time.perf_counter()
+    if criterion not in CRITERIA:
+        raise PruneError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise PruneError(f"output folder {output} already exists and is not empty; choose another path")
@@ -84,7 +90,7 @@ def prune_experts(
     sequences = calibration_ids(reader.path, calibration, calibration_tokens, calibration_seq_len)
     scores: dict[int, ExpertScores] = dict(collect_reap_scores(reader, layout, sequences, progress=progress))
     pruned = experts_to_prune(
-        {layer: s.reap for layer, s in scores.items()},
+        {layer: s.reap if criterion == "reap" else s.counts for layer, s in scores.items()},
         target_ratio,
         budget=budget,
         top_k=top_k,
@@ -94,7 +100,7 @@ def prune_experts(
     kept = {layer: [e for e in range(layout.num_experts) if e not in set(ids)] for layer, ids in pruned.items()}
     num_kept = len(next(iter(kept.values())))
 
-    settings = {"method": "reap", "target_ratio": target_ratio, "budget": budget}
+    settings = {"method": "reap", "criterion": criterion, "target_ratio": target_ratio, "budget": budget}
     target = output.with_name(f".{output.name}.mobe-tmp")
     if target.exists():
         shutil.rmtree(target)

@@ -65,8 +65,8 @@ class PruneReport:
     def table(self) -> str:
         c = self.config
         lines = [
-            f"method reap: {100 * c['target_ratio']:.0f}% of the routed experts removed ({c['budget']} budget), "
-            f"scored on {self.calibration_tokens} calibration tokens"
+            f"expert pruning by {c.get('criterion', 'reap')} score: {100 * c['target_ratio']:.0f}% of the routed "
+            f"experts removed ({c['budget']} budget), scored on {self.calibration_tokens} calibration tokens"
         ]
         header = f"{'layer':>5} {'kept':>7} {'unrouted':>8} {'max score removed':>17} {'min score kept':>14}  removed"
         lines.append(header)
