@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mobe import MobeConfig, compress
 from mobe.architectures import canonical_model_types, get_arch
 from mobe.cli.main import main
 from mobe.fixtures import build_tiny_moe, heldout_text, trained_fixture_path
@@ -245,3 +246,6 @@ def test_cli_reap_and_its_bad_input(tiny, calibration, tmp_path, capsys):
     assert main(["compress", str(tiny["olmoe"]), "-o", str(tmp_path / "y"), "--method", "reap", *bad]) == 2
     assert "fewer experts than the router picks" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+    compress(tiny["olmoe"], tmp_path / "native", MobeConfig(num_bases=2, steps=2), progress=False)
+    assert main(["compress", str(tmp_path / "native"), "-o", str(tmp_path / "z"), "--method", "reap", *bad]) == 2
+    assert "holds MoBE factors" in capsys.readouterr().err

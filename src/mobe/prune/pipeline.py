@@ -70,6 +70,8 @@ def prune_experts(
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise PruneError(f"output folder {output} already exists and is not empty; choose another path")
     reader = CheckpointReader(model)
+    if (reader.config.get("mobe") or {}).get("format") == "native":
+        raise PruneError(f"{reader.path} holds MoBE factors, not experts: prune the original or a reconstructed one")
     layout = moe_layout(reader.config)
     read_calibration_text(calibration)
     if not any((reader.path / name).is_file() for name in TOKENIZER_FILES):
