@@ -156,7 +156,8 @@ def plot(result: dict, path: Path) -> None:
             )
         for f in fixture["factorisations"]:
             label = f"best factorisation{' (calibrated)' if f.get('calibrated') else ''}"
-            ax.plot(100 * f["expert_reduction"], f["perplexity"], "s" if f.get("calibrated") else "^", label=label)
+            style = ("s", "tab:brown") if f.get("calibrated") else ("^", "tab:red")
+            ax.plot(100 * f["expert_reduction"], f["perplexity"], style[0], color=style[1], label=label)
         ax.axhline(fixture["original_perplexity"], color="gray", ls="--", label="original")
         ax.set_xlabel("routed-expert parameters removed (%)")
         ax.set_ylabel("held-out perplexity")
