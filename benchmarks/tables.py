@@ -103,6 +103,32 @@ def calibration_memory_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reap_table(result: dict) -> str:
+    """Held-out perplexity after expert pruning, per fixture and cut, beside data_free.py's best factorisation."""
+    lines = [
+        "| fixture (original ppl) | cut | experts kept | model smaller | REAP: d ppl | frequency: d ppl | "
+        "best factorisation: d ppl |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for fixture in result["fixtures"].values():
+        for ratio in sorted({r["target_ratio"] for r in fixture["rows"]}):
+            rows = {r["criterion"]: r for r in fixture["rows"] if r["target_ratio"] == ratio}
+            first = next(iter(rows.values()))
+            before, after = first["experts_per_layer"]
+            cells = {c: f"{rows[c]['perplexity_change']:+.3f}" if c in rows else "-" for c in ("reap", "frequency")}
+            best = [f for f in fixture["factorisations"] if f["target_ratio"] == ratio]
+            fact = "; ".join(
+                f"{f['method']}{' (calibrated)' if f.get('calibrated') else ''} {f['perplexity_change']:+.3f}"
+                for f in best
+            )
+            lines.append(
+                f"| `{fixture['fixture']}` ({fixture['original_perplexity']:.2f}) | {100 * ratio:.0f}% | "
+                f"{after}/{before} | {100 * first['model_reduction']:.1f}% | {cells['reap']} | {cells['frequency']} | "
+                f"{fact or '-'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def replace_block(path: Path, name: str, body: str) -> None:
     text = path.read_text()
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
@@ -119,6 +145,9 @@ def main() -> None:
         table = data_free_table(result)
         replace_block(ROOT / "README.md", "data_free", table)
         replace_block(ROOT / "docs" / "results.md", "data_free", table)
+    reap = RESULTS / "reap.json"
+    if reap.exists():
+        replace_block(ROOT / "docs" / "prune.md", "reap", reap_table(json.loads(reap.read_text())))
     distill = RESULTS / "distill.json"
     if distill.exists():
         table = distill_table(json.loads(distill.read_text()))
