@@ -83,3 +83,46 @@ def test_only_the_wanted_layers_are_measured(qwen3_checkpoint):
     last = dict(collect_statistics(reader, layout, sequences, layout.moe_layers, skip={layout.moe_layers[0]}))
     assert list(last) == [layout.moe_layers[-1]]
     assert torch.equal(last[layout.moe_layers[-1]].gram("up"), all_layers[layout.moe_layers[-1]].gram("up"))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral"])
+def test_kept_routing_and_routed_output_equal_a_transformers_forward(tiny_checkpoints, arch):
+    """The inputs, expert choices and weights kept for refinement are what the model's own forward passes to its
+    experts, and `routed_output` of the dense experts reproduces what the experts module returns."""
+    from transformers import AutoModelForCausalLM
+
+    from mobe.calibrate.refine import routed_output
+
+    path = tiny_checkpoints[arch]
+    reader = CheckpointReader(path)
+    layout = moe_layout(reader.config)
+    ids = torch.randint(0, 128, (30,), generator=torch.Generator().manual_seed(5))
+    streamed = dict(collect_statistics(reader, layout, [ids], layout.moe_layers, keep_inputs=True))
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seen = {}
+    handles = []
+    for layer in layout.moe_layers:
+        module = model.get_submodule(layout.arch.experts_module.format(layer=layer))
+
+        def hook(mod, args, output, layer=layer):
+            seen[layer] = (args[0].reshape(-1, args[0].shape[-1]), args[1], args[2], output, mod)
+
+        handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(ids[None])
+    for h in handles:
+        h.remove()
+    for layer, stats in streamed.items():
+        x, index, weights, output, module = seen[layer]
+        torch.testing.assert_close(stats.inputs, x, rtol=1e-5, atol=1e-5)
+        assert torch.equal(stats.top_k_index, index)
+        torch.testing.assert_close(stats.top_k_weights, weights.float(), rtol=1e-5, atol=1e-6)
+        p = layout.intermediate_size
+        dense = {
+            "gate": module.gate_up_proj[:, :p].detach(),
+            "up": module.gate_up_proj[:, p:].detach(),
+            "down": module.down_proj.detach(),
+        }
+        got = routed_output(stats.inputs, stats.top_k_index, stats.top_k_weights, dense, module.act_fn)
+        torch.testing.assert_close(got, output.reshape(got.shape), rtol=1e-4, atol=1e-5)
