@@ -124,7 +124,16 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
 def _cmd_info(args: argparse.Namespace) -> None:
     from ..info import model_info
 
-    print(model_info(args.model, args.num_bases, args.rank, args.groups).summary())
+    info = model_info(args.model, args.num_bases, args.rank, args.groups)
+    print(info.summary())
+    if args.num_bases is not None and info.stored is None:
+        from ..estimate import estimate_compress_time
+
+        device = resolve_device(args.device)
+        estimate = estimate_compress_time(
+            info.layout, args.num_bases, args.rank, args.schedule, args.steps, device=device
+        )
+        print(estimate.summary())
 
 
 def _load(args: argparse.Namespace):
@@ -270,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bases", "-m", dest="num_bases", type=int, default=None, help="m: bases per layer to cost")
     p.add_argument("--rank", "-r", type=int, default=None, help="r: rank to cost (default min(p, d))")
     p.add_argument("--groups", type=int, default=1, help="expert groups with their own bases")
+    p.add_argument(
+        "--schedule", choices=SCHEDULES, default=MobeConfig().schedule, help="schedule whose compress time to estimate"
+    )
+    p.add_argument("--steps", type=int, default=None, help="steps per job (default: the schedule's own)")
+    p.add_argument("--device", default="auto", help="device whose step time is measured: auto, cpu, cuda, cuda:N, mps")
     p.set_defaults(func=_cmd_info)
 
     p = _command(sub, "generate", "greedy generation from any checkpoint, native MoBE included")
