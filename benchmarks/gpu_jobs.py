@@ -73,7 +73,7 @@ def run_job(weights: torch.Tensor, config: MobeConfig, precision: str, device: t
         "seconds": seconds,
         "seconds_per_step": seconds / steps,
         "initial_error": math.sqrt(stats.init_loss / mean_square),
-        "final_error": weight_error(weights.cpu(), factors.reconstruct())[0],
+        "final_error": weight_error(weights.cpu(), factors.reconstruct())[0],  # what a compress run would store
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "trace": [(s, math.sqrt(loss / mean_square)) for _, s, loss in stats.trace],
     }
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         E, p, d, m = MODELS[name]
         p, d = max(2, round(p * args.scale)), max(2, round(d * args.scale))
-        weights = realistic_stack(E, p, d, seed=0)
+        weights = realistic_stack(E, p, d, seed=0, device=device)
         print(f"{name}: E={E} p={p} d={d} m={m} r={p} on {device}", flush=True)
         rows = []
         for precision in args.precisions:

@@ -44,19 +44,36 @@ def step_flops(E: int, p: int, d: int, rank: int, num_bases: int, schedule: str)
 
 @dataclass
 class Calibration:
-    """Seconds per step measured on one small stack, and the FLOP rate that implies."""
+    """Seconds per step measured on two small stacks (8x apart in FLOPs): a fixed cost per step plus a FLOP rate.
 
-    shape: tuple[int, int, int]  # (E, p, d)
-    rank: int
+    Small stacks spend much of a step on fixed costs (kernel launches, Python); fitting both terms from two sizes
+    keeps that cost from being scaled up with the FLOPs.
+    """
+
+    shapes: tuple[tuple[int, int, int], tuple[int, int, int]]  # (E, p, d) of each
     num_bases: int
     schedule: str
     device: str
-    seconds_per_step: float
+    seconds: tuple[float, float]  # per step, at each shape
+
+    def flops(self, i: int) -> float:
+        E, p, d = self.shapes[i]
+        return step_flops(E, p, d, min(p, d), self.num_bases, self.schedule)
 
     @property
     def flops_per_second(self) -> float:
-        E, p, d = self.shape
-        return step_flops(E, p, d, self.rank, self.num_bases, self.schedule) / self.seconds_per_step
+        rise = self.seconds[1] - self.seconds[0]
+        if rise <= 0:  # timing noise swamped the difference: charge every second to the FLOPs (pessimistic)
+            return self.flops(1) / self.seconds[1]
+        return (self.flops(1) - self.flops(0)) / rise
+
+    @property
+    def overhead_seconds(self) -> float:
+        return max(0.0, self.seconds[0] - self.flops(0) / self.flops_per_second)
+
+    def predict(self, flops: float) -> float:
+        """Seconds per step of a step of `flops`."""
+        return self.overhead_seconds + flops / self.flops_per_second
 
 
 def calibration_shape(E: int, p: int, d: int, num_bases: int, target_flops: float) -> tuple[int, int, int, int]:
@@ -68,35 +85,50 @@ def calibration_shape(E: int, p: int, d: int, num_bases: int, target_flops: floa
 
 
 def measure_step_seconds(
-    shape: tuple[int, int, int], rank: int, num_bases: int, schedule: str, device: torch.device, steps: int = 6
+    shape: tuple[int, int, int], num_bases: int, schedule: str, device: torch.device, steps: int = 12
 ) -> float:
-    """Seconds per step of `schedule` on a synthetic stack: fits of `steps` and `steps // 3` steps, differenced so
-    that the set-up (SVD initialisation, copies) cancels out."""
+    """Seconds per step of `schedule` at rank min(p, d) on a synthetic stack.
+
+    Fits of `steps` and `steps // 3` steps are differenced, so that the set-up (SVD initialisation, copies) drops
+    out; the better of two tries is kept. On a CPU the clock is this process's CPU time divided by torch's thread
+    count (perfect scaling over the threads assumed), so that other processes on a shared machine do not count.
+    """
     E, p, d = shape
     weights = realistic_stack(E, p, d, seed=0)
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
 
     def timed(n: int) -> float:
-        config = MobeConfig(num_bases=num_bases, rank=rank, schedule=schedule, steps=n, stop_tol=0.0, device="cpu")
+        config = MobeConfig(num_bases=num_bases, schedule=schedule, steps=n, stop_tol=0.0, device=str(device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         fit_mobe(weights, config, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return clock() - start
 
     timed(2)  # warm-up: kernels, allocator
-    short, long = max(1, steps // 3), steps
-    return max((timed(long) - timed(short)) / (long - short), 1e-9)
+    short = max(1, steps // 3)
+    per_step = min((timed(steps) - timed(short)) / (steps - short) for _ in range(2))
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    return max(per_step / threads, 1e-9)
+
+
+def calibrate_at(
+    small: tuple[int, int, int], num_bases: int, schedule: str, device: torch.device, steps: int = 12
+) -> Calibration:
+    """Measure at `small` (E, p, d) and at twice its p and d (8x the FLOPs)."""
+    E, p, d = small
+    large = (E, 2 * p, 2 * d)
+    seconds = tuple(measure_step_seconds(shape, num_bases, schedule, device, steps) for shape in (small, large))
+    return Calibration((small, large), num_bases, schedule, str(device), seconds)  # type: ignore[arg-type]
 
 
 def calibrate(layout_shape: tuple[int, int, int], num_bases: int, schedule: str, device: torch.device) -> Calibration:
-    """Measure seconds per step on a stack of the model's proportions sized for this device (well under 2 s)."""
+    """Calibrate on stacks of the model's proportions sized for this device (about a second in all)."""
     E, p, d = layout_shape
-    E_c, p_c, d_c, m_c = calibration_shape(E, p, d, num_bases, CALIBRATION_FLOPS.get(device.type, 4e7))
-    rank = min(p_c, d_c)
-    seconds = measure_step_seconds((E_c, p_c, d_c), rank, m_c, schedule, device)
-    return Calibration((E_c, p_c, d_c), rank, m_c, schedule, str(device), seconds)
+    E_c, p_c, d_c, m_c = calibration_shape(E, p, d, num_bases, CALIBRATION_FLOPS.get(device.type, 2e8) / 8)
+    return calibrate_at((E_c, p_c, d_c), m_c, schedule, device)
 
 
 @dataclass
@@ -113,9 +145,7 @@ class TimeEstimate:
     @property
     def seconds_per_step(self) -> float:
         E, p, d = self.shape
-        return step_flops(E, p, d, self.rank, self.num_bases, self.calibration.schedule) / (
-            self.calibration.flops_per_second
-        )
+        return self.calibration.predict(step_flops(E, p, d, self.rank, self.num_bases, self.calibration.schedule))
 
     @property
     def seconds(self) -> float:
@@ -127,8 +157,10 @@ class TimeEstimate:
         return "\n".join(
             [
                 f"compress time:  ~{_duration(self.seconds)} on one {c.device} ({c.schedule} schedule), estimated:",
-                f"  measured {c.seconds_per_step * 1e3:.2f} ms/step on a calibration stack E={c.shape[0]} "
-                f"p={c.shape[1]} d={c.shape[2]} r={c.rank} m={c.num_bases} ({c.flops_per_second / 1e9:.1f} GFLOP/s)",
+                f"  measured {c.seconds[0] * 1e3:.2f} and {c.seconds[1] * 1e3:.2f} ms/step on calibration stacks "
+                f"E={c.shapes[0][0]} m={c.num_bases} r=p, p x d {c.shapes[0][1]}x{c.shapes[0][2]} and "
+                f"{c.shapes[1][1]}x{c.shapes[1][2]}: {c.overhead_seconds * 1e3:.2f} ms fixed + "
+                f"{c.flops_per_second / 1e9:.1f} GFLOP/s",
                 f"  scaled by FLOPs to E={E} p={p} d={d} r={self.rank} m={self.num_bases}: "
                 f"{self.seconds_per_step:.3g} s/step, assuming the same FLOP rate at that size (an upper bound "
                 "on a GPU, which runs small stacks below its peak)",

@@ -30,17 +30,18 @@ def realistic_stack(
     """
     if not 0.0 <= shared <= 1.0 or decay < 0:
         raise ValueError(f"need 0 <= shared <= 1 and decay >= 0, got shared={shared}, decay={decay}")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    device = torch.device(device)  # generated there: DeepSeek-V3's stack takes minutes of QR on a CPU
+    generator = torch.Generator(device=device).manual_seed(seed)
     k = min(p, d)
-    spectrum = torch.arange(1, k + 1, dtype=torch.float32) ** -decay
+    spectrum = torch.arange(1, k + 1, dtype=torch.float32, device=device) ** -decay
 
     def orthonormal(rows: int, cols: int) -> Tensor:
-        return torch.linalg.qr(torch.randn(rows, cols, generator=generator))[0]
+        return torch.linalg.qr(torch.randn(rows, cols, generator=generator, device=device))[0]
 
     v_shared = orthonormal(d, k)
-    stack = torch.empty(num_experts, p, d)
+    stack = torch.empty(num_experts, p, d, device=device)
     for i in range(num_experts):
         right = shared * v_shared + math.sqrt(1.0 - shared**2) * orthonormal(d, k)
         stack[i] = (orthonormal(p, k) * spectrum) @ right.T
     stack *= 0.02 / stack.std()
-    return stack.to(device)
+    return stack
