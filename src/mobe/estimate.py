@@ -1,9 +1,10 @@
-"""How long compressing a whole model takes: one step measured on a small stack here, scaled by FLOPs.
+"""How long compressing a whole model takes: steps measured on small stacks here, scaled by FLOPs.
 
 The cost of a step of every schedule is dominated by a few batched matmuls over the (E, p, d) stack, whose FLOPs
-`step_flops` counts. `calibrate` times steps of the real fitting code on a small stack of the model's proportions
-on the chosen device; `estimate_compress_time` assumes the device keeps that FLOP rate at the model's size (a
-small stack uses a device less fully than a large one, so on a GPU the figure is an upper bound).
+`step_flops` counts. `calibrate` times steps of the real fitting code on two small stacks of the model's proportions
+on the chosen device (a fixed cost per step plus a FLOP rate); `estimate_compress_time` assumes the device keeps
+that FLOP rate at the model's size (a small stack uses a device less fully than a large one, so on a GPU the figure
+is an upper bound).
 """
 
 from __future__ import annotations
