@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -154,6 +155,8 @@ def run_perplexity(args: argparse.Namespace) -> dict:
         (FINE_FIXTURE, 16, None, args.activation),
         (TRAINED_FIXTURE, 4, 0.25, "silu"),
     ):
+        if name not in args.ppl_fixtures:
+            continue
         model = trained_fixture_path(name)
         tokenizer = AutoTokenizer.from_pretrained(model)
         ids = tokenizer((model / "heldout.txt").read_text(), return_tensors="pt").input_ids[0][: args.tokens]
@@ -188,7 +191,25 @@ def run_perplexity(args: argparse.Namespace) -> dict:
                     flush=True,
                 )
         out[name] = entry
+        partial = Path(args.out).with_suffix(".partial.json")  # a long run stopped later keeps what it measured
+        partial.write_text(json.dumps({"perplexity": out}, indent=2) + "\n")
     return out
+
+
+def perplexity_from_log(path: Path, layers: list[int], token_cap: int) -> dict:
+    """The perplexity lines a run printed (`  <fixture> <schedule>: ppl X (original Y), Z s`), for a run stopped
+    before it wrote its JSON; the mean relative error is not printed, so it is absent."""
+    out: dict = {}
+    pattern = re.compile(r"^\s+(\S+)\s+(paper|fast): ppl ([\d.]+) \(original ([\d.]+)\), (\d+) s$")
+    for line in path.read_text().splitlines():
+        if match := pattern.match(line):
+            name, schedule, ppl, original, seconds = match.groups()
+            entry = out.setdefault(
+                name,
+                {"original": float(original), "layers": layers, "tokens_at_most": token_cap, "from_log": path.name},
+            )
+            entry[schedule] = {"perplexity": float(ppl), "compress_seconds": float(seconds)}
+    return {name: entry for name, entry in out.items() if all(s in entry for s in SCHEDULES)}
 
 
 def summarise(rows: list[dict], args: argparse.Namespace) -> dict:
@@ -253,6 +274,8 @@ def main() -> None:
     parser.add_argument("--synthetic-paper-steps", type=int, default=500)
     parser.add_argument("--synthetic-fast-steps", type=int, default=500)
     parser.add_argument("--ppl-layers", type=int, nargs="+", default=[1], help="layers compressed for perplexity")
+    parser.add_argument("--ppl-fixtures", nargs="+", default=[FINE_FIXTURE, TRAINED_FIXTURE], help="fixtures to score")
+    parser.add_argument("--ppl-log", nargs="*", default=[], help="with --merge: perplexity lines of stopped runs' logs")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
@@ -276,9 +299,11 @@ def main() -> None:
         parts = [json.loads(Path(path).read_text()) for path in args.merge]
         rows = [row for part in parts for row in part["rows"]]
         result: dict = {"rows": rows, "parts": [part["args"] for part in parts]}
-        perplexity = [part["perplexity"] for part in parts if "perplexity" in part]
-        if perplexity:
-            result["perplexity"] = perplexity[0]
+        result["perplexity"] = {}
+        for path in args.ppl_log:
+            result["perplexity"].update(perplexity_from_log(Path(path), args.ppl_layers, args.tokens))
+        for part in parts:
+            result["perplexity"].update(part.get("perplexity", {}))
         args.no_perplexity = True  # already measured
     else:
         fit_mobe(torch.randn(4, 16, 16), MobeConfig(num_bases=2, rank=4, steps=5, schedule="fast"))  # warm up kernels

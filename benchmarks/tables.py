@@ -78,13 +78,20 @@ def schedules_table(result: dict) -> str:
     lines += ["", f"Verdict: {summary['verdict']} (the default schedule is `{summary['default_schedule']}`)."]
     for name, entry in result.get("perplexity", {}).items():
         cells = ", ".join(
-            f"{s} {entry[s]['perplexity']:.3f} ({entry[s]['perplexity'] - entry['original']:+.3f}, mean relative "
-            f"error {entry[s]['mean_relative_error']:.4f}, compress {entry[s]['compress_seconds']:.0f} s)"
+            f"{s} {entry[s]['perplexity']:.3f} ({entry[s]['perplexity'] - entry['original']:+.3f}"
+            + (
+                f", mean relative error {entry[s]['mean_relative_error']:.4f}"
+                if "mean_relative_error" in entry[s]
+                else ""
+            )
+            + f", compress {entry[s]['compress_seconds']:.0f} s)"
             for s in ("paper", "fast")
         )
+        tokens = f"{entry['tokens']} tokens" if "tokens" in entry else f"at most {entry['tokens_at_most']} tokens"
+        source = f"; read from the printed lines of `{entry['from_log']}`" if "from_log" in entry else ""
         lines.append(
             f"Held-out perplexity of `{name}` with MoE layer(s) {', '.join(map(str, entry['layers']))} compressed "
-            f"(gate and up, {entry['tokens']} tokens): original {entry['original']:.3f}; {cells}."
+            f"(gate and up, {tokens}{source}): original {entry['original']:.3f}; {cells}."
         )
     return "\n".join(lines) + "\n"
 
