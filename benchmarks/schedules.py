@@ -16,8 +16,14 @@ held-out perplexity of each result is measured. The candidate for the default sc
 line says whether it reaches the paper's final error in at most a fifth of the paper's wall time on every p < d
 layer. Writes results/schedules.json and results/schedules.png (relative error against wall time, log y).
 
-    python benchmarks/schedules.py             # full: ~1 h on 2 CPU cores
+    python benchmarks/schedules.py             # everything in one process: hours on a loaded 2-core machine
     python benchmarks/schedules.py --quick     # smoke run: few steps, small synthetic layer, no perplexity
+
+The parts can run as separate processes and be merged (how results/schedules.json was made):
+
+    python benchmarks/schedules.py --threads 1 --parts fine --out /tmp/fine       # and likewise synthetic, coarse
+    python benchmarks/schedules.py --threads 1 --parts perplexity --out /tmp/ppl
+    python benchmarks/schedules.py --merge /tmp/fine.json /tmp/syn.json ... [--ppl-log /tmp/ppl.log]
 """
 
 from __future__ import annotations
@@ -245,7 +251,7 @@ def plot(result: dict, path: Path) -> None:
         ("synthetic Qwen3-30B-A3B shape (p < d)", [r for r in rows if r["label"] == "synthetic"]),
         ("coarse fixture (p > d)", [r for r in rows if r["label"].startswith("coarse")]),
     ]
-    panels = [(title, subset) for title, subset in panels if subset]
+    panels = [(title, subset) for title, subset in panels if subset] or [("no fits in this run", [])]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), dpi=120, squeeze=False)
     for ax, (title, subset) in zip(axes[0], panels, strict=True):
         for i, row in enumerate(subset):

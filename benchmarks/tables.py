@@ -58,8 +58,8 @@ def schedules_table(result: dict) -> str:
     """Per stack: each schedule's steps, seconds and final error, and when `fast` reached the paper's final error."""
     lines = [
         "| stack | E x p x d | r | m | paper steps | paper s | paper error | fast steps | fast s | fast error "
-        "| fast reaches paper's error at | speedup |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fast reaches paper's error at | (step) | speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         paper, fast = row["paper"], row["fast"]
@@ -68,11 +68,12 @@ def schedules_table(result: dict) -> str:
             f"**{e:.5f}**" if e == best else f"{e:.5f}" for e in (paper["relative_error"], fast["relative_error"])
         ]
         reach = "never" if fast["reaches_paper_at"] is None else f"{fast['reaches_paper_at']:.1f} s"
+        step = "" if fast["reaches_paper_step"] is None else str(fast["reaches_paper_step"])
         speedup = "" if fast["speedup"] is None else f"{fast['speedup']:.1f}x"
         lines.append(
             f"| {row['label']} ({row['kind']}) | {' x '.join(map(str, row['shape']))} | {row['rank']} | "
             f"{row['num_bases']} | {paper['steps']} | {paper['seconds']:.1f} | {errors[0]} | {fast['steps']} | "
-            f"{fast['seconds']:.1f} | {errors[1]} | {reach} | {speedup} |"
+            f"{fast['seconds']:.1f} | {errors[1]} | {reach} | {step} | {speedup} |"
         )
     summary = result["summary"]
     lines += ["", f"Verdict: {summary['verdict']} (the default schedule is `{summary['default_schedule']}`)."]
