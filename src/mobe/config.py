@@ -26,8 +26,8 @@ class MobeConfig:
     """Settings of the MoBE factorisation W_i ~ A_i act(sum_j alpha_ij B_j), per layer and matrix type.
 
     Defaults follow the paper's published runs (Adam, lr 0.07, best state checked every 200 steps, 10k steps);
-    `schedule="fast"` is far ahead where p > d, but where p < d (real MoEs) it misses reaching the paper's final
-    error in a fifth of its time, so it stays opt-in (benchmarks/schedules.py, docs/results.md).
+    `schedule="fast"` gets to the paper's error in a fraction of its time on the fixtures, but not in a fifth of it on
+    every p < d layer measured (real MoEs are p < d), so it stays opt-in (benchmarks/schedules.py, docs/results.md).
     """
 
     method: str = field(default="mobe", metadata={"help": "mobe | slbf | svd | d2moe | molae"})
