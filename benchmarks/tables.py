@@ -129,6 +129,49 @@ def reap_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def schedules_table(result: dict) -> str:
+    """Per stack: each schedule's steps, seconds and final error, and when `fast` reached the paper's final error."""
+    lines = [
+        "| stack | E x p x d | r | m | paper steps | paper s | paper error | fast steps | fast s | fast error "
+        "| fast reaches paper's error at | (step) | speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        paper, fast = row["paper"], row["fast"]
+        best = min(paper["relative_error"], fast["relative_error"])
+        errors = [
+            f"**{e:.5f}**" if e == best else f"{e:.5f}" for e in (paper["relative_error"], fast["relative_error"])
+        ]
+        reach = "never" if fast["reaches_paper_at"] is None else f"{fast['reaches_paper_at']:.1f} s"
+        step = "" if fast["reaches_paper_step"] is None else str(fast["reaches_paper_step"])
+        speedup = "" if fast["speedup"] is None else f"{fast['speedup']:.1f}x"
+        lines.append(
+            f"| {row['label']} ({row['kind']}) | {' x '.join(map(str, row['shape']))} | {row['rank']} | "
+            f"{row['num_bases']} | {paper['steps']} | {paper['seconds']:.1f} | {errors[0]} | {fast['steps']} | "
+            f"{fast['seconds']:.1f} | {errors[1]} | {reach} | {step} | {speedup} |"
+        )
+    summary = result["summary"]
+    lines += ["", f"Verdict: {summary['verdict']} (the default schedule is `{summary['default_schedule']}`)."]
+    for name, entry in result.get("perplexity", {}).items():
+        cells = ", ".join(
+            f"{s} {entry[s]['perplexity']:.3f} ({entry[s]['perplexity'] - entry['original']:+.3f}"
+            + (
+                f", mean relative error {entry[s]['mean_relative_error']:.4f}"
+                if "mean_relative_error" in entry[s]
+                else ""
+            )
+            + f", compress {entry[s]['compress_seconds']:.0f} s)"
+            for s in ("paper", "fast")
+        )
+        tokens = f"{entry['tokens']} tokens" if "tokens" in entry else f"at most {entry['tokens_at_most']} tokens"
+        source = f"; read from the printed lines of `{entry['from_log']}`" if "from_log" in entry else ""
+        lines.append(
+            f"Held-out perplexity of `{name}` with MoE layer(s) {', '.join(map(str, entry['layers']))} compressed "
+            f"(gate and up, {tokens}{source}): original {entry['original']:.3f}; {cells}."
+        )
+    return "\n".join(lines) + "\n"
+
+
 def replace_block(path: Path, name: str, body: str) -> None:
     text = path.read_text()
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
@@ -157,6 +200,9 @@ def main() -> None:
     if memory.exists():
         result = json.loads(memory.read_text())
         replace_block(ROOT / "docs" / "results.md", "calibration_memory", calibration_memory_table(result))
+    schedules = RESULTS / "schedules.json"
+    if schedules.exists():
+        replace_block(ROOT / "docs" / "results.md", "schedules", schedules_table(json.loads(schedules.read_text())))
     calibrated = RESULTS / "data_free_calibrated.json"
     if calibrated.exists():
         result = json.loads(calibrated.read_text())

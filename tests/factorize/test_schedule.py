@@ -29,6 +29,12 @@ def test_each_schedule_has_its_own_default_step_count():
     assert MobeConfig(schedule="paper").steps == 10000 and MobeConfig(schedule="fast", steps=7).steps == 7
 
 
+def test_fast_starts_sharper_unless_told_and_other_schedules_keep_the_authors_logit():
+    assert _fast().start_logit == 4.0 and _fast(init_logit=0.5).start_logit == 0.5
+    assert MobeConfig().start_logit == 1.0 and MobeConfig(schedule="paper").start_logit == 1.0
+    assert MobeConfig(method="slbf", schedule="fast").start_logit == 1.0  # SLBF's published start
+
+
 def test_row_space_targets_rebuild_the_stack_with_orthonormal_u():
     W = _experts(p=30, d=20)
     U, C = row_space_targets(W)
@@ -100,7 +106,8 @@ def test_one_basis_per_expert_at_full_rank_is_exact():
 @pytest.mark.parametrize("activation", ["tanh", "silu", "none"])
 def test_lowers_the_error_and_reports_the_returned_factors(activation):
     W = _experts()
-    factors, stats = fit_mobe(W, _fast(num_bases=2, rank=6, activation=activation, steps=200, eval_every=20))
+    config = _fast(num_bases=2, rank=6, activation=activation, steps=200, eval_every=20, init_logit=1.0)
+    factors, stats = fit_mobe(W, config)
     _, mse = weight_error(W, factors.reconstruct())
     assert stats.best_loss < 0.7 * stats.init_loss
     assert mse == pytest.approx(stats.best_loss, rel=1e-3)

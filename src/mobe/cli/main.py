@@ -215,6 +215,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
         return
     if args.model is None:
         raise ValueError("mobe info needs a checkpoint folder or hub id (or --list)")
+    device = resolve_device(args.device)  # checked before anything is read
     info = model_info(args.model, args.num_bases, args.rank, args.groups)
     print(info.summary())
     if info.stored is None:  # an original checkpoint: what compressing and running it would take
@@ -225,11 +226,18 @@ def _cmd_info(args: argparse.Namespace) -> None:
             args.groups,
             tuple(m for m in args.matrices.split(",") if m),
             args.calibration_tokens,
-            "cpu" if args.device == "cpu" else "cuda",
+            "cpu" if device.type == "cpu" else "cuda",
             args.context,
             args.cache_mib,
         )
         print(estimate.summary())
+    if args.num_bases is not None and info.stored is None:
+        from ..estimate import estimate_compress_time
+
+        timing = estimate_compress_time(
+            info.layout, args.num_bases, args.rank, args.schedule, args.steps, device=device
+        )
+        print(timing.summary())
 
 
 def _load(args: argparse.Namespace):
@@ -438,9 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration-tokens", type=int, default=MobeConfig().calibration_tokens, help="calibration tokens to cost"
     )
-    p.add_argument("--device", default="cpu", help="where a job fits: cpu (all in RAM) or cuda (fit on the GPU)")
     p.add_argument("--context", type=int, default=4096, help="tokens of KV cache to cost for native inference")
     p.add_argument("--cache-mib", type=float, default=0.0, help="per-layer LRU cache of native inference, MiB")
+    p.add_argument(
+        "--schedule", choices=SCHEDULES, default=MobeConfig().schedule, help="schedule whose compress time to estimate"
+    )
+    p.add_argument("--steps", type=int, default=None, help="steps per job (default: the schedule's own)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="device of the estimates: where a job's memory is costed, and whose step time is measured",
+    )
     p.set_defaults(func=_cmd_info)
 
     p = _command(sub, "generate", "greedy generation from any checkpoint, native MoBE included")

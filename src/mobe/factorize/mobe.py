@@ -197,10 +197,10 @@ def fit_mobe(
 
         weighting = weighting.to(device)
         init = init_svd_groups_weighted(
-            init_source, weighting, config.num_bases, rank, config.groups, config.init_logit
+            init_source, weighting, config.num_bases, rank, config.groups, config.start_logit
         )
     else:
-        init = init_svd_groups(init_source, config.num_bases, rank, config.groups, config.init_logit)
+        init = init_svd_groups(init_source, config.num_bases, rank, config.groups, config.start_logit)
     A, bases, logits = (t.requires_grad_() for t in init)
     numel = target.numel()
     optimizer = torch.optim.Adam([A, bases, logits], lr=config.lr)

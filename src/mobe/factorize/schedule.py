@@ -77,10 +77,11 @@ def least_squares_factor(target: Tensor, mixed: Tensor, exact: bool = True) -> T
     `exact=False` multiplies by the explicit inverse from the factor instead of two triangular solves: a quarter
     less time for a projected step's solve on CPU, for a gradient that need not be exact to the last bit.
     """
-    gram = mixed @ mixed.transpose(1, 2)
+    exact_dtype = torch.promote_types(target.dtype, torch.float32)  # Cholesky needs float32 under a bf16 autocast
+    gram = (mixed @ mixed.transpose(1, 2)).to(exact_dtype)
     damping = DAMPING * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
     gram = gram + damping[:, None, None] * torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-    cross = target @ mixed.transpose(1, 2)
+    cross = (target @ mixed.transpose(1, 2)).to(exact_dtype)
     factor = torch.linalg.cholesky(gram)
     if exact:
         return torch.cholesky_solve(cross.transpose(1, 2), factor).transpose(1, 2)
@@ -170,7 +171,7 @@ def fit_fast(
     steps = config.steps
     warm = min(steps, round(WARM_FRACTION * steps))
     A, bases, logits = (
-        t.requires_grad_() for t in init_svd_groups(C, config.num_bases, rank, config.groups, config.init_logit)
+        t.requires_grad_() for t in init_svd_groups(C, config.num_bases, rank, config.groups, config.start_logit)
     )
     trace: list[tuple[float, int, float]] = []
     init_loss = math.nan

@@ -140,7 +140,7 @@ def fit_slbf(
     target16 = weights.to(device=device, dtype=torch.float16).float()
     scale = target16.std().item()
     target = target16 / scale  # (E, p, d), fitted in this orientation's metric
-    A, U, Vt, logits = (t.requires_grad_() for t in per_expert_start(rows_view(raw), k, config.init_logit))
+    A, U, Vt, logits = (t.requires_grad_() for t in per_expert_start(rows_view(raw), k, config.start_logit))
     optimizer = torch.optim.AdamW(
         [{"params": [A, logits], "lr": config.lr}, {"params": [U, Vt], "lr": config.lr * UV_LR_SCALE}],
         betas=(0.9, 0.999),
