@@ -4,10 +4,12 @@ Each table sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers in
 replaces what is between them.
 
     python benchmarks/tables.py            # after python benchmarks/data_free.py
+    python benchmarks/tables.py --results benchmarks/results/quick --print   # show, write nothing
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -79,7 +81,11 @@ def distill_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(path: Path, name: str, body: str) -> None:
+def replace_block(path: Path, name: str, body: str, show: bool = False) -> None:
+    """Put `body` between the NAME markers of `path`; with `show`, print it instead and leave the file alone."""
+    if show:
+        print(f"--- {name} (for {path.relative_to(ROOT)})\n{body}")
+        return
     text = path.read_text()
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
@@ -89,21 +95,26 @@ def replace_block(path: Path, name: str, body: str) -> None:
 
 
 def main() -> None:
-    data_free = RESULTS / "data_free.json"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the benchmarks' JSON")
+    parser.add_argument("--print", dest="show", action="store_true", help="print the tables, write no file")
+    args = parser.parse_args()
+    results, show = args.results, args.show
+    data_free = results / "data_free.json"
     if data_free.exists():
         result = json.loads(data_free.read_text())
         table = data_free_table(result)
-        replace_block(ROOT / "README.md", "data_free", table)
-        replace_block(ROOT / "docs" / "results.md", "data_free", table)
-    distill = RESULTS / "distill.json"
+        replace_block(ROOT / "README.md", "data_free", table, show)
+        replace_block(ROOT / "docs" / "results.md", "data_free", table, show)
+    distill = results / "distill.json"
     if distill.exists():
         table = distill_table(json.loads(distill.read_text()))
-        replace_block(ROOT / "README.md", "distill", table)
-        replace_block(ROOT / "docs" / "distill.md", "distill", table)
-    calibrated = RESULTS / "data_free_calibrated.json"
+        replace_block(ROOT / "README.md", "distill", table, show)
+        replace_block(ROOT / "docs" / "distill.md", "distill", table, show)
+    calibrated = results / "data_free_calibrated.json"
     if calibrated.exists():
         result = json.loads(calibrated.read_text())
-        replace_block(ROOT / "docs" / "results.md", "data_free_calibrated", data_free_table(result, True))
+        replace_block(ROOT / "docs" / "results.md", "data_free_calibrated", data_free_table(result, True), show)
 
 
 if __name__ == "__main__":
