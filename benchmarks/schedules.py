@@ -231,12 +231,23 @@ def main() -> None:
             f"{r['fast']['seconds']:>7.1f} {r['fast']['relative_error']:>8.4f} {_fmt(r['fast_reaches_paper_at']):>8} "
             f"{_fmt(r['speedup']):>7}"
         )
+    summary = result["summary"]
+    result["verdicts"] = [
+        f"fast ends below paper on every matrix: {'yes' if summary['fast_lower_everywhere'] else 'NO'}",
+        "fast reaches paper's final error on every matrix: "
+        + (f"yes, at least {summary['min_speedup']:.1f}x sooner" if summary["min_speedup"] else "NO"),
+    ]
     if "perplexity" in result["fixture"]:
         ppl = result["fixture"]["perplexity"]
+        result["verdicts"].append(
+            f"held-out perplexity: fast {ppl['fast']['perplexity']:.3f} vs paper {ppl['paper']['perplexity']:.3f} "
+            f"({'fast' if ppl['fast']['perplexity'] <= ppl['paper']['perplexity'] else 'paper'} lower)"
+        )
         print(
             f"held-out perplexity: original {ppl['original']:.3f}, paper {ppl['paper']['perplexity']:.3f}, "
             f"fast {ppl['fast']['perplexity']:.3f}"
         )
+    print("\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
 
 
