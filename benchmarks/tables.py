@@ -81,6 +81,26 @@ def distill_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paper_parity_table(result: dict) -> str:
+    """Final relative error of the authors' train.py and of `--schedule paper` on the same layer, side by side."""
+    threads = result.get("args", {}).get("threads")
+    lines = [
+        f"E={result['E']}, p={result['p']}, d={result['d']}, m={result['m']}, r={result['r']}, {result['steps']} steps"
+        + (f", {threads} CPU threads each" if threads else "")
+        + ":",
+        "",
+        "| activation | matrix | authors' relative error | ours | relative difference | gap between reconstructions |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        diff = abs(r["ours_relative_error"] / r["authors_relative_error"] - 1)
+        lines.append(
+            f"| {r['activation']} | {r['matrix']} | {r['authors_relative_error']:.8f} | {r['ours_relative_error']:.8f} "
+            f"| {diff:.1e} | {r['reconstructions_relative_gap']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def replace_block(path: Path, name: str, body: str, show: bool = False) -> None:
     """Put `body` between the NAME markers of `path`; with `show`, print it instead and leave the file alone."""
     if show:
@@ -115,6 +135,10 @@ def main() -> None:
     if calibrated.exists():
         result = json.loads(calibrated.read_text())
         replace_block(ROOT / "docs" / "results.md", "data_free_calibrated", data_free_table(result, True), show)
+    parity = results / "paper_parity.json"
+    if parity.exists():
+        table = paper_parity_table(json.loads(parity.read_text()))
+        replace_block(ROOT / "docs" / "results.md", "paper_parity", table, show)
 
 
 if __name__ == "__main__":
