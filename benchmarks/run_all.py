@@ -40,7 +40,9 @@ class Run:
     needs: tuple[str, ...] = field(default=())
 
 
-FIXTURE_TEXT = "python3.11-doc"  # training-side text of the trained fixtures (calibration, distillation)
+# Training-side text of the trained fixtures (calibration, distillation): where each Debian package puts it.
+FIXTURE_TEXT = {"python3.11-doc": "/usr/share/doc/python3.11/html/_sources", "perl-doc": "/usr/share/perl"}
+COARSE_TEXT, BOTH_TEXTS = ("python3.11-doc",), ("python3.11-doc", "perl-doc")
 
 # The settings of every published result. The full arguments are those recorded in the "args" of the JSON files
 # under benchmarks/results/; the quick ones keep each script's code path at toy sizes.
@@ -108,7 +110,7 @@ RUNS = (
             "--tokens",
             "2048",
         ],
-        needs=(FIXTURE_TEXT,),
+        needs=BOTH_TEXTS,
     ),
     Run(
         "calibration_500_steps",
@@ -128,7 +130,7 @@ RUNS = (
             "--tokens",
             "2048",
         ],
-        needs=(FIXTURE_TEXT,),
+        needs=COARSE_TEXT,
     ),
     Run(
         "distill",
@@ -152,7 +154,7 @@ RUNS = (
             "--tokens",
             "2048",
         ],
-        needs=(FIXTURE_TEXT,),
+        needs=BOTH_TEXTS,
     ),
     Run(
         "compress_memory",
@@ -210,8 +212,8 @@ def missing(run: Run, args: argparse.Namespace) -> str | None:
             return "Ray is not installed (pip install 'mobe[ray]')"
         if need == "authors-repo" and not (args.authors_repo and (Path(args.authors_repo) / "train.py").is_file()):
             return "needs --authors-repo, a checkout of inclusionAI/MoBE holding train.py"
-        if need == FIXTURE_TEXT and not Path("/usr/share/doc/python3.11").is_dir():
-            return f"the fixture's training-side text needs the Debian package {FIXTURE_TEXT}"
+        if need in FIXTURE_TEXT and not Path(FIXTURE_TEXT[need]).is_dir():
+            return f"the fixtures' training-side text needs the Debian package {need} ({FIXTURE_TEXT[need]})"
     return None
 
 
