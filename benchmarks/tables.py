@@ -81,6 +81,56 @@ def distill_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def calibration_memory_table(result: dict) -> str:
+    """One layer's calibration statistics: dense Grams against factored Grams, measured and estimated."""
+    lines = [
+        "| model shape | tokens | rows per expert | dense Grams GiB (formula) | factored GiB (formula) | smaller by "
+        "| s Grams | s factored |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        counts = r["factor"]["runs"][-1]["counts"]
+        lines.append(
+            f"| {r['shape']} (E={r['E']}, d={r['d']}, p={r['p']}, top-{r['top_k']}) | {r['tokens']} "
+            f"| {sum(counts) / len(counts):.0f} | {r['gram_layer_gib']:.2f} ({r['gram_formula_gib']:.2f}) "
+            f"| {r['factor_layer_gib']:.2f} ({r['factor_formula_gib']:.2f}) | {r['reduction']:.1f}x "
+            f"| {r['gram_seconds_layer']:.0f} | {r['factor_seconds_layer']:.0f} |"
+        )
+    gram, factor = result["rows"][0]["gram"], result["rows"][0]["factor"]
+    lines.append("")
+    lines.append(
+        f"Measured on {' and '.join(map(str, gram['experts_measured']))} experts with dense Grams and "
+        f"{' and '.join(map(str, factor['experts_measured']))} with factors, extrapolated to all E experts."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def reap_table(result: dict) -> str:
+    """Held-out perplexity after expert pruning, per fixture and cut, beside data_free.py's best factorisation."""
+    lines = [
+        "| fixture (original ppl) | cut | experts kept | model smaller | REAP: d ppl | frequency: d ppl | "
+        "best factorisation: d ppl |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for fixture in result["fixtures"].values():
+        for ratio in sorted({r["target_ratio"] for r in fixture["rows"]}):
+            rows = {r["criterion"]: r for r in fixture["rows"] if r["target_ratio"] == ratio}
+            first = next(iter(rows.values()))
+            before, after = first["experts_per_layer"]
+            cells = {c: f"{rows[c]['perplexity_change']:+.3f}" if c in rows else "-" for c in ("reap", "frequency")}
+            best = [f for f in fixture["factorisations"] if f["target_ratio"] == ratio]
+            fact = "; ".join(
+                f"{f['method']}{' (calibrated)' if f.get('calibrated') else ''} {f['perplexity_change']:+.3f}"
+                for f in best
+            )
+            lines.append(
+                f"| `{fixture['fixture']}` ({fixture['original_perplexity']:.2f}) | {100 * ratio:.0f}% | "
+                f"{after}/{before} | {100 * first['model_reduction']:.1f}% | {cells['reap']} | {cells['frequency']} | "
+                f"{fact or '-'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def paper_parity_table(result: dict) -> str:
     """Final relative error of the authors' train.py and of `--schedule paper` on the same layer, side by side."""
     threads = result.get("args", {}).get("threads")
@@ -126,11 +176,18 @@ def main() -> None:
         table = data_free_table(result)
         replace_block(ROOT / "README.md", "data_free", table, show)
         replace_block(ROOT / "docs" / "results.md", "data_free", table, show)
+    reap = results / "reap.json"
+    if reap.exists():
+        replace_block(ROOT / "docs" / "prune.md", "reap", reap_table(json.loads(reap.read_text())), show)
     distill = results / "distill.json"
     if distill.exists():
         table = distill_table(json.loads(distill.read_text()))
         replace_block(ROOT / "README.md", "distill", table, show)
         replace_block(ROOT / "docs" / "distill.md", "distill", table, show)
+    memory = results / "calibration_memory.json"
+    if memory.exists():
+        result = json.loads(memory.read_text())
+        replace_block(ROOT / "docs" / "results.md", "calibration_memory", calibration_memory_table(result), show)
     calibrated = results / "data_free_calibrated.json"
     if calibrated.exists():
         result = json.loads(calibrated.read_text())

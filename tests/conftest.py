@@ -15,6 +15,8 @@ from mobe.architectures import canonical_model_types
 from mobe.fixtures import build_tiny_moe
 
 ARCHITECTURES = canonical_model_types()
+# lm-eval tasks in the tests read local files: HF datasets must never reach for the network.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -168,3 +168,220 @@ def families_table() -> str:
     lines.append("not supported:")
     lines += [f"  {name}: {why}" for name, why in sorted(UNSUPPORTED.items())]
     return "\n".join(lines)
+
+
+# Memory estimates (`mobe info` prints them): peak bytes from the config's shapes alone, nothing allocated.
+
+DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+GiB = 2**30
+
+
+def balanced_counts(num_experts: int, tokens: int, top_k: int) -> list[int]:
+    """Tokens routed to each expert when the router spreads tokens * top_k routings evenly."""
+    total = tokens * top_k
+    return [total // num_experts + (e < total % num_experts) for e in range(num_experts)]
+
+
+def gram_stats_bytes(num_experts: int, p: int, d: int) -> int:
+    """Dense float64 Grams of one layer (what mobe kept before factoring them): E (d^2 + p^2) * 8, plus counts."""
+    return 8 * num_experts * (d * d + p * p) + 8 * num_experts
+
+
+def factor_bytes(counts: list[int], dim: int, collecting: bool = False) -> int:
+    """Bytes of a `GramFactor` holding `counts[i]` rows of `dim` numbers for expert i, counts included.
+
+    Stored: float32 rows while n_i < dim, a float64 dim x dim R factor from then on. While `collecting`, an expert
+    past dim also buffers up to dim/2 - 1 float32 rows, and one QR of [R; rows] at a time needs its (1.5 dim x dim)
+    float64 input and output.
+    """
+    held = sum(4 * n * dim if n < dim else 8 * dim * dim for n in counts) + 8 * len(counts)
+    if collecting and any(n >= dim for n in counts):
+        held += sum(4 * dim * (max(1, dim // 2) - 1) for n in counts if n >= dim) + 2 * 8 * (dim + dim // 2) * dim
+    return held
+
+
+def factor_stats_bytes(counts: list[int], p: int, d: int, collecting: bool = False) -> int:
+    """One layer's factored statistics: the inputs' factor (dim d) and the intermediate activations' (dim p)."""
+    return factor_bytes(counts, d, collecting) + factor_bytes(counts, p, collecting)
+
+
+def factor_stats_bound(num_experts: int, p: int, d: int, tokens: int, top_k: int, collecting: bool = False) -> int:
+    """At most, whatever the routing: a factor holds no more than min(T k, E dim) rows of at most 8 * dim bytes."""
+    total = 0
+    for dim in (d, p):
+        rows = min(tokens * top_k, num_experts * dim)
+        total += 8 * dim * rows + 8 * num_experts
+        if collecting:  # folding buffers of the experts that can reach dim rows
+            total += factor_bytes([dim] * min(num_experts, rows // dim), dim, True) - 8 * dim * dim * (rows // dim)
+    return total
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes of the big tensors (the interpreter and libraries, about 0.5 GB, not included)."""
+
+    job_host: int  # one (layer, matrix) compression job, data-free: host RAM
+    job_device: int  # ... on the accelerator (0 when it runs on the CPU)
+    calibrated_job_host: int  # ... with --calibration
+    calibrated_job_device: int
+    stats_gram: int  # one layer's calibration statistics as dense float64 Grams (before)
+    stats_factor: int  # ... factored, balanced routing, while collecting (peak)
+    stats_factor_bound: int  # ... factored, any routing
+    inference_weights: int  # native MoBE checkpoint's parameters in its dtype
+    inference_workspace: int  # materialised mixed bases of one forward + the LRU caches + KV cache
+    calibration_tokens: int
+    top_k: int
+
+    def summary(self) -> str:
+        def gib(n: int) -> str:
+            for unit, size in (("TiB", 2**40), ("GiB", GiB), ("MiB", 2**20)):
+                if n >= size:
+                    return f"{n / size:,.1f} {unit}"
+            return f"{n / 2**10:,.1f} KiB"
+
+        def job(host: int, device: int) -> str:
+            return f"{gib(host)} RAM" + (f" + {gib(device)} GPU" if device else "")
+
+        return "\n".join(
+            [
+                "memory (estimates from the config's shapes):",
+                f"  compression job (one layer, one matrix type): {job(self.job_host, self.job_device)}, "
+                f"with --calibration {job(self.calibrated_job_host, self.calibrated_job_device)}",
+                f"  calibration statistics of one layer ({self.calibration_tokens} tokens x top-{self.top_k}): "
+                f"factored {gib(self.stats_factor)} (balanced routing; at most {gib(self.stats_factor_bound)}), "
+                f"dense Grams {gib(self.stats_gram)}",
+                f"  native inference: {gib(self.inference_weights + self.inference_workspace)} "
+                f"(weights {gib(self.inference_weights)}, workspace and caches {gib(self.inference_workspace)})",
+            ]
+        )
+
+
+def compression_job_bytes(
+    num_experts: int,
+    p: int,
+    d: int,
+    num_bases: int,
+    rank: int,
+    groups: int,
+    source_bytes: int,
+    stats_bytes: int = 0,
+    weighting_rows: int = 0,
+    device: str = "cpu",
+) -> tuple[int, int]:
+    """(host, device) peak bytes of one MoBE (layer, matrix) job, Adam schedule.
+
+    Held throughout: the expert stack in the source dtype, the layer's Gram factor (`stats_bytes`) and the
+    weighting built from it (`weighting_rows` directions of d float32 numbers). On top, the largest of: reading
+    (the per-expert tensors before they are stacked), fitting (the float32 target, the parameters with their
+    gradients, two Adam moments and the best state, and the larger of one chunk's activations (`auto_chunk`) and
+    one SVD group's initialisation, with calibration also the weighted loss's transients and the whitened stack),
+    and the error report (a float32 copy and the reconstruction). On a GPU the
+    fit and a copy of the weighting are there, the rest in host RAM.
+    """
+    from .factorize.mobe import auto_chunk
+
+    stack = num_experts * p * d
+    params = mobe_parameters(num_experts, p, d, num_bases, rank, groups)
+    weighting = 4 * weighting_rows * d
+    held = source_bytes * stack + stats_bytes + weighting
+    chunk = min(num_experts, auto_chunk(rank, p, d))
+    activations = chunk * 4 * (3 * rank * d + 2 * p * d)
+    group = -(-num_experts // num_bases) * p * d  # the experts of one SVD group, stacked
+    init = 4 * (2 * group + min(group, rank * d))
+    if weighting_rows:  # the weighted loss's two (chunk, p, d) transients; the whitened stack for the init
+        activations += chunk * 4 * 2 * p * d
+        init += 4 * stack
+    fit = 4 * stack + 5 * 4 * params + max(activations, init)
+    report = 8 * stack + 4 * params
+    if device == "cpu":
+        return held + max(source_bytes * stack, fit, report), 0
+    return held + max(source_bytes * stack, report), fit + weighting
+
+
+def inference_bytes(
+    layout: MoeLayout,
+    model_params: int,
+    num_bases: int,
+    rank: int,
+    groups: int,
+    matrices: tuple[str, ...],
+    dtype_bytes: int,
+    config: dict,
+    workspace_experts: int = 16,
+    cache_mib: float = 0.0,
+    context: int = 4096,
+) -> tuple[int, int]:
+    """(weights, workspace) bytes of `mobe generate` on the native checkpoint at batch 1 and `context` tokens.
+
+    Weights: the model's parameters with the routed experts' compressed matrices as MoBE factors. Workspace: the
+    mixed bases act(sum_j alpha_ij B_j) (r x d) of `workspace_experts` experts per compressed matrix type (one layer
+    at a time), the LRU cache of each MoE layer, and the KV cache (full keys and values per head, as transformers
+    keeps them, MLA models included).
+    """
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    saved = len(layout.moe_layers) * len(matrices) * (E * p * d - mobe_parameters(E, p, d, num_bases, rank, groups))
+    weights = (model_params - saved) * dtype_bytes
+    mixed = workspace_experts * len(matrices) * rank * d * dtype_bytes
+    heads = config.get("num_attention_heads", 1)
+    if "kv_lora_rank" in config:  # DeepSeek MLA: keys of qk_nope + qk_rope, values of v_head_dim, per head
+        per_token = heads * (config["qk_nope_head_dim"] + config["qk_rope_head_dim"] + config["v_head_dim"])
+    else:
+        head_dim = config.get("head_dim") or d // heads
+        per_token = 2 * config.get("num_key_value_heads", heads) * head_dim
+    kv = layout.num_layers * per_token * context * dtype_bytes
+    return weights, mixed + int(cache_mib * 2**20) * len(layout.moe_layers) + kv
+
+
+def memory_estimate(
+    model: str | Path,
+    num_bases: int,
+    rank: int | None = None,
+    groups: int = 1,
+    matrices: tuple[str, ...] = ("gate", "up"),
+    calibration_tokens: int = 32768,
+    device: str = "cpu",
+    context: int = 4096,
+    cache_mib: float = 0.0,
+) -> MemoryEstimate:
+    """Peak memory of compressing `model` (one job, calibration statistics) and of running the result natively."""
+    reader = CheckpointReader(model)
+    layout = moe_layout(reader.config)
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    rank = rank or min(p, d)
+    top_k = int(reader.config.get("num_experts_per_tok") or 1)
+    first = layout.arch.tensor_name(layout.moe_layers[0], 0, "gate")
+    source_bytes = DTYPE_BYTES.get(reader.dtype_name(first), 4)
+    if reader.is_block_fp8(first):  # read dequantised to float32; the factors are written in bfloat16
+        source_bytes = 4
+    counts = balanced_counts(E, calibration_tokens, top_k)
+    stats = factor_stats_bytes(counts, p, d, collecting=True)
+    job_stats = factor_bytes(counts, d)  # a gate/up job reads the inputs' factor (the larger one)
+    host, gpu = compression_job_bytes(E, p, d, num_bases, rank, groups, source_bytes, device=device)
+    calibrated = compression_job_bytes(
+        E, p, d, num_bases, rank, groups, source_bytes, job_stats, sum(min(n, d) for n in counts), device
+    )
+    weights, workspace = inference_bytes(
+        layout,
+        reader.num_parameters(),
+        num_bases,
+        rank,
+        groups,
+        matrices,
+        2 if reader.is_block_fp8(first) else source_bytes,
+        reader.config,
+        cache_mib=cache_mib,
+        context=context,
+    )
+    return MemoryEstimate(
+        job_host=host,
+        job_device=gpu,
+        calibrated_job_host=calibrated[0],
+        calibrated_job_device=calibrated[1],
+        stats_gram=gram_stats_bytes(E, p, d),
+        stats_factor=stats,
+        stats_factor_bound=factor_stats_bound(E, p, d, calibration_tokens, top_k, collecting=True),
+        inference_weights=weights,
+        inference_workspace=workspace,
+        calibration_tokens=calibration_tokens,
+        top_k=top_k,
+    )

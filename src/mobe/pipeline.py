@@ -235,7 +235,7 @@ def refine_layers(
                     results[layer, m],
                     relative_error=rel,
                     mse=mse,
-                    output_error=output_error(stats.gram(m), weights, new[m].reconstruct(), side),
+                    output_error=output_error(stats.factor(m), weights, new[m].reconstruct(), side),
                     layer_error_before=info.before,
                     layer_error=info.after,
                     seconds=results[layer, m].seconds + info.seconds / len(matrices),
@@ -290,8 +290,8 @@ def compress(
             on this machine, or a new local one), or a cluster address. The checkpoint and the work folder must
             be visible to every node.
         calibration: a text file (overrides `config.calibration`): tokenised with the checkpoint's tokenizer and
-            run through the original model, layer by layer, to collect each expert's input Gram; the fits then
-            minimise the output error on the tokens routed to each expert instead of the weight error.
+            run through the original model, layer by layer, to collect each expert's input Gram (as a factor); the
+            fits then minimise the output error on the tokens routed to each expert instead of the weight error.
         progress: show progress bars.
         distill_text, distill: then distil the result toward `model` on this text (`mobe.distill`), before it
             is moved into `output`; the teacher's targets are kept in the work folder until the end.

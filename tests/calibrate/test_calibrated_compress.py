@@ -57,6 +57,7 @@ def test_statistics_are_reused_by_a_resumed_run(tmp_path, calibration_file):
     from mobe.architectures import moe_layout
     from mobe.calibrate import LayerStats
     from mobe.checkpoint import CheckpointReader
+    from mobe.factorize.gram import GramFactor
     from mobe.pipeline import collect_calibration
 
     config = _config(calibration=str(calibration_file))
@@ -67,7 +68,9 @@ def test_statistics_are_reused_by_a_resumed_run(tmp_path, calibration_file):
     reader = CheckpointReader(trained_fixture_path())
     collect_calibration(reader, moe_layout(reader.config), config, work, [3], progress=False)
     stats = LayerStats.load(stats_path(work, 3))
-    stats.gram_in = stats.gram_in + 100 * torch.eye(stats.gram_in.shape[-1], dtype=torch.float64)
+    scale = torch.linspace(0.1, 10.0, stats.inputs_factor.dim)
+    tensors = stats.inputs_factor.tensors()
+    stats.inputs_factor = GramFactor.from_tensors({k: v if k == "counts" else v * scale for k, v in tensors.items()})
     stats.save(stats_path(work, 3), {})
     resumed = compress(trained_fixture_path(), tmp_path / "b", config, work_dir=work, progress=False)
     errors = {(r.layer, r.matrix): r.output_error for r in resumed.results}

@@ -86,3 +86,26 @@ def test_target_ratio_is_met_on_the_layers_compressed(tiny_checkpoints, tmp_path
     assert 0.3 <= report["compressed_layers_reduction"] < 0.36  # the largest rank that fits: at least the target
     assert report["expert_reduction"] == pytest.approx(report["compressed_layers_reduction"] / 2)
     assert "experts of the 1 compressed layers: " in capsys.readouterr().out
+
+
+def test_statistics_estimates_are_the_bytes_of_the_collected_statistics(tiny_checkpoints, capsys):
+    from mobe.architectures import moe_layout
+    from mobe.calibrate import collect_statistics
+    from mobe.checkpoint import CheckpointReader
+    from mobe.info import factor_stats_bound, factor_stats_bytes, gram_stats_bytes
+
+    reader = CheckpointReader(tiny_checkpoints["qwen3_moe"])
+    layout = moe_layout(reader.config)
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, 128, (48,), generator=g), torch.randint(0, 128, (13,), generator=g)]
+    for _, stats in collect_statistics(reader, layout, sequences, layout.moe_layers):
+        counts = stats.counts.tolist()
+        assert min(counts) < p <= max(counts)  # rows and R factors both present
+        assert factor_stats_bytes(counts, p, d) == stats.nbytes
+        assert stats.nbytes <= factor_stats_bound(E, p, d, 61, 2)
+        dense = [stats.gram("gate"), stats.gram("down"), stats.counts]
+        assert gram_stats_bytes(E, p, d) == sum(t.numel() * t.element_size() for t in dense)
+    assert main(["info", str(tiny_checkpoints["qwen3_moe"]), "--bases", "2", "--calibration-tokens", "61"]) == 0
+    out = capsys.readouterr().out
+    assert f"dense Grams {gram_stats_bytes(E, p, d) / 2**10:.1f} KiB" in out and "compression job" in out

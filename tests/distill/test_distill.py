@@ -271,3 +271,27 @@ def test_memory_estimate_counts_what_a_distillation_holds(text_models, compresse
     held = sum(t.numel() * t.element_size() for t in [*targets.logprobs, *targets.tail, *targets.input_ids])
     held += sum(4 * t.numel() for t in targets.indices)  # int32 on disk
     assert memory.targets == held
+
+
+def test_compress_with_distill_in_one_run(text_models, tmp_path, capsys):
+    original, text = text_models[0]["qwen3_moe"], text_models[1]
+    out = tmp_path / "out"
+    args = ["compress", str(original), "-o", str(out), "--target-ratio", "0.5", "--steps", "10", "-q"]
+    distill_args = [
+        "--distill",
+        str(text),
+        "--distill-tokens",
+        "1024",
+        "--distill-seq-len",
+        "64",
+        "--distill-epochs",
+        "1",
+    ]
+    assert main([*args, *distill_args, "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out KL" in printed and "experts:" in printed
+    report = json.loads((out / "mobe_report.json").read_text())
+    assert report["distill"]["config"]["epochs"] == 1 and report["results"]
+    assert (out / "mobe_distill.json").is_file() and not (tmp_path / "out.mobe-work").exists()
+    assert main([*args[:3], str(tmp_path / "o2"), *args[4:], "--distill", "missing.txt"]) == 2  # refused up front
+    assert "missing.txt" in capsys.readouterr().err and not (tmp_path / "o2").exists()

@@ -5,6 +5,7 @@ import torch
 
 from mobe import MobeConfig
 from mobe.factorize import fit_d2moe, fit_mobe, fit_molae, fit_svd
+from mobe.factorize.gram import GramFactor
 from mobe.factorize.weighted import OutputWeighting, output_error
 
 
@@ -21,17 +22,25 @@ def _gram(X):
     return torch.einsum("end,enf->edf", X.double(), X.double())
 
 
+def _factor(X):
+    """The factored Grams of tokens X (E, n, d): each expert's rows added in two blocks."""
+    factor = GramFactor(X.shape[0], X.shape[-1])
+    for e, rows in enumerate(X):
+        factor.add(e, rows[: len(rows) // 2])
+        factor.add(e, rows[len(rows) // 2 :])
+    return factor
+
+
 def test_weighted_loss_is_the_output_error_of_the_tokens():
     W, X = _layer()
     What = W + 0.1 * torch.randn_like(W)
-    counts = torch.full((W.shape[0],), X.shape[1])
-    weighting = OutputWeighting.from_gram(_gram(X), counts, "right", damping=0.0, prior_tokens=0.0)
+    weighting = OutputWeighting.from_factor(_factor(X), "right", damping=0.0, prior_tokens=0.0)
     direct = sum(((X[i] @ (W[i] - What[i]).T).double().pow(2).sum()) for i in range(W.shape[0])).item()
     scale = _gram(X).diagonal(dim1=-2, dim2=-1).mean().item()  # the metric is G / its mean diagonal
     assert weighting.squared_error(W, What) * scale == pytest.approx(direct, rel=1e-4)
     num = direct
     den = sum((X[i] @ W[i].T).double().pow(2).sum() for i in range(W.shape[0])).item()
-    assert output_error(_gram(X), W, What) == pytest.approx((num / den) ** 0.5, rel=1e-6)
+    assert output_error(_factor(X), W, What) == pytest.approx((num / den) ** 0.5, rel=1e-6)
 
 
 def test_left_weighting_is_the_output_error_of_a_down_matrix():
@@ -42,21 +51,21 @@ def test_left_weighting_is_the_output_error_of_a_down_matrix():
     H = torch.randn(E, n, p, generator=g) * torch.linspace(0.1, 2.0, p)
     Dhat = D + 0.1 * torch.randn(E, d, p, generator=g)
     G = _gram(H)
-    weighting = OutputWeighting.from_gram(G, torch.full((E,), n), "left", damping=0.0, prior_tokens=0.0)
+    weighting = OutputWeighting.from_factor(_factor(H), "left", damping=0.0, prior_tokens=0.0)
     direct = sum((H[i] @ (D[i] - Dhat[i]).T).double().pow(2).sum() for i in range(E)).item()
     scale = G.diagonal(dim1=-2, dim2=-1).mean().item()
     Wt, What_t = D.transpose(1, 2), Dhat.transpose(1, 2)
     assert weighting.squared_error(Wt, What_t) * scale == pytest.approx(direct, rel=1e-4)
     den = sum((H[i] @ D[i].T).double().pow(2).sum() for i in range(E)).item()
-    assert output_error(G, Wt, What_t, "left") == pytest.approx((direct / den) ** 0.5, rel=1e-6)
+    assert output_error(_factor(H), Wt, What_t, "left") == pytest.approx((direct / den) ** 0.5, rel=1e-6)
 
 
 def test_identity_grams_give_the_unweighted_fit():
     W, _ = _layer(E=8, p=12, d=16)
     config = MobeConfig(num_bases=2, rank=6, steps=30, eval_every=10, activation="silu")
     gram = 50.0 * torch.eye(16, dtype=torch.float64).expand(8, 16, 16)
-    weighting = OutputWeighting.from_gram(gram, torch.full((8,), 50), "right")
-    assert torch.equal(weighting.factor, torch.eye(16).expand(8, 16, 16))
+    weighting = OutputWeighting.from_factor(GramFactor.from_gram(gram, torch.full((8,), 50)), "right")
+    assert torch.allclose(weighting.dense(), torch.eye(16).expand(8, 16, 16), atol=1e-6)
     torch.manual_seed(0)
     plain, plain_stats = fit_mobe(W, config)
     torch.manual_seed(0)
@@ -67,11 +76,10 @@ def test_identity_grams_give_the_unweighted_fit():
 
 def test_few_tokens_fall_back_to_the_weight_error():
     _, X = _layer(E=3, d=12)
-    counts = torch.tensor([40, 0, 1])
-    gram = _gram(X)
-    gram[1] = 0
-    gram[2] = torch.outer(X[2, 0], X[2, 0]).double()
-    M = OutputWeighting.from_gram(gram, counts, "right").factor
+    factor = GramFactor(3, 12)
+    factor.add(0, X[0])
+    factor.add(2, X[2, :1])  # expert 1 saw no token, expert 2 one
+    M = OutputWeighting.from_factor(factor, "right").dense()
     M = M @ M.transpose(1, 2)
     unseen = M[1] / M[1].diagonal().mean()
     assert torch.allclose(unseen, torch.eye(12), atol=1e-6)  # no tokens: isotropic, i.e. the weight error
@@ -80,15 +88,14 @@ def test_few_tokens_fall_back_to_the_weight_error():
 
 def test_whitened_svd_is_eckart_young_in_the_output_metric():
     W, X = _layer()
-    counts = torch.full((W.shape[0],), X.shape[1])
-    weighting = OutputWeighting.from_gram(_gram(X), counts, "right", damping=0.0, prior_tokens=0.0)
+    weighting = OutputWeighting.from_factor(_factor(X), "right", damping=0.0, prior_tokens=0.0)
     k = 4
     whitened, _ = fit_svd(W, k, weighting=weighting)
     plain, _ = fit_svd(W, k)
     # Its weighted error is the tail of the whitened spectrum, and it beats the plain SVD's output error.
     S = torch.linalg.svdvals(weighting.apply(W).double())
     assert weighting.squared_error(W, whitened.reconstruct()) == pytest.approx(S[:, k:].pow(2).sum().item(), rel=1e-3)
-    assert output_error(_gram(X), W, whitened.reconstruct()) < output_error(_gram(X), W, plain.reconstruct())
+    assert output_error(_factor(X), W, whitened.reconstruct()) < output_error(_factor(X), W, plain.reconstruct())
     full, _ = fit_svd(W, 10, weighting=weighting)
     assert torch.allclose(full.reconstruct(), W, atol=1e-3)
 
@@ -96,8 +103,8 @@ def test_whitened_svd_is_eckart_young_in_the_output_metric():
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_every_method_lowers_the_output_error_with_a_weighting(side):
     W, X = _layer(E=8, p=12, d=12)
-    gram = _gram(X)
-    weighting = OutputWeighting.from_gram(gram, torch.full((8,), X.shape[1]), side, damping=0.0, prior_tokens=0.0)
+    gram = _factor(X)
+    weighting = OutputWeighting.from_factor(gram, side, damping=0.0, prior_tokens=0.0)
     config = MobeConfig(num_bases=2, rank=5, steps=200, eval_every=50, activation="silu")
     fits = {
         "svd": lambda w: fit_svd(W, 4, weighting=w),
@@ -115,7 +122,7 @@ def test_every_method_lowers_the_output_error_with_a_weighting(side):
 
 def test_whitened_mobe_init_starts_lower_in_the_metric():
     W, X = _layer(E=8, p=12, d=16)
-    weighting = OutputWeighting.from_gram(_gram(X), torch.full((8,), X.shape[1]), "right")
+    weighting = OutputWeighting.from_factor(_factor(X), "right")
     config = MobeConfig(num_bases=2, rank=6, steps=0, activation="none", init_logit=20.0)
     plain, _ = fit_mobe(W, config)
     whitened, _ = fit_mobe(W, config, weighting=weighting)

@@ -16,4 +16,5 @@ DEEPSEEK_V3 = ArchSpec(
     intermediate_size_keys=("moe_intermediate_size",),
     is_moe_layer=is_routed_layer,
     aliases=("kimi_k2",),
+    router_groups_key="n_group",
 )

@@ -8,4 +8,5 @@ MIXTRAL = ArchSpec(
     num_experts_keys=("num_local_experts",),
     intermediate_size_keys=("intermediate_size",),
     is_moe_layer=lambda config, layer: True,
+    router="model.layers.{layer}.block_sparse_moe.gate",
 )

@@ -72,9 +72,17 @@ class ArchSpec:
     text_model: str | None = None
     activation: str = "act_fn"
     no_calibration: str | None = None
+    # The router of a layer (checkpoint prefix: its `weight` rows, and any other tensor whose first dimension is the
+    # expert count, such as DeepSeek-V3's `e_score_correction_bias`, are per expert), and the config key that splits
+    # the experts into contiguous routing groups (DeepSeek-V3's `n_group`), if any.
+    router: str = "model.layers.{layer}.mlp.gate"
+    router_groups_key: str | None = None
 
     def experts_prefix(self, layer: int) -> str:
         return self.experts.format(layer=layer)
+
+    def router_prefix(self, layer: int) -> str:
+        return self.router.format(layer=layer)
 
     def tensor_name(self, layer: int, expert: int, matrix: str) -> str:
         """A per-expert checkpoint tensor (not for fused layouts, whose experts share one tensor)."""

@@ -1,4 +1,4 @@
-"""Stage 1b: calibration statistics of the routed experts (per-expert Gram matrices), streamed layer by layer."""
+"""Stage 1b: calibration statistics of the routed experts (per-expert Grams, factored), streamed layer by layer."""
 
 from .collect import (
     CalibrationError,

@@ -4,7 +4,7 @@ The model is built on the meta device (nothing allocated). The calibration token
 decoder layer in turn is materialised from the shards, run over the hidden states of every calibration
 sequence (a forward pre-hook on its routed-experts module accumulates the statistics of `LayerStats`), and
 freed again. Peak memory: one decoder layer, the hidden states of the calibration tokens, and one layer's
-statistics; never the whole checkpoint.
+statistics (factored Grams: min(n_i, d) rows per expert, see `mobe.factorize.gram`); never the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -225,16 +225,16 @@ class _Accumulator:
             xe = x[rows]
             gate_up = xe @ module.gate_up_proj[e].float().T
             mid = module.act_fn(gate_up[:, :p]) * gate_up[:, p:]
-            xe64, mid64 = xe.double(), mid.double()
-            self.stats.gram_in[e] += xe64.T @ xe64
-            self.stats.gram_mid[e] += mid64.T @ mid64
-            self.stats.counts[e] += xe.shape[0]
+            self.stats.inputs_factor.add(e, xe)
+            self.stats.mid_factor.add(e, mid)
         if self.keep_inputs:
             self.inputs.append(x.clone())
             self.index.append(top_k_index.clone())
             self.weights.append(top_k_weights.float().clone())
 
     def finish(self) -> LayerStats:
+        self.stats.inputs_factor.compact()  # the rows waiting beside R factors
+        self.stats.mid_factor.compact()
         if self.keep_inputs:
             self.stats.inputs = torch.cat(self.inputs)
             self.stats.top_k_index = torch.cat(self.index)
@@ -265,7 +265,7 @@ def collect_statistics(
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
     for layer in tqdm(range(wanted[-1] + 1), desc="Calibration", disable=not progress, leave=False):
         if layer in wanted:
-            accumulator = _Accumulator(LayerStats.zeros(E, p, d), keep_inputs)
+            accumulator = _Accumulator(LayerStats.empty(E, p, d), keep_inputs)
             hidden = stream.run_layer(layer, hidden, accumulator)
             yield layer, accumulator.finish()
         else:

@@ -25,7 +25,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     helps = {f.name: f.metadata.get("help", "") for f in fields(MobeConfig)}
     default = MobeConfig()
-    p.add_argument("--method", choices=method_names(), default=default.method, help=helps["method"])
+    p.add_argument(
+        "--method",
+        choices=[*method_names(), "reap"],
+        default=default.method,
+        help=helps["method"] + "; reap: remove whole experts by their REAP score (needs --calibration)",
+    )
     p.add_argument("--bases", "-m", dest="num_bases", type=int, default=default.num_bases, help=helps["num_bases"])
     p.add_argument("--target-ratio", type=float, default=None, help=helps["target_ratio"])
     p.add_argument("--rank", "-r", type=int, default=None, help=helps["rank"])
@@ -116,6 +121,8 @@ def _distill_config(args: argparse.Namespace, prefix: str = "", device: str = "a
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
+    if args.method == "reap":
+        return _cmd_prune(args)
     from ..pipeline import compress
 
     distill = None
@@ -154,6 +161,45 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}; report: {args.output}/mobe_distill.json, plot: {args.output}/mobe_distill.png")
 
 
+# --- --method reap: expert pruning (a stage of its own: the output is a smaller model, not factors) ---------------
+def _add_reap_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reap-budget",
+        choices=("layer", "global"),
+        default="layer",
+        help="--method reap: remove --target-ratio of the experts of every layer, or the lowest scores of the whole "
+        "model (which must come out as the same count per layer)",
+    )
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    from ..prune import prune_experts
+
+    if args.target_ratio is None:
+        raise ValueError("--method reap needs --target-ratio (the share of routed experts to remove)")
+    if args.calibration is None:
+        raise ValueError("--method reap needs --calibration FILE: experts are scored on the tokens routed to them")
+    if args.layers is not None or args.reconstruct:
+        raise ValueError(
+            "--method reap prunes every MoE layer alike and writes a plain checkpoint: drop --layers, --reconstruct"
+        )
+    report = prune_experts(
+        args.model,
+        args.output,
+        target_ratio=args.target_ratio,
+        calibration=args.calibration,
+        budget=args.reap_budget,
+        calibration_tokens=args.calibration_tokens,
+        calibration_seq_len=args.calibration_seq_len,
+        progress=not args.quiet,
+    )
+    print(report.table())
+    print(
+        f"wrote {args.output} (pruned, {report.layers[0].experts_before} -> {len(report.layers[0].kept)} experts "
+        f"per layer); report: {args.output}/mobe_report.json"
+    )
+
+
 def _cmd_reconstruct(args: argparse.Namespace) -> None:
     from ..pipeline import reconstruct
 
@@ -162,14 +208,28 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from ..info import families_table, model_info
+    from ..info import families_table, memory_estimate, model_info
 
     if args.list:
         print(families_table())
         return
     if args.model is None:
         raise ValueError("mobe info needs a checkpoint folder or hub id (or --list)")
-    print(model_info(args.model, args.num_bases, args.rank, args.groups).summary())
+    info = model_info(args.model, args.num_bases, args.rank, args.groups)
+    print(info.summary())
+    if info.stored is None:  # an original checkpoint: what compressing and running it would take
+        estimate = memory_estimate(
+            args.model,
+            args.num_bases or MobeConfig().num_bases,
+            args.rank,
+            args.groups,
+            tuple(m for m in args.matrices.split(",") if m),
+            args.calibration_tokens,
+            "cpu" if args.device == "cpu" else "cuda",
+            args.context,
+            args.cache_mib,
+        )
+        print(estimate.summary())
 
 
 def _load(args: argparse.Namespace):
@@ -269,6 +329,45 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
+# --- mobe eval: lm-eval benchmarks on any checkpoint mobe opens ---------------------------------------------------
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from ..evaluate.harness import evaluate_tasks, results_json, results_table
+
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer (tokenizer_config.json): lm-eval needs one")
+    tasks = [t for t in args.tasks.split(",") if t]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = evaluate_tasks(
+        model, tokenizer, tasks, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot
+    )
+    print(results_table(results))
+    if args.json:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        extra = {"model": str(args.model), "tasks": tasks, "limit": limit, "dtype": dtype}
+        Path(args.json).write_text(results_json(results, **extra))
+        print(f"wrote {args.json}")
+
+
+def _add_eval_command(sub) -> None:
+    p = _command(sub, "eval", "lm-eval benchmarks (accuracy) of any checkpoint, native MoBE included")
+    _add_runtime_options(p, dtype="float32")  # evaluation in float32 unless asked otherwise
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated lm-eval task names and/or task YAML files, e.g. hellaswag,arc_easy",
+    )
+    p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction of each task when < 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="requests per forward pass")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--json", default=None, help="write the metrics and task settings here as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from ..demo import run_demo
 
@@ -309,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="then distil the result toward the original on this text (the --distill-* options; see mobe distill)",
     )
     _add_distill_options(p, "distill-")
+    _add_reap_options(p)
     p.set_defaults(func=_cmd_compress)
 
     p = _command(sub, "distill", "train a compressed model's routers (and small factors) toward the original")
@@ -334,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bases", "-m", dest="num_bases", type=int, default=None, help="m: bases per layer to cost")
     p.add_argument("--rank", "-r", type=int, default=None, help="r: rank to cost (default min(p, d))")
     p.add_argument("--groups", type=int, default=1, help="expert groups with their own bases")
+    p.add_argument("--matrices", default="gate,up", help="matrix types to cost (memory estimates)")
+    p.add_argument(
+        "--calibration-tokens", type=int, default=MobeConfig().calibration_tokens, help="calibration tokens to cost"
+    )
+    p.add_argument("--device", default="cpu", help="where a job fits: cpu (all in RAM) or cuda (fit on the GPU)")
+    p.add_argument("--context", type=int, default=4096, help="tokens of KV cache to cost for native inference")
+    p.add_argument("--cache-mib", type=float, default=0.0, help="per-layer LRU cache of native inference, MiB")
     p.set_defaults(func=_cmd_info)
 
     p = _command(sub, "generate", "greedy generation from any checkpoint, native MoBE included")
@@ -350,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
     p.add_argument("--json", default=None, help="write the result here as JSON")
     p.set_defaults(func=_cmd_perplexity)
+
+    _add_eval_command(sub)
 
     p = _command(
         sub, "sweep", "fit one layer with every method at several cuts: the error-vs-size frontier, in minutes"

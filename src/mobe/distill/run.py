@@ -202,7 +202,12 @@ def distill(
     from ..runtime import load_model
 
     layout = moe_layout(student_reader.config)
-    model = load_model(compressed_path, dtype=torch.float32, device=device)
+    if config.device == "auto" and torch.cuda.device_count() > 1:  # spread over every visible GPU (accelerate)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(compressed_path, dtype=torch.float32, device_map="auto")
+    else:
+        model = load_model(compressed_path, dtype=torch.float32, device=device)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()  # activations recomputed in the backward pass: memory of one decoder layer's, not the model's
     params = select_trainable(model, layout, config.train)

@@ -14,6 +14,8 @@ from ..export import FACTOR_PREFIX
 from .loss import topk_kl
 from .targets import TeacherTargets
 
+MAX_HALVINGS = 6  # a held-out check that does not improve halves the learning rate; the 7th stops training
+
 
 @dataclass
 class Evaluation:
@@ -34,10 +36,11 @@ def split(n: int, heldout_fraction: float) -> tuple[list[int], list[int]]:
 
 def _forward(model: nn.Module, targets: TeacherTargets, i: int) -> tuple[Tensor, Tensor]:
     """(KL per token, next-token NLL per token) of sequence i."""
-    device = next(model.parameters()).device
-    ids = targets.input_ids[i].to(device)
+    ids = targets.input_ids[i].to(model.get_input_embeddings().weight.device)
     logits = model(input_ids=ids[None]).logits[0]
-    kl = topk_kl(logits, targets.logprobs[i].to(device), targets.indices[i].to(device), targets.tail[i].to(device))
+    out = logits.device  # the last device when the model is spread over several
+    kl = topk_kl(logits, targets.logprobs[i].to(out), targets.indices[i].to(out), targets.tail[i].to(out))
+    ids = ids.to(out)
     nll = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="none")
     return kl, nll
 
@@ -62,6 +65,9 @@ def train(
 ) -> tuple[list[dict], int]:
     """Train `params` for `config.epochs`; `model` ends with the state best on the held-out part.
 
+    A held-out check that is not better than the best so far returns to the best state and halves the learning
+    rate (the same settings then serve a model far from its original and one already close to it).
+
     Returns the history (one row per held-out check, the first before any step) and the best state's step.
     """
     train_idx, held_idx = split(len(targets), config.heldout_fraction)
@@ -80,38 +86,50 @@ def train(
     if total == 0:
         return history, best_step
     model.train()  # gradient checkpointing applies in training mode only
-    step, running, running_tokens = 0, 0.0, 0
-    bar = tqdm(total=total, desc="Distill", disable=not progress, leave=False)
+    batches = []
     for _ in range(config.epochs):
         order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=generator).tolist()]
-        for start in range(0, len(order), config.batch):
-            batch = order[start : start + config.batch]
-            tokens = sum(targets.input_ids[i].numel() for i in batch)
-            optimizer.zero_grad(set_to_none=True)
-            for i in batch:
-                kl, _ = _forward(model, targets, i)
-                (kl.sum() / tokens).backward()
-                running, running_tokens = running + kl.sum().item(), running_tokens + kl.numel()
-            optimizer.step()
-            step += 1
-            bar.update()
-            if step % config.eval_every == 0 or step == total:
-                model.eval()
-                held = evaluate(model, targets, held_idx)
-                model.train()
-                history.append(
-                    {
-                        "step": step,
-                        "train_kl": running / running_tokens,
-                        "heldout_kl": held.kl,
-                        "heldout_perplexity": held.perplexity,
-                    }
-                )
-                running, running_tokens = 0.0, 0
-                bar.set_postfix(heldout_kl=f"{held.kl:.4f}")
-                if held.kl < best_kl:
-                    best_kl, best_step = held.kl, step
-                    best = {n: p.detach().clone() for n, p in params.items()}
+        batches += [order[start : start + config.batch] for start in range(0, len(order), config.batch)]
+    running, running_tokens, halvings = 0.0, 0, 0
+    bar = tqdm(total=total, desc="Distill", disable=not progress, leave=False)
+    for step, batch in enumerate(batches, start=1):
+        tokens = sum(targets.input_ids[i].numel() for i in batch)
+        optimizer.zero_grad(set_to_none=True)
+        for i in batch:
+            kl, _ = _forward(model, targets, i)
+            (kl.sum() / tokens).backward()
+            running, running_tokens = running + kl.sum().item(), running_tokens + kl.numel()
+        optimizer.step()
+        bar.update()
+        if step % config.eval_every and step != total:
+            continue
+        model.eval()
+        held = evaluate(model, targets, held_idx)
+        model.train()
+        history.append(
+            {
+                "step": step,
+                "train_kl": running / running_tokens,
+                "heldout_kl": held.kl,
+                "heldout_perplexity": held.perplexity,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+        )
+        running, running_tokens = 0.0, 0
+        bar.set_postfix(heldout_kl=f"{held.kl:.4f}")
+        if held.kl < best_kl:
+            best_kl, best_step = held.kl, step
+            best = {n: p.detach().clone() for n, p in params.items()}
+            continue
+        halvings += 1  # overshot: back to the best state, at half the learning rate, with fresh moments
+        if halvings > MAX_HALVINGS:
+            break
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(best[name])
+        optimizer.state.clear()
+        for group in optimizer.param_groups:
+            group["lr"] *= 0.5
     bar.close()
     model.eval()
     with torch.no_grad():

@@ -93,9 +93,7 @@ def fit_job(
     side = "left" if matrix == "down" else "right"
     weighting = None
     if calibration is not None:
-        weighting = OutputWeighting.from_gram(
-            calibration.gram(matrix), calibration.counts, side, damping=config.calibration_damping
-        )
+        weighting = OutputWeighting.from_factor(calibration.factor(matrix), side, damping=config.calibration_damping)
     factors, stats = fit(weights, config, device, f"layer {layer} {matrix}" if progress else None, weighting)
     source_dtype = torch.bfloat16 if reader.is_block_fp8(names[0]) else weights.dtype  # factors stay unquantised
     factors = factors.to(DTYPES.get(config.dtype, source_dtype))
@@ -124,7 +122,7 @@ def fit_job(
         params_after=factors.num_parameters(),
         output_error=None
         if calibration is None
-        else output_error(calibration.gram(matrix), weights.float(), factors.reconstruct(), side),
+        else output_error(calibration.factor(matrix), weights.float(), factors.reconstruct(), side),
     )
     return factors, result
 
@@ -142,7 +140,9 @@ def run_job(spec: JobSpec, device: str, progress: bool = False) -> dict[str, Any
     try:
         reader = CheckpointReader(spec.source)
         layout = moe_layout(reader.config)
-        calibration = LayerStats.load(stats_path(spec.work, spec.layer)) if config.calibration else None
+        calibration = None
+        if config.calibration:
+            calibration = LayerStats.load(stats_path(spec.work, spec.layer), matrices=(spec.matrix,))
         factors, result = fit_job(reader, layout, config, spec.layer, spec.matrix, device, progress, calibration)
     finally:
         torch.set_num_threads(threads)

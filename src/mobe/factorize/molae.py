@@ -49,18 +49,17 @@ def fit_molae(
     B = W.new_zeros(groups, rank, d)
     for g in range(groups):
         members = slice(g * per_group, (g + 1) * per_group)
-        stack = W[members] if weighting is None else weighting.apply(W[members], members)
         if right:  # whiten the group with its mean metric, map the basis back
-            L = weighting.factor[members]
-            Lg = torch.linalg.cholesky((L @ L.transpose(1, 2)).double().mean(0)).float()
-            stack = W[members] @ Lg
+            Lg = weighting.mean(list(range(E))[members])
+            stack = Lg.apply(W[members])
+        else:
+            stack = W[members] if weighting is None else weighting.apply(W[members], members)
         Vh = torch.linalg.svd(stack.reshape(-1, d), full_matrices=False)[2]
         k = min(rank, Vh.shape[0])
-        B[g, :k] = torch.linalg.solve_triangular(Lg, Vh[:k], upper=False, left=False) if right else Vh[:k]
+        B[g, :k] = Lg.unwhiten(Vh[:k][None])[0] if right else Vh[:k]
     Bs = B.repeat_interleave(per_group, dim=0)
-    if right:  # A_i = W_i M_i B^T (B M_i B^T)^+
-        M = weighting.factor @ weighting.factor.transpose(1, 2)
-        BM = Bs @ M
+    if right:  # A_i = W_i M_i B^T (B M_i B^T)^+, with X M_i = (X L_i) L_i (L_i symmetric)
+        BM = weighting.apply(weighting.apply(Bs))
         A = torch.linalg.lstsq(torch.bmm(BM, Bs.transpose(1, 2)), torch.bmm(BM, W.transpose(1, 2))).solution
         A = A.transpose(1, 2)
     else:  # B has orthonormal rows: the projection is optimal (in a left metric as well)
