@@ -113,6 +113,19 @@ RUNS = (
         needs=BOTH_TEXTS,
     ),
     Run(
+        "reap",
+        "reap.py",
+        [],
+        ["--fixtures", "coarse", "--ratios", "0.5", "--calibration-tokens", "2048", "--tokens", "2048"],
+        needs=BOTH_TEXTS,
+    ),
+    Run(
+        "calibration_memory",
+        "calibration_memory.py",
+        [],
+        ["--shapes", "Qwen3-30B-A3B", "--tokens", "4096", "--gram-experts", "1", "--factor-experts", "2"],
+    ),
+    Run(
         "calibration_500_steps",
         "calibration.py",
         ["--steps", "500", "--threads", "1"],
