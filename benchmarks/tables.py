@@ -56,6 +56,52 @@ def data_free_table(result: dict, calibrated: bool = False) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def compare_table(result: dict, details: bool = True) -> str:
+    """compare.py on the trained model: one row per method and cut; the best error and perplexity of each cut bold."""
+    rows = result["rows"]
+    best = {
+        ratio: (
+            min(r["mean_relative_error"] for r in rows if r["target_ratio"] == ratio),
+            min(r["perplexity_change"] for r in rows if r["target_ratio"] == ratio),
+        )
+        for ratio in {r["target_ratio"] for r in rows}
+    }
+    head = "| method | target | rank | expert params cut |" + (" model params |" if details else "")
+    head += " mean rel. error | perplexity | change |" + (" seconds |" if details else "")
+    lines = [head, "|---|" + "---:|" * (8 if details else 6)]
+    for r in rows:
+        err_min, ppl_min = best[r["target_ratio"]]
+        err_best, ppl_best = r["mean_relative_error"] == err_min, r["perplexity_change"] == ppl_min
+        cells = [r["method"], f"{r['target_ratio']:.2f}", str(r["rank"]), f"{100 * r['expert_reduction']:.1f}%"]
+        cells += [f"{r['model_params']:,}"] if details else []
+        cells += [
+            _bold(f"{r['mean_relative_error']:.4f}", err_best),
+            _bold(f"{r['perplexity']:.2f}", ppl_best),
+            _bold(f"{r['perplexity_change']:+.2f}", ppl_best),
+        ]
+        cells += [f"{r['seconds']:.1f}"] if details else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_synthetic_table(result: dict) -> str:
+    """compare.py on its synthetic layer: weight error per method and cut, the best of each cut bold."""
+    rows = result["synthetic"]
+    best = {
+        ratio: min(r["relative_error"] for r in rows if r["target_ratio"] == ratio)
+        for ratio in {r["target_ratio"] for r in rows}
+    }
+    lines = ["| method | target | rank | parameters | relative error |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        error = _bold(f"{r['relative_error']:.4f}", r["relative_error"] == best[r["target_ratio"]])
+        lines.append(f"| {r['method']} | {r['target_ratio']:.2f} | {r['rank']} | {r['params']:,} | {error} |")
+    return "\n".join(lines) + "\n"
+
+
+def _bold(text: str, on: bool) -> str:
+    return f"**{text}**" if on else text
+
+
 def distill_table(result: dict) -> str:
     """Held-out perplexity above the original before and after each distillation mode, and the gap it closes."""
     modes = list(dict.fromkeys(m for f in result["fixtures"].values() for r in f["rows"] for m in r["modes"]))
@@ -176,6 +222,15 @@ def main() -> None:
         table = data_free_table(result)
         replace_block(ROOT / "README.md", "data_free", table, show)
         replace_block(ROOT / "docs" / "results.md", "data_free", table, show)
+    compare = results / "compare.json"
+    if compare.exists():
+        result = json.loads(compare.read_text())
+        replace_block(ROOT / "docs" / "results.md", "compare", compare_table(result), show)
+        replace_block(ROOT / "docs" / "results.md", "compare_synthetic", compare_synthetic_table(result), show)
+    compare_all = results / "compare_all_matrices.json"
+    if compare_all.exists():
+        table = compare_table(json.loads(compare_all.read_text()), details=False)
+        replace_block(ROOT / "docs" / "results.md", "compare_all_matrices", table, show)
     reap = results / "reap.json"
     if reap.exists():
         replace_block(ROOT / "docs" / "prune.md", "reap", reap_table(json.loads(reap.read_text())), show)
