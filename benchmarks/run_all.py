@@ -34,8 +34,8 @@ class Run:
 
     name: str  # also the stem of the JSON it writes
     script: str
-    full: list[str]
-    quick: list[str]
+    full: str  # arguments, split on spaces
+    quick: str
     out_option: str = "--out"  # "--out STEM" or "--json FILE"
     needs: tuple[str, ...] = field(default=())
 
@@ -47,174 +47,78 @@ COARSE_TEXT, BOTH_TEXTS = ("python3.11-doc",), ("python3.11-doc", "perl-doc")
 # The settings of every published result. The full arguments are those recorded in the "args" of the JSON files
 # under benchmarks/results/; the quick ones keep each script's code path at toy sizes.
 RUNS = (
-    Run(
-        "compare",
-        "compare.py",
-        [],
-        ["--ratios", "0.25", "--steps", "100", "--tokens", "2048", "--synthetic", "8", "64", "128"],
-    ),
+    Run("compare", "compare.py", "", "--ratios 0.25 --steps 50 --tokens 2048 --synthetic 8 64 128"),
     Run(
         "compare_all_matrices",
         "compare.py",
-        ["--matrices", "gate", "up", "down"],
-        [
-            "--matrices",
-            "gate",
-            "up",
-            "down",
-            "--ratios",
-            "0.4",
-            "--methods",
-            "mobe",
-            "svd",
-            "--steps",
-            "100",
-            "--tokens",
-            "2048",
-            "--synthetic",
-            "8",
-            "64",
-            "128",
-        ],
+        "--matrices gate up down",
+        "--matrices gate up down --ratios 0.4 --methods mobe svd --steps 50 --tokens 2048 --synthetic 8 64 128",
     ),
     Run(
         "schedules",
         "schedules.py",
-        [],
-        ["--quick"],
+        "",
+        "--layers 1 --matrices gate --paper-steps 200 --fast-steps 100 --synthetic 8 64 128 2 --tokens 2048",
     ),
-    Run(
-        "data_free",
-        "data_free.py",
-        ["--steps", "1000"],
-        ["--fixtures", "coarse", "--ratios", "0.25", "--steps", "100", "--tokens", "2048"],
-    ),
+    Run("data_free", "data_free.py", "--steps 1000", "--fixtures coarse --ratios 0.25 --steps 50 --tokens 2048"),
     Run(
         "data_free_calibrated",
         "data_free.py",
-        ["--steps", "1000", "--variants", "calibrated"],
-        [
-            "--fixtures",
-            "coarse",
-            "--ratios",
-            "0.25",
-            "--methods",
-            "svd",
-            "mobe",
-            "--steps",
-            "100",
-            "--variants",
-            "calibrated",
-            "--calibration-tokens",
-            "2048",
-            "--tokens",
-            "2048",
-        ],
+        "--steps 1000 --variants calibrated",
+        "--fixtures coarse --ratios 0.25 --methods svd mobe --steps 50 --variants calibrated "
+        "--calibration-tokens 2048 --tokens 2048",
         needs=BOTH_TEXTS,
     ),
     Run(
         "reap",
         "reap.py",
-        [],
-        ["--fixtures", "coarse", "--ratios", "0.5", "--calibration-tokens", "2048", "--tokens", "2048"],
+        "",
+        "--fixtures coarse --ratios 0.5 --calibration-tokens 2048 --tokens 2048",
         needs=BOTH_TEXTS,
     ),
     Run(
         "calibration_memory",
         "calibration_memory.py",
-        [],
-        ["--shapes", "Qwen3-30B-A3B", "--tokens", "4096", "--gram-experts", "1", "--factor-experts", "2"],
+        "",
+        "--shapes Qwen3-30B-A3B --tokens 4096 --gram-experts 1 --factor-experts 2",
     ),
     Run(
         "calibration_500_steps",
         "calibration.py",
-        ["--steps", "500", "--threads", "1"],
-        [
-            "--ratios",
-            "0.25",
-            "--matrix-sets",
-            "gate,up",
-            "--steps",
-            "100",
-            "--refine-steps",
-            "20",
-            "--calibration-tokens",
-            "2048",
-            "--tokens",
-            "2048",
-        ],
+        "--steps 500 --threads 1",
+        "--ratios 0.25 --matrix-sets gate,up --steps 50 --refine-steps 20 --calibration-tokens 2048 --tokens 2048",
         needs=COARSE_TEXT,
     ),
     Run(
         "distill",
         "distill.py",
-        [],
-        [
-            "--fixtures",
-            "coarse",
-            "--ratios",
-            "0.5",
-            "--fits",
-            "data-free",
-            "--modes",
-            "router",
-            "--steps",
-            "100",
-            "--epochs",
-            "1",
-            "--distill-tokens",
-            "4096",
-            "--tokens",
-            "2048",
-        ],
+        "",
+        "--fixtures coarse --ratios 0.5 --fits data-free --modes router --steps 50 --epochs 1 --distill-tokens 4096 "
+        "--tokens 2048",
         needs=BOTH_TEXTS,
     ),
     Run(
         "compress_memory",
         "compress_memory.py",
-        [],
-        ["--hidden", "256", "--experts", "8", "--intermediate", "128", "--steps", "5", "--layers", "2", "4"],
+        "",
+        "--hidden 256 --experts 8 --intermediate 128 --steps 5 --layers 2 4",
         out_option="--json",
     ),
     Run(
         "inference_memory",
         "inference_memory.py",
-        [],
-        [
-            "--hidden",
-            "256",
-            "--experts",
-            "8",
-            "--intermediate",
-            "128",
-            "--layers",
-            "2",
-            "--rank",
-            "64",
-            "--prefill",
-            "64",
-            "--decode",
-            "8",
-            "--cache-mib",
-            "4",
-        ],
+        "",
+        "--hidden 256 --experts 8 --intermediate 128 --layers 2 --rank 64 --prefill 64 --decode 8 --cache-mib 4",
         out_option="--json",
     ),
     Run(
         "ray_scaling",
         "ray_scaling.py",
-        [],
-        ["--experts", "4", "--hidden", "64", "--intermediate", "32", "--rank", "16", "--steps", "50"],
+        "",
+        "--experts 4 --hidden 64 --intermediate 32 --rank 16 --steps 50",
         needs=("ray",),
     ),
-    Run(
-        "paper_parity",
-        "paper_parity.py",
-        [],
-        ["--steps", "200"],
-        out_option="--json",
-        needs=("authors-repo",),
-    ),
+    Run("paper_parity", "paper_parity.py", "", "--steps 200", out_option="--json", needs=("authors-repo",)),
 )
 
 
@@ -234,7 +138,7 @@ def command(run: Run, args: argparse.Namespace, results: Path) -> list[str]:
     stem = results / run.name
     out = [run.out_option, str(stem.with_suffix(".json") if run.out_option == "--json" else stem)]
     extra = ["--authors-repo", args.authors_repo] if "authors-repo" in run.needs else []
-    return [sys.executable, str(HERE / run.script), *(run.quick if args.quick else run.full), *extra, *out]
+    return [sys.executable, str(HERE / run.script), *(run.quick if args.quick else run.full).split(), *extra, *out]
 
 
 def read_verdicts(path: Path) -> list[str]:
