@@ -60,7 +60,12 @@ RUNS = (
         "",
         "--layers 1 --matrices gate --paper-steps 200 --fast-steps 100 --synthetic 8 64 128 2 --tokens 2048",
     ),
-    Run("data_free", "data_free.py", "--steps 1000", "--fixtures coarse --ratios 0.25 --steps 50 --tokens 2048"),
+    Run(
+        "data_free",
+        "data_free.py",
+        "--steps 1000",
+        "--fixtures coarse --ratios 0.25 --methods svd d2moe molae mobe --steps 50 --tokens 2048",  # slbf: 271 s here
+    ),
     Run(
         "data_free_calibrated",
         "data_free.py",
