@@ -150,6 +150,26 @@ def run(args: argparse.Namespace) -> dict:
     return {"original_perplexity": original, "tokens": int(ids.numel()), "rows": rows}
 
 
+def verdicts(result: dict) -> list[str]:
+    """Per cut and matrix set: the variant with the smallest perplexity increase, and the share of the plain
+    fit's increase each calibrated variant removes (the claim: calibration lowers it)."""
+    out = []
+    rows = result["rows"]
+    for ratio, matrices in dict.fromkeys((r["target_ratio"], r["matrices"]) for r in rows):
+        group = [r for r in rows if (r["target_ratio"], r["matrices"]) == (ratio, matrices)]
+        best = min(group, key=lambda r: r["perplexity_change"])
+        cuts = ", ".join(
+            f"{r['variant']} cuts {100 * r['increase_cut']:.0f}%"
+            for r in group
+            if r["increase_cut"] is not None and r["variant"] != "plain"
+        )
+        out.append(
+            f"{ratio:.2f} {matrices}: best {best['variant']} ({best['perplexity_change']:+.3f})"
+            + (f"; {cuts} of plain's increase" if cuts else "")
+        )
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -233,6 +253,8 @@ def main() -> None:
             f"{r['seconds']:>6.0f}"
         )
     args.calibration_text = "training-side excerpts (benchmarks/calibration.py)" if generated else args.calibration_text
+    result["verdicts"] = verdicts(result)
+    print("\n" + "\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
 
 

@@ -94,6 +94,23 @@ def run_model(args: argparse.Namespace) -> dict:
     }
 
 
+def verdicts(result: dict) -> list[str]:
+    """Which method is best at each cut: lowest perplexity increase (trained model), lowest error (synthetic)."""
+    out = []
+    for key, rows, label in (
+        ("perplexity_change", result["rows"], "held-out d ppl"),
+        ("relative_error", result.get("synthetic", []), "synthetic rel. err"),
+    ):
+        for ratio in sorted({r["target_ratio"] for r in rows}):
+            ranked = sorted((r for r in rows if r["target_ratio"] == ratio), key=lambda r: r[key])
+            order = " < ".join(
+                f"{r['method']} {r[key]:+.3f}" if key == "perplexity_change" else f"{r['method']} {r[key]:.4f}"
+                for r in ranked
+            )
+            out.append(f"{label} @ {ratio:.2f}: best {ranked[0]['method']} ({order})")
+    return out
+
+
 def synthetic_layer(E: int, p: int, d: int, seed: int = 0) -> torch.Tensor:
     """Experts = one common component + an expert-specific part, each with a 1/k singular-value spectrum."""
     g = torch.Generator().manual_seed(seed)
@@ -207,6 +224,8 @@ def main() -> None:
             f"{r['method']:>6} {r['target_ratio']:>6.2f} {r['rank']:>5} {r['params']:>9,} {r['relative_error']:>8.4f}"
         )
 
+    result["verdicts"] = verdicts(result)
+    print("\n" + "\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
 
 

@@ -108,7 +108,7 @@ def main() -> None:
                     }
                 )
     small, large = args.layers
-    ratios = {}
+    ratios, verdicts = {}, []
     print(f"{'layers':>6} {'format':>7} {'ckpt MiB':>9} {'layer MiB':>10} {'peak RSS MiB':>13} {'sec':>6}")
     for r in rows:
         print(
@@ -119,13 +119,18 @@ def main() -> None:
         a, b = (next(r for r in rows if r["layers"] == n and r["format"] == fmt) for n in (small, large))
         ratios[fmt] = b["peak_rss_mib"] / a["peak_rss_mib"]
         verdict = "PASS" if ratios[fmt] <= 1.25 else "FAIL"
-        print(
+        verdicts.append(
             f"{fmt}: peak RSS {large} vs {small} layers = {ratios[fmt]:.3f}x "
             f"(checkpoint {b['checkpoint_mib'] / a['checkpoint_mib']:.2f}x larger; target <= 1.25x) {verdict}"
         )
+        print(verdicts[-1])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(
-        json.dumps({"args": vars(args) | {"child": None}, "rows": rows, "peak_rss_ratio": ratios}, indent=2) + "\n"
+        json.dumps(
+            {"args": vars(args) | {"child": None}, "rows": rows, "peak_rss_ratio": ratios, "verdicts": verdicts},
+            indent=2,
+        )
+        + "\n"
     )
     print(f"wrote {args.json}")
 

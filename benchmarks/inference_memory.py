@@ -217,6 +217,8 @@ def main() -> None:
     verdicts = {
         "decode_cached_at_least_0.8x_dense": checks["decode_speed_native_cache_vs_dense"] >= 0.8,
         "prefill_at_least_0.5x_dense": checks["prefill_speed_native_vs_dense"] >= 0.5,
+        "rss_saving_at_least_0.9x_parameter_saving": checks["rss_saving_share_of_parameter_saving"] >= 0.9,
+        "decode_cached_at_least_0.5x_original": checks["decode_speed_native_cache_vs_original"] >= 0.5,
     }
     print(
         f"against the dense reconstruction: decode with cache {checks['decode_speed_native_cache_vs_dense']:.2f}x "

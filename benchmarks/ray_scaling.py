@@ -1,8 +1,9 @@
 """Compression wall time with 1 and 2 Ray workers on this machine, and what that projects to for big models.
 
 Side by side in one run, on one synthetic checkpoint with at least 8 MoE layers: a single process (no Ray),
-then a local Ray cluster with 1 and with 2 one-CPU workers (jobs run one thread each, so every run gives the
-same bits). Prints wall time, speedup and Ray's own overhead per job; then projects the wall time of
+then a local Ray cluster with 1 and with 2 one-CPU workers (jobs run one thread each, so every run must give the
+same bits: the verdict compares a SHA-256 of every written tensor). Prints wall time, speedup and Ray's own
+overhead per job; then projects the wall time of
 DeepSeek-V3 and Kimi-K2 on 8, 64 and 256 GPUs as ceil(jobs / GPUs) x per-job time, with the per-job time
 taken from the job's FLOP count at a sustained GPU throughput given by --gpu-tflops (an assumption, printed).
 
@@ -12,6 +13,7 @@ taken from the job's FLOP count at a sustained GPU throughput given by --gpu-tfl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import tempfile
@@ -38,6 +40,20 @@ def step_flops(E: int, p: int, d: int, m: int, r: int, groups: int) -> float:
     mix = 2 * E * (m // groups) * r * d  # coef_i @ bases of its group
     expand = 2 * E * p * r * d  # A_i @ mixed basis
     return 3.0 * (mix + expand)
+
+
+def tensor_digest(folder: Path) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) of the safetensors files in `folder`."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name).contiguous()
+                digest.update(f"{path.name}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def timed_compress(model: Path, out: Path, config: MobeConfig, ray_workers: int | None) -> dict:
@@ -141,6 +157,14 @@ def main() -> None:
             f"{row['model']:>12} {row['jobs']:>5} {row['gpus']:>5} {row['job_hours']:>10.2f} {row['wall_hours']:>8.2f}"
         )
 
+    identical = len({run["tensors_sha256"] for run in runs}) == 1
+    verdicts = [
+        f"written tensors bit-identical across the {len(runs)} runs (SHA-256 of every tensor): "
+        + ("yes" if identical else "NO, " + ", ".join(f"{r['runner']} {r['tensors_sha256'][:12]}" for r in runs)),
+        f"2 workers vs 1 worker: {ray1 / ray2:.2f}x faster",
+    ]
+    print("\n" + "\n".join(verdicts))
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
@@ -150,6 +174,7 @@ def main() -> None:
         "speedup_2_vs_1_workers": ray1 / ray2,
         "cpu_gflop_s_per_job": cpu_gflop_s,
         "projections": projections,
+        "verdicts": verdicts,
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out.with_suffix('.json')}")

@@ -334,8 +334,11 @@ def main() -> None:
             f"{name} (layers {entry['layers']}): held-out perplexity original {entry['original']:.3f}, "
             + ", ".join(f"{s} {entry[s]['perplexity']:.3f}" for s in SCHEDULES)
         )
-    print(result["summary"]["verdict"])
-    print(f"p > d no worse than paper (within 0.2%): {'yes' if result['summary']['coarse_no_worse'] else 'no'}")
+    result["verdicts"] = [
+        result["summary"]["verdict"],
+        f"p > d no worse than paper (within 0.2%): {'yes' if result['summary']['coarse_no_worse'] else 'no'}",
+    ]
+    print("\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
 
 

@@ -4,10 +4,12 @@ Each table sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers in
 replaces what is between them.
 
     python benchmarks/tables.py            # after python benchmarks/data_free.py
+    python benchmarks/tables.py --results benchmarks/results/quick --print   # show, write nothing
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -52,6 +54,52 @@ def data_free_table(result: dict, calibrated: bool = False) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def compare_table(result: dict, details: bool = True) -> str:
+    """compare.py on the trained model: one row per method and cut; the best error and perplexity of each cut bold."""
+    rows = result["rows"]
+    best = {
+        ratio: (
+            min(r["mean_relative_error"] for r in rows if r["target_ratio"] == ratio),
+            min(r["perplexity_change"] for r in rows if r["target_ratio"] == ratio),
+        )
+        for ratio in {r["target_ratio"] for r in rows}
+    }
+    head = "| method | target | rank | expert params cut |" + (" model params |" if details else "")
+    head += " mean rel. error | perplexity | change |" + (" seconds |" if details else "")
+    lines = [head, "|---|" + "---:|" * (8 if details else 6)]
+    for r in rows:
+        err_min, ppl_min = best[r["target_ratio"]]
+        err_best, ppl_best = r["mean_relative_error"] == err_min, r["perplexity_change"] == ppl_min
+        cells = [r["method"], f"{r['target_ratio']:.2f}", str(r["rank"]), f"{100 * r['expert_reduction']:.1f}%"]
+        cells += [f"{r['model_params']:,}"] if details else []
+        cells += [
+            _bold(f"{r['mean_relative_error']:.4f}", err_best),
+            _bold(f"{r['perplexity']:.2f}", ppl_best),
+            _bold(f"{r['perplexity_change']:+.2f}", ppl_best),
+        ]
+        cells += [f"{r['seconds']:.1f}"] if details else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_synthetic_table(result: dict) -> str:
+    """compare.py on its synthetic layer: weight error per method and cut, the best of each cut bold."""
+    rows = result["synthetic"]
+    best = {
+        ratio: min(r["relative_error"] for r in rows if r["target_ratio"] == ratio)
+        for ratio in {r["target_ratio"] for r in rows}
+    }
+    lines = ["| method | target | rank | parameters | relative error |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        error = _bold(f"{r['relative_error']:.4f}", r["relative_error"] == best[r["target_ratio"]])
+        lines.append(f"| {r['method']} | {r['target_ratio']:.2f} | {r['rank']} | {r['params']:,} | {error} |")
+    return "\n".join(lines) + "\n"
+
+
+def _bold(text: str, on: bool) -> str:
+    return f"**{text}**" if on else text
 
 
 def distill_table(result: dict) -> str:
@@ -129,6 +177,26 @@ def reap_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paper_parity_table(result: dict) -> str:
+    """Final relative error of the authors' train.py and of `--schedule paper` on the same layer, side by side."""
+    threads = result.get("args", {}).get("threads")
+    lines = [
+        f"E={result['E']}, p={result['p']}, d={result['d']}, m={result['m']}, r={result['r']}, {result['steps']} steps"
+        + (f", {threads} CPU threads each" if threads else "")
+        + ":",
+        "",
+        "| activation | matrix | authors' relative error | ours | relative difference | gap between reconstructions |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        diff = abs(r["ours_relative_error"] / r["authors_relative_error"] - 1)
+        lines.append(
+            f"| {r['activation']} | {r['matrix']} | {r['authors_relative_error']:.8f} | {r['ours_relative_error']:.8f} "
+            f"| {diff:.1e} | {r['reconstructions_relative_gap']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def schedules_table(result: dict) -> str:
     """Per stack: each schedule's steps, seconds and final error, and when `fast` reached the paper's final error."""
     lines = [
@@ -172,7 +240,11 @@ def schedules_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(path: Path, name: str, body: str) -> None:
+def replace_block(path: Path, name: str, body: str, show: bool = False) -> None:
+    """Put `body` between the NAME markers of `path`; with `show`, print it instead and leave the file alone."""
+    if show:
+        print(f"--- {name} (for {path.relative_to(ROOT)})\n{body}")
+        return
     text = path.read_text()
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
@@ -182,31 +254,50 @@ def replace_block(path: Path, name: str, body: str) -> None:
 
 
 def main() -> None:
-    data_free = RESULTS / "data_free.json"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the benchmarks' JSON")
+    parser.add_argument("--print", dest="show", action="store_true", help="print the tables, write no file")
+    args = parser.parse_args()
+    results, show = args.results, args.show
+    data_free = results / "data_free.json"
     if data_free.exists():
         result = json.loads(data_free.read_text())
         table = data_free_table(result)
-        replace_block(ROOT / "README.md", "data_free", table)
-        replace_block(ROOT / "docs" / "results.md", "data_free", table)
-    reap = RESULTS / "reap.json"
+        replace_block(ROOT / "README.md", "data_free", table, show)
+        replace_block(ROOT / "docs" / "results.md", "data_free", table, show)
+    compare = results / "compare.json"
+    if compare.exists():
+        result = json.loads(compare.read_text())
+        replace_block(ROOT / "docs" / "results.md", "compare", compare_table(result), show)
+        replace_block(ROOT / "docs" / "results.md", "compare_synthetic", compare_synthetic_table(result), show)
+    compare_all = results / "compare_all_matrices.json"
+    if compare_all.exists():
+        table = compare_table(json.loads(compare_all.read_text()), details=False)
+        replace_block(ROOT / "docs" / "results.md", "compare_all_matrices", table, show)
+    reap = results / "reap.json"
     if reap.exists():
-        replace_block(ROOT / "docs" / "prune.md", "reap", reap_table(json.loads(reap.read_text())))
-    distill = RESULTS / "distill.json"
+        replace_block(ROOT / "docs" / "prune.md", "reap", reap_table(json.loads(reap.read_text())), show)
+    distill = results / "distill.json"
     if distill.exists():
         table = distill_table(json.loads(distill.read_text()))
-        replace_block(ROOT / "README.md", "distill", table)
-        replace_block(ROOT / "docs" / "distill.md", "distill", table)
-    memory = RESULTS / "calibration_memory.json"
+        replace_block(ROOT / "README.md", "distill", table, show)
+        replace_block(ROOT / "docs" / "distill.md", "distill", table, show)
+    memory = results / "calibration_memory.json"
     if memory.exists():
         result = json.loads(memory.read_text())
-        replace_block(ROOT / "docs" / "results.md", "calibration_memory", calibration_memory_table(result))
-    schedules = RESULTS / "schedules.json"
+        replace_block(ROOT / "docs" / "results.md", "calibration_memory", calibration_memory_table(result), show)
+    schedules = results / "schedules.json"
     if schedules.exists():
-        replace_block(ROOT / "docs" / "results.md", "schedules", schedules_table(json.loads(schedules.read_text())))
-    calibrated = RESULTS / "data_free_calibrated.json"
+        table = schedules_table(json.loads(schedules.read_text()))
+        replace_block(ROOT / "docs" / "results.md", "schedules", table, show)
+    calibrated = results / "data_free_calibrated.json"
     if calibrated.exists():
         result = json.loads(calibrated.read_text())
-        replace_block(ROOT / "docs" / "results.md", "data_free_calibrated", data_free_table(result, True))
+        replace_block(ROOT / "docs" / "results.md", "data_free_calibrated", data_free_table(result, True), show)
+    parity = results / "paper_parity.json"
+    if parity.exists():
+        table = paper_parity_table(json.loads(parity.read_text()))
+        replace_block(ROOT / "docs" / "results.md", "paper_parity", table, show)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,218 @@
+"""Rerun every benchmark with the settings recorded below, then regenerate the README/docs tables from the JSON.
+
+One command reproduces every published figure:
+
+    python benchmarks/run_all.py                  # full settings (hours), results in benchmarks/results/
+    python benchmarks/run_all.py --quick          # small settings (< 15 min on 2 idle cores), benchmarks/results/quick/
+    python benchmarks/run_all.py --only compare schedules --authors-repo /path/to/MoBE
+
+The full run writes the JSON/PNG files the docs are built from and then runs benchmarks/tables.py, which rewrites
+the tables in README.md and docs/; the quick run writes to its own folder (never over the full results) and only
+prints the tables. A benchmark whose requirement is missing (Ray, the authors' checkout, the Debian documentation
+package the fixtures' text comes from) is skipped with the reason. Ends with one line per benchmark: its wall time
+and the verdicts it wrote into its JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Run:
+    """One benchmark run: its script, the output option it takes, the full and the quick arguments."""
+
+    name: str  # also the stem of the JSON it writes
+    script: str
+    full: str  # arguments, split on spaces
+    quick: str
+    out_option: str = "--out"  # "--out STEM" or "--json FILE"
+    needs: tuple[str, ...] = field(default=())
+
+
+# Training-side text of the trained fixtures (calibration, distillation): where each Debian package puts it.
+FIXTURE_TEXT = {"python3.11-doc": "/usr/share/doc/python3.11/html/_sources", "perl-doc": "/usr/share/perl"}
+COARSE_TEXT, BOTH_TEXTS = ("python3.11-doc",), ("python3.11-doc", "perl-doc")
+
+# The settings of every published result. The full arguments are those recorded in the "args" of the JSON files
+# under benchmarks/results/; the quick ones keep each script's code path at toy sizes.
+RUNS = (
+    Run("compare", "compare.py", "", "--ratios 0.25 --steps 50 --tokens 2048 --synthetic 8 64 128"),
+    Run(
+        "compare_all_matrices",
+        "compare.py",
+        "--matrices gate up down",
+        "--matrices gate up down --ratios 0.4 --methods mobe svd --steps 50 --tokens 2048 --synthetic 8 64 128",
+    ),
+    Run(
+        "schedules",
+        "schedules.py",
+        "",
+        "--quick",
+    ),
+    Run(
+        "data_free",
+        "data_free.py",
+        "--steps 1000",
+        "--fixtures coarse --ratios 0.25 --methods svd d2moe molae mobe --steps 50 --tokens 2048",  # slbf: 271 s here
+    ),
+    Run(
+        "data_free_calibrated",
+        "data_free.py",
+        "--steps 1000 --variants calibrated",
+        # at --calibration-tokens 2048 the calibrated svd fit fails in a batched solve (experts with few tokens)
+        "--fixtures coarse --ratios 0.25 --methods svd mobe --steps 50 --variants calibrated --tokens 2048",
+        needs=BOTH_TEXTS,
+    ),
+    Run(
+        "reap",
+        "reap.py",
+        "",
+        "--fixtures coarse --ratios 0.5 --calibration-tokens 2048 --tokens 2048",
+        needs=BOTH_TEXTS,
+    ),
+    Run(
+        "calibration_memory",
+        "calibration_memory.py",
+        "",
+        "--shapes Qwen3-30B-A3B --tokens 4096 --gram-experts 1 --factor-experts 2",
+    ),
+    Run(
+        "calibration_500_steps",
+        "calibration.py",
+        "--steps 500 --threads 1",
+        "--ratios 0.25 --matrix-sets gate,up --steps 50 --refine-steps 20 --calibration-tokens 2048 --tokens 2048",
+        needs=COARSE_TEXT,
+    ),
+    Run(
+        "distill",
+        "distill.py",
+        "--ratios 0.5 0.25 --fits data-free --steps 300 --distill-tokens 16384 --tokens 8192 --threads 1",
+        "--fixtures coarse --ratios 0.5 --fits data-free --modes router --steps 50 --epochs 1 --distill-tokens 4096 "
+        "--tokens 2048",
+        needs=BOTH_TEXTS,
+    ),
+    Run(
+        "compress_memory",
+        "compress_memory.py",
+        "",
+        "--hidden 256 --experts 8 --intermediate 128 --steps 5 --layers 2 4",
+        out_option="--json",
+    ),
+    Run(
+        "inference_memory",
+        "inference_memory.py",
+        "",
+        "--hidden 256 --experts 8 --intermediate 128 --layers 2 --rank 64 --prefill 64 --decode 8 --cache-mib 4",
+        out_option="--json",
+    ),
+    Run(
+        "ray_scaling",
+        "ray_scaling.py",
+        "",
+        "--experts 4 --hidden 64 --intermediate 32 --rank 16 --steps 50",
+        needs=("ray",),
+    ),
+    Run("paper_parity", "paper_parity.py", "", "--steps 200", out_option="--json", needs=("authors-repo",)),
+)
+
+
+def missing(run: Run, args: argparse.Namespace) -> str | None:
+    """Why `run` cannot run here, or None."""
+    for need in run.needs:
+        if need == "ray" and importlib.util.find_spec("ray") is None:
+            return "Ray is not installed (pip install 'mobe[ray]')"
+        if need == "authors-repo" and not (args.authors_repo and (Path(args.authors_repo) / "train.py").is_file()):
+            return "needs --authors-repo, a checkout of inclusionAI/MoBE holding train.py"
+        if need in FIXTURE_TEXT and not Path(FIXTURE_TEXT[need]).is_dir():
+            return f"the fixtures' training-side text needs the Debian package {need} ({FIXTURE_TEXT[need]})"
+    return None
+
+
+def command(run: Run, args: argparse.Namespace, results: Path) -> list[str]:
+    stem = results / run.name
+    out = [run.out_option, str(stem.with_suffix(".json") if run.out_option == "--json" else stem)]
+    extra = ["--authors-repo", args.authors_repo] if "authors-repo" in run.needs else []
+    return [sys.executable, str(HERE / run.script), *(run.quick if args.quick else run.full).split(), *extra, *out]
+
+
+def read_verdicts(path: Path) -> list[str]:
+    """The verdicts a benchmark stored in its JSON, as lines ("name: value" for a dict)."""
+    if not path.exists():
+        return ["(no JSON written)"]
+    verdicts = json.loads(path.read_text()).get("verdicts")
+    if verdicts is None:
+        return ["(no verdicts in the JSON)"]
+    if isinstance(verdicts, dict):
+        return [f"{k}: {v}" for k, v in verdicts.items()]
+    return [str(v) for v in verdicts]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small settings, results in benchmarks/results/quick/")
+    parser.add_argument("--only", nargs="+", choices=[r.name for r in RUNS], help="run these benchmarks only")
+    parser.add_argument("--authors-repo", default=None, help="checkout of inclusionAI/MoBE for paper_parity.py")
+    args = parser.parse_args()
+    results = HERE / "results" / ("quick" if args.quick else "")
+    results.mkdir(parents=True, exist_ok=True)
+
+    listed = {run.script for run in RUNS} | {"run_all.py", "tables.py", "results_io.py"}
+    for script in sorted(p.name for p in HERE.glob("*.py") if p.name not in listed):
+        print(f"{script}: not in run_all.RUNS yet, so not run (add its settings there)")
+
+    start = time.perf_counter()
+    summary = []
+    for run in RUNS:
+        if args.only and run.name not in args.only:
+            continue
+        reason = missing(run, args)
+        if reason:
+            print(f"\n=== {run.name}: skipped, {reason}", flush=True)
+            summary.append((run.name, None, "skipped", [reason]))
+            continue
+        if "ray" in run.needs and shutil.which("ray"):
+            subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
+        cmd = command(run, args, results)
+        print(f"\n=== {run.name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        code = subprocess.run(cmd, check=False).returncode
+        seconds = time.perf_counter() - t0
+        json_path = results / f"{run.name}.json"
+        if code:
+            summary.append((run.name, seconds, f"failed (exit {code})", []))
+        else:
+            summary.append((run.name, seconds, "ok", read_verdicts(json_path)))
+
+    tables = [sys.executable, str(HERE / "tables.py"), "--results", str(results)]
+    if args.quick:
+        tables.append("--print")  # toy figures never go into the README
+    print(f"\n=== tables: {' '.join(tables[1:])}", flush=True)
+    table_code = subprocess.run(tables, check=False).returncode
+
+    total = time.perf_counter() - start
+    print(f"\n{'benchmark':<22} {'seconds':>8}  {'status':<16} verdicts")
+    for name, seconds, status, verdicts in summary:
+        secs = f"{seconds:8.0f}" if seconds is not None else f"{'-':>8}"
+        lines = verdicts or [""]
+        print(f"{name:<22} {secs}  {status:<16} {lines[0]}")
+        for line in lines[1:]:
+            print(f"{'':<22} {'':>8}  {'':<16} {line}")
+    print(f"tables.py: {'ok' if table_code == 0 else f'failed (exit {table_code})'}")
+    print(f"total {total:.0f} s ({total / 60:.1f} min), results in {results}")
+    if table_code or any(s.startswith("failed") for _, _, s, _ in summary):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
