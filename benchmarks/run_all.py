@@ -103,6 +103,14 @@ RUNS = (
         needs=BOTH_TEXTS,
     ),
     Run(
+        "distill_calibrated",
+        "distill.py",
+        "--ratios 0.5 --fits calibrated --steps 300 --distill-tokens 16384 --tokens 8192 --threads 1",
+        "--fixtures coarse --ratios 0.5 --fits calibrated --modes router --steps 50 --epochs 1 --distill-tokens 4096 "
+        "--tokens 2048",
+        needs=BOTH_TEXTS,
+    ),
+    Run(
         "compress_memory",
         "compress_memory.py",
         "",

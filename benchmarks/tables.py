@@ -282,6 +282,10 @@ def main() -> None:
         table = distill_table(json.loads(distill.read_text()))
         replace_block(ROOT / "README.md", "distill", table, show)
         replace_block(ROOT / "docs" / "distill.md", "distill", table, show)
+    distill_calibrated = results / "distill_calibrated.json"
+    if distill_calibrated.exists():
+        table = distill_table(json.loads(distill_calibrated.read_text()))
+        replace_block(ROOT / "docs" / "distill.md", "distill_calibrated", table, show)
     memory = results / "calibration_memory.json"
     if memory.exists():
         result = json.loads(memory.read_text())
