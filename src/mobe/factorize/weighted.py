@@ -189,9 +189,12 @@ class OutputWeighting:
         return parts[torch.tensor(dense + low, device=x.device).argsort()]
 
     def _dense_block(self, x: Tensor, idx: list[int], inverse: bool) -> Tensor:
-        L = torch.stack([self.square[i] for i in idx]).to(x.dtype)  # symmetric
-        if inverse:
-            return torch.linalg.solve(L, x, left=self.side == "left")
+        L = torch.stack([self.square[i] for i in idx]).to(x.dtype)  # symmetric positive definite
+        if inverse:  # by Cholesky: LU (linalg.solve) fails in MKL on some of these batches ("pivots ... >= 1")
+            chol = torch.linalg.cholesky(L)
+            if self.side == "left":
+                return torch.cholesky_solve(x, chol)
+            return torch.cholesky_solve(x.mT, chol).mT  # x L^-1 = (L^-1 x^T)^T, L symmetric
         return x @ L if self.side == "right" else L @ x
 
     def _low_rank_block(self, x: Tensor, idx: list[int], inverse: bool) -> Tensor:
