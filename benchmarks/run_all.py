@@ -70,7 +70,6 @@ RUNS = (
         "data_free_calibrated",
         "data_free.py",
         "--steps 1000 --variants calibrated",
-        # at --calibration-tokens 2048 the calibrated svd fit fails in a batched solve (experts with few tokens)
         "--fixtures coarse --ratios 0.25 --methods svd mobe --steps 50 --variants calibrated --tokens 2048",
         needs=BOTH_TEXTS,
     ),
