@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import MoeLayout, base_model_type, moe_layout, native_model_type
-from .calibrate import CalibrationError, calibration_ids, collect_statistics, read_calibration_text
-from .calibrate.collect import TOKENIZER_FILES, check_streamable
+from .calibrate import calibration_ids, collect_statistics, read_calibration_text
+from .calibrate.collect import check_streamable, require_tokenizer
 from .calibrate.stats import stats_path
 from .checkpoint import CheckpointError, CheckpointReader
 from .checkpoint.fp8 import SCALE_SUFFIX, block_size
@@ -151,8 +151,7 @@ def check_calibration(reader: CheckpointReader, config: MobeConfig) -> None:
         return
     read_calibration_text(config.calibration)
     check_streamable(moe_layout(reader.config))
-    if not any((reader.path / name).is_file() for name in TOKENIZER_FILES):
-        raise CalibrationError(f"{reader.path} has no tokenizer (tokenizer.json): cannot tokenize --calibration text")
+    require_tokenizer(reader.path, "--calibration text")
     if not get_method(config.method).weighted:
         raise CompressionError(f"--method {config.method} does not support --calibration")
 
@@ -319,8 +318,7 @@ def compress(
     check_calibration(reader, config)
     if distill_text is not None:  # refused now, not after hours of compression
         read_calibration_text(distill_text)
-        if not any((reader.path / name).is_file() for name in TOKENIZER_FILES):
-            raise CalibrationError(f"{reader.path} has no tokenizer (tokenizer.json): cannot tokenize --distill text")
+        require_tokenizer(reader.path, "--distill text")
     jobs = plan_jobs(reader, layout, config)
     fmt = "dense" if reconstruct else "native"
 

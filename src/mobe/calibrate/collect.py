@@ -46,11 +46,16 @@ def read_calibration_text(path: str | Path) -> str:
 text_hash = file_sha256  # sha256 of the calibration file's bytes (what a resumed run must match)
 
 
+def require_tokenizer(checkpoint: Path, text: str) -> None:
+    """Refuse, with one line, a checkpoint that ships no tokenizer for `text` (what the refusal names)."""
+    if not any((Path(checkpoint) / name).is_file() for name in TOKENIZER_FILES):
+        raise CalibrationError(f"{checkpoint} has no tokenizer (tokenizer.json): cannot tokenize {text}")
+
+
 def calibration_ids(checkpoint: Path, text_path: str | Path, max_tokens: int, seq_len: int) -> list[Tensor]:
     """The first `max_tokens` tokens of the calibration text in the checkpoint's tokenizer, cut into sequences."""
     text = read_calibration_text(text_path)
-    if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
-        raise CalibrationError(f"{checkpoint} has no tokenizer (tokenizer.json): cannot tokenize the calibration text")
+    require_tokenizer(checkpoint, "the calibration text")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)

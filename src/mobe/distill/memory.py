@@ -40,12 +40,14 @@ class DistillMemory:
 
 def _trained_params(reader: CheckpointReader, layout: MoeLayout, mode: str) -> int:
     """Entries of the routers and of the mode's factor tensors, counted from tensor shapes on disk."""
-    suffixes = [".gate.weight", ".gate.bias"] + [f".{FACTOR_PREFIX}{f}" for f in FACTOR_FIELDS[mode]]
-    prefixes = tuple(layout.arch.experts_prefix(i).rsplit(".", 1)[0] + "." for i in layout.moe_layers)
+    factors = tuple(f".{FACTOR_PREFIX}{f}" for f in FACTOR_FIELDS[mode])
+    routers = tuple(layout.arch.router_prefix(i) + "." for i in layout.moe_layers)
+    experts = tuple(layout.arch.experts_prefix(i) + "." for i in layout.moe_layers)
     return sum(
         math.prod(reader.shape(n))
         for n in reader.weight_map
-        if n.startswith(prefixes) and any(n.endswith(s) for s in suffixes)
+        if (n.startswith(routers) and n.endswith((".weight", ".bias")))
+        or (n.startswith(experts) and n.endswith(factors))
     )
 
 

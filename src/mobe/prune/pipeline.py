@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..architectures import MoeLayout, moe_layout
 from ..calibrate import calibration_ids, read_calibration_text
-from ..calibrate.collect import TOKENIZER_FILES, CalibrationError, check_streamable
+from ..calibrate.collect import check_streamable, require_tokenizer
 from ..checkpoint import CheckpointReader
 from ..checkpoint.reader import INDEX_FILE
 from ..config import FORMAT_VERSION
@@ -78,8 +78,7 @@ def prune_experts(
     if router not in reader.weight_map:
         raise PruneError(f"{reader.path}: no router tensor {router}; expert pruning cannot cut its rows")
     read_calibration_text(calibration)
-    if not any((reader.path / name).is_file() for name in TOKENIZER_FILES):
-        raise CalibrationError(f"{reader.path} has no tokenizer (tokenizer.json): cannot tokenize --calibration text")
+    require_tokenizer(reader.path, "--calibration text")
     config = reader.config
     groups = int(config.get(layout.arch.router_groups_key) or 1) if layout.arch.router_groups_key else 1
     top_k = int(config.get("num_experts_per_tok") or 1)
