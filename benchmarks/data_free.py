@@ -4,8 +4,9 @@ For each fixture (the coarse one, p > d, and the fine-grained one, p < d, the sh
 expert-parameter reduction and each method, the fixture is compressed (gate, up and down), rebuilt dense, and its
 held-out perplexity compared with the original's; optionally again with `--calibration` (output-error fits on
 excerpts of the fixture's own training documents, never held-out ones). Methods: per-expert SVD, D2-MoE, MoLAE,
-MoBE with the paper's settings (Adam, m = E/4, r = min(p, d) where the budget allows) and SLBF (m = E, basis rank
-from the budget). Wall time of each compression is measured in the same run.
+MoBE with the paper's settings (Adam, m = E/4, bases on the hidden side, rank from the budget), SLBF (m = E, basis
+rank from the budget) and `default`, the recipe `mobe compress MODEL --target-ratio R` runs with no other option.
+Wall time of each compression is measured in the same run.
 
     python benchmarks/data_free.py [--fixtures coarse fine] [--ratios 0.25 0.37 0.5] [--steps 2000]
         [--variants plain calibrated] [--out benchmarks/results/data_free_calibrated]
@@ -30,7 +31,7 @@ from results_io import write_results
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": "qwen3-moe-trained", "fine": "qwen2-moe-fine-trained"}
-METHODS = ("svd", "d2moe", "molae", "mobe", "slbf")
+METHODS = ("svd", "d2moe", "molae", "mobe", "slbf", "default")  # default: MobeConfig's own recipe
 
 
 def _calibration_text(fixture: Path, folder: Path) -> Path:
@@ -48,10 +49,17 @@ def _calibration_text(fixture: Path, folder: Path) -> Path:
 
 
 def _config(method: str, ratio: float, num_experts: int, calibration: Path | None, args) -> MobeConfig:
+    """`default` is what `mobe compress MODEL --target-ratio R` runs; `mobe` is MoBE with the paper's settings."""
+    if method == "default":
+        recipe = {}
+    elif method == "mobe":
+        recipe = {"method": "mobe", "schedule": "adam", "basis_side": "hidden", "activation": "tanh"}
+    else:
+        recipe = {"method": method}
     return MobeConfig(
-        method=method,
+        **recipe,
         target_ratio=ratio,
-        num_bases=max(1, num_experts // 4),  # the paper's m = E/4 (32 of 128, 64 of 256, 4 of 16)
+        num_bases=0 if method == "default" else max(1, num_experts // 4),  # the paper's m = E/4 (32 of 128, 4 of 16)
         steps=args.steps,
         eval_every=args.eval_every,
         matrices=tuple(args.matrices),
@@ -132,6 +140,27 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     }
 
 
+def merge(earlier: dict, new: dict, args: argparse.Namespace) -> dict:
+    """`earlier` with `new`'s rows added; refused where the held-out scoring differs (the rows would not compare)."""
+    for key in ("tokens", "context", "stride", "matrices", "steps", "calibration_tokens"):
+        if key in earlier["args"] and earlier["args"][key] != getattr(args, key):
+            raise SystemExit(
+                f"--merge-into: the earlier run used {key}={earlier['args'][key]}, this one {getattr(args, key)}"
+            )
+    out = {"fixtures": dict(earlier["fixtures"]), "merged_from": earlier.get("merged_from", []) + [earlier["args"]]}
+    for name, fixture in new["fixtures"].items():
+        if name not in out["fixtures"]:
+            out["fixtures"][name] = fixture
+            continue
+        old = out["fixtures"][name]
+        if abs(old["original_perplexity"] - fixture["original_perplexity"]) > 1e-6:
+            raise SystemExit(f"--merge-into: {name}'s original perplexity differs ({old['original_perplexity']})")
+        keys = {(r["method"], r["target_ratio"], r["calibrated"]) for r in fixture["rows"]}
+        kept = [r for r in old["rows"] if (r["method"], r["target_ratio"], r["calibrated"]) not in keys]
+        out["fixtures"][name] = {**old, "rows": kept + fixture["rows"]}
+    return out
+
+
 def verdicts(result: dict) -> list[str]:
     """Per fixture, cut and calibration: which method has the smallest perplexity increase."""
     out = []
@@ -210,11 +239,20 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(HERE / "results" / "data_free"))
+    parser.add_argument(
+        "--merge-into",
+        metavar="JSON",
+        default=None,
+        help="add this run's rows to an earlier result of the same fixtures and settings (replacing rows of the same "
+        "method, cut and variant); the earlier run's arguments are kept under 'merged_from'",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = {"fixtures": {name: run_fixture(name, args, Path(tmp)) for name in args.fixtures}}
+    if args.merge_into:
+        result = merge(json.loads(Path(args.merge_into).read_text()), result, args)
     for name, fixture in result["fixtures"].items():
         print(f"\n{name} ({fixture['fixture']}), original perplexity {fixture['original_perplexity']:.3f}")
         print(

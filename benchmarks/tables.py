@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+METHOD_LABELS = {"mobe": "mobe, paper settings", "default": "**mobe default** (`--target-ratio` alone)"}
+
+
 def data_free_table(result: dict, calibrated: bool = False) -> str:
     """Perplexity increase per method (rows) and cut (columns), one block per fixture; best of each column bold."""
     lines = []
@@ -51,9 +54,36 @@ def data_free_table(result: dict, calibrated: bool = False) -> str:
                 if row["perplexity_change"] == best[ratio]:
                     change = f"**{change}**"
                 cells += [f"{change} ({row['mean_relative_error']:.3f})", f"{row['seconds']:.0f}"]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def recipe_table(result: dict) -> str:
+    """recipe.py: relative weight error of each variant (rows) on each stack and cut (columns); best bold."""
+    rows = [r for r in result["rows"] if "relative_error" in r]
+    cases = list(dict.fromkeys((r["fixture"], r["layer"], r["matrix"], r["ratio"]) for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by = {(r["fixture"], r["layer"], r["matrix"], r["ratio"], r["variant"]): r for r in rows}
+    head = [f"{f} L{layer} {m} {100 * ratio:.0f}%" for f, layer, m, ratio in cases]
+    lines = ["| variant | " + " | ".join(head) + " | mean vs paper | s (total) |", "|---|" + "---:|" * (len(cases) + 2)]
+    best = {c: min(by[(*c, v)]["relative_error"] for v in variants if (*c, v) in by) for c in cases}
+    mean = result["summary"]["mean_error_vs_paper"]
+    for v in variants:
+        cells = []
+        for c in cases:
+            r = by.get((*c, v))
+            cell = "" if r is None else f"{r['relative_error']:.4f}"
+            cells.append(f"**{cell}**" if r is not None and r["relative_error"] == best[c] else cell)
+        seconds = sum(by[(*c, v)]["seconds"] for c in cases if (*c, v) in by)
+        ratio = f"{mean[v]:.3f}" if v in mean else ""
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {ratio} | {seconds:.0f} |")
+    steps = result["args"]["steps"]
+    lines.append("")
+    lines.append(
+        f"Relative weight error after {steps} steps of each iterative fit; verdict: {result['summary']['verdict']}."
+    )
+    return "\n".join(lines) + "\n"
 
 
 def compare_table(result: dict, details: bool = True) -> str:
@@ -298,6 +328,9 @@ def main() -> None:
     if calibrated.exists():
         result = json.loads(calibrated.read_text())
         replace_block(ROOT / "docs" / "results.md", "data_free_calibrated", data_free_table(result, True), show)
+    recipe = results / "recipe.json"
+    if recipe.exists():
+        replace_block(ROOT / "docs" / "results.md", "recipe", recipe_table(json.loads(recipe.read_text())), show)
     parity = results / "paper_parity.json"
     if parity.exists():
         table = paper_parity_table(json.loads(parity.read_text()))

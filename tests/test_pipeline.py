@@ -15,7 +15,7 @@ ARCHITECTURES = canonical_model_types()
 
 # m = E, r = p, no activation, a one-hot start and no steps: the initialisation alone, which is exact.
 LOSSLESS = MobeConfig(num_bases=8, activation="none", init_logit=60.0, steps=0)
-FAST = MobeConfig(num_bases=2, rank=8, steps=30, eval_every=10)
+FAST = MobeConfig(num_bases=2, rank=8, steps=30, eval_every=10, matrices=("gate", "up"))
 
 
 def _logits(path, ids):
@@ -130,7 +130,8 @@ def test_comparison_methods_end_to_end(method, qwen3_checkpoint, tmp_path):
 
 def test_target_ratio_out_of_reach(qwen3_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="out of reach for --method d2moe"):
-        compress(qwen3_checkpoint, tmp_path / "o", MobeConfig(method="d2moe", target_ratio=0.66), progress=False)
+        config = MobeConfig(method="d2moe", target_ratio=0.66, matrices=("gate", "up"))
+        compress(qwen3_checkpoint, tmp_path / "o", config, progress=False)
 
 
 # Per expert; fused (E, d, p); fused and transposed (Llama 4); fused, flat and transposed (DBRX).

@@ -10,9 +10,10 @@ from typing import Any
 FORMAT_VERSION = 1
 ACTIVATIONS = ("tanh", "silu", "none")
 SCHEDULES = ("fast", "adam", "paper")
+BASIS_SIDES = ("wider", "hidden")
 DEFAULT_STEPS = {"fast": 2000, "adam": 10000, "paper": 10000}
 COMPRESSIBLE = ("gate", "up", "down")
-DEFAULT_MATRICES = ("gate", "up")
+DEFAULT_MATRICES = ("gate", "up", "down")
 FAST_INIT_LOGIT = 4.0  # own-basis softmax weight e^4 / (e^4 + m - 1): 0.64 at m = 32, against 0.08 at logit 1
 
 
@@ -25,13 +26,16 @@ def file_sha256(path: str | Path) -> str:
 class MobeConfig:
     """Settings of the MoBE factorisation W_i ~ A_i act(sum_j alpha_ij B_j), per layer and matrix type.
 
-    Defaults follow the paper's published runs (Adam, lr 0.07, best state checked every 200 steps, 10k steps);
-    `schedule="fast"` gets to the paper's error in a fraction of its time on the fixtures, but not in a fifth of it on
-    every p < d layer measured (real MoEs are p < d), so it stays opt-in (benchmarks/schedules.py, docs/results.md).
+    The defaults are the recipe measured best on both trained fixtures (benchmarks/data_free.py, docs/results.md):
+    gate, up and down compressed, m = E/4 bases on the wider side of each matrix, the `fast` schedule (variable
+    projection with orthogonalised basis steps), the rank from `target_ratio`. The paper's own settings are
+    `schedule="adam"` (or `"paper"`, its script's quirks included), `basis_side="hidden"`, `matrices=("gate", "up")`.
     """
 
     method: str = field(default="mobe", metadata={"help": "mobe | slbf | svd | d2moe | molae"})
-    num_bases: int = field(default=4, metadata={"help": "m: shared bases per layer and matrix type"})
+    num_bases: int = field(
+        default=0, metadata={"help": "m: shared bases per layer and matrix type; 0 = a quarter of the experts"}
+    )
     rank: int | None = field(
         default=None,
         metadata={"help": "r: rank of A_i and B_j (slbf: k, the rank of each basis); None means min(p, d)"},
@@ -40,9 +44,16 @@ class MobeConfig:
         default=None,
         metadata={"help": "tanh | silu | none, on the mixed basis; None = the method's own (mobe tanh, slbf silu)"},
     )
+    basis_side: str = field(
+        default="wider",
+        metadata={
+            "help": "mobe: hidden = bases along the hidden size (the paper); wider = along the wider of p and d "
+            "(a p > d stack is fitted transposed; the same fit where p <= d)"
+        },
+    )
     groups: int = field(default=1, metadata={"help": "expert groups, each with num_bases/groups bases"})
     schedule: str = field(
-        default="adam",
+        default="fast",
         metadata={
             "help": "fast: joint Adam, then exact least-squares A every step with orthogonalised basis steps; "
             "adam: the paper's Algorithm 1; paper: the authors' train.py with its quirks (fp16 targets, SVD of "
@@ -113,8 +124,8 @@ class MobeConfig:
         self.matrices = tuple(self.matrices)
         if self.layers is not None:
             self.layers = tuple(int(layer) for layer in self.layers)
-        if self.num_bases < 1:
-            raise ValueError(f"num_bases must be >= 1, got {self.num_bases}")
+        if self.num_bases < 0:
+            raise ValueError(f"num_bases must be >= 1 (or 0: a quarter of the experts), got {self.num_bases}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.activation is not None and self.activation not in ACTIVATIONS:
@@ -123,9 +134,11 @@ class MobeConfig:
             raise ValueError(f"target_ratio must be between 0 and 1, got {self.target_ratio}")
         if not self.method or not self.method.isidentifier():  # known names are checked where methods live
             raise ValueError(f"method must be a method name, got {self.method!r}")
+        if self.basis_side not in BASIS_SIDES:
+            raise ValueError(f"basis_side must be one of {BASIS_SIDES}, got {self.basis_side!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.groups < 1 or self.num_bases % self.groups:
+        if self.groups < 1 or (self.num_bases and self.num_bases % self.groups):
             raise ValueError(f"groups ({self.groups}) must divide num_bases ({self.num_bases})")
         if self.steps is None:
             self.steps = DEFAULT_STEPS[self.schedule]
@@ -151,6 +164,15 @@ class MobeConfig:
             )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def bases_for(self, num_experts: int) -> int:
+        """m for a layer of `num_experts`: num_bases, or when it is 0 a quarter of the experts (the paper's ratio for
+        Qwen3 and DeepSeek-V3, and the best of E/8, E/4, E/2 measured on both trained fixtures), rounded down to a
+        multiple of the expert groups, at least one per group."""
+        if self.num_bases:
+            return self.num_bases
+        m = max(self.groups, num_experts // 4)
+        return m - m % self.groups
 
     @property
     def start_logit(self) -> float:

@@ -42,7 +42,7 @@ def run_demo(workdir: str | Path = "demo_output", steps: int = 300, target_ratio
     workdir.mkdir(parents=True)
     source = _source_model(workdir)
     print(f"source model: {source}")
-    config = MobeConfig(num_bases=4, target_ratio=target_ratio, activation="silu", steps=steps, eval_every=50)
+    config = MobeConfig(target_ratio=target_ratio, steps=steps, eval_every=50)  # the default recipe, fewer steps
     report = compress(source, workdir / "mobe", config)
     print(report.table())
     reconstruct(workdir / "mobe", workdir / "dense")

@@ -54,12 +54,13 @@ def resolve_settings(layout: MoeLayout, config: MobeConfig) -> MobeConfig:
     method = get_method(config.method)
     if E % config.groups:
         raise CompressionError(f"--groups {config.groups} does not divide the number of experts ({E})")
+    config = dataclasses.replace(config, num_bases=config.bases_for(E))
     if method.name == "mobe" and config.num_bases > E:
         raise CompressionError(f"--bases {config.num_bases} exceeds the number of experts ({E})")
     rank = config.rank
     if config.target_ratio is not None:
         budget = budget_for_ratio(E, p, d, config.target_ratio, len(config.matrices))
-        rank = min(method.rank_for_budget(E, p, d, config, budget), method.max_rank(E, p, d))
+        rank = min(method.rank_for_budget(E, p, d, config, budget), method.max_rank(E, p, d, config))
         if rank < 1:
             raise CompressionError(
                 f"--target-ratio {config.target_ratio} is out of reach for --method {method.name} "
@@ -68,7 +69,7 @@ def resolve_settings(layout: MoeLayout, config: MobeConfig) -> MobeConfig:
     elif rank is None and method.name != "mobe":
         raise CompressionError(f"--method {method.name} needs --rank or --target-ratio")
     rank = rank or min(p, d)  # the paper's r = p, capped where experts are wider than the hidden size
-    limit = method.max_rank(E, p, d)
+    limit = method.max_rank(E, p, d, config)
     if rank > limit:
         raise CompressionError(f"--rank {rank} exceeds the {'hidden size' if limit == d else 'matrix rank'} ({limit})")
     return dataclasses.replace(config, rank=rank, activation=config.activation or method.default_activation)

@@ -43,7 +43,12 @@ def _experts_line(out: str) -> tuple[int, int]:
 def test_info_of_a_compressed_checkpoint_counts_what_it_holds(tiny_checkpoints, tmp_path, capsys):
     from mobe import MobeConfig, compress
 
-    compress(tiny_checkpoints["qwen3_moe"], tmp_path / "n", MobeConfig(num_bases=4, rank=8, steps=2), progress=False)
+    compress(
+        tiny_checkpoints["qwen3_moe"],
+        tmp_path / "n",
+        MobeConfig(num_bases=4, rank=8, steps=2, matrices=("gate", "up")),
+        progress=False,
+    )
     capsys.readouterr()
     assert main(["info", str(tmp_path / "n")]) == 0
     out = capsys.readouterr().out

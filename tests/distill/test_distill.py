@@ -117,9 +117,9 @@ def test_each_mode_trains_exactly_its_tensors(text_models, compressed):
     layout = moe_layout(CheckpointReader(native).config)
     routers = {f"model.layers.{i}.mlp.gate.weight" for i in layout.moe_layers}
     factors = {
-        f"model.layers.{i}.mlp.experts.{name}.mobe_{field}"
+        f"model.layers.{i}.mlp.experts.{m}_proj.mobe_{field}"
         for i in layout.moe_layers
-        for name in ("gate_proj", "up_proj")
+        for m in CheckpointReader(native).config["mobe"]["matrices"]
         for field in ("coef", "A")
     }
     assert set(select_trainable(_load(native), layout, "router")) == routers
@@ -167,7 +167,8 @@ def _expected_changes(native, mode):
         experts = layout.arch.experts_prefix(layer)
         names.add(experts.rsplit(".", 1)[0] + ".gate.weight")  # checkpoint names (Mixtral's block_sparse_moe)
         for field in {"router": (), "router+coef": ("coef",), "all-small": ("coef", "A")}[mode]:
-            names |= {f"{experts}.{layout.arch.matrices[m]}.mobe_{field}" for m in ("gate", "up")}
+            compressed = CheckpointReader(native).config["mobe"]["matrices"]
+            names |= {f"{experts}.{layout.arch.matrices[m]}.mobe_{field}" for m in compressed}
     return names
 
 

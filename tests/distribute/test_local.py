@@ -8,7 +8,7 @@ from mobe import MobeConfig, compress
 from mobe.cli.main import main
 from mobe.distribute import local_devices
 
-CONFIG = MobeConfig(num_bases=2, rank=8, steps=300, eval_every=100, threads=1, device="cpu")
+CONFIG = MobeConfig(num_bases=2, rank=8, steps=300, eval_every=100, threads=1, device="cpu", matrices=("gate", "up"))
 
 
 def test_device_pool_matches_single_process(qwen3_checkpoint, tmp_path, checkpoint_contents):

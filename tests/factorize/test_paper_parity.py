@@ -60,7 +60,9 @@ def _experts(matrix: str) -> torch.Tensor:
 @pytest.mark.parametrize(("matrix", "activation", "authors_error"), AUTHORS)
 def test_paper_schedule_ends_at_the_authors_error(matrix, activation, authors_error):
     weights = _experts(matrix)
-    config = MobeConfig(num_bases=2, rank=8, activation=activation, steps=1000, schedule="paper", lr=0.01)
+    config = MobeConfig(
+        num_bases=2, rank=8, activation=activation, steps=1000, schedule="paper", lr=0.01, basis_side="hidden"
+    )
     factors, stats = fit_mobe(weights, config)
     assert stats.steps == 1000
     assert weight_error(weights, factors.reconstruct())[0] == pytest.approx(authors_error, rel=1e-5)
@@ -70,6 +72,8 @@ def test_the_adam_schedule_is_told_apart_at_this_tolerance():
     """The check above can fail: the Algorithm-1 schedule without the replayed quirks ends outside it."""
     matrix, activation, authors_error = AUTHORS[1]
     weights = _experts(matrix)
-    config = MobeConfig(num_bases=2, rank=8, activation=activation, steps=1000, schedule="adam", lr=0.01)
+    config = MobeConfig(
+        num_bases=2, rank=8, activation=activation, steps=1000, schedule="adam", lr=0.01, basis_side="hidden"
+    )
     factors, _ = fit_mobe(weights, config)
     assert weight_error(weights, factors.reconstruct())[0] != pytest.approx(authors_error, rel=1e-5)

@@ -25,13 +25,14 @@ def _fast(**kwargs) -> MobeConfig:
 
 
 def test_each_schedule_has_its_own_default_step_count():
-    assert MobeConfig(schedule="fast").steps == 2000 and MobeConfig().steps == 10000
+    assert MobeConfig().steps == 2000 and MobeConfig(schedule="adam").steps == 10000
     assert MobeConfig(schedule="paper").steps == 10000 and MobeConfig(schedule="fast", steps=7).steps == 7
 
 
 def test_fast_starts_sharper_unless_told_and_other_schedules_keep_the_authors_logit():
     assert _fast().start_logit == 4.0 and _fast(init_logit=0.5).start_logit == 0.5
-    assert MobeConfig().start_logit == 1.0 and MobeConfig(schedule="paper").start_logit == 1.0
+    assert MobeConfig(schedule="adam").start_logit == 1.0 and MobeConfig(schedule="paper").start_logit == 1.0
+    assert MobeConfig().start_logit == 4.0  # fast is the default schedule
     assert MobeConfig(method="slbf", schedule="fast").start_logit == 1.0  # SLBF's published start
 
 
@@ -93,7 +94,7 @@ def test_orthogonalize_keeps_the_directions_and_flattens_the_spectrum(shape):
 def test_full_rank_bases_are_lossless_at_any_step(activation):
     """r = d makes every mixed basis square, so an exact A exists whenever it is invertible."""
     W = _experts(p=30, d=10)
-    factors, stats = fit_mobe(W, _fast(num_bases=2, rank=10, activation=activation, steps=0))
+    factors, stats = fit_mobe(W, _fast(num_bases=2, rank=10, activation=activation, steps=0, basis_side="hidden"))
     assert weight_error(W, factors.reconstruct())[0] < 1e-3 and stats.steps == 0
 
 

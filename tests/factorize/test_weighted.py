@@ -60,9 +60,24 @@ def test_left_weighting_is_the_output_error_of_a_down_matrix():
     assert output_error(_factor(H), Wt, What_t, "left") == pytest.approx((direct / den) ** 0.5, rel=1e-6)
 
 
+def test_identity_grams_give_the_unweighted_fast_fit():
+    """The fast schedule's start and first exact solve are the plain fit's; later steps agree in loss only (the
+    orthogonalised basis step is computed in bfloat16 where the CPU has it, and amplifies 1e-7 differences)."""
+    W, _ = _layer(E=8, p=12, d=16)
+    gram = 50.0 * torch.eye(16, dtype=torch.float64).expand(8, 16, 16)
+    weighting = OutputWeighting.from_factor(GramFactor.from_gram(gram, torch.full((8,), 50)), "right")
+    for steps, tolerance in ((0, 1e-5), (30, 1e-2)):
+        config = MobeConfig(num_bases=2, rank=6, steps=steps, eval_every=10, activation="silu", schedule="fast")
+        plain, plain_stats = fit_mobe(W, config)
+        weighted, weighted_stats = fit_mobe(W, config, weighting=weighting)
+        assert weighted_stats.best_loss == pytest.approx(plain_stats.best_loss, rel=tolerance)
+        if steps == 0:
+            assert torch.allclose(plain.reconstruct(), weighted.reconstruct(), atol=1e-5)
+
+
 def test_identity_grams_give_the_unweighted_fit():
     W, _ = _layer(E=8, p=12, d=16)
-    config = MobeConfig(num_bases=2, rank=6, steps=30, eval_every=10, activation="silu")
+    config = MobeConfig(num_bases=2, rank=6, steps=30, eval_every=10, activation="silu", schedule="adam")
     gram = 50.0 * torch.eye(16, dtype=torch.float64).expand(8, 16, 16)
     weighting = OutputWeighting.from_factor(GramFactor.from_gram(gram, torch.full((8,), 50)), "right")
     assert torch.allclose(weighting.dense(), torch.eye(16).expand(8, 16, 16), atol=1e-6)

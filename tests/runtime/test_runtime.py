@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from mobe import CheckpointReader, MobeConfig, compress, load_model, reconstruct
 from mobe.architectures import canonical_model_types, moe_layout
+from mobe.fixtures import build_tiny_moe
 from mobe.runtime import MobeExperts
 
 CONFIG = MobeConfig(num_bases=4, rank=8, steps=20)
@@ -99,3 +100,27 @@ def test_down_matrices_compressed_match_dense(tiny_checkpoints, tmp_path):
         torch.testing.assert_close(
             native(ids).logits, AutoModelForCausalLM.from_pretrained(tmp_path / "d")(ids).logits, atol=1e-5, rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])  # per expert; fused down in the experts module
+def test_wide_experts_fitted_transposed_run_like_their_reconstruction(arch, tmp_path):
+    """Experts wider than the hidden size (p > d, Mixtral's shape): the default recipe fits every matrix transposed
+    (bases on the wider side); native prefill and decoding equal the dense rebuild."""
+    src = build_tiny_moe(tmp_path / "src", arch, moe_intermediate_size=48)  # p = 48 > d = 32
+    compress(src, tmp_path / "n", MobeConfig(target_ratio=0.4, steps=10), progress=False)
+    section = CheckpointReader(tmp_path / "n").config["mobe"]
+    assert section["matrices"] == ["gate", "up", "down"]
+    assert {m: meta["transposed"] for m, meta in section["factor_meta"].items()} == dict.fromkeys(
+        section["matrices"], "1"
+    )
+    reconstruct(tmp_path / "n", tmp_path / "d", progress=False)
+    native, dense = (
+        load_model(tmp_path / "n", workspace_experts=3),
+        AutoModelForCausalLM.from_pretrained(tmp_path / "d"),
+    )
+    ids = torch.randint(2, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-4)
+        out_native = native.generate(ids[:1], max_new_tokens=5, do_sample=False)
+        out_dense = dense.generate(ids[:1], max_new_tokens=5, do_sample=False)
+    assert torch.equal(out_native, out_dense)

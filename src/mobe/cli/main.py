@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import ACTIVATIONS, DISTILL_MODES, SCHEDULES, DistillConfig, MobeConfig
+from ..config import ACTIVATIONS, BASIS_SIDES, DISTILL_MODES, SCHEDULES, DistillConfig, MobeConfig
 from ..devices import resolve_device
 from ..factorize import method_names
 
@@ -35,6 +35,7 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-ratio", type=float, default=None, help=helps["target_ratio"])
     p.add_argument("--rank", "-r", type=int, default=None, help=helps["rank"])
     p.add_argument("--activation", choices=ACTIVATIONS, default=default.activation, help=helps["activation"])
+    p.add_argument("--basis-side", choices=BASIS_SIDES, default=default.basis_side, help=helps["basis_side"])
     p.add_argument("--groups", type=int, default=default.groups, help=helps["groups"])
     p.add_argument("--schedule", choices=SCHEDULES, default=default.schedule, help=helps["schedule"])
     p.add_argument("--steps", type=int, default=None, help=helps["steps"])
@@ -43,7 +44,7 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-tol", type=float, default=default.stop_tol, help=helps["stop_tol"])
     p.add_argument("--batch-experts", type=int, default=default.batch_experts, help=helps["batch_experts"])
     p.add_argument("--init-logit", type=float, default=default.init_logit, help=helps["init_logit"])
-    p.add_argument("--matrices", default="gate,up", help="comma-separated subset of gate,up,down")
+    p.add_argument("--matrices", default=",".join(default.matrices), help="comma-separated subset of gate,up,down")
     p.add_argument("--layers", type=_int_list, default=None, help="MoE layers to compress, e.g. 1,3-5 (default all)")
     p.add_argument("--device", default=default.device, help=helps["device"])
     p.add_argument("--threads", type=int, default=default.threads, help=helps["threads"])
@@ -80,6 +81,7 @@ def _config_from_args(args: argparse.Namespace) -> MobeConfig:
         num_bases=args.num_bases,
         rank=args.rank,
         activation=args.activation,
+        basis_side=args.basis_side,
         groups=args.groups,
         schedule=args.schedule,
         steps=args.steps,
@@ -221,7 +223,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
     if info.stored is None:  # an original checkpoint: what compressing and running it would take
         estimate = memory_estimate(
             args.model,
-            args.num_bases or MobeConfig().num_bases,
+            MobeConfig(num_bases=args.num_bases or 0, groups=args.groups).bases_for(info.layout.num_experts),
             args.rank,
             args.groups,
             tuple(m for m in args.matrices.split(",") if m),
@@ -442,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bases", "-m", dest="num_bases", type=int, default=None, help="m: bases per layer to cost")
     p.add_argument("--rank", "-r", type=int, default=None, help="r: rank to cost (default min(p, d))")
     p.add_argument("--groups", type=int, default=1, help="expert groups with their own bases")
-    p.add_argument("--matrices", default="gate,up", help="matrix types to cost (memory estimates)")
+    p.add_argument("--matrices", default=",".join(MobeConfig().matrices), help="matrix types to cost (memory)")
     p.add_argument(
         "--calibration-tokens", type=int, default=MobeConfig().calibration_tokens, help="calibration tokens to cost"
     )

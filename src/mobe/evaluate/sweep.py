@@ -66,7 +66,7 @@ def sweep(
                     method=method_name, num_bases=max(1, E // 4), steps=steps, eval_every=max(1, steps // 10)
                 )
                 budget = budget_for_ratio(E, p, d, ratio, compressed=3)  # this matrix's own cut
-                rank = min(method.rank_for_budget(E, p, d, config, budget), method.max_rank(E, p, d))
+                rank = min(method.rank_for_budget(E, p, d, config, budget), method.max_rank(E, p, d, config))
                 start = time.perf_counter()
                 if rank < 1:
                     points.append(SweepPoint(method_name, matrix, ratio, None, None, E * p * d, None, 0.0))

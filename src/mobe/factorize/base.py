@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar, TypeVar
 
 import torch
@@ -22,6 +23,7 @@ class ExpertFactors:
     tensor_fields: ClassVar[tuple[str, ...]]
     meta_fields: ClassVar[tuple[str, ...]] = ()
     index_fields: ClassVar[tuple[str, ...]] = ()  # integer tensors among tensor_fields
+    meta_defaults: ClassVar[dict[str, str]] = {}  # meta fields that checkpoints written before them lack
 
     def reconstruct(self, experts: Tensor | None = None) -> Tensor:
         raise NotImplementedError
@@ -34,7 +36,15 @@ class ExpertFactors:
 
     @classmethod
     def from_tensors(cls: type[F], tensors: dict[str, Tensor], meta: dict[str, str]) -> F:
-        return cls(**{name: tensors[name] for name in cls.tensor_fields}, **{k: meta[k] for k in cls.meta_fields})
+        return cls(**{name: tensors[name] for name in cls.tensor_fields}, **cls.read_meta(meta))
+
+    @classmethod
+    def read_meta(cls, meta: Mapping[str, object]) -> dict[str, str]:
+        """This method's meta fields from a header or config section, defaults filled in for older checkpoints."""
+        missing = [k for k in cls.meta_fields if k not in meta and k not in cls.meta_defaults]
+        if missing:
+            raise KeyError(f"{cls.method} factors need meta fields {missing}")
+        return {k: str(meta[k]) if k in meta else cls.meta_defaults[k] for k in cls.meta_fields}
 
     @property
     def dtype(self) -> torch.dtype:

@@ -2,10 +2,17 @@
 
 Shapes: W (E, p, d); A (E, p, r); bases (g, m/g, r, d), one set per expert group; coef (E, m/g), the
 softmax of each expert's logits over its group's bases. Expert e belongs to group e // (E/g).
+
+Where the bases sit: the paper shares them along the hidden size d (`basis_side="hidden"`). With
+`basis_side="wider"` a stack whose experts are wider than the hidden size (p > d: Mixtral, the coarse fixture) is
+fitted as its transpose, W_i^T ~ A_i act(sum_j alpha_ij B_j) with A_i (d, r) and B_j (r, p): the shared bases take
+the larger side, so each unit of rank costs E d + m p numbers instead of E p + m d (SLBF orients its fits the same
+way). On p <= d stacks, every fine-grained MoE, both sides are the same fit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -42,10 +49,12 @@ class MobeFactors(ExpertFactors):
     bases: Tensor
     coef: Tensor
     activation: str
+    transposed: str = "0"  # "1": fitted as W_i^T (bases on the wider side of a p > d stack)
 
     method: ClassVar[str] = "mobe"
     tensor_fields: ClassVar[tuple[str, ...]] = ("A", "bases", "coef")
-    meta_fields: ClassVar[tuple[str, ...]] = ("activation",)
+    meta_fields: ClassVar[tuple[str, ...]] = ("activation", "transposed")
+    meta_defaults: ClassVar[dict[str, str]] = {"transposed": "0"}
 
     @property
     def num_experts(self) -> int:
@@ -68,12 +77,27 @@ class MobeFactors(ExpertFactors):
     def reconstruct(self, experts: Tensor | None = None) -> Tensor:
         """Dense expert matrices (n, p, d) in float32."""
         experts = torch.arange(self.num_experts) if experts is None else experts
-        return torch.bmm(self.A.float()[experts], self.mixed_bases(experts))
+        out = torch.bmm(self.A.float()[experts], self.mixed_bases(experts))
+        return out.transpose(1, 2) if self.transposed == "1" else out
 
 
-def mobe_parameters(num_experts: int, p: int, d: int, num_bases: int, rank: int, groups: int = 1) -> int:
-    """Parameters of one MoBE-compressed matrix type: E*p*r + m*r*d + E*m/g (each expert mixes its group's bases)."""
-    return num_experts * p * rank + num_bases * rank * d + num_experts * (num_bases // groups)
+def fits_transposed(p: int, d: int, basis_side: str) -> bool:
+    """Whether a (p, d) stack is fitted as its transpose: only with the bases on the wider side and p > d."""
+    return basis_side == "wider" and p > d
+
+
+def fitted_shape(p: int, d: int, basis_side: str) -> tuple[int, int]:
+    """(rows of A_i, columns of the bases) of the fit of a (p, d) stack."""
+    return (d, p) if fits_transposed(p, d, basis_side) else (p, d)
+
+
+def mobe_parameters(
+    num_experts: int, p: int, d: int, num_bases: int, rank: int, groups: int = 1, basis_side: str = "hidden"
+) -> int:
+    """Parameters of one MoBE-compressed matrix type: E*p*r + m*r*d + E*m/g (each expert mixes its group's bases);
+    p and d swap where the stack is fitted transposed."""
+    rows, cols = fitted_shape(p, d, basis_side)
+    return num_experts * rows * rank + num_bases * rank * cols + num_experts * (num_bases // groups)
 
 
 def split_groups(num_items: int, num_parts: int) -> list[range]:
@@ -166,6 +190,10 @@ def fit_mobe(
     schedules), the loss is the output error sum_i ||(W_i - What_i) L_i||^2 / numel and the SVD-group
     initialisation is done in whitened coordinates (`mobe.factorize.weighted`).
     """
+    transposed = fits_transposed(weights.shape[1], weights.shape[2], config.basis_side)
+    if transposed:  # fit W_i^T: the same loss, the bases on the wider side; a right metric becomes a left one
+        weights = weights.transpose(1, 2)
+        weighting = None if weighting is None else weighting.transposed()
     num_experts, p, d = weights.shape
     rank = config.rank or min(p, d)
     if num_experts % config.groups:
@@ -173,7 +201,7 @@ def fit_mobe(
     if config.num_bases // config.groups > num_experts // config.groups:
         raise ValueError(f"num_bases ({config.num_bases}) must not exceed the number of experts ({num_experts})")
     if rank > d:
-        raise ValueError(f"rank ({rank}) must not exceed the hidden size ({d})")
+        raise ValueError(f"rank ({rank}) must not exceed the width of the bases ({d})")
 
     start = time.perf_counter()
     paper = config.schedule == "paper"
@@ -189,9 +217,8 @@ def fit_mobe(
     act = activation_fn(config.activation or DEFAULT_ACTIVATION)
     chunk = config.batch_experts or auto_chunk(rank, p, d)
     if config.schedule == "fast":
-        if weighting is not None:
-            raise ValueError("--schedule fast does not support --calibration yet; use --schedule adam")
-        return _fit_fast(target, scale, rank, config, act, chunk, desc, start)
+        factors, stats = _fit_fast(target, scale, rank, config, act, chunk, desc, start, weighting)
+        return dataclasses.replace(factors, transposed="1" if transposed else "0"), stats
     if weighting is not None:
         from .weighted import init_svd_groups_weighted
 
@@ -245,6 +272,7 @@ def fit_mobe(
         bases=bases_best.cpu(),
         coef=torch.softmax(logits_best, dim=-1).cpu(),
         activation=config.activation or DEFAULT_ACTIVATION,
+        transposed="1" if transposed else "0",
     )
     stats = FitStats(
         init_loss * scale**2,
@@ -267,12 +295,13 @@ def _fit_fast(
     chunk: int,
     desc: str | None,
     start: float,
+    weighting: OutputWeighting | None = None,
 ) -> tuple[MobeFactors, FitStats]:
     """The `fast` schedule on the scaled stack; losses and trace back in the original units."""
     from .schedule import fit_fast
 
     offset = time.perf_counter() - start  # the trace counts from fit_mobe's start, as the other schedules' do
-    A, bases, logits, stats = fit_fast(target, rank, config, act, chunk, desc)
+    A, bases, logits, stats = fit_fast(target, rank, config, act, chunk, desc, weighting)
     factors = MobeFactors(
         A=(A * scale).cpu(),
         bases=bases.cpu(),

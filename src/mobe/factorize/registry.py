@@ -11,7 +11,7 @@ from torch import Tensor
 from ..config import MobeConfig
 from .base import ExpertFactors, FitStats
 from .d2moe import D2moeFactors, fit_d2moe
-from .mobe import MobeFactors, fit_mobe, mobe_parameters
+from .mobe import MobeFactors, fit_mobe, fitted_shape, mobe_parameters
 from .molae import MolaeFactors, fit_molae
 from .slbf import SlbfFactors, fit_slbf, slbf_parameters
 from .svd import SvdFactors, fit_svd
@@ -35,14 +35,14 @@ class Method:
     iterative: bool = False
     weighted: bool = True  # supports an output weighting (calibration)
     default_activation: str = "tanh"  # where the form has one, when the config names none
-    max_rank: Callable[[int, int, int], int] = lambda E, p, d: min(p, d)
+    max_rank: Callable[[int, int, int, MobeConfig], int] = lambda E, p, d, c: min(p, d)
 
     def rank_for_budget(self, E: int, p: int, d: int, config: MobeConfig, budget: int) -> int:
         """Largest rank whose parameter count fits in `budget` (0 if none does)."""
         if self.parameters(E, p, d, config, 2) - self.parameters(E, p, d, config, 1) != self.parameters(
             E, p, d, config, 1
         ) - self.parameters(E, p, d, config, 0):  # not affine in the rank: search (sizes grow up to max_rank)
-            rank, limit = 0, self.max_rank(E, p, d)
+            rank, limit = 0, self.max_rank(E, p, d, config)
             while rank < limit and self.parameters(E, p, d, config, rank + 1) <= budget:
                 rank += 1
             return rank
@@ -79,9 +79,9 @@ register_method(
         "mobe",
         MobeFactors,
         fit=lambda W, c, device, desc, weighting=None: fit_mobe(W, c, device=device, desc=desc, weighting=weighting),
-        parameters=lambda E, p, d, c, r: mobe_parameters(E, p, d, c.num_bases, r, c.groups),
+        parameters=lambda E, p, d, c, r: mobe_parameters(E, p, d, c.num_bases, r, c.groups, c.basis_side),
         iterative=True,
-        max_rank=lambda E, p, d: d,
+        max_rank=lambda E, p, d, c: fitted_shape(p, d, c.basis_side)[1],  # the bases' width
     )
 )
 register_method(
@@ -118,7 +118,7 @@ register_method(
             W, _rank(c, *W.shape[1:]), groups=c.groups, device=device, weighting=weighting
         ),
         parameters=lambda E, p, d, c, r: E * p * r + c.groups * r * d,
-        max_rank=lambda E, p, d: d,  # the shared latent space may span all of R^d (then A_i = W_i B^T is exact)
+        max_rank=lambda E, p, d, c: d,  # the shared latent space may span all of R^d (then A_i = W_i B^T is exact)
     )
 )
 

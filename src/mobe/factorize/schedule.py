@@ -12,6 +12,12 @@ Measured on the trained fixture (benchmarks/schedules.py), three things make it 
    optimal X_i). Solving X_i only every few steps, or from the start, measured worse.
 3. Orthogonalised momentum on the bases (Newton-Schulz, as in the Muon optimiser) with a cosine decay, and
    Adam on the logits; this beat Adam on the bases at the same step count on every fixture matrix tried.
+
+With an output metric (calibration), the loss is sum_i ||(A_i M_i - W_i) L_i||^2 (right: gate, up) or
+||L_i^T (A_i M_i - W_i)||^2 (left: down). A left metric only changes variables, A'_i = L_i^T A_i, so the fit is the
+unweighted one of the whitened targets L_i^T W_i, and A_i = L_i^{-T} A'_i at the end. A right metric acts on the
+mixed bases: every step solves X_i against M_i L_i and the row space of W_i L_i, which is the same algorithm with
+one more (differentiable) product per expert.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..config import MobeConfig
 from .base import FitStats
+from .weighted import OutputWeighting
 
 WARM_FRACTION = 0.15  # share of the steps spent in the joint Adam phase
 BASES_LR = 0.3  # step of the orthogonalised basis update (the bases' entries are O(1) after the warm phase)
@@ -53,12 +60,21 @@ def expert_chunks(num_experts: int, groups: int, chunk: int) -> Iterator[tuple[i
 
 
 def joint_loss_backward(
-    A: Tensor, bases: Tensor, logits: Tensor, target: Tensor, act: Callable[[Tensor], Tensor], chunk: int, numel: int
+    A: Tensor,
+    bases: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    act: Callable[[Tensor], Tensor],
+    chunk: int,
+    numel: int,
+    metric: OutputWeighting | None = None,
 ) -> float:
-    """sum_i ||A_i M_i - C_i||^2 / numel (the loss of Algorithm 1); accumulates its gradient into all three."""
+    """sum_i ||A_i M_i L_i - C_i||^2 / numel (the loss of Algorithm 1; L_i = I without a right `metric`);
+    accumulates its gradient into all three."""
     total = 0.0
     for g, idx in expert_chunks(target.shape[0], bases.shape[0], chunk):
-        part = (torch.bmm(A[idx], chunk_mixed(bases[g], logits[idx], act)) - target[idx]).pow(2).sum() / numel
+        mixed = whitened_mixed(bases[g], logits[idx], act, metric, idx)
+        part = (torch.bmm(A[idx], mixed) - target[idx]).pow(2).sum() / numel
         if part.requires_grad:
             part.backward()
         total += part.item()
@@ -69,6 +85,14 @@ def chunk_mixed(bases: Tensor, logits: Tensor, act: Callable[[Tensor], Tensor]) 
     """act(softmax(logits_i) @ bases) for experts of one group: (n, r, d); bases is (m/g, r, d)."""
     coef = torch.softmax(logits, dim=-1)
     return act((coef @ bases.flatten(1)).view(len(logits), *bases.shape[1:]))
+
+
+def whitened_mixed(
+    bases: Tensor, logits: Tensor, act: Callable[[Tensor], Tensor], metric: OutputWeighting | None, idx: slice
+) -> Tensor:
+    """The mixed bases of experts `idx`, times their right metric L_i where there is one: (n, r, d)."""
+    mixed = chunk_mixed(bases, logits, act)
+    return mixed if metric is None else metric.apply(mixed, idx)
 
 
 def least_squares_factor(target: Tensor, mixed: Tensor, exact: bool = True) -> Tensor:
@@ -89,7 +113,13 @@ def least_squares_factor(target: Tensor, mixed: Tensor, exact: bool = True) -> T
 
 
 def projected_loss_backward(
-    bases: Tensor, logits: Tensor, target: Tensor, act: Callable[[Tensor], Tensor], chunk: int, numel: int
+    bases: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    act: Callable[[Tensor], Tensor],
+    chunk: int,
+    numel: int,
+    metric: OutputWeighting | None = None,
 ) -> float:
     """Reduced loss min_X sum_i ||X_i M_i - C_i||^2 / numel; accumulates its gradient into bases and logits.
 
@@ -98,7 +128,7 @@ def projected_loss_backward(
     """
     total = 0.0
     for g, idx in expert_chunks(target.shape[0], bases.shape[0], chunk):
-        mixed = chunk_mixed(bases[g], logits[idx], act)
+        mixed = whitened_mixed(bases[g], logits[idx], act, metric, idx)
         with torch.no_grad():
             flat = mixed.detach()
             X = least_squares_factor(target[idx], flat, exact=False)
@@ -109,12 +139,19 @@ def projected_loss_backward(
     return total
 
 
-def solve_factors(bases: Tensor, logits: Tensor, target: Tensor, act: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
+def solve_factors(
+    bases: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    act: Callable[[Tensor], Tensor],
+    chunk: int,
+    metric: OutputWeighting | None = None,
+) -> Tensor:
     """Exact X for every expert given bases and logits: (E, k, r)."""
     X = target.new_empty(target.shape[0], target.shape[1], bases.shape[2])
     with torch.no_grad():
         for g, idx in expert_chunks(target.shape[0], bases.shape[0], chunk):
-            X[idx] = least_squares_factor(target[idx], chunk_mixed(bases[g], logits[idx], act))
+            X[idx] = least_squares_factor(target[idx], whitened_mixed(bases[g], logits[idx], act, metric, idx))
     return X
 
 
@@ -156,34 +193,50 @@ def fit_fast(
     act: Callable[[Tensor], Tensor],
     chunk: int,
     desc: str | None = None,
+    weighting: OutputWeighting | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, FitStats]:
     """Fit the scaled stack `target` (E, p, d); returns (A (E, p, r), bases, logits, stats), losses scaled.
 
     Starts from the paper's SVD-of-groups initialisation (computed on the row-space targets, which gives the
-    same bases). The kept state is the best reduced loss seen, its A solved exactly, so the returned loss is
-    never above that of any state the projected phase visited.
+    same bases; in the output metric where there is one). The kept state is the best reduced loss seen, its A
+    solved exactly, so the returned loss is never above that of any state the projected phase visited.
     """
     from .mobe import init_svd_groups  # mobe.py imports this module lazily
 
+    if weighting is not None and weighting.side == "left":  # a change of variables: fit L^T W, unwhiten A
+        weighting = weighting.to(target.device)
+        A, bases, logits, stats = fit_fast(weighting.apply(target), rank, config, act, chunk, desc)
+        return weighting.unwhiten(A), bases, logits, stats
     start = time.perf_counter()
-    U, C = row_space_targets(target)
+    metric = None if weighting is None else weighting.to(target.device)
+    U, C = row_space_targets(target if metric is None else metric.apply(target))
     numel = target.numel()
     steps = config.steps
     warm = min(steps, round(WARM_FRACTION * steps))
-    A, bases, logits = (
-        t.requires_grad_() for t in init_svd_groups(C, config.num_bases, rank, config.groups, config.start_logit)
-    )
+    if metric is None:
+        init = init_svd_groups(C, config.num_bases, rank, config.groups, config.start_logit)
+    else:
+        from .weighted import init_svd_groups_weighted
+
+        # The start of the plain fit (SVD groups of the row-space factors of W), in the metric: with identity Grams
+        # it is the plain fit's start. Its A_i = U'_i A0_i is then expressed in the whitened row space, U_i^T A_i.
+        U_plain, C_plain = row_space_targets(target)
+        A0, bases0, logits0 = init_svd_groups_weighted(
+            C_plain, metric, config.num_bases, rank, config.groups, config.start_logit
+        )
+        init = (U.transpose(1, 2) @ U_plain @ A0, bases0, logits0)
+    A, bases, logits = (t.requires_grad_() for t in init)
     trace: list[tuple[float, int, float]] = []
     init_loss = math.nan
     bar = tqdm(total=steps, desc=desc, leave=False, disable=desc is None)
 
     if warm == 0:
         with torch.no_grad():
-            init_loss = joint_loss_backward(A, bases, logits, C, act, chunk, numel)
+            init_loss = joint_loss_backward(A, bases, logits, C, act, chunk, numel, metric)
     optimizer = torch.optim.Adam([A, bases, logits], lr=config.lr)
     for step in range(warm):
         optimizer.zero_grad(set_to_none=True)
-        loss = joint_loss_backward(A, bases, logits, C, act, chunk, numel)
+        loss = joint_loss_backward(A, bases, logits, C, act, chunk, numel, metric)
         init_loss = loss if step == 0 else init_loss
         trace.append((time.perf_counter() - start, step, loss))
         optimizer.step()
@@ -199,7 +252,7 @@ def fit_fast(
         step = warm + k
         logit_opt.zero_grad(set_to_none=True)
         bases.grad = None
-        loss = projected_loss_backward(bases, logits, C, act, chunk, numel)
+        loss = projected_loss_backward(bases, logits, C, act, chunk, numel, metric)
         trace.append((time.perf_counter() - start, step, loss))
         if loss < best_loss:
             best_loss, best_step = loss, step
@@ -223,6 +276,6 @@ def fit_fast(
     bar.close()
 
     bases_best, logits_best = best_state
-    X = solve_factors(bases_best, logits_best, C, act, chunk)
+    X = solve_factors(bases_best, logits_best, C, act, chunk, metric)
     stats = FitStats(init_loss, best_loss, best_step, step, time.perf_counter() - start, 1.0, trace)
     return torch.bmm(U, X), bases_best, logits_best, stats

@@ -214,6 +214,12 @@ class OutputWeighting:
             return torch.baddbmm(c[:, None, None] * x, (x @ V.mT) * coeff[:, None, :], V)
         return torch.baddbmm(c[:, None, None] * x, V.mT, coeff[:, :, None] * (V @ x))
 
+    def transposed(self) -> OutputWeighting:
+        """The same metric for the transposed stack: ||D L_i|| = ||L_i^T D^T|| (L_i symmetric), right and left swap."""
+        return OutputWeighting(
+            self.vectors, self.scales, self.iso, "left" if self.side == "right" else "right", self.square
+        )
+
     def apply(self, diff: Tensor, experts: Tensor | slice | list[int] | None = None) -> Tensor:
         """D L_i (right) or L_i^T D (left) for a stack of differences D (n, p, d) of the given experts."""
         return self._transform(diff, experts, inverse=False)

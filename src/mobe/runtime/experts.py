@@ -7,7 +7,8 @@ own loader fills them; a matrix type left dense is one (E, p, d) stack (down: (E
 
 Only the experts that received tokens in a call are materialised, at most `workspace_experts` at a time. For
 MoBE factors the mixed basis M_e = act(sum_j alpha_ej B_j) (r x d) is built and x W_e^T is computed as
-(x M_e^T) A_e^T, so no dense p x d expert matrix ever exists; other methods rebuild the touched experts' matrices.
+(x M_e^T) A_e^T (or (x A_e) M_e for a transposed fit), so no dense p x d expert matrix ever exists; other methods
+rebuild the touched experts' matrices.
 An optional LRU cache keeps what was built for recently used experts under `cache_mib`, for decoding.
 """
 
@@ -33,7 +34,7 @@ class FactoredMatrix(nn.Module):
         missing = [f for f in self.factors_cls.tensor_fields if f not in shapes]
         if missing:
             raise ValueError(f"method {method!r} needs factor tensors {missing} (config.json mobe.factor_shapes)")
-        self.meta = {k: str(meta[k]) for k in self.factors_cls.meta_fields}
+        self.meta = self.factors_cls.read_meta(meta)
         for field in self.factors_cls.tensor_fields:
             if field in self.factors_cls.index_fields:  # integers: a buffer, loaded but never trained or cast
                 self.register_buffer(FACTOR_PREFIX + field, torch.zeros(*shapes[field], dtype=torch.long))
@@ -132,7 +133,12 @@ class MobeExperts(nn.Module):
         if len(item) == 1:  # a rebuilt (p, d) matrix, down in its fitted (transposed) orientation
             return x @ item[0] if matrix == "down" else x @ item[0].T
         A, M = item
-        return (x @ A) @ M if matrix == "down" else (x @ M.T) @ A.T
+        return (x @ A) @ M if self._product_is_transposed(matrix) else (x @ M.T) @ A.T
+
+    def _product_is_transposed(self, matrix: str) -> bool:
+        """Whether A_e M_e is W_e^T in transformers' orientation: down (fitted as its transpose) xor a fit of the
+        transposed stack (bases on the wider side of a p > d layer)."""
+        return (matrix == "down") != (self.matrix(matrix).meta.get("transposed") == "1")
 
     def forward(
         self, hidden_states: Tensor, top_k_index: Tensor | None = None, top_k_weights: Tensor | None = None
@@ -194,7 +200,7 @@ class MobeExperts(nn.Module):
                 W = torch.stack([i[0] for i in items])
                 return torch.bmm(v, W) if matrix == "down" else torch.bmm(v, W.transpose(1, 2))
             A, M = torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
-            if matrix == "down":
+            if self._product_is_transposed(matrix):
                 return torch.bmm(torch.bmm(v, A), M)
             return torch.bmm(torch.bmm(v, M.transpose(1, 2)), A.transpose(1, 2))
 
