@@ -48,7 +48,8 @@ def test_from_pretrained_equals_dense_and_round_trips(arch, pairs, tmp_path):
     experts = [m for m in native.modules() if isinstance(m, MobeExperts)]
     assert experts and all(m.factored == ("gate", "down") for m in experts)
     dense_stacks = {n.rsplit(".", 1)[-1] for n, _ in native.named_parameters() if ".experts." in n and "mobe_" not in n}
-    assert dense_stacks == {get_arch(arch).matrices["up"]}
+    quirk = get_arch(arch).quirk
+    assert dense_stacks == {get_arch(arch).matrices["up"], *(quirk.biases if quirk else ())}
     with torch.no_grad():
         reference = dense(IDS).logits
         assert _relative(native(IDS).logits, reference) <= 1e-4
