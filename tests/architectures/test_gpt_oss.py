@@ -148,3 +148,11 @@ def test_calibration_is_refused_in_one_line(bf16, tmp_path, capsys):
         "mobe: error: --calibration cannot stream gpt_oss: its experts add biases and a clamped SwiGLU, which the "
         "calibration statistics do not model\n"
     )
+
+
+def test_info_reads_mxfp4_as_its_dequantised_parameters(mxfp4, capsys):
+    """`mobe info` counts an MXFP4 checkpoint's experts as the weights they dequantise to (not packed bytes)."""
+    assert main(["info", str(mxfp4), "--bases", "2", "--rank", "8"]) == 0
+    layout = moe_layout(CheckpointReader(mxfp4).config)
+    experts = len(layout.moe_layers) * layout.expert_params_per_layer
+    assert f"{experts:,} in routed experts" in capsys.readouterr().out
