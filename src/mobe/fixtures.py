@@ -290,6 +290,26 @@ def tiny_config(
         )
         vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden_size)
         return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    if model_type == "qwen3_vl_moe":  # Qwen3-VL MoE: a one-block vision tower with one deepstack merger
+        text = dict(
+            **common,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            intermediate_size=2 * hidden_size,
+            # 2p != d and p != d: transformers tells the published (transposed) layout from its own by shape
+            moe_intermediate_size=moe_intermediate_size + 8 * (moe_intermediate_size in (hidden_size, hidden_size / 2)),
+            num_experts=num_experts,
+        )
+        vision = dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            deepstack_visual_indexes=[0],
+            num_position_embeddings=16,
+        )
+        return tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
     if model_type == "llama4":  # MoE every second layer (as Llama 4 Maverick), a shared expert in each
         text = dict(
             **{**common, "num_hidden_layers": 2 * num_layers},
@@ -401,7 +421,34 @@ def build_tiny_moe(
     path = Path(path)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     fuse_experts_on_disk(path)
+    transpose_experts_on_disk(path)
     return path
+
+
+def transpose_experts_on_disk(path: Path) -> None:
+    """Rewrite fused experts tensors saved in the experts module's orientation in the transposed one the family's
+    published checkpoints hold (Qwen3-VL-MoE: transformers 5 transposes them on load, and saves them as it holds
+    them); tensors already as published are left alone."""
+    from safetensors.torch import load_file
+
+    from .architectures import moe_layout
+    from .checkpoint import CheckpointReader
+    from .export.files import atomic_save_file
+
+    reader = CheckpointReader(path)
+    layout = moe_layout(reader.config)
+    wrong = {}
+    for layer in layout.moe_layers if layout.arch.fused is not None else ():
+        for matrix in ("gate", "up", "down"):
+            name = layout.stored_names(layer, matrix)[0]
+            published = layout.fused_shape(matrix)
+            if reader.shape(name) != published and reader.shape(name) == (published[0], published[2], published[1]):
+                wrong[name] = reader.weight_map[name]
+    for shard in sorted(set(wrong.values())):
+        tensors = load_file(path / shard)
+        for name in [n for n, s in wrong.items() if s == shard]:
+            tensors[name] = tensors[name].transpose(1, 2).contiguous()
+        atomic_save_file(tensors, path / shard, {"format": "pt"})
 
 
 def fuse_experts_on_disk(path: Path) -> None:

@@ -131,6 +131,14 @@ FAMILIES = (
         "model.language_model.layers.{layer}.mlp.experts",
         model_class="Qwen3_5MoeForConditionalGeneration",
     ),
+    # Qwen3-VL MoE (text part): fused and transposed on disk, gate_up_proj (E, d, 2p) and down_proj (E, p, d); its
+    # experts module holds them untransposed (transformers' conversion rules transpose them on load).
+    _fused_gate_up(
+        "qwen3_vl_moe",
+        "model.language_model.layers.{layer}.mlp.experts",
+        transposed=True,
+        model_class="Qwen3VLMoeForConditionalGeneration",
+    ),
     # Llama 4 (text part): fused and transposed, gate_up_proj (E, d, 2p) and down_proj (E, p, d); its experts module
     # takes every token for every expert, pre-scaled by the routing weights (`MobeExperts` computes routed rows only).
     _fused_gate_up(
