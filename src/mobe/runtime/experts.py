@@ -194,6 +194,8 @@ class MobeExperts(nn.Module):
         """Llama 4's call: E blocks of rows, block e holding every token scaled by its weight for expert e (zero
         where e was not chosen). A zero row gives zero (the experts have no biases), so each block's non-zero rows
         run as tokens routed to expert e with weight 1, and the others are never computed."""
+        if self.quirk is not None and self.quirk.biases:
+            raise ValueError("experts with biases need the routing (top_k_index): a zero row does not give zero")
         E = self.num_experts
         routed = hidden_states.view(E, -1, hidden_states.shape[-1]).ne(0).any(dim=-1).reshape(-1, 1)
         expert = torch.arange(E, device=hidden_states.device).repeat_interleave(hidden_states.shape[0] // E)
