@@ -32,7 +32,7 @@ def test_expert_stacks_are_what_transformers_loads(arch, tiny_checkpoints):
             _check_by_forward(experts, layout, reader, layer)
             continue
         gate_up, down = experts.gate_up_proj, experts.down_proj  # (E, 2p, d): gate rows first; (E, d, p)
-        if gate_up.shape[1] != 2 * p:  # Llama 4 and gpt-oss hold both transposed (Qwen3-VL-MoE only on disk)
+        if down.shape[1] == p != layout.hidden_size:  # Llama 4, gpt-oss hold both transposed (Qwen3-VL-MoE on disk)
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         if layout.arch.fused is not None and layout.arch.fused["gate"].interleaved:  # gpt-oss: rows alternate
             gate, up = gate_up[:, 0::2], gate_up[:, 1::2]

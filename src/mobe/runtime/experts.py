@@ -165,12 +165,13 @@ class MobeExperts(nn.Module):
         return getattr(self, self.names[matrix])[e]
 
     def _project(self, matrix: str, x: Tensor, e: int, built: dict[str, dict[int, tuple[Tensor, ...]]]) -> Tensor:
-        """x W_e^T without forming W_e for MoBE: W = A M for gate/up; down is fitted transposed, W_down^T = A M."""
+        """x W_e^T (plus expert e's bias, if the experts have biases)."""
         bias = self._bias(matrix, e)
         out = self._project_weight(matrix, x, e, built)
         return out if bias is None else out + bias
 
     def _project_weight(self, matrix: str, x: Tensor, e: int, built: dict) -> Tensor:
+        """x W_e^T without forming W_e for MoBE: W = A M for gate/up; down is fitted transposed, W_down^T = A M."""
         if matrix not in self.factored:
             return x @ self._dense(matrix, e).T
         item = built[matrix][e]
