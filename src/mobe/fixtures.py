@@ -442,7 +442,7 @@ def transpose_experts_on_disk(path: Path) -> None:
         for matrix in ("gate", "up", "down"):
             name = layout.stored_names(layer, matrix)[0]
             published = layout.fused_shape(matrix)
-            if reader.shape(name) != published and reader.shape(name) == (published[0], published[2], published[1]):
+            if len(published) == 3 and reader.shape(name) == (published[0], published[2], published[1]) != published:
                 wrong[name] = reader.weight_map[name]
     for shard in sorted(set(wrong.values())):
         tensors = load_file(path / shard)

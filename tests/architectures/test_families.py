@@ -125,3 +125,20 @@ def test_experts_with_biases_are_refused_by_what_transformers_builds():
     spec = ArchSpec(model_type="gpt_oss", experts="model.layers.{layer}.mlp.experts")
     with pytest.raises(UnsupportedArchitectureError, match="gate_up_proj_bias"):
         check_no_other_parameters(model.get_submodule("model.layers.0.mlp.experts"), spec, 0)
+
+
+def test_qwen3_vl_moe_saved_by_transformers_is_refused_by_shape(tmp_path):
+    """transformers 5 holds Qwen3-VL-MoE's experts untransposed and saves them so; mobe reads the published
+    (transposed) layout and refuses the other in one line that names the tensor and both shapes."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from mobe.checkpoint import CheckpointError
+    from mobe.fixtures import tiny_config
+
+    Qwen3VLMoeForConditionalGeneration(tiny_config("qwen3_vl_moe")).save_pretrained(tmp_path / "src")
+    with pytest.raises(CheckpointError) as err:
+        compress(tmp_path / "src", tmp_path / "out", MobeConfig(num_bases=2, rank=8, steps=1), progress=False)
+    assert str(err.value) == (
+        "tensor model.language_model.layers.0.mlp.experts.gate_up_proj has shape [8, 48, 32], expected [8, 32, 48] "
+        "from config.json"
+    )
