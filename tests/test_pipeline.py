@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
 
-from mobe import CheckpointReader, MobeConfig, compress, reconstruct
+from mobe import CheckpointReader, MobeConfig, compress, load_model, reconstruct
 from mobe.architectures import canonical_model_types, moe_layout
 from mobe.evaluate import mobe_parameters
 
@@ -19,7 +18,7 @@ FAST = MobeConfig(num_bases=2, rank=8, steps=30, eval_every=10, matrices=("gate"
 
 
 def _logits(path, ids):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_model(path, dtype=torch.float32)  # AutoModelForCausalLM, or the family's class it lacks (Qwen3-VL)
     with torch.no_grad():
         return model(ids).logits
 

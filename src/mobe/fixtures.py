@@ -290,6 +290,26 @@ def tiny_config(
         )
         vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden_size)
         return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    if model_type == "qwen3_vl_moe":  # Qwen3-VL MoE: a one-block vision tower with one deepstack merger
+        text = dict(
+            **common,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            intermediate_size=2 * hidden_size,
+            # 2p != d and p != d: transformers tells the published (transposed) layout from its own by shape
+            moe_intermediate_size=moe_intermediate_size + 8 * (moe_intermediate_size in (hidden_size, hidden_size / 2)),
+            num_experts=num_experts,
+        )
+        vision = dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            deepstack_visual_indexes=[0],
+            num_position_embeddings=16,
+        )
+        return tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
     if model_type == "llama4":  # MoE every second layer (as Llama 4 Maverick), a shared expert in each
         text = dict(
             **{**common, "num_hidden_layers": 2 * num_layers},
@@ -325,6 +345,25 @@ def tiny_config(
             bos_token_id=0,
             eos_token_id=1,
             tie_word_embeddings=False,
+        )
+    if model_type == "gpt_oss":  # sliding then full attention, attention sinks, YaRN as published (scaled down)
+        return tf.GptOssConfig(
+            **common,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            intermediate_size=moe_intermediate_size,
+            num_local_experts=num_experts,
+            sliding_window=8,
+            swiglu_limit=0.2,  # the clamps act on a random tiny model's projections (7.0 as published)
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 128,
+            },
         )
     if model_type in _PLAIN_CONFIGS:
         return _plain_config(model_type, common, hidden_size, moe_intermediate_size, num_experts)
@@ -372,12 +411,44 @@ def build_tiny_moe(
 
     torch.manual_seed(seed)
     config = tiny_config(model_type, **sizes)
-    model = model_class(model_type, get_arch(model_type).model_class)(config).to(dtype)
+    arch = get_arch(model_type)
+    model = model_class(model_type, arch.model_class)(config).to(dtype)
+    if arch.quirk is not None:  # transformers initialises expert biases to zero: make them count
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in arch.quirk.biases:
+                torch.nn.init.normal_(param.data, std=0.1)
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1)
     path = Path(path)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     fuse_experts_on_disk(path)
+    transpose_experts_on_disk(path)
     return path
+
+
+def transpose_experts_on_disk(path: Path) -> None:
+    """Rewrite fused experts tensors saved in the experts module's orientation in the transposed one the family's
+    published checkpoints hold (Qwen3-VL-MoE: transformers 5 transposes them on load, and saves them as it holds
+    them); tensors already as published are left alone."""
+    from safetensors.torch import load_file
+
+    from .architectures import moe_layout
+    from .checkpoint import CheckpointReader
+    from .export.files import atomic_save_file
+
+    reader = CheckpointReader(path)
+    layout = moe_layout(reader.config)
+    wrong = {}
+    for layer in layout.moe_layers if layout.arch.fused is not None else ():
+        for matrix in ("gate", "up", "down"):
+            name = layout.stored_names(layer, matrix)[0]
+            published = layout.fused_shape(matrix)
+            if len(published) == 3 and reader.shape(name) == (published[0], published[2], published[1]) != published:
+                wrong[name] = reader.weight_map[name]
+    for shard in sorted(set(wrong.values())):
+        tensors = load_file(path / shard)
+        for name in [n for n, s in wrong.items() if s == shard]:
+            tensors[name] = tensors[name].transpose(1, 2).contiguous()
+        atomic_save_file(tensors, path / shard, {"format": "pt"})
 
 
 def fuse_experts_on_disk(path: Path) -> None:
@@ -419,6 +490,45 @@ def fuse_experts_on_disk(path: Path) -> None:
     if index_file.is_file():
         index = json.loads(index_file.read_text())
         write_json_atomic({**index, "weight_map": dict(sorted(weight_map.items()))}, index_file)
+
+
+def mxfp4_experts_on_disk(path: Path, seed: int = 0) -> None:
+    """Rewrite a saved gpt-oss checkpoint's expert weights in the published MXFP4 layout (`mobe.checkpoint.mxfp4`).
+
+    Each `gate_up_proj` / `down_proj` becomes `_blocks` and `_scales` of random FP4 codes and exponents 2^-8..2^-6
+    (weights of a few hundredths, as a tiny model's), and config.json declares `quantization_config` as gpt-oss does:
+    the model's expert weights are then what these dequantise to. Both sizes (hidden, intermediate) must be
+    multiples of 32.
+    """
+    from safetensors.torch import load_file
+
+    from .checkpoint import CheckpointReader
+    from .checkpoint.mxfp4 import BLOCKS_SUFFIX, SCALES_SUFFIX
+    from .export.files import atomic_save_file, write_json_atomic
+
+    generator = torch.Generator().manual_seed(seed)
+    reader = CheckpointReader(path)
+    weight_map = dict(reader.weight_map)
+    for shard in reader.shards:
+        tensors = load_file(path / shard)
+        for name in [n for n in sorted(tensors) if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+            experts, inp, out = tensors.pop(name).shape
+            if inp % 32:
+                raise ValueError(f"{name}: MXFP4 groups 32 values; input size {inp} is not a multiple of 32")
+            tensors[name + BLOCKS_SUFFIX] = torch.randint(0, 256, (experts, out, inp // 32, 16), generator=generator)
+            tensors[name + BLOCKS_SUFFIX] = tensors[name + BLOCKS_SUFFIX].to(torch.uint8)
+            tensors[name + SCALES_SUFFIX] = torch.randint(119, 122, (experts, out, inp // 32), generator=generator)
+            tensors[name + SCALES_SUFFIX] = tensors[name + SCALES_SUFFIX].to(torch.uint8)
+            del weight_map[name]
+            weight_map.update(dict.fromkeys((name + BLOCKS_SUFFIX, name + SCALES_SUFFIX), shard))
+        atomic_save_file(tensors, path / shard, {"format": "pt"})
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        write_json_atomic({**index, "weight_map": dict(sorted(weight_map.items()))}, index_file)
+    not_converted = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+    quantization = {"modules_to_not_convert": not_converted, "quant_method": "mxfp4"}
+    write_json_atomic({**reader.config, "quantization_config": quantization}, path / "config.json")
 
 
 TRAINED_FIXTURE = "qwen3-moe-trained"  # coarse: 16 experts of p=256 on d=128, top-2 (p > d)

@@ -349,7 +349,7 @@ def memory_estimate(
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
     rank = rank or min(p, d)
     top_k = int(reader.config.get("num_experts_per_tok") or 1)
-    first = layout.arch.tensor_name(layout.moe_layers[0], 0, "gate")
+    first = layout.stored_names(layout.moe_layers[0], "gate")[0]  # per expert: expert 0; fused: the one tensor
     source_bytes = DTYPE_BYTES.get(reader.dtype_name(first), 4)
     if reader.is_block_fp8(first):  # read dequantised to float32; the factors are written in bfloat16
         source_bytes = 4

@@ -24,6 +24,7 @@ from .calibrate.collect import check_streamable, require_tokenizer
 from .calibrate.stats import stats_path
 from .checkpoint import CheckpointError, CheckpointReader
 from .checkpoint.fp8 import SCALE_SUFFIX, block_size
+from .checkpoint.mxfp4 import without_quantization
 from .config import FORMAT_VERSION, DistillConfig, MobeConfig
 from .devices import resolve_device
 from .distribute import JobSpec, JobStore, local_devices, require_ray, run_device_pool, run_ray, run_serial
@@ -402,7 +403,7 @@ def _output_config(
 ) -> dict:
     """config.json of an output: the source's, plus the mobe section; a native output declares `mobe_<family>`,
     which transformers opens only through mobe (never as the plain family with random experts)."""
-    config = {k: v for k, v in source.items() if k != "mobe"}
+    config = without_quantization({k: v for k, v in source.items() if k != "mobe"})  # MXFP4 experts written bf16
     if section["format"] == "native":
         family = base_model_type(config["model_type"])
         first_layer = jobs[0][0]

@@ -32,10 +32,14 @@ def test_expert_stacks_are_what_transformers_loads(arch, tiny_checkpoints):
             _check_by_forward(experts, layout, reader, layer)
             continue
         gate_up, down = experts.gate_up_proj, experts.down_proj  # (E, 2p, d): gate rows first; (E, d, p)
-        if layout.arch.fused is not None and layout.arch.fused["gate"].transposed:  # Llama 4 holds both transposed
+        if down.shape[1] == p != layout.hidden_size:  # Llama 4, gpt-oss hold both transposed (Qwen3-VL-MoE on disk)
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-        assert torch.equal(layout.read_experts(reader, layer, "gate"), gate_up[:, :p])
-        assert torch.equal(layout.read_experts(reader, layer, "up"), gate_up[:, p:])
+        if layout.arch.fused is not None and layout.arch.fused["gate"].interleaved:  # gpt-oss: rows alternate
+            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+        else:
+            gate, up = gate_up[:, :p], gate_up[:, p:]
+        assert torch.equal(layout.read_experts(reader, layer, "gate"), gate)
+        assert torch.equal(layout.read_experts(reader, layer, "up"), up)
         assert torch.equal(layout.read_experts(reader, layer, "down"), down)
     assert tuple(with_experts) == layout.moe_layers and len(layout.moe_layers) >= 1
 
@@ -79,7 +83,7 @@ def test_fused_tensors_are_rebuilt_in_place(arch, tiny_checkpoints, tmp_path):
         assert torch.equal(native.get(stack), layout.read_experts(source, layer, "up"))
 
 
-@pytest.mark.parametrize(("model_type", "needle"), [("gpt_oss", "biases"), ("bailing_moe", "no bailing_moe class")])
+@pytest.mark.parametrize(("model_type", "needle"), [("nemotron_h", "not gated"), ("bailing_moe", "no bailing_moe")])
 def test_known_unsupported_families_say_why(model_type, needle):
     with pytest.raises(UnsupportedArchitectureError, match=needle) as err:
         moe_layout({"model_type": model_type, "num_hidden_layers": 2})
@@ -92,7 +96,7 @@ def test_info_list_names_every_family_its_class_and_layout(capsys):
     for arch in canonical_model_types():
         spec = get_arch(arch)
         assert f"  {arch}" in out and spec.storage() in out
-    assert "GraniteMoeForCausalLM; tested" in out and "gpt_oss: " in out
+    assert "GraniteMoeForCausalLM; tested" in out and "nemotron_h: " in out
     assert main(["info"]) == 2
     assert "--list" in capsys.readouterr().err
 
@@ -105,7 +109,8 @@ def test_family_missing_from_transformers_is_one_line():
 
 
 def test_experts_with_biases_are_refused_by_what_transformers_builds():
-    """gpt-oss is refused by name; its experts module, as transformers builds it, shows why (biases)."""
+    """Without its quirk entry (which declares the biases), gpt-oss's experts module, as transformers builds it, is
+    refused by the parameters the factorised experts would drop."""
     import transformers
 
     from mobe.architectures import ArchSpec
@@ -120,3 +125,20 @@ def test_experts_with_biases_are_refused_by_what_transformers_builds():
     spec = ArchSpec(model_type="gpt_oss", experts="model.layers.{layer}.mlp.experts")
     with pytest.raises(UnsupportedArchitectureError, match="gate_up_proj_bias"):
         check_no_other_parameters(model.get_submodule("model.layers.0.mlp.experts"), spec, 0)
+
+
+def test_qwen3_vl_moe_saved_by_transformers_is_refused_by_shape(tmp_path):
+    """transformers 5 holds Qwen3-VL-MoE's experts untransposed and saves them so; mobe reads the published
+    (transposed) layout and refuses the other in one line that names the tensor and both shapes."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from mobe.checkpoint import CheckpointError
+    from mobe.fixtures import tiny_config
+
+    Qwen3VLMoeForConditionalGeneration(tiny_config("qwen3_vl_moe")).save_pretrained(tmp_path / "src")
+    with pytest.raises(CheckpointError) as err:
+        compress(tmp_path / "src", tmp_path / "out", MobeConfig(num_bases=2, rank=8, steps=1), progress=False)
+    assert str(err.value) == (
+        "tensor model.language_model.layers.0.mlp.experts.gate_up_proj has shape [8, 48, 32], expected [8, 32, 48] "
+        "from config.json"
+    )

@@ -13,7 +13,7 @@ from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .qwen2_moe import QWEN2_MOE
 from .qwen3_moe import QWEN3_MOE
-from .spec import MATRIX_TYPES, ArchSpec, FusedTensor, UnsupportedArchitectureError
+from .spec import MATRIX_TYPES, ArchSpec, ExpertsQuirk, FusedTensor, UnsupportedArchitectureError
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
@@ -68,6 +68,7 @@ __all__ = [
     "NATIVE_MODEL_TYPE_PREFIX",
     "UNSUPPORTED",
     "ArchSpec",
+    "ExpertsQuirk",
     "FusedTensor",
     "MoeLayout",
     "UnsupportedArchitectureError",

@@ -86,10 +86,10 @@ def experts_module_sizes(module: torch.nn.Module, arch: ArchSpec, layer: int) ->
 
 
 def check_no_other_parameters(module: torch.nn.Module, arch: ArchSpec, layer: int) -> None:
-    """Refuse experts modules holding parameters besides the gate, up and down matrices (biases: gpt-oss), which the
-    factorised experts would drop."""
+    """Refuse experts modules holding parameters besides the gate, up and down matrices and the biases the family's
+    quirk declares (gpt-oss), which the factorised experts would drop."""
     prefix = arch.experts_module.format(layer=layer) + "."
-    known = {"gate_up_proj", "down_proj"} | {
+    known = {"gate_up_proj", "down_proj", *(arch.quirk.biases if arch.quirk else ())} | {
         f.name.format(layer=layer).removeprefix(prefix) for f in (arch.fused or {}).values()
     }
     other = sorted(name for name, _ in module.named_parameters() if name not in known)

@@ -6,7 +6,7 @@ when that differs from the default (`model.layers.{layer}.mlp.experts.{e}.{gate_
 
 from __future__ import annotations
 
-from .spec import ArchSpec, FusedTensor
+from .spec import ArchSpec, ExpertsQuirk, FusedTensor
 
 _MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}  # w1 is activated, w3 multiplies, w2 projects down
 _FEED_FORWARD = "model.layers.{layer}.feed_forward.experts"
@@ -46,6 +46,29 @@ def _granite(model_type: str) -> ArchSpec:
         },
     )
 
+
+# gpt-oss: gate_up_proj (E, d, 2p) with gate and up interleaved column by column, down_proj (E, p, d), both
+# transposed, as the bf16 checkpoints store them (the published MXFP4 ones hold `_blocks` / `_scales` pairs, which
+# the reader dequantises to these tensors); per-expert biases kept as they are, and a clamped SwiGLU.
+_GPT_OSS_EXPERTS = "model.layers.{layer}.mlp.experts"
+GPT_OSS = ArchSpec(
+    model_type="gpt_oss",
+    experts=_GPT_OSS_EXPERTS,
+    experts_module=_GPT_OSS_EXPERTS,
+    fused={
+        "gate": FusedTensor(f"{_GPT_OSS_EXPERTS}.gate_up_proj", part=0, parts=2, transposed=True, interleaved=True),
+        "up": FusedTensor(f"{_GPT_OSS_EXPERTS}.gate_up_proj", part=1, parts=2, transposed=True, interleaved=True),
+        "down": FusedTensor(f"{_GPT_OSS_EXPERTS}.down_proj", transposed=True),
+    },
+    quirk=ExpertsQuirk(
+        glu="clamped_swiglu",
+        glu_attributes=("alpha", "limit"),
+        gate_up_bias="gate_up_proj_bias",
+        down_bias="down_proj_bias",
+    ),
+    router="model.layers.{layer}.mlp.router",
+    no_calibration="its experts add biases and a clamped SwiGLU, which the calibration statistics do not model",
+)
 
 FAMILIES = (
     # Per-expert tensors, as transformers' `qwen2_moe` conversion rules expect them.
@@ -108,6 +131,14 @@ FAMILIES = (
         "model.language_model.layers.{layer}.mlp.experts",
         model_class="Qwen3_5MoeForConditionalGeneration",
     ),
+    # Qwen3-VL MoE (text part): fused and transposed on disk, gate_up_proj (E, d, 2p) and down_proj (E, p, d); its
+    # experts module holds them untransposed (transformers' conversion rules transpose them on load).
+    _fused_gate_up(
+        "qwen3_vl_moe",
+        "model.language_model.layers.{layer}.mlp.experts",
+        transposed=True,
+        model_class="Qwen3VLMoeForConditionalGeneration",
+    ),
     # Llama 4 (text part): fused and transposed, gate_up_proj (E, d, 2p) and down_proj (E, p, d); its experts module
     # takes every token for every expert, pre-scaled by the routing weights (`MobeExperts` computes routed rows only).
     _fused_gate_up(
@@ -130,12 +161,11 @@ FAMILIES = (
         },
         activation="mlp.activation_fn",
     ),
+    GPT_OSS,
 )
 
 # Families mobe knows of and cannot read, each with the reason (the error a user gets).
 UNSUPPORTED = {
-    "gpt_oss": "gpt-oss experts carry biases and a clamped, interleaved SwiGLU on MXFP4 weights; the factorised "
-    "experts compute act(gate x) * (up x) without biases, so they cannot reproduce it",
     "bailing_moe": "Ling / Ring 2.0 (bailing_moe) ships only as remote code; the installed transformers has no "
     "bailing_moe class (bailing_hybrid is supported)",
     "nemotron_h": "Nemotron-H experts are not gated (relu2(up x), then down): there is no gate matrix to factorise "

@@ -55,6 +55,8 @@ class MoeLayout:
         if fused.flat:  # experts merged with the next dimension: read whole, then split (no part to slice alone)
             stored = reader.get(name)
             stack = stored.view(self.num_experts, -1, stored.shape[-1]).narrow(dim, fused.part * out, out)
+        elif fused.interleaved:  # every parts-th element: read whole (safetensors slices have no step)
+            stack = fused.take(reader.get(name), dim)
         else:
             stack = reader.get_part(name, dim, fused.part * out, (fused.part + 1) * out)
         return stack.transpose(1, 2).contiguous() if fused.transposed else stack.contiguous()
@@ -70,7 +72,10 @@ class MoeLayout:
         """The inverse of `read_experts` for one fused tensor holding `matrices` (in block order): the blocks,
         each an (E, out, in) stack, in the stored form."""
         fused = self.arch.fused[matrices[0]]
-        stack = torch.cat([blocks[m] for m in matrices], dim=1)
+        if fused.interleaved:  # (E, out, parts, in) -> rows alternate between the blocks
+            stack = torch.stack([blocks[m] for m in matrices], dim=2).flatten(1, 2)
+        else:
+            stack = torch.cat([blocks[m] for m in matrices], dim=1)
         stack = stack.transpose(1, 2).contiguous() if fused.transposed else stack
         return stack.reshape(-1, stack.shape[-1]) if fused.flat else stack
 

@@ -6,6 +6,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import Tensor
+
 MATRIX_TYPES = ("gate", "up", "down")
 
 
@@ -23,6 +26,8 @@ class FusedTensor:
             block 0 and up block 1 of a `gate_up_proj` of 2p rows).
         transposed: stored (E, in, out) instead of torch's (E, out, in) (Llama 4).
         flat: the expert dimension merged into the next one, (E * out, in) or (E * in, out) (DBRX).
+        interleaved: the blocks alternate element by element along the output dimension instead of following each
+            other (gpt-oss: gate = `[..., 0::2]`, up = `[..., 1::2]` of its `gate_up_proj`).
     """
 
     name: str
@@ -30,6 +35,37 @@ class FusedTensor:
     parts: int = 1
     transposed: bool = False
     flat: bool = False
+    interleaved: bool = False
+
+    def take(self, tensor: Tensor, dim: int) -> Tensor:
+        """This matrix type's block of `tensor` (the fused tensor, or a bias laid out the same way) along `dim`."""
+        if self.interleaved:
+            index = torch.arange(self.part, tensor.shape[dim], self.parts, device=tensor.device)
+            return tensor.index_select(dim, index)
+        size = tensor.shape[dim] // self.parts
+        return tensor.narrow(dim, self.part * size, size)
+
+
+@dataclass(frozen=True)
+class ExpertsQuirk:
+    """What an experts module computes beyond `down(act(gate x) * (up x))`, as data (gpt-oss).
+
+    Args:
+        glu: how the hidden state is formed from the gate and up projections, a name in
+            `mobe.runtime.experts.GLU_FUNCTIONS` (`clamped_swiglu`: gpt-oss's).
+        glu_attributes: attributes of transformers' experts module the glu takes as keyword arguments.
+        gate_up_bias / down_bias: the experts module's per-expert biases, (E, parts * p) laid out as the fused
+            gate/up weight's output dimension, and (E, d); kept uncompressed under their checkpoint names.
+    """
+
+    glu: str
+    glu_attributes: tuple[str, ...] = ()
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+
+    @property
+    def biases(self) -> tuple[str, ...]:
+        return tuple(b for b in (self.gate_up_bias, self.down_bias) if b is not None)
 
 
 @dataclass(frozen=True)
@@ -53,6 +89,7 @@ class ArchSpec:
             forward goes there).
         activation: the experts module's activation, as an attribute path (DBRX: `mlp.activation_fn`).
         no_calibration: why `--calibration` cannot stream this family one decoder layer at a time, if it cannot.
+        quirk: what its experts compute besides the plain gated MLP (biases, another gating), if anything.
     """
 
     model_type: str
@@ -72,6 +109,7 @@ class ArchSpec:
     text_model: str | None = None
     activation: str = "act_fn"
     no_calibration: str | None = None
+    quirk: ExpertsQuirk | None = None
     # The router of a layer (checkpoint prefix: its `weight` rows, and any other tensor whose first dimension is the
     # expert count, such as DeepSeek-V3's `e_score_correction_bias`, are per expert), and the config key that splits
     # the experts into contiguous routing groups (DeepSeek-V3's `n_group`), if any.
@@ -96,13 +134,21 @@ class ArchSpec:
             names = ",".join(self.matrices[m] for m in MATRIX_TYPES)
             return f"{self.experts}.{{e}}.{{{names}}}.weight (per expert)"
         tensors: dict[str, list[str]] = {}
+        interleaved: set[str] = set()
         for matrix in MATRIX_TYPES:
             fused = self.fused[matrix]
             shape = {(False, False): "", (True, False): " (E, in, out)", (False, True): " (E*out, in)"}.get(
                 (fused.transposed, fused.flat), " (E*in, out)"
             )
             tensors.setdefault(fused.name + shape, []).append(matrix)
-        return "; ".join(f"{name} = {'|'.join(matrices)}" for name, matrices in tensors.items()) + " (fused)"
+            if fused.interleaved:
+                interleaved.add(fused.name + shape)
+        blocks = "; ".join(
+            f"{name} = {'|'.join(matrices)}{' interleaved' if name in interleaved else ''}"
+            for name, matrices in tensors.items()
+        )
+        biases = f"; biases {', '.join(self.quirk.biases)}" if self.quirk and self.quirk.biases else ""
+        return blocks + biases + " (fused)"
 
     def stored_names(self, layer: int, matrix: str, num_experts: int) -> list[str]:
         """The checkpoint tensors that hold one layer's matrices of one type (one per expert, or one fused)."""

@@ -77,14 +77,14 @@ def _rebuild_meta_buffers(module: nn.Module) -> None:
 
 def check_streamable(layout: MoeLayout) -> None:
     """Calibration stacks each layer's experts from per-expert tensors and runs decoder layers one by one: fused
-    layouts and families whose layers cannot run alone are refused with the reason."""
+    layouts and families whose layers cannot run alone are refused with the reason (the family's own first)."""
+    if layout.arch.no_calibration:
+        raise CalibrationError(f"--calibration cannot stream {layout.arch.model_type}: {layout.arch.no_calibration}")
     if layout.arch.fused is not None:
         raise CalibrationError(
             f"--calibration reads checkpoints that store one tensor per expert; {layout.arch.model_type} "
             "stores its experts fused"
         )
-    if layout.arch.no_calibration:
-        raise CalibrationError(f"--calibration cannot stream {layout.arch.model_type}: {layout.arch.no_calibration}")
 
 
 def module_names(model: nn.Module, checkpoint_names: list[str]) -> dict[str, str]:

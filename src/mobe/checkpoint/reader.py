@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import mxfp4
 from .fp8 import FP8_DTYPE_NAMES, SCALE_SUFFIX, block_size, dequantize_blockwise
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ def resolve_checkpoint(model: str | os.PathLike) -> Path:
 class CheckpointReader:
     """Index of a checkpoint's tensors with lazy, per-tensor reads.
 
+    `weight_map` names the model's tensors: an MXFP4 checkpoint's blocks / scales pairs appear as the tensors they
+    dequantise to (bfloat16), read and dequantised one at a time.
+
     Example:
         >>> reader = CheckpointReader("Qwen3-30B-A3B")  # doctest: +SKIP
         >>> reader.shape("model.layers.0.mlp.experts.0.up_proj.weight")  # doctest: +SKIP
@@ -65,7 +69,12 @@ class CheckpointReader:
             raise CheckpointError(f"{config_file} is missing: not a Hugging Face checkpoint folder")
         self.config: dict[str, Any] = json.loads(config_file.read_text())
         self._headers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
-        self.weight_map = self._read_weight_map()
+        self._stored = self._read_weight_map()  # every tensor in the files
+        # MXFP4 checkpoints: each blocks / scales pair is shown as the one tensor it dequantises to (`mxfp4.py`).
+        self.mxfp4 = mxfp4.packed_pairs(self._stored) if mxfp4.is_mxfp4(self.config) else {}
+        packed = {name for pair in self.mxfp4.values() for name in pair}
+        self.weight_map = {n: shard for n, shard in self._stored.items() if n not in packed}
+        self.weight_map.update({name: self._stored[blocks] for name, (blocks, _) in self.mxfp4.items()})
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
@@ -84,7 +93,7 @@ class CheckpointReader:
 
     @property
     def shards(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
+        return sorted(set(self._stored.values()))
 
     def tensors_by_shard(self) -> dict[str, list[str]]:
         by_shard: dict[str, list[str]] = defaultdict(list)
@@ -103,7 +112,7 @@ class CheckpointReader:
         return self._headers[shard]
 
     def _locate(self, name: str) -> str:
-        shard = self.weight_map.get(name)
+        shard = self._stored.get(name)
         if shard is None:
             raise CheckpointError(f"tensor {name} is not in the checkpoint index of {self.path}")
         if name not in self._header(shard):
@@ -111,29 +120,46 @@ class CheckpointReader:
         return shard
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.mxfp4:
+            return mxfp4.dequantized_shape(self.shape(self.mxfp4[name][0]))
         return self._header(self._locate(name))[name][0]
 
     def dtype_name(self, name: str) -> str:
+        if name in self.mxfp4:
+            return mxfp4.DEQUANTIZED_DTYPE_NAME
         return self._header(self._locate(name))[name][1]
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.mxfp4:
+            return self.get_many([name])[name]
         with safe_open(self.path / self._locate(name), framework="pt") as f:
             return f.get_tensor(name)
 
     def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` of dimension `dim` of a tensor, reading only those bytes (one matrix type of a fused
-        experts tensor)."""
+        experts tensor); MXFP4 tensors are dequantised whole, then cut."""
+        if name in self.mxfp4:
+            return self.get(name).narrow(dim, start, stop - start).contiguous()
         with safe_open(self.path / self._locate(name), framework="pt") as f:
             index = (slice(None),) * dim + (slice(start, stop),)
             return f.get_slice(name)[index]
 
     def get_many(self, names: list[str], dequantize: bool = False) -> dict[str, torch.Tensor]:
-        """Read several tensors, opening each shard once; `dequantize` turns block-FP8 weights into float32."""
+        """Read several tensors, opening each shard once; `dequantize` turns block-FP8 weights into float32 (MXFP4
+        ones are always dequantised, to bfloat16)."""
         if dequantize:
             scales = {name: name + SCALE_SUFFIX for name in names if self.is_block_fp8(name)}
             raw = self.get_many([*names, *scales.values()])
             for name, scale in scales.items():
                 raw[name] = dequantize_blockwise(raw[name], raw[scale], block_size(self.config))  # type: ignore[arg-type]
+            return {name: raw[name] for name in names}
+        packed = [name for name in names if name in self.mxfp4]
+        if packed:  # each MXFP4 tensor read as its blocks and scales, then dequantised
+            pairs = [part for name in packed for part in self.mxfp4[name]]
+            raw = self.get_many([*(n for n in names if n not in self.mxfp4), *pairs])
+            for name in packed:
+                blocks, scales = self.mxfp4[name]
+                raw[name] = mxfp4.dequantize(raw.pop(blocks), raw.pop(scales))
             return {name: raw[name] for name in names}
         by_shard: dict[str, list[str]] = defaultdict(list)
         for name in names:
@@ -150,7 +176,7 @@ class CheckpointReader:
         return (
             self.dtype_name(name) in FP8_DTYPE_NAMES
             and block_size(self.config) is not None
-            and name + SCALE_SUFFIX in self.weight_map
+            and name + SCALE_SUFFIX in self._stored
         )
 
     def num_parameters(self) -> int:

@@ -7,7 +7,8 @@ experts fused (one tensor per layer for one or more matrix types, Qwen3.5 / Gemm
 fused tensors are dropped and its matrix types left dense are written beside the factors as `{experts}.{name}` stacks
 ((E, p, d); down (E, d, p)), the layout of the experts module that runs them. Dense format: the
 same tensors and shard layout as the source, with the compressed matrices rebuilt from the factors
-(block-FP8 sources get FP8 matrices and fresh `_scale_inv` block scales back, so engines load them as before).
+(block-FP8 sources get FP8 matrices and fresh `_scale_inv` block scales back, so engines load them as before;
+MXFP4 sources, which the reader shows dequantised, are written in bf16 under the dequantised tensors' names).
 """
 
 from __future__ import annotations

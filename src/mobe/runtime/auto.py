@@ -63,13 +63,17 @@ def install_compressed_experts(model: nn.Module, config: Any) -> None:
             m: FactoredMatrix(method, factor_shapes(section, layout, m), {**section, **meta.get(m, {})})
             for m in compressed
         }
+        quirk = layout.arch.quirk
         experts = MobeExperts(
-            operator.attrgetter(layout.arch.activation)(original),
+            None if quirk else operator.attrgetter(layout.arch.activation)(original),
             layout.num_experts,
             layout.intermediate_size,
             layout.hidden_size,
             factored,
             layout.arch.matrices,
+            quirk=quirk,
+            glu_kwargs={a: getattr(original, a) for a in quirk.glu_attributes} if quirk else None,
+            fused=layout.arch.fused,
         )
         parent, child = path.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, experts)

@@ -14,13 +14,15 @@ An optional LRU cache keeps what was built for recently used experts under `cach
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..architectures import ExpertsQuirk, FusedTensor
 from ..export import FACTOR_PREFIX
 from ..factorize import ExpertFactors, MobeFactors, activation_fn, get_method, mix_bases
 
@@ -46,10 +48,22 @@ class FactoredMatrix(nn.Module):
         return self.factors_cls.from_tensors(tensors, self.meta)
 
 
+def clamped_swiglu(gate: Tensor, up: Tensor, *, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's gating (transformers' `GptOssExperts._apply_gate` on the split projections): the gate clamped above
+    and up on both sides at `limit`, then (up + 1) * gate * sigmoid(alpha * gate)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+# The hidden state of experts whose gating is not act(gate x) * (up x), by `ExpertsQuirk.glu`.
+GLU_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"clamped_swiglu": clamped_swiglu}
+
+
 class MobeExperts(nn.Module):
     def __init__(
         self,
-        act_fn: nn.Module,
+        act_fn: nn.Module | None,
         num_experts: int,
         intermediate_size: int,
         hidden_size: int,
@@ -57,13 +71,23 @@ class MobeExperts(nn.Module):
         names: Mapping[str, str],
         workspace_experts: int = 16,
         cache_mib: float = 0.0,
+        quirk: ExpertsQuirk | None = None,
+        glu_kwargs: Mapping[str, float] | None = None,
+        fused: Mapping[str, FusedTensor] | None = None,
     ):
-        """`factored`: matrix type -> its factors; `names`: matrix type -> checkpoint name (the child's name)."""
+        """`factored`: matrix type -> its factors; `names`: matrix type -> checkpoint name (the child's name).
+
+        `quirk` (gpt-oss): the gating `GLU_FUNCTIONS[quirk.glu]` (with `glu_kwargs`, read from transformers' module)
+        in place of `act_fn`, and the per-expert biases, dense parameters under their checkpoint names; the gate/up
+        bias is split as the fused gate/up weight is (`fused`)."""
         super().__init__()
         self.act_fn = act_fn
         self.num_experts = num_experts
         self.names = dict(names)
         self.factored = tuple(m for m in ("gate", "up", "down") if m in factored)
+        self.quirk = quirk
+        self.glu = functools.partial(GLU_FUNCTIONS[quirk.glu], **(glu_kwargs or {})) if quirk else None
+        self.fused = dict(fused or {})
         self.configure(workspace_experts, cache_mib)
         for matrix in self.factored:
             self.add_module(self.names[matrix], factored[matrix])
@@ -71,6 +95,22 @@ class MobeExperts(nn.Module):
             if matrix not in factored:
                 shape = (hidden_size, intermediate_size) if matrix == "down" else (intermediate_size, hidden_size)
                 self.register_parameter(self.names[matrix], nn.Parameter(torch.empty(num_experts, *shape)))
+        if quirk and quirk.gate_up_bias:
+            bias = torch.empty(num_experts, self.fused["gate"].parts * intermediate_size)
+            self.register_parameter(quirk.gate_up_bias, nn.Parameter(bias))
+        if quirk and quirk.down_bias:
+            self.register_parameter(quirk.down_bias, nn.Parameter(torch.empty(num_experts, hidden_size)))
+
+    def _bias(self, matrix: str, experts: int | list[int]) -> Tensor | None:
+        """The bias `matrix`'s projection adds for `experts` (one row, or a row per expert), or None."""
+        name = None if self.quirk is None else self.quirk.down_bias if matrix == "down" else self.quirk.gate_up_bias
+        if name is None:
+            return None
+        bias = getattr(self, name)[experts]
+        return bias if matrix == "down" else self.fused[matrix].take(bias, dim=-1)
+
+    def _hidden(self, gate: Tensor, up: Tensor) -> Tensor:
+        return self.glu(gate, up) if self.glu is not None else self.act_fn(gate) * up
 
     def configure(self, workspace_experts: int = 16, cache_mib: float = 0.0) -> None:
         """Set the workspace (experts materialised at once) and the cache budget; clears the cache."""
@@ -126,6 +166,12 @@ class MobeExperts(nn.Module):
         return getattr(self, self.names[matrix])[e]
 
     def _project(self, matrix: str, x: Tensor, e: int, built: dict[str, dict[int, tuple[Tensor, ...]]]) -> Tensor:
+        """x W_e^T (plus expert e's bias, if the experts have biases)."""
+        bias = self._bias(matrix, e)
+        out = self._project_weight(matrix, x, e, built)
+        return out if bias is None else out + bias
+
+    def _project_weight(self, matrix: str, x: Tensor, e: int, built: dict) -> Tensor:
         """x W_e^T without forming W_e for MoBE: W = A M for gate/up; down is fitted transposed, W_down^T = A M."""
         if matrix not in self.factored:
             return x @ self._dense(matrix, e).T
@@ -155,6 +201,8 @@ class MobeExperts(nn.Module):
         """Llama 4's call: E blocks of rows, block e holding every token scaled by its weight for expert e (zero
         where e was not chosen). A zero row gives zero (the experts have no biases), so each block's non-zero rows
         run as tokens routed to expert e with weight 1, and the others are never computed."""
+        if self.quirk is not None and self.quirk.biases:
+            raise ValueError("experts with biases need the routing (top_k_index): a zero row does not give zero")
         E = self.num_experts
         routed = hidden_states.view(E, -1, hidden_states.shape[-1]).ne(0).any(dim=-1).reshape(-1, 1)
         expert = torch.arange(E, device=hidden_states.device).repeat_interleave(hidden_states.shape[0] // E)
@@ -181,7 +229,7 @@ class MobeExperts(nn.Module):
                 continue
             for e in batch:
                 seg = slice(ends[e] - counts[e], ends[e])
-                h = self.act_fn(self._project("gate", x[seg], e, built)) * self._project("up", x[seg], e, built)
+                h = self._hidden(self._project("gate", x[seg], e, built), self._project("up", x[seg], e, built))
                 out[seg] = self._project("down", h, e, built)
             del built
         final = torch.zeros_like(hidden_states)
@@ -192,6 +240,11 @@ class MobeExperts(nn.Module):
         """Rows of `x` belong to the experts of `batch` in order, one each: bmm over the stacked matrices."""
 
         def project(matrix: str, v: Tensor) -> Tensor:  # v: (n, 1, in)
+            bias = self._bias(matrix, batch)
+            out = project_weight(matrix, v)
+            return out if bias is None else out + bias[:, None]
+
+        def project_weight(matrix: str, v: Tensor) -> Tensor:
             if matrix not in self.factored:
                 W = getattr(self, self.names[matrix])[batch]  # (n, out, in)
                 return torch.bmm(v, W.transpose(1, 2))
@@ -205,5 +258,5 @@ class MobeExperts(nn.Module):
             return torch.bmm(torch.bmm(v, M.transpose(1, 2)), A.transpose(1, 2))
 
         v = x.unsqueeze(1)
-        h = self.act_fn(project("gate", v)) * project("up", v)
+        h = self._hidden(project("gate", v), project("up", v))
         return project("down", h).squeeze(1)

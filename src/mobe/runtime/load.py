@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..architectures import NATIVE_MODEL_TYPE_PREFIX
+from ..architectures import NATIVE_MODEL_TYPE_PREFIX, get_arch, supported_model_types
+from ..architectures.derive import model_class
 from ..checkpoint import CheckpointReader
 from .auto import native_classes
 from .experts import MobeExperts
@@ -23,6 +24,19 @@ def configure_experts(model: nn.Module, *, workspace_experts: int = 16, cache_mi
         if isinstance(module, MobeExperts):
             module.configure(workspace_experts, cache_mib)
     return model
+
+
+def _causal_lm_class(config: dict, auto: type) -> type:
+    """`auto` (AutoModelForCausalLM), or the family's own class for a plain checkpoint that it cannot open
+    (Qwen3-VL-MoE, which transformers maps to the image-text-to-text auto class only)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING or auto._model_mapping.get(CONFIG_MAPPING[model_type], None) is not None:
+        return auto
+    if model_type in supported_model_types() and get_arch(model_type).model_class:
+        return model_class(model_type, get_arch(model_type).model_class)
+    return auto
 
 
 def load_model(
@@ -48,6 +62,6 @@ def load_model(
     if section.get("format") == "native" and not reader.config["model_type"].startswith(NATIVE_MODEL_TYPE_PREFIX):
         config_cls, _ = native_classes(reader.config["model_type"])  # written before native types existed
         kwargs["config"] = config_cls.from_dict({k: v for k, v in reader.config.items() if k != "model_type"})
-    model = AutoModelForCausalLM.from_pretrained(reader.path, **kwargs)
+    model = _causal_lm_class(reader.config, AutoModelForCausalLM).from_pretrained(reader.path, **kwargs)
     configure_experts(model, workspace_experts=workspace_experts, cache_mib=cache_mib)
     return model.to(device).eval()
