@@ -9,6 +9,7 @@ from pathlib import Path
 from .architectures import MoeLayout, moe_layout
 from .checkpoint import CheckpointReader
 from .evaluate import mobe_parameters
+from .quantize.checkpoint import stored_bytes
 
 
 @dataclass
@@ -23,6 +24,8 @@ class ModelInfo:
     rank: int | None = None
     stored: dict | None = None  # a compressed checkpoint's mobe section (its settings)
     distill_memory: str | None = None  # what `mobe distill` with default settings would hold (compressed only)
+    stored_bytes: int | None = None  # every weight tensor as stored, whatever its dtype (headers only)
+    quantization: str | None = None  # how the weights are quantised, in words, if they are
 
     def summary(self) -> str:
         lay = self.layout
@@ -53,6 +56,11 @@ class ModelInfo:
             lines.append(
                 f"{label}: routed experts {self.expert_params:,} -> {self.compressed_expert_params:,} "
                 f"({100 * abs(saved) / self.expert_params:.1f}% {word}), model {before:,} -> {after:,}"
+            )
+        if self.stored_bytes is not None:
+            lines.append(
+                f"stored bytes:   {self.stored_bytes:,} ({self.stored_bytes / 2**20:,.2f} MiB of weights"
+                + (f"; {self.quantization})" if self.quantization else ")")
             )
         if self.distill_memory:
             lines.append(f"memory:         {self.distill_memory}")
@@ -87,6 +95,8 @@ def model_info(
         reader.num_parameters(),
         len(layout.moe_layers) * layout.expert_params_per_layer,
     )
+    info.stored_bytes = stored_bytes(reader)
+    info.quantization = _quantization(reader.config)
     section = reader.config.get("mobe")
     if section:
         from .config import DistillConfig
@@ -110,6 +120,21 @@ def model_info(
         info.compressed_expert_params = len(layout.moe_layers) * per_layer
         info.num_bases, info.rank = num_bases, rank
     return info
+
+
+def _quantization(config: dict) -> str | None:
+    """'int4 group 128, compressed-tensors pack-quantized' and the like, or None for float weights."""
+    native = (config.get("mobe") or {}).get("quantization")
+    if native and native.get("format") == "mobe-groupwise":
+        return f"factors {'+'.join(native['fields'])} in int{native['bits']}, group {native['group_size']}"
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    groups = list((qc.get("config_groups") or {}).values())
+    weights = (groups[0].get("weights") or {}) if groups else {}
+    if qc.get("quant_method") == "compressed-tensors" and weights:
+        return f"int{weights.get('num_bits')} group {weights.get('group_size')}, compressed-tensors {qc.get('format')}"
+    return f"quantised: {qc.get('quant_method', 'unknown method')}"
 
 
 @dataclass(frozen=True)
