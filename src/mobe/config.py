@@ -191,8 +191,8 @@ QUANTIZE_SCOPES = ("experts", "linears")
 class QuantizeConfig:
     """Weight-only, symmetric, group-wise integer quantisation of a checkpoint (after any compression, or alone).
 
-    Dense checkpoints are written in compressed-tensors' format (what llm-compressor writes: pack-quantized for
-    int4, int-quantized for int8); native MoBE checkpoints keep their factors, stored as integers plus scales.
+    Dense checkpoints are written in compressed-tensors' format (what llm-compressor writes for W4A16 / W8A16:
+    pack-quantized); native MoBE checkpoints keep their factors, stored as integers plus scales.
     """
 
     bits: int = field(default=4, metadata={"help": "4 | 8: bits per quantised weight"})

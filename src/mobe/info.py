@@ -57,6 +57,8 @@ class ModelInfo:
                 f"{label}: routed experts {self.expert_params:,} -> {self.compressed_expert_params:,} "
                 f"({100 * abs(saved) / self.expert_params:.1f}% {word}), model {before:,} -> {after:,}"
             )
+        if self.quantization:  # packed integers and their scales: entries, not parameters
+            lines[-1] = f"parameters:     {self.model_params:,} stored entries (packed integers and scales)"
         if self.stored_bytes is not None:
             lines.append(
                 f"stored bytes:   {self.stored_bytes:,} ({self.stored_bytes / 2**20:,.2f} MiB of weights"
@@ -98,7 +100,7 @@ def model_info(
     info.stored_bytes = stored_bytes(reader)
     info.quantization = _quantization(reader.config)
     section = reader.config.get("mobe")
-    if section:
+    if section and info.quantization is None:  # distillation trains float weights only
         from .config import DistillConfig
         from .distill.memory import estimate
 

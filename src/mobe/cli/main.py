@@ -215,8 +215,13 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     output = Path(args.output)
     pruned = output.with_name(f".{output.name}.mobe-pruned") if quantize else output
     if quantize is not None:  # checked before any scoring: the library, the group size
+        from ..architectures import moe_layout
+        from ..checkpoint import CheckpointReader
         from ..quantize import QuantizeError, quantize_checkpoint
+        from ..quantize.checkpoint import check_dense_quantizable
 
+        source = CheckpointReader(args.model)
+        check_dense_quantizable(moe_layout(source.config), quantize, source.path)
         if output.exists() and any(output.iterdir()):
             raise QuantizeError(f"output folder {output} already exists and is not empty; choose another path")
         if pruned.exists():
@@ -268,7 +273,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)  # checked before anything is read
     info = model_info(args.model, args.num_bases, args.rank, args.groups)
     print(info.summary())
-    if info.stored is None:  # an original checkpoint: what compressing and running it would take
+    if info.stored is None and info.quantization is None:  # an original: what compressing and running it would take
         estimate = memory_estimate(
             args.model,
             args.num_bases or MobeConfig().num_bases,
@@ -281,7 +286,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
             args.cache_mib,
         )
         print(estimate.summary())
-    if args.num_bases is not None and info.stored is None:
+    if args.num_bases is not None and info.stored is None and info.quantization is None:
         from ..estimate import estimate_compress_time
 
         timing = estimate_compress_time(

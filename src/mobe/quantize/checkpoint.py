@@ -1,10 +1,10 @@
 """Quantise a whole checkpoint shard by shard: dense ones in compressed-tensors' format, native ones factor-wise.
 
 Dense checkpoints (an original, a REAP-pruned one, a reconstructed one) become what llm-compressor writes for
-its W4A16 / W8A16 schemes, through the compressed-tensors library itself: each quantised linear `X.weight` becomes
-`X.weight_packed` (int32, eight 4-bit values each), `X.weight_scale` and `X.weight_shape` for int4
-(`pack-quantized`), or an int8 `X.weight` and `X.weight_scale` for int8 (`int-quantized`), and config.json gains
-a `quantization_config` with `quant_method: compressed-tensors`. transformers (with compressed-tensors installed),
+its W4A16 / W8A16 schemes, through the compressed-tensors library itself (the format is the one it infers for a
+weight-only integer scheme, `pack-quantized`): each quantised linear `X.weight` becomes `X.weight_packed` (int32,
+eight 4-bit or four 8-bit values each), `X.weight_scale` and `X.weight_shape`, and config.json gains a
+`quantization_config` with `quant_method: compressed-tensors`. transformers (with compressed-tensors installed),
 vLLM and SGLang load it.
 
 Native checkpoints keep their factors, each floating factor tensor but the mixing coefficients stored as
@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 QWEIGHT, SCALES = "qweight", "scales"
 UNQUANTISED_FACTORS = ("coef",)  # softmax mixing weights: tiny, and they pass through a softmax-like mix
-CT_FORMATS = {4: "pack-quantized", 8: "int-quantized"}
 
 
 class QuantizeError(ValueError):
@@ -145,7 +144,7 @@ def quantize_checkpoint(
     else:
         new_config["quantization_config"] = _ct_config(reader, plan, config)
         if section:
-            new_config["mobe"] = {**section, "quantization": {**scheme, "format": CT_FORMATS[config.bits]}}
+            new_config["mobe"] = {**section, "quantization": {**scheme, "format": _ct_format(config)}}
     write_json_atomic(new_config, target / "config.json")
     write_json_atomic(report.__dict__, target / "mobe_quantize.json")
     if output.exists():
@@ -264,13 +263,20 @@ def _ignored_linears(reader: CheckpointReader) -> list[str]:
     ]
 
 
-def _scheme(config: QuantizeConfig, targets: list[str]):
+def _scheme(config: QuantizeConfig, targets: list[str], fmt: str | None = None):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     args = QuantizationArgs(
         num_bits=config.bits, type="int", symmetric=True, strategy="group", group_size=config.group_size
     )
-    return QuantizationScheme(targets=targets, weights=args, format=CT_FORMATS[config.bits])
+    return QuantizationScheme(targets=targets, weights=args, format=fmt)
+
+
+def _ct_format(config: QuantizeConfig) -> str:
+    """The format compressed-tensors (and so llm-compressor) picks for this scheme on a linear: pack-quantized."""
+    from compressed_tensors.compressors.format import infer_module_format
+
+    return infer_module_format(torch.nn.Linear, _scheme(config, ["Linear"])).value
 
 
 def _quantize_ct(name: str, tensor: torch.Tensor, config: QuantizeConfig) -> dict[str, torch.Tensor]:
@@ -278,9 +284,10 @@ def _quantize_ct(name: str, tensor: torch.Tensor, config: QuantizeConfig) -> dic
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
-    scheme = _scheme(config, ["Linear"])
+    fmt = _ct_format(config)
+    scheme = _scheme(config, ["Linear"], fmt)
     scale, _ = compute_dynamic_scales_and_zp(tensor, scheme.weights, module=None)
-    compressor = BaseCompressor.get_value_from_registry(CT_FORMATS[config.bits])
+    compressor = BaseCompressor.get_value_from_registry(fmt)
     out = compressor.compress({"weight": tensor, "weight_scale": scale}, scheme)
     prefix = name.removesuffix(".weight")
     return {f"{prefix}.{key}": value for key, value in out.items()}
@@ -300,9 +307,10 @@ def _ct_config(reader: CheckpointReader, plan: set[str], config: QuantizeConfig)
         targets.append("Linear")
         quantised = {name.removesuffix(".weight") for name in plan}
         ignore = sorted({n for n in _linear_modules(reader) if n not in quantised})
+    fmt = _ct_format(config)
     qc = QuantizationConfig(
-        config_groups={"group_0": _scheme(config, targets)},
-        format=CT_FORMATS[config.bits],
+        config_groups={"group_0": _scheme(config, targets, fmt)},
+        format=fmt,
         quantization_status="compressed",
         ignore=ignore,
     )
