@@ -57,7 +57,7 @@ class ModelInfo:
                 f"{label}: routed experts {self.expert_params:,} -> {self.compressed_expert_params:,} "
                 f"({100 * abs(saved) / self.expert_params:.1f}% {word}), model {before:,} -> {after:,}"
             )
-        if self.quantization:  # packed integers and their scales: entries, not parameters
+        if self.quantization and self.stored is None:  # packed integers and their scales: entries, not parameters
             lines[-1] = f"parameters:     {self.model_params:,} stored entries (packed integers and scales)"
         if self.stored_bytes is not None:
             lines.append(
@@ -111,9 +111,9 @@ def model_info(
         prefixes = tuple(layout.arch.experts_prefix(layer) + "." for layer in layout.moe_layers)
         fused = {name for layer in layout.moe_layers for name in layout.fused_tensors(layer)}
         info.compressed_expert_params = sum(
-            math.prod(reader.shape(n)) for n in reader.weight_map if n.startswith(prefixes) or n in fused
+            _logical_size(reader, section, layout, n) for n in reader.weight_map if n.startswith(prefixes) or n in fused
         )
-        info.model_params = reader.num_parameters()
+        info.model_params = sum(_logical_size(reader, section, layout, n) for n in reader.weight_map)
         return info
     if num_bases is not None:
         E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
@@ -122,6 +122,18 @@ def model_info(
         info.compressed_expert_params = len(layout.moe_layers) * per_layer
         info.num_bases, info.rank = num_bases, rank
     return info
+
+
+def _logical_size(reader: CheckpointReader, section: dict, layout: MoeLayout, name: str) -> int:
+    """Parameters a stored tensor stands for: a quantised factor's `qweight` counts as the factor (its logical shape
+    in `factor_shapes`), its `scales` as nothing."""
+    if not section.get("quantization") or not name.endswith((".qweight", ".scales")):
+        return math.prod(reader.shape(name))
+    if name.endswith(".scales"):
+        return 0
+    *_, matrix_name, factor, _ = name.split(".")
+    matrix = {v: k for k, v in layout.arch.matrices.items()}[matrix_name]
+    return math.prod(section["factor_shapes"][matrix][factor.removeprefix("mobe_")])
 
 
 def _quantization(config: dict) -> str | None:

@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mobe import MobeConfig, compress
+from mobe import MobeConfig, compress, model_info
 from mobe.architectures import moe_layout
 from mobe.cli.main import main
 from mobe.config import QuantizeConfig
+from mobe.distill import DistillError, distill
 from mobe.fixtures import build_tiny_moe, heldout_text, trained_fixture_path
 from mobe.quantize import QuantizeError, groupwise, quantize_checkpoint, stored_bytes
 from mobe.runtime import MobeExperts
@@ -160,6 +161,16 @@ def test_native_factors_quantised_run_to_the_fake_quantised_factors(tiny, bits, 
     )
     assert stored_bytes(native) - stored_bytes(out) == per_layer * len(section["layers"])
 
+    before, after = model_info(native), model_info(out)  # parameters: the factors' own, however stored
+    assert after.model_params == before.model_params
+    assert after.compressed_expert_params == before.compressed_expert_params
+    assert after.stored_bytes == stored_bytes(out) and f"int{bits}" in after.quantization
+
+    text = tmp_path / "text.txt"
+    text.write_text("some text")
+    with pytest.raises(DistillError, match="quantised"):  # integers do not train
+        distill(tiny["qwen3_moe"], out, tmp_path / "kd", text)
+
     dense = tmp_path / "dense"  # mobe reconstruct reads the quantised factors back
     assert main(["reconstruct", str(out), "-o", str(dense), "-q"]) == 0
     torch.testing.assert_close(logits(dense), expected, rtol=0, atol=1e-5)
@@ -177,6 +188,11 @@ def test_cli_compress_quantize_and_bad_input(tiny, tmp_path, capsys):
 
     assert main(["info", str(out)]) == 0
     assert "compressed-tensors pack-quantized" in capsys.readouterr().out
+
+    native = tmp_path / "mobe-w4"  # a native output: its factors quantised, any group size
+    assert main([*args[:3], str(native), *args[4:], "--quantize", "int4", "--quantize-group-size", "5", "-q"]) == 0
+    assert json.loads((native / "config.json").read_text())["mobe"]["quantization"]["group_size"] == 5
+    logits(native)
 
     bad = tmp_path / "bad"
     assert main([*args[:3], str(bad), "--reconstruct", "--quantize", "int4", "--quantize-group-size", "12"]) == 2
