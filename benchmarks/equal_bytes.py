@@ -2,7 +2,8 @@
 
 On both trained fixtures, every variant below is written as a checkpoint, its stored bytes counted (every weight
 tensor of the whole model, as stored: packed integers, scales and the 16-bit rest) and its held-out perplexity
-measured with the settings of benchmarks/data_free.py (16,384 tokens, context 256, stride 128), plus the accuracy on
+measured with the settings of benchmarks/data_free.py (16,384 tokens, context 256, stride 128), the bytes of the
+parameters and buffers transformers holds once it has loaded the checkpoint (`resident`), plus the accuracy on
 the local lm-eval task tests/data/eval/python_docs_mc.yaml (ten questions: a smoke check, not a ranking):
 
 - the original (bf16), and quantised alone to int8 / int4 (`mobe quantize`, compressed-tensors);
@@ -45,6 +46,15 @@ TASK = HERE.parent / "tests" / "data" / "eval" / "python_docs_mc.yaml"
 FAMILIES = ("original", "reap", "mobe", "reap+mobe")
 
 
+def _resident_bytes(path: Path) -> int:
+    """Bytes of the parameters and buffers transformers holds after loading the checkpoint in its own dtype (a
+    compressed-tensors checkpoint's experts are dequantised while loading; native integer factors stay integers)."""
+    from mobe.runtime import load_model
+
+    model = load_model(path)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 def _accuracy(path: Path) -> float | None:
     """acc on the local lm-eval task (None without lm-eval)."""
     try:
@@ -75,6 +85,7 @@ class Runner:
             "family": family,
             "label": label,
             "bytes": stored_bytes(path),
+            "resident_bytes": _resident_bytes(path),
             "perplexity": ppl,
             "accuracy": acc,
             "seconds_to_write": seconds,
@@ -83,7 +94,7 @@ class Runner:
         }
         self.rows.append(row)
         acc_text = "" if acc is None else f" acc {acc:.2f}"
-        print(f"  {label:<28} {row['bytes'] / 2**20:>8.2f} MiB  ppl {ppl:>8.3f}{acc_text}", flush=True)
+        print(f"  {label:<34} {row['bytes'] / 2**20:>8.2f} MiB  ppl {ppl:>8.3f}{acc_text}", flush=True)
         return row
 
     def timed(self, name: str, write: Callable[[Path], object]) -> tuple[Path, float]:
@@ -295,12 +306,13 @@ def main() -> None:
         result = {"fixtures": {name: run_fixture(name, args, Path(tmp)) for name in args.fixtures}}
     for name, fixture in result["fixtures"].items():
         print(f"\n{name} ({fixture['fixture']}): original {fixture['original_bytes'] / 2**20:.2f} MiB")
-        print(f"{'variant':<30} {'MiB':>8} {'bytes':>7} {'ppl':>8} {'d ppl':>8} {'acc':>5}")
+        print(f"{'variant':<36} {'MiB':>8} {'bytes':>7} {'resident':>8} {'ppl':>8} {'d ppl':>8} {'acc':>5}")
         for r in sorted(fixture["rows"], key=lambda r: r["bytes"]):
             acc = "" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
             mark = " *" if r["label"] in fixture["frontier"] else ""
             print(
-                f"{r['label'] + mark:<30} {r['bytes'] / 2**20:>8.2f} {r['bytes'] / fixture['original_bytes']:>7.1%} "
+                f"{r['label'] + mark:<36} {r['bytes'] / 2**20:>8.2f} {r['bytes'] / fixture['original_bytes']:>7.1%} "
+                f"{r['resident_bytes'] / 2**20:>8.2f} "
                 f"{r['perplexity']:>8.3f} {r['perplexity'] - fixture['original_perplexity']:>+8.3f} {acc:>5}"
             )
         print("  best within each budget:")

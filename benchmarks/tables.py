@@ -249,13 +249,14 @@ def equal_bytes_table(result: dict) -> str:
             f"**{name}** (`{fixture['fixture']}`, {orig_bytes / 2**20:.2f} MiB of weights, perplexity {orig_ppl:.2f})"
         )
         lines.append("")
-        lines.append("| variant | MiB | of the original | perplexity | d ppl | acc (10 q.) |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines.append("| variant | MiB stored | of the original | MiB resident | perplexity | d ppl | acc (10 q.) |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
         for r in sorted(fixture["rows"], key=lambda r: (r["bytes"], r["perplexity"])):
             label = f"**{r['label']}** *" if r["label"] in fixture["frontier"] else r["label"]
             acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.1f}"
             lines.append(
                 f"| {label} | {r['bytes'] / 2**20:.2f} | {100 * r['bytes'] / orig_bytes:.1f}% | "
+                f"{r['resident_bytes'] / 2**20:.2f} | "
                 f"{r['perplexity']:.3f} | {r['perplexity'] - orig_ppl:+.3f} | {acc} |"
             )
         lines.append("")

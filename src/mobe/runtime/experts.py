@@ -72,7 +72,6 @@ class FactoredMatrix(nn.Module):
                 self.register_buffer(FACTOR_PREFIX + field, torch.zeros(*shapes[field], dtype=torch.long))
             else:
                 self.register_parameter(FACTOR_PREFIX + field, nn.Parameter(torch.empty(*shapes[field])))
-
         self.quantized = tuple(f for f in self.factors_cls.tensor_fields if f in quantized)
 
     def tensor(self, field: str, index: Tensor | int | None = None) -> Tensor:
@@ -176,7 +175,8 @@ class MobeExperts(nn.Module):
             part = mix_bases(coef[rows], bases, torch.zeros_like(rows), act)
             mixed = part.new_empty(len(experts), *part.shape[1:]) if mixed is None else mixed
             mixed[rows] = part
-        return [(A[i].clone(), mixed[i].to(A.dtype)) for i in range(len(experts))]  # clones: the cache frees them
+        own = (lambda t: t.clone()) if self.cache_bytes else (lambda t: t)  # a cached A_e must not pin all of A
+        return [(own(A[i]), mixed[i].to(A.dtype)) for i in range(len(experts))]
 
     def _remember(self, key: tuple[str, int], item: tuple[Tensor, ...], owns_all: bool = False) -> None:
         """Cache `item` under the budget; `owns_all`: every tensor of it is a copy (a dequantised A_e too), where
