@@ -20,7 +20,7 @@ import logging
 import math
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +53,6 @@ class QuantizeReport:
     quantized: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
-    skipped: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
