@@ -211,7 +211,7 @@ def test_cli_compress_quantize_and_bad_input(tiny, tmp_path, capsys):
 
 
 @needs_ct
-def test_cli_reap_then_int4(tmp_path):
+def test_cli_reap_then_int4(tmp_path, capsys):
     model = build_tiny_moe(tmp_path / "tiny", "qwen3_moe", vocab_size=4096)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(trained_fixture_path() / name, model / name)
@@ -223,6 +223,7 @@ def test_cli_reap_then_int4(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.txt", "tiny"]  # refused before any work
     assert main([*args, "--calibration", str(text), "--calibration-tokens", "128", "--quantize", "int4",
                  "--quantize-group-size", "16", "-q"]) == 0  # fmt: skip
+    assert f"-> {stored_bytes(out) / 2**20:,.2f} MiB" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert moe_layout(config).num_experts == 6 and config["quantization_config"]["format"] == "pack-quantized"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.txt", "reap-w4", "tiny"]

@@ -240,6 +240,10 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     if quantize is not None:
         print(quantize_checkpoint(pruned, output, quantize, progress=not args.quiet).table())
         shutil.rmtree(pruned)
+    from ..quantize import stored_bytes
+
+    before, after = stored_bytes(args.model), stored_bytes(output)
+    print(f"stored: {before / 2**20:,.2f} MiB -> {after / 2**20:,.2f} MiB ({100 * after / before:.1f}% of the source)")
     print(
         f"wrote {args.output} (pruned, {report.layers[0].experts_before} -> {len(report.layers[0].kept)} experts "
         f"per layer); report: {args.output}/mobe_report.json"
