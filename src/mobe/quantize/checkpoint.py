@@ -4,8 +4,8 @@ Dense checkpoints (an original, a REAP-pruned one, a reconstructed one) become w
 its W4A16 / W8A16 schemes, through the compressed-tensors library itself (the format is the one it infers for a
 weight-only integer scheme, `pack-quantized`): each quantised linear `X.weight` becomes `X.weight_packed` (int32,
 eight 4-bit or four 8-bit values each), `X.weight_scale` and `X.weight_shape`, and config.json gains a
-`quantization_config` with `quant_method: compressed-tensors`. transformers (with compressed-tensors installed),
-vLLM and SGLang load it.
+`quantization_config` with `quant_method: compressed-tensors`. transformers loads it (with compressed-tensors
+installed; tested); it is the format vLLM and SGLang serve llm-compressor's checkpoints in (not tested here).
 
 Native checkpoints keep their factors, each floating factor tensor but the mixing coefficients stored as
 `NAME.qweight` (int8, or two 4-bit values per uint8) and `NAME.scales`; the `mobe` section of config.json records
