@@ -52,7 +52,8 @@ def _resident_bytes(path: Path) -> int:
     from mobe.runtime import load_model
 
     model = load_model(path)
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}  # tied embeddings: once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _accuracy(path: Path) -> float | None:
