@@ -240,6 +240,8 @@ def _precision(row: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Perplexity against stored bytes per fixture: colour the family, marker the precision, hollow the dense
+    reconstructions; the frontier as a step line. `python -c` with equal_bytes.plot redraws it from the JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,9 +264,10 @@ def plot(result: dict, path: Path) -> None:
                 label=f"{r['family']}{' dense' if dense else ''} {_precision(r)}",
             )
         front = sorted((r for r in rows if r["label"] in fixture["frontier"]), key=lambda r: r["bytes"])
+        right = max(r["bytes"] for r in rows) / 2**20  # the best perplexity holds to the largest size
         ax.step(
-            [r["bytes"] / 2**20 for r in front],
-            [r["perplexity"] for r in front],
+            [r["bytes"] / 2**20 for r in front] + [right],
+            [r["perplexity"] for r in front] + [front[-1]["perplexity"]],
             where="post",
             color="black",
             lw=0.8,
@@ -272,7 +275,9 @@ def plot(result: dict, path: Path) -> None:
         )
         ax.set_xlabel("stored bytes of the whole model (MiB)")
         ax.set_ylabel("held-out perplexity")
-        ax.set_yscale("log")
+        ppl = [r["perplexity"] for r in rows]
+        if max(ppl) > 3 * min(ppl):  # a log scale only where some variant is far off
+            ax.set_yscale("log")
         ax.set_title(f"{name}: {fixture['fixture']}")
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
