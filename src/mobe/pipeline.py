@@ -38,7 +38,7 @@ from .export import (
     write_json_atomic,
 )
 from .factorize import ExpertFactors, budget_for_ratio, get_method
-from .quantize.checkpoint import stored_bytes
+from .quantize.checkpoint import refuse_quantized, stored_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +317,7 @@ def compress(
         require_ray()
     _check_output(output)
     reader = CheckpointReader(model)
+    refuse_quantized(reader, "compress")
     layout = moe_layout(reader.config)
     config = resolve_settings(layout, config)
     check_calibration(reader, config)

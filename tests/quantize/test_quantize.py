@@ -205,6 +205,9 @@ def test_cli_compress_quantize_and_bad_input(tiny, tmp_path, capsys):
     assert "--quantize-group-size 12" in capsys.readouterr().err and not bad.exists()
     assert main(["quantize", str(out), "-o", str(tmp_path / "again")]) == 2
     assert "already quantised" in capsys.readouterr().err
+    for source in (out, native):  # integers are no input to a compression
+        assert main(["compress", str(source), "-o", str(tmp_path / "again"), "--steps", "1"]) == 2
+        assert "holds quantised weights" in capsys.readouterr().err
     assert main(["quantize", str(tiny["qwen3_moe"]), "-o", str(tmp_path / "w4"), "--group-size", "16", "-q"]) == 0
     with pytest.raises(QuantizeError, match="not empty"):
         quantize_checkpoint(tiny["qwen3_moe"], tmp_path / "w4")

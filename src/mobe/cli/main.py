@@ -226,6 +226,10 @@ def _cmd_prune(args: argparse.Namespace) -> None:
             raise QuantizeError(f"output folder {output} already exists and is not empty; choose another path")
         if pruned.exists():
             shutil.rmtree(pruned)
+    from ..checkpoint import CheckpointReader
+    from ..quantize.checkpoint import refuse_quantized
+
+    refuse_quantized(CheckpointReader(args.model), "prune")
     report = prune_experts(
         args.model,
         pruned,

@@ -99,10 +99,9 @@ def quantize_checkpoint(
         raise QuantizeError(
             f"{reader.path}/config.json: the checkpoint is already quantised ({method}); give its source"
         )
+    refuse_quantized(reader, "quantise")
     section = reader.config.get("mobe") or {}
     native = section.get("format") == "native"
-    if native and section.get("quantization"):
-        raise QuantizeError(f"{reader.path}: its factors are already quantised ({section['quantization']})")
     plan = _native_plan(reader) if native else _dense_plan(reader, config)
     report = QuantizeReport(
         str(model), str(output), config.to_dict(), "native" if native else "compressed-tensors", len(plan)
@@ -150,6 +149,16 @@ def quantize_checkpoint(
         output.rmdir()
     target.rename(output)
     return report
+
+
+def refuse_quantized(reader: CheckpointReader, what: str) -> None:
+    """One line for a checkpoint written by `mobe quantize` (compressed-tensors, or integer factors): it holds
+    integers where a compression reads floating weights."""
+    qc = reader.config.get("quantization_config") or {}
+    section = reader.config.get("mobe") or {}
+    if qc.get("quant_method") == "compressed-tensors" or section.get("quantization"):
+        how = "compressed-tensors" if qc else f"integer factors {section['quantization'].get('fields')}"
+        raise QuantizeError(f"{reader.path} holds quantised weights ({how}); {what} from its unquantised source")
 
 
 def plan_fields(plan: set[str]) -> list[str]:
