@@ -110,6 +110,13 @@ RUNS = (
         needs=BOTH_TEXTS,
     ),
     Run(
+        "equal_bytes",
+        "equal_bytes.py",
+        "--steps 300 --threads 1",
+        "--fixtures coarse --ratios 0.5 --steps 5 --tokens 1024 --calibration-tokens 1024 --no-lm-eval",
+        needs=BOTH_TEXTS,
+    ),
+    Run(
         "compress_memory",
         "compress_memory.py",
         "",

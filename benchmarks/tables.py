@@ -270,6 +270,65 @@ def schedules_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def equal_bytes_table(result: dict) -> str:
+    """Every variant of equal_bytes.py by stored bytes, one block per fixture; the frontier marked."""
+    lines = []
+    for name, fixture in result["fixtures"].items():
+        orig_ppl, orig_bytes = fixture["original_perplexity"], fixture["original_bytes"]
+        lines.append(
+            f"**{name}** (`{fixture['fixture']}`, {orig_bytes / 2**20:.2f} MiB of weights, perplexity {orig_ppl:.2f})"
+        )
+        lines.append("")
+        lines.append("| variant | MiB stored | of the original | MiB resident | perplexity | d ppl | acc (10 q.) |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in sorted(fixture["rows"], key=lambda r: (r["bytes"], r["perplexity"])):
+            label = f"**{r['label']}** *" if r["label"] in fixture["frontier"] else r["label"]
+            acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.1f}"
+            lines.append(
+                f"| {label} | {r['bytes'] / 2**20:.2f} | {100 * r['bytes'] / orig_bytes:.1f}% | "
+                f"{r['resident_bytes'] / 2**20:.2f} | "
+                f"{r['perplexity']:.3f} | {r['perplexity'] - orig_ppl:+.3f} | {acc} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def equal_bytes_sentence(name: str, fixture: dict) -> str:
+    """Where quantising the original alone stands against the factorised and pruned variants, in one sentence."""
+    rows = {r["label"]: r for r in fixture["rows"]}
+    quantised = [rows[f] for f in fixture["frontier"] if rows[f]["family"] == "original" and rows[f]["bits"] < 16]
+    if not quantised:
+        return f"On {name}, quantising the original alone is not on the frontier."
+    q = min(quantised, key=lambda r: r["bytes"])
+    others = [r for r in fixture["rows"] if r["family"] != "original" and r["bytes"] >= q["bytes"]]
+    beaten = sum(r["perplexity"] > q["perplexity"] for r in others)
+    below = [f for f in fixture["frontier"] if rows[f]["bytes"] < q["bytes"]]
+    pct = 100 * q["bytes"] / fixture["original_bytes"]
+    text = (
+        f"On {name}, the original in int{q['bits']} alone ({pct:.0f}% of the bytes, "
+        f"{q['perplexity'] - fixture['original_perplexity']:+.2f} perplexity) beats {beaten} of the {len(others)} "
+        "factorised or pruned variants as large or larger"
+    )
+    if below:
+        return text + f"; below its size the frontier is {', '.join(below)}."
+    return text + "; nothing smaller was measured."
+
+
+def equal_bytes_summary(result: dict) -> str:
+    """The README's view: one sentence per fixture, then the frontier (the best variant at each size)."""
+    lines = [" ".join(equal_bytes_sentence(n, f) for n, f in result["fixtures"].items()), ""]
+    lines += ["| fixture | frontier variant | of the original bytes | d ppl |", "|---|---|---:|---:|"]
+    for name, fixture in result["fixtures"].items():
+        rows = {r["label"]: r for r in fixture["rows"]}
+        for label in fixture["frontier"]:
+            r = rows[label]
+            lines.append(
+                f"| {name} | {label} | {100 * r['bytes'] / fixture['original_bytes']:.1f}% | "
+                f"{r['perplexity'] - fixture['original_perplexity']:+.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def replace_block(path: Path, name: str, body: str, show: bool = False) -> None:
     """Put `body` between the NAME markers of `path`; with `show`, print it instead and leave the file alone."""
     if show:
@@ -331,6 +390,11 @@ def main() -> None:
     recipe = results / "recipe.json"
     if recipe.exists():
         replace_block(ROOT / "docs" / "results.md", "recipe", recipe_table(json.loads(recipe.read_text())), show)
+    equal_bytes = results / "equal_bytes.json"
+    if equal_bytes.exists():
+        result = json.loads(equal_bytes.read_text())
+        replace_block(ROOT / "docs" / "quantize.md", "equal_bytes", equal_bytes_table(result), show)
+        replace_block(ROOT / "README.md", "equal_bytes", equal_bytes_summary(result), show)
     parity = results / "paper_parity.json"
     if parity.exists():
         table = paper_parity_table(json.loads(parity.read_text()))

@@ -205,6 +205,40 @@ class MobeConfig:
         return out
 
 
+QUANTIZE_BITS = (4, 8)
+QUANTIZE_SCOPES = ("experts", "linears")
+
+
+@dataclass
+class QuantizeConfig:
+    """Weight-only, symmetric, group-wise integer quantisation of a checkpoint (after any compression, or alone).
+
+    Dense checkpoints are written in compressed-tensors' format (what llm-compressor writes for W4A16 / W8A16:
+    pack-quantized); native MoBE checkpoints keep their factors, stored as integers plus scales.
+    """
+
+    bits: int = field(default=4, metadata={"help": "4 | 8: bits per quantised weight"})
+    group_size: int = field(default=128, metadata={"help": "consecutive input-dimension weights sharing one scale"})
+    scope: str = field(
+        default="experts",
+        metadata={
+            "help": "dense checkpoints: experts (the routed experts' linears) | linears (every linear layer but "
+            "lm_head, the routers and the shared-expert gates); native ones always quantise their factors"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.bits not in QUANTIZE_BITS:
+            raise ValueError(f"quantize bits must be one of {QUANTIZE_BITS}, got {self.bits}")
+        if self.group_size < 1:
+            raise ValueError(f"quantize group_size must be >= 1, got {self.group_size}")
+        if self.scope not in QUANTIZE_SCOPES:
+            raise ValueError(f"quantize scope must be one of {QUANTIZE_SCOPES}, got {self.scope!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 DISTILL_MODES = ("router", "router+coef", "all-small")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from .architectures import MoeLayout, moe_layout
 from .checkpoint import CheckpointReader
 from .evaluate import mobe_parameters
+from .quantize.checkpoint import stored_bytes
 
 
 @dataclass
@@ -23,6 +24,8 @@ class ModelInfo:
     rank: int | None = None
     stored: dict | None = None  # a compressed checkpoint's mobe section (its settings)
     distill_memory: str | None = None  # what `mobe distill` with default settings would hold (compressed only)
+    stored_bytes: int | None = None  # every weight tensor as stored, whatever its dtype (headers only)
+    quantization: str | None = None  # how the weights are quantised, in words, if they are
 
     def summary(self) -> str:
         lay = self.layout
@@ -53,6 +56,13 @@ class ModelInfo:
             lines.append(
                 f"{label}: routed experts {self.expert_params:,} -> {self.compressed_expert_params:,} "
                 f"({100 * abs(saved) / self.expert_params:.1f}% {word}), model {before:,} -> {after:,}"
+            )
+        if self.quantization and self.stored is None:  # packed integers and their scales: entries, not parameters
+            lines[-1] = f"parameters:     {self.model_params:,} stored entries (packed integers and scales)"
+        if self.stored_bytes is not None:
+            lines.append(
+                f"stored bytes:   {self.stored_bytes:,} ({self.stored_bytes / 2**20:,.2f} MiB of weights"
+                + (f"; {self.quantization})" if self.quantization else ")")
             )
         if self.distill_memory:
             lines.append(f"memory:         {self.distill_memory}")
@@ -87,8 +97,10 @@ def model_info(
         reader.num_parameters(),
         len(layout.moe_layers) * layout.expert_params_per_layer,
     )
+    info.stored_bytes = stored_bytes(reader)
+    info.quantization = _quantization(reader.config)
     section = reader.config.get("mobe")
-    if section:
+    if section and info.quantization is None:  # distillation trains float weights only
         from .config import DistillConfig
         from .distill.memory import estimate
 
@@ -99,9 +111,9 @@ def model_info(
         prefixes = tuple(layout.arch.experts_prefix(layer) + "." for layer in layout.moe_layers)
         fused = {name for layer in layout.moe_layers for name in layout.fused_tensors(layer)}
         info.compressed_expert_params = sum(
-            math.prod(reader.shape(n)) for n in reader.weight_map if n.startswith(prefixes) or n in fused
+            _logical_size(reader, section, layout, n) for n in reader.weight_map if n.startswith(prefixes) or n in fused
         )
-        info.model_params = reader.num_parameters()
+        info.model_params = sum(_logical_size(reader, section, layout, n) for n in reader.weight_map)
         return info
     if num_bases is not None:
         E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
@@ -110,6 +122,33 @@ def model_info(
         info.compressed_expert_params = len(layout.moe_layers) * per_layer
         info.num_bases, info.rank = num_bases, rank
     return info
+
+
+def _logical_size(reader: CheckpointReader, section: dict, layout: MoeLayout, name: str) -> int:
+    """Parameters a stored tensor stands for: a quantised factor's `qweight` counts as the factor (its logical shape
+    in `factor_shapes`), its `scales` as nothing."""
+    if not section.get("quantization") or not name.endswith((".qweight", ".scales")):
+        return math.prod(reader.shape(name))
+    if name.endswith(".scales"):
+        return 0
+    *_, matrix_name, factor, _ = name.split(".")
+    matrix = {v: k for k, v in layout.arch.matrices.items()}[matrix_name]
+    return math.prod(section["factor_shapes"][matrix][factor.removeprefix("mobe_")])
+
+
+def _quantization(config: dict) -> str | None:
+    """'int4 group 128, compressed-tensors pack-quantized' and the like, or None for float weights."""
+    native = (config.get("mobe") or {}).get("quantization")
+    if native and native.get("format") == "mobe-groupwise":
+        return f"factors {'+'.join(native['fields'])} in int{native['bits']}, group {native['group_size']}"
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    groups = list((qc.get("config_groups") or {}).values())
+    weights = (groups[0].get("weights") or {}) if groups else {}
+    if qc.get("quant_method") == "compressed-tensors" and weights:
+        return f"int{weights.get('num_bits')} group {weights.get('group_size')}, compressed-tensors {qc.get('format')}"
+    return f"quantised: {qc.get('quant_method', 'unknown method')}"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .calibrate.stats import stats_path
 from .checkpoint import CheckpointError, CheckpointReader
 from .checkpoint.fp8 import SCALE_SUFFIX, block_size
 from .checkpoint.mxfp4 import without_quantization
-from .config import FORMAT_VERSION, DistillConfig, MobeConfig
+from .config import FORMAT_VERSION, DistillConfig, MobeConfig, QuantizeConfig
 from .devices import resolve_device
 from .distribute import JobSpec, JobStore, local_devices, require_ray, run_device_pool, run_ray, run_serial
 from .evaluate import CompressionReport, MatrixResult
@@ -39,6 +39,7 @@ from .export import (
     write_json_atomic,
 )
 from .factorize import ExpertFactors, budget_for_ratio, get_method
+from .quantize.checkpoint import refuse_quantized, stored_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ def compress(
     progress: bool = True,
     distill: DistillConfig | None = None,
     distill_text: str | Path | None = None,
+    quantize: QuantizeConfig | None = None,
 ) -> CompressionReport:
     """Compress the MoE checkpoint `model` (folder or hub id) into `output`.
 
@@ -296,6 +298,8 @@ def compress(
         progress: show progress bars.
         distill_text, distill: then distil the result toward `model` on this text (`mobe.distill`), before it
             is moved into `output`; the teacher's targets are kept in the work folder until the end.
+        quantize: then quantise the result's weights (`mobe.quantize`): a dense output in compressed-tensors'
+            format, a native one factor by factor.
 
     Returns:
         The report, also saved as `mobe_report.json` inside `output` (with a `distill` section when distilled).
@@ -315,6 +319,7 @@ def compress(
         require_ray()
     _check_output(output)
     reader = CheckpointReader(model)
+    refuse_quantized(reader, "compress")
     layout = moe_layout(reader.config)
     config = resolve_settings(layout, config)
     check_calibration(reader, config)
@@ -323,6 +328,10 @@ def compress(
         require_tokenizer(reader.path, "--distill text")
     jobs = plan_jobs(reader, layout, config)
     fmt = "dense" if reconstruct else "native"
+    if quantize is not None and reconstruct:  # refused now (library missing, group size), not after the fits
+        from .quantize.checkpoint import check_dense_quantizable
+
+        check_dense_quantizable(layout, quantize, reader.path)
 
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".mobe-work")
     _open_work_folder(work, {"source": str(reader.path.resolve()), "config": config.fingerprint()})
@@ -378,7 +387,16 @@ def compress(
         report.distill = run_distill(
             reader.path, assemble, assemble, distill_text, distill, work_dir=work / "distill", progress=progress
         )
-    _move_into_place(assemble, output)
+    final = assemble
+    if quantize is not None:
+        from .quantize import quantize_checkpoint
+
+        final = work / "quantized"
+        quantize_checkpoint(assemble, final, quantize, progress=progress)
+        report.quantize = quantize.to_dict()
+    report.bytes_before, report.bytes_after = stored_bytes(reader), stored_bytes(final)
+    report.save(final)
+    _move_into_place(final, output)
     shutil.rmtree(work)
     return report
 
@@ -435,10 +453,29 @@ def read_native_factors(reader: CheckpointReader, layout: MoeLayout, layer: int,
     section = reader.config["mobe"]
     factors_cls = get_method(section.get("method", "mobe")).factors_cls
     names = factor_tensor_names(layout, layer, matrix, factors_cls.tensor_fields)
-    tensors = reader.get_many(list(names.values()))
+    quantization = section.get("quantization") or {}
+    quantized = {f for f in names if f in quantization.get("fields", ())}
+    stored = [n for f, n in names.items() if f not in quantized]
+    stored += [f"{names[f]}.{part}" for f in quantized for part in ("qweight", "scales")]
+    tensors = reader.get_many(stored)
+    if quantized:  # stored as integers (`mobe quantize`): read back as the float factors they stand for
+        from .quantize import dequantize_native
+
+        shapes = section["factor_shapes"][matrix]
+        for f in quantized:
+            n = names[f]
+            tensors[n] = dequantize_native(
+                tensors.pop(f"{n}.qweight"), tensors.pop(f"{n}.scales"), shapes[f], quantization
+            )
     return factors_cls.from_tensors(
         {field: tensors[name] for field, name in names.items()}, factor_meta(section, matrix)
     )
+
+
+def _is_factor_tensor(name: str) -> bool:
+    """A native factor tensor, `...mobe_A`, or one of its quantised parts, `...mobe_A.qweight`."""
+    parts = name.rsplit(".", 2)
+    return parts[-1].startswith(FACTOR_PREFIX) or (len(parts) > 1 and parts[-2].startswith(FACTOR_PREFIX))
 
 
 def factor_meta(section: dict, matrix: str) -> dict:
@@ -474,12 +511,14 @@ def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True
     # Dense shard layout: each rebuilt matrix goes to the shard that holds its layer's factors.
     plan: dict[str, list[str]] = {}
     for name, shard in reader.weight_map.items():
-        if FACTOR_PREFIX not in name.rsplit(".", 1)[-1] and name not in stacks:
+        if not _is_factor_tensor(name) and name not in stacks:
             plan.setdefault(shard, []).append(name)
     first_matrix = {layer: m for layer, m in reversed(jobs)}
     for name, layer in original_names.items():
         m = first_matrix[layer]
         first_factor = next(iter(factor_tensor_names(layout, layer, m, factors_cls.tensor_fields).values()))
+        if first_factor not in reader.weight_map:  # stored quantised
+            first_factor += ".qweight"
         plan.setdefault(reader.weight_map[first_factor], []).append(name)
         if block_size(reader.config):  # block-FP8 model: the rebuilt matrix is written in FP8 with its scales
             plan[reader.weight_map[first_factor]].append(name + SCALE_SUFFIX)
@@ -488,6 +527,7 @@ def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True
     write_checkpoint(reader, layout, jobs, factors_of, target, "dense", metadata, progress, shard_plan=plan)
     copy_side_files(reader.path, target)
     native_only = {"factor_suffixes", "factor_shapes", "factor_meta", "base_model_type", "base_architectures"}
+    native_only.add("quantization")  # the dense matrices are rebuilt in floating point
     dense_section = {k: v for k, v in section.items() if k not in native_only} | {"format": "dense"}
     family = section.get("base_model_type") or base_model_type(reader.config["model_type"])
     dense_config = {**reader.config, "model_type": family, "mobe": dense_section}

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import ACTIVATIONS, BASIS_SIDES, DISTILL_MODES, SCHEDULES, DistillConfig, MobeConfig
+from ..config import (
+    ACTIVATIONS,
+    BASIS_SIDES,
+    DISTILL_MODES,
+    QUANTIZE_BITS,
+    QUANTIZE_SCOPES,
+    SCHEDULES,
+    DistillConfig,
+    MobeConfig,
+    QuantizeConfig,
+)
 from ..devices import resolve_device
 from ..factorize import method_names
 
@@ -71,6 +82,23 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=default.calibration_refine_lr,
         help=helps["calibration_refine_lr"],
+    )
+
+
+def _add_quantize_options(p: argparse.ArgumentParser, prefix: str = "quantize-") -> None:
+    """QuantizeConfig's group size and scope (`--quantize-group-size`, ...; without prefix, `--group-size`, ...)."""
+    helps = {f.name: f.metadata.get("help", "") for f in fields(QuantizeConfig)}
+    default = QuantizeConfig()
+    p.add_argument(f"--{prefix}group-size", type=int, default=default.group_size, help=helps["group_size"])
+    p.add_argument(f"--{prefix}scope", choices=QUANTIZE_SCOPES, default=default.scope, help=helps["scope"])
+
+
+def _quantize_config(args: argparse.Namespace) -> QuantizeConfig | None:
+    """--quantize int8|int4 on compress, or None."""
+    if args.quantize is None:
+        return None
+    return QuantizeConfig(
+        bits=int(args.quantize.removeprefix("int")), group_size=args.quantize_group_size, scope=args.quantize_scope
     )
 
 
@@ -140,6 +168,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         distill=distill,
         distill_text=args.distill,
+        quantize=_quantize_config(args),
     )
     print(report.table())
     if report.distill is not None:
@@ -185,9 +214,28 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         raise ValueError(
             "--method reap prunes every MoE layer alike and writes a plain checkpoint: drop --layers, --reconstruct"
         )
+    quantize = _quantize_config(args)
+    output = Path(args.output)
+    pruned = output.with_name(f".{output.name}.mobe-pruned") if quantize else output
+    if quantize is not None:  # checked before any scoring: the library, the group size
+        from ..architectures import moe_layout
+        from ..checkpoint import CheckpointReader
+        from ..quantize import QuantizeError, quantize_checkpoint
+        from ..quantize.checkpoint import check_dense_quantizable
+
+        source = CheckpointReader(args.model)
+        check_dense_quantizable(moe_layout(source.config), quantize, source.path)
+        if output.exists() and any(output.iterdir()):
+            raise QuantizeError(f"output folder {output} already exists and is not empty; choose another path")
+        if pruned.exists():
+            shutil.rmtree(pruned)
+    from ..checkpoint import CheckpointReader
+    from ..quantize.checkpoint import refuse_quantized
+
+    refuse_quantized(CheckpointReader(args.model), "prune")
     report = prune_experts(
         args.model,
-        args.output,
+        pruned,
         target_ratio=args.target_ratio,
         calibration=args.calibration,
         budget=args.reap_budget,
@@ -196,10 +244,26 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     print(report.table())
+    if quantize is not None:
+        print(quantize_checkpoint(pruned, output, quantize, progress=not args.quiet).table())
+        shutil.rmtree(pruned)
+    from ..quantize import stored_bytes
+
+    before, after = stored_bytes(args.model), stored_bytes(output)
+    print(f"stored: {before / 2**20:,.2f} MiB -> {after / 2**20:,.2f} MiB ({100 * after / before:.1f}% of the source)")
     print(
         f"wrote {args.output} (pruned, {report.layers[0].experts_before} -> {len(report.layers[0].kept)} experts "
         f"per layer); report: {args.output}/mobe_report.json"
     )
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from ..quantize import quantize_checkpoint
+
+    config = QuantizeConfig(bits=args.bits, group_size=args.group_size, scope=args.scope)
+    report = quantize_checkpoint(args.model, args.output, config, progress=not args.quiet)
+    print(report.table())
+    print(f"wrote {args.output} ({report.kind}); report: {args.output}/mobe_quantize.json")
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -220,7 +284,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)  # checked before anything is read
     info = model_info(args.model, args.num_bases, args.rank, args.groups)
     print(info.summary())
-    if info.stored is None:  # an original checkpoint: what compressing and running it would take
+    if info.stored is None and info.quantization is None:  # an original: what compressing and running it would take
         estimate = memory_estimate(
             args.model,
             MobeConfig(num_bases=args.num_bases or 0, groups=args.groups).bases_for(info.layout.num_experts),
@@ -233,7 +297,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
             args.cache_mib,
         )
         print(estimate.summary())
-    if args.num_bases is not None and info.stored is None:
+    if args.num_bases is not None and info.stored is None and info.quantization is None:
         from ..estimate import estimate_compress_time
 
         timing = estimate_compress_time(
@@ -419,7 +483,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_distill_options(p, "distill-")
     _add_reap_options(p)
+    p.add_argument(
+        "--quantize",
+        choices=[f"int{b}" for b in QUANTIZE_BITS],
+        default=None,
+        help="then quantise the output's weights (weight-only, symmetric, group-wise; see mobe quantize)",
+    )
+    _add_quantize_options(p)
     p.set_defaults(func=_cmd_compress)
+
+    p = _command(
+        sub, "quantize", "weight-only int8/int4 quantisation of any checkpoint (original, pruned, dense, native)"
+    )
+    p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
+    p.add_argument("-o", "--output", required=True, help="new output folder")
+    p.add_argument("--bits", type=int, choices=QUANTIZE_BITS, default=QuantizeConfig().bits, help="bits per weight")
+    _add_quantize_options(p, "")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_quantize)
 
     p = _command(sub, "distill", "train a compressed model's routers (and small factors) toward the original")
     p.add_argument("original", help="the uncompressed checkpoint (folder or hub id): the teacher")

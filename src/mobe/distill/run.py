@@ -104,6 +104,8 @@ def _check_pair(original: CheckpointReader, compressed: CheckpointReader) -> Non
     for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
         if a.get(key) != b.get(key):
             raise DistillError(f"{key} differs: {original.path} has {a.get(key)}, {compressed.path} {b.get(key)}")
+    if b.get("quantization_config") or (b.get("mobe") or {}).get("quantization"):
+        raise DistillError(f"{compressed.path} holds quantised weights, which do not train: distil, then quantise")
 
 
 def _targets(original: Path, text: Path, config: DistillConfig, work: Path, progress: bool) -> TeacherTargets:

@@ -50,6 +50,9 @@ class CompressionReport:
     expert_params_before: int = 0
     model_params_before: int = 0
     distill: Any = None  # the DistillReport when the result was distilled (saved by the distillation itself)
+    bytes_before: int | None = None  # the weights of the source and of the output as stored (all tensors, any dtype)
+    bytes_after: int | None = None
+    quantize: dict[str, Any] | None = None  # the QuantizeConfig the output was quantised with, if it was
 
     @property
     def compressed_params_before(self) -> int:
@@ -97,6 +100,10 @@ class CompressionReport:
         }
         if self.distill is not None:
             out["distill"] = self.distill.to_dict()
+        if self.bytes_after is not None:
+            out["stored_bytes"] = {"before": self.bytes_before, "after": self.bytes_after}
+        if self.quantize is not None:
+            out["quantize"] = self.quantize
         return out
 
     def save(self, folder: Path) -> Path:
@@ -130,6 +137,12 @@ class CompressionReport:
             f"{s['model_params_after']:,} ({100 * s['model_reduction']:.1f}% fewer); "
             f"mean relative error {s['mean_relative_error']:.4f}"
         )
+        if self.bytes_before and self.bytes_after is not None:
+            quant = f", int{self.quantize['bits']} weights" if self.quantize else ""
+            lines.append(
+                f"stored: {self.bytes_before / 2**20:,.2f} MiB -> {self.bytes_after / 2**20:,.2f} MiB "
+                f"({100 * self.bytes_after / self.bytes_before:.1f}% of the source{quant})"
+            )
         if abs(s["compressed_layers_reduction"] - s["expert_reduction"]) > 1e-9:  # only some layers compressed
             lines.append(
                 f"experts of the {len({r.layer for r in self.results})} compressed layers: "

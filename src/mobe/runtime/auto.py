@@ -60,7 +60,9 @@ def install_compressed_experts(model: nn.Module, config: Any) -> None:
         original = model.get_submodule(path)
         compressed = section["matrices"] if layer in section["layers"] else ()
         factored = {
-            m: FactoredMatrix(method, factor_shapes(section, layout, m), {**section, **meta.get(m, {})})
+            m: FactoredMatrix(
+                method, factor_shapes(section, layout, m), {**section, **meta.get(m, {})}, section.get("quantization")
+            )
             for m in compressed
         }
         quirk = layout.arch.quirk

@@ -10,6 +10,10 @@ MoBE factors the mixed basis M_e = act(sum_j alpha_ej B_j) (r x d) is built and 
 (x M_e^T) A_e^T (or (x A_e) M_e for a transposed fit), so no dense p x d expert matrix ever exists; other methods
 rebuild the touched experts' matrices.
 An optional LRU cache keeps what was built for recently used experts under `cache_mib`, for decoding.
+
+Quantised factors (`mobe quantize`, `--quantize` on a native output) stay integers in memory: a `QuantizedFactor`
+child holds `qweight` and `scales` buffers under the factor's name, and only the touched experts' rows of A_e, and
+the bases of the expert groups they belong to, are dequantised in a call.
 """
 
 from __future__ import annotations
@@ -25,26 +29,76 @@ from torch import Tensor, nn
 from ..architectures import ExpertsQuirk, FusedTensor
 from ..export import FACTOR_PREFIX
 from ..factorize import ExpertFactors, MobeFactors, activation_fn, get_method, mix_bases
+from ..quantize import groupwise
+
+
+class QuantizedFactor(nn.Module):
+    """A factor tensor of logical `shape` stored as group-wise integers: `qweight` (int8, or 4-bit pairs in uint8)
+    and `scales`, one per `group_size` entries of the last dimension."""
+
+    def __init__(self, shape: Sequence[int], bits: int, group_size: int):
+        super().__init__()
+        self.shape, self.bits, self.group_size = list(shape), bits, group_size
+        qdtype = torch.int8 if bits == 8 else torch.uint8
+        self.register_buffer("qweight", torch.zeros(groupwise.packed_shape(self.shape, bits), dtype=qdtype))
+        self.register_buffer("scales", torch.ones(groupwise.scales_shape(self.shape, group_size)))
+
+    def dequantize(self, index: Tensor | int | None = None) -> Tensor:
+        """The factor (or its rows `index` along the first dimension) in the scales' dtype."""
+        q, s = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
+        return groupwise.dequantize(groupwise.unpack(q, self.bits, self.shape[-1]), s, self.group_size)
 
 
 class FactoredMatrix(nn.Module):
     """One matrix type of one layer's experts, held as a method's factor tensors."""
 
-    def __init__(self, method: str, shapes: Mapping[str, Sequence[int]], meta: Mapping[str, str]):
+    def __init__(
+        self,
+        method: str,
+        shapes: Mapping[str, Sequence[int]],
+        meta: Mapping[str, str],
+        quantization: Mapping | None = None,
+    ):
+        """`quantization`: the native checkpoint's `mobe.quantization` section (bits, group_size, fields)."""
         super().__init__()
+        quantized = set((quantization or {}).get("fields", ()))
         self.factors_cls = get_method(method).factors_cls
         missing = [f for f in self.factors_cls.tensor_fields if f not in shapes]
         if missing:
             raise ValueError(f"method {method!r} needs factor tensors {missing} (config.json mobe.factor_shapes)")
         self.meta = self.factors_cls.read_meta(meta)
         for field in self.factors_cls.tensor_fields:
-            if field in self.factors_cls.index_fields:  # integers: a buffer, loaded but never trained or cast
+            if field in quantized:
+                bits, group_size = quantization["bits"], quantization["group_size"]  # type: ignore[index]
+                self.add_module(FACTOR_PREFIX + field, QuantizedFactor(shapes[field], bits, group_size))
+            elif field in self.factors_cls.index_fields:  # integers: a buffer, loaded but never trained or cast
                 self.register_buffer(FACTOR_PREFIX + field, torch.zeros(*shapes[field], dtype=torch.long))
             else:
                 self.register_parameter(FACTOR_PREFIX + field, nn.Parameter(torch.empty(*shapes[field])))
+        self.quantized = tuple(f for f in self.factors_cls.tensor_fields if f in quantized)
+
+    def tensor(self, field: str, index: Tensor | int | None = None) -> Tensor:
+        """One factor tensor (or its rows `index`), dequantised if stored quantised."""
+        value = getattr(self, FACTOR_PREFIX + field)
+        if isinstance(value, QuantizedFactor):
+            return value.dequantize(index)
+        return value if index is None else value[index]
+
+    @property
+    def device(self) -> torch.device:
+        value = getattr(self, FACTOR_PREFIX + self.factors_cls.tensor_fields[0])
+        return value.qweight.device if isinstance(value, QuantizedFactor) else value.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the factors compute in (a quantised factor's: its scales')."""
+        value = getattr(self, FACTOR_PREFIX + self.factors_cls.tensor_fields[0])
+        return value.scales.dtype if isinstance(value, QuantizedFactor) else value.dtype
 
     def factors(self) -> ExpertFactors:
-        tensors = {f: getattr(self, FACTOR_PREFIX + f) for f in self.factors_cls.tensor_fields}
+        """The method's factors object; quantised factors are dequantised whole (see `MobeExperts._built` for the
+        per-expert path)."""
+        tensors = {f: self.tensor(f) for f in self.factors_cls.tensor_fields}
         return self.factors_cls.from_tensors(tensors, self.meta)
 
 
@@ -119,6 +173,7 @@ class MobeExperts(nn.Module):
         self.workspace_experts = workspace_experts
         self.cache_bytes = int(cache_mib * 2**20)
         self._cache: OrderedDict[tuple[str, int], tuple[Tensor, ...]] = OrderedDict()
+        self._owns: dict[tuple[str, int], bool] = {}
         self._cached_bytes = 0
 
     def matrix(self, name: str) -> FactoredMatrix:
@@ -132,11 +187,11 @@ class MobeExperts(nn.Module):
         missing = [e for e in experts if e not in out]
         if missing:
             module = self.matrix(matrix)
-            factors = module.factors()
-            first = next(module.parameters())
-            dtype = first.dtype
-            idx = torch.tensor(missing, device=first.device)
-            if isinstance(factors, MobeFactors):
+            dtype = module.dtype
+            idx = torch.tensor(missing, device=module.device)
+            if module.factors_cls is MobeFactors and module.quantized:
+                built = self._built_quantized_mobe(module, missing, idx)
+            elif isinstance(factors := module.factors(), MobeFactors):
                 per_group = self.num_experts // factors.groups
                 mixed = mix_bases(factors.coef[idx], factors.bases, idx // per_group, activation_fn(factors.activation))
                 built = [(factors.A[e], m) for e, m in zip(missing, mixed.to(dtype), strict=True)]
@@ -144,21 +199,50 @@ class MobeExperts(nn.Module):
                 built = [(w,) for w in factors.reconstruct(idx).to(dtype)]
             for e, item in zip(missing, built, strict=True):
                 out[e] = item
-                self._remember((matrix, e), item)
+                self._remember((matrix, e), item, owns_all=bool(module.quantized))
         return out
 
-    def _remember(self, key: tuple[str, int], item: tuple[Tensor, ...]) -> None:
-        size = sum(t.numel() * t.element_size() for t in item[-1:])  # A_e is a view of a parameter: free
+    def _built_quantized_mobe(self, module: FactoredMatrix, experts: list[int], idx: Tensor) -> list[tuple]:
+        """(A_e, M_e) of the given experts, dequantising only their rows of A and their groups' bases."""
+        A = module.tensor("A", idx)
+        coef = module.tensor("coef", idx)
+        per_group = self.num_experts // module.mobe_bases.shape[0]  # shape: a parameter's, or the logical one
+        group_of = idx // per_group
+        act = activation_fn(module.meta["activation"])
+        mixed = None
+        for g in group_of.unique().tolist():
+            rows = (group_of == g).nonzero().squeeze(1)
+            bases = module.tensor("bases", g)[None]  # (1, m/g, r, d): this group's only
+            part = mix_bases(coef[rows], bases, torch.zeros_like(rows), act)
+            mixed = part.new_empty(len(experts), *part.shape[1:]) if mixed is None else mixed
+            mixed[rows] = part
+        own = (lambda t: t.clone()) if self.cache_bytes else (lambda t: t)  # a cached A_e must not pin all of A
+        return [(own(A[i]), mixed[i].to(A.dtype)) for i in range(len(experts))]
+
+    def _remember(self, key: tuple[str, int], item: tuple[Tensor, ...], owns_all: bool = False) -> None:
+        """Cache `item` under the budget; `owns_all`: every tensor of it is a copy (a dequantised A_e too), where
+        otherwise A_e is a view of a parameter and free."""
+        size = self._item_bytes(item, owns_all)
         if size > self.cache_bytes:
             return
         while self._cached_bytes + size > self.cache_bytes:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old[-1].numel() * old[-1].element_size()
+            _, (old, old_owns) = self._cache_entry_pop()
+            self._cached_bytes -= self._item_bytes(old, old_owns)
         self._cache[key] = item
+        self._owns[key] = owns_all
         self._cached_bytes += size
+
+    @staticmethod
+    def _item_bytes(item: tuple[Tensor, ...], owns_all: bool) -> int:
+        return sum(t.numel() * t.element_size() for t in (item if owns_all else item[-1:]))
+
+    def _cache_entry_pop(self) -> tuple[tuple[str, int], tuple[tuple[Tensor, ...], bool]]:
+        key, item = self._cache.popitem(last=False)
+        return key, (item, self._owns.pop(key, False))
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._owns.clear()
         self._cached_bytes = 0
 
     def _dense(self, matrix: str, e: int) -> Tensor:

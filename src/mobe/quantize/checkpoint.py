@@ -1,0 +1,325 @@
+"""Quantise a whole checkpoint shard by shard: dense ones in compressed-tensors' format, native ones factor-wise.
+
+Dense checkpoints (an original, a REAP-pruned one, a reconstructed one) become what llm-compressor writes for
+its W4A16 / W8A16 schemes, through the compressed-tensors library itself (the format is the one it infers for a
+weight-only integer scheme, `pack-quantized`): each quantised linear `X.weight` becomes `X.weight_packed` (int32,
+eight 4-bit or four 8-bit values each), `X.weight_scale` and `X.weight_shape`, and config.json gains a
+`quantization_config` with `quant_method: compressed-tensors`. transformers loads it (with compressed-tensors
+installed; tested); it is the format vLLM and SGLang serve llm-compressor's checkpoints in (not tested here).
+
+Native checkpoints keep their factors, each floating factor tensor but the mixing coefficients stored as
+`NAME.qweight` (int8, or two 4-bit values per uint8) and `NAME.scales`; the `mobe` section of config.json records
+the scheme under `quantization`, and the runtime dequantises the experts it runs, when it runs them.
+
+One source shard is held in memory at a time; the result is written to a temporary folder, then renamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..architectures import MoeLayout, moe_layout
+from ..checkpoint import CheckpointReader
+from ..config import FORMAT_VERSION, QuantizeConfig
+from ..export import FACTOR_PREFIX, atomic_save_file, copy_side_files, write_json_atomic
+from . import groupwise
+
+logger = logging.getLogger(__name__)
+
+QWEIGHT, SCALES = "qweight", "scales"
+UNQUANTISED_FACTORS = ("coef",)  # softmax mixing weights: tiny, and they pass through a softmax-like mix
+
+
+class QuantizeError(ValueError):
+    """A checkpoint or setting the quantiser cannot take (named in one line)."""
+
+
+@dataclass
+class QuantizeReport:
+    """What a quantisation wrote: the tensors it quantised and the bytes of the weights before and after."""
+
+    source: str
+    output: str
+    config: dict
+    kind: str  # "compressed-tensors" (a dense checkpoint) or "native" (MoBE factors)
+    quantized: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def table(self) -> str:
+        ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+        return (
+            f"quantised {self.quantized} tensors to int{self.config['bits']} (group {self.config['group_size']}, "
+            f"{self.kind}); weights {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
+            f"({100 * ratio:.1f}%)"
+        )
+
+
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def stored_bytes(path: str | Path | CheckpointReader) -> int:
+    """Bytes of a checkpoint's weights as stored (every safetensors tensor, whatever its dtype; headers excluded)."""
+    reader = path if isinstance(path, CheckpointReader) else CheckpointReader(path)
+    return sum(math.prod(reader.shape(n)) * DTYPE_BYTES.get(reader.dtype_name(n), 1) for n in reader.weight_map)
+
+
+def quantize_checkpoint(
+    model: str | Path, output: str | Path, config: QuantizeConfig | None = None, *, progress: bool = True
+) -> QuantizeReport:
+    """Quantise the weights of `model` (any checkpoint mobe reads: original, pruned, dense or native) into `output`.
+
+    Args:
+        model: checkpoint folder or hub id.
+        output: new folder; must not exist or be empty.
+        config: bits, group size and (dense checkpoints) which linears (`QuantizeConfig()`: int4, 128, experts).
+        progress: show a progress bar.
+
+    Returns:
+        The report (also saved in `output/mobe_quantize.json`).
+
+    Example:
+        >>> quantize_checkpoint("./Qwen3-30B-A3B", "./q3-w4", QuantizeConfig(bits=4))  # doctest: +SKIP
+    """
+    config = config or QuantizeConfig()
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise QuantizeError(f"output folder {output} already exists and is not empty; choose another path")
+    reader = CheckpointReader(model)
+    if reader.config.get("quantization_config"):
+        method = reader.config["quantization_config"].get("quant_method", "?")
+        raise QuantizeError(
+            f"{reader.path}/config.json: the checkpoint is already quantised ({method}); give its source"
+        )
+    refuse_quantized(reader, "quantise")
+    section = reader.config.get("mobe") or {}
+    native = section.get("format") == "native"
+    plan = _native_plan(reader) if native else _dense_plan(reader, config)
+    report = QuantizeReport(
+        str(model), str(output), config.to_dict(), "native" if native else "compressed-tensors", len(plan)
+    )
+    target = output.with_name(f".{output.name}.mobe-quantize-tmp")
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_quantize": f"int{config.bits}"}
+    weight_map: dict[str, str] = {}
+    by_shard = reader.tensors_by_shard()
+    for shard, names in tqdm(by_shard.items(), desc=f"Quantising to int{config.bits}", disable=not progress):
+        tensors = reader.get_many(names)
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            tensor = tensors.pop(name)
+            report.bytes_before += tensor.numel() * tensor.element_size()
+            if name in plan:
+                out.update(_quantize_native(name, tensor, config) if native else _quantize_ct(name, tensor, config))
+            else:
+                out[name] = tensor
+        atomic_save_file(out, target / shard, metadata)
+        report.bytes_after += sum(t.numel() * t.element_size() for t in out.values())
+        weight_map.update(dict.fromkeys(out, shard))
+        del out
+    write_json_atomic(
+        {"metadata": {"total_size": report.bytes_after}, "weight_map": dict(sorted(weight_map.items()))},
+        target / "model.safetensors.index.json",
+    )
+    copy_side_files(reader.path, target)
+    new_config = dict(reader.config)
+    scheme = {"bits": config.bits, "group_size": config.group_size, "symmetric": True}
+    if native:
+        new_config["mobe"] = {
+            **section,
+            "quantization": {**scheme, "format": "mobe-groupwise", "fields": plan_fields(plan)},
+        }
+    else:
+        new_config["quantization_config"] = _ct_config(reader, plan, config)
+        if section:
+            new_config["mobe"] = {**section, "quantization": {**scheme, "format": _ct_format(config)}}
+    write_json_atomic(new_config, target / "config.json")
+    write_json_atomic(report.__dict__, target / "mobe_quantize.json")
+    if output.exists():
+        output.rmdir()
+    target.rename(output)
+    return report
+
+
+def refuse_quantized(reader: CheckpointReader, what: str) -> None:
+    """One line for a checkpoint written by `mobe quantize` (compressed-tensors, or integer factors): it holds
+    integers where a compression reads floating weights."""
+    qc = reader.config.get("quantization_config") or {}
+    section = reader.config.get("mobe") or {}
+    if qc.get("quant_method") == "compressed-tensors" or section.get("quantization"):
+        how = "compressed-tensors" if qc else f"integer factors {section['quantization'].get('fields')}"
+        raise QuantizeError(f"{reader.path} holds quantised weights ({how}); {what} from its unquantised source")
+
+
+def plan_fields(plan: set[str]) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1].removeprefix(FACTOR_PREFIX) for name in plan})
+
+
+# --- native factors --------------------------------------------------------------------------------------------------
+def _native_plan(reader: CheckpointReader) -> set[str]:
+    """Every floating factor tensor of a native checkpoint but the mixing coefficients."""
+    skip = {FACTOR_PREFIX + f for f in UNQUANTISED_FACTORS}
+    return {
+        name
+        for name in reader.weight_map
+        if name.rsplit(".", 1)[-1].startswith(FACTOR_PREFIX)
+        and name.rsplit(".", 1)[-1] not in skip
+        and reader.dtype_name(name) in ("F32", "BF16", "F16")
+    }
+
+
+def _quantize_native(name: str, tensor: torch.Tensor, config: QuantizeConfig) -> dict[str, torch.Tensor]:
+    q, scales = groupwise.quantize(tensor, config.bits, config.group_size)
+    return {f"{name}.{QWEIGHT}": groupwise.pack(q, config.bits), f"{name}.{SCALES}": scales}
+
+
+def dequantize_native(
+    qweight: torch.Tensor, scales: torch.Tensor, shape: list[int], quantization: dict
+) -> torch.Tensor:
+    """A native factor tensor of logical `shape` from its stored `qweight` and `scales` (dtype: the scales')."""
+    q = groupwise.unpack(qweight, quantization["bits"], shape[-1])
+    return groupwise.dequantize(q, scales, quantization["group_size"])
+
+
+# --- dense checkpoints: compressed-tensors ---------------------------------------------------------------------------
+def _require_compressed_tensors():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise QuantizeError(
+            "quantising a dense checkpoint writes compressed-tensors' format: pip install 'mobe[quant]'"
+        ) from None
+
+
+def check_dense_quantizable(layout: MoeLayout, config: QuantizeConfig, path: Path) -> None:
+    """Refuse, before any work, a dense quantisation that cannot be written: no compressed-tensors, fused experts,
+    or a group size that does not divide the experts' input sizes."""
+    _require_compressed_tensors()
+    if layout.arch.fused is not None:
+        raise QuantizeError(
+            f"{path}: {layout.arch.model_type} stores its experts fused (one tensor per layer), which "
+            "compressed-tensors does not quantise as linears; quantise a native output instead"
+        )
+    for size in (layout.hidden_size, layout.intermediate_size):
+        if size % config.group_size:
+            raise QuantizeError(
+                f"--quantize-group-size {config.group_size} does not divide the experts' input size {size} "
+                "(compressed-tensors' groups must tile each row); choose a divisor"
+            )
+
+
+def _dense_plan(reader: CheckpointReader, config: QuantizeConfig) -> set[str]:
+    """The `.weight` tensors to quantise: the routed experts' linears (scope experts), or every linear layer but
+    lm_head, the routers and the shared-expert gates (scope linears)."""
+    layout = moe_layout(reader.config)
+    check_dense_quantizable(layout, config, reader.path)
+    floats = ("F32", "BF16", "F16")
+    bad = [n for n in reader.weight_map if n.endswith(".weight") and reader.dtype_name(n) not in floats]
+    if bad:
+        raise QuantizeError(f"{reader.path}: tensor {bad[0]} is {reader.dtype_name(bad[0])}; dequantise it first")
+    experts = {
+        layout.arch.tensor_name(layer, e, m)
+        for layer in layout.moe_layers
+        for e in range(layout.num_experts)
+        for m in ("gate", "up", "down")
+    }
+    missing = sorted(experts - set(reader.weight_map))
+    if missing:
+        raise QuantizeError(f"{reader.path}: expert tensor {missing[0]} is not in the checkpoint")
+    plan = set(experts)
+    if config.scope == "linears":
+        plan |= {name + ".weight" for name in _linear_modules(reader) if name + ".weight" in reader.weight_map}
+        plan -= {name + ".weight" for name in _ignored_linears(reader)}
+    bad = sorted(n for n in plan if reader.shape(n)[-1] % config.group_size)
+    if bad:
+        raise QuantizeError(
+            f"--quantize-group-size {config.group_size} does not divide the input size of {bad[0]} "
+            f"{list(reader.shape(bad[0]))} (compressed-tensors' groups must tile each row); choose a divisor"
+        )
+    return plan
+
+
+def _linear_modules(reader: CheckpointReader) -> list[str]:
+    """Names of the model's nn.Linear modules (the model built on the meta device)."""
+    from ..architectures import get_arch
+    from ..architectures.derive import model_on_meta
+
+    arch = get_arch(reader.config["model_type"])
+    model = model_on_meta(reader.config, reader.config["model_type"], arch.model_class)
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def _ignored_linears(reader: CheckpointReader) -> list[str]:
+    """Linears that stay in 16 bits, as llm-compressor's W4A16 recipe leaves them: lm_head and the routers (plus the
+    shared-expert gates, one output each)."""
+    layout = moe_layout(reader.config)
+    routers = {layout.arch.router_prefix(layer) for layer in layout.moe_layers}
+    return [
+        name
+        for name in _linear_modules(reader)
+        if name == "lm_head" or name in routers or name.endswith("shared_expert_gate")
+    ]
+
+
+def _scheme(config: QuantizeConfig, targets: list[str], fmt: str | None = None):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(
+        num_bits=config.bits, type="int", symmetric=True, strategy="group", group_size=config.group_size
+    )
+    return QuantizationScheme(targets=targets, weights=args, format=fmt)
+
+
+def _ct_format(config: QuantizeConfig) -> str:
+    """The format compressed-tensors (and so llm-compressor) picks for this scheme on a linear: pack-quantized."""
+    from compressed_tensors.compressors.format import infer_module_format
+
+    return infer_module_format(torch.nn.Linear, _scheme(config, ["Linear"])).value
+
+
+def _quantize_ct(name: str, tensor: torch.Tensor, config: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """One linear's weight, compressed by compressed-tensors' own compressor (scales by its min-max rule)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    fmt = _ct_format(config)
+    scheme = _scheme(config, ["Linear"], fmt)
+    scale, _ = compute_dynamic_scales_and_zp(tensor, scheme.weights, module=None)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    out = compressor.compress({"weight": tensor, "weight_scale": scale}, scheme)
+    prefix = name.removesuffix(".weight")
+    return {f"{prefix}.{key}": value for key, value in out.items()}
+
+
+def _ct_config(reader: CheckpointReader, plan: set[str], config: QuantizeConfig) -> dict:
+    """config.json's `quantization_config`, as llm-compressor writes it (compressed-tensors' own model)."""
+    from compressed_tensors import __version__ as ct_version
+    from compressed_tensors.quantization import QuantizationConfig
+
+    layout = moe_layout(reader.config)
+    experts = re.escape(layout.arch.experts.replace("{layer}", "@")).replace("@", r"\d+")
+    names = "|".join(re.escape(layout.arch.matrices[m]) for m in ("gate", "up", "down"))
+    targets = [f"re:{experts}\\.\\d+\\.({names})$"]
+    ignore = ["lm_head"]
+    if config.scope == "linears":
+        targets.append("Linear")
+        quantised = {name.removesuffix(".weight") for name in plan}
+        ignore = sorted({n for n in _linear_modules(reader) if n not in quantised})
+    fmt = _ct_format(config)
+    qc = QuantizationConfig(
+        config_groups={"group_0": _scheme(config, targets, fmt)},
+        format=fmt,
+        quantization_status="compressed",
+        ignore=ignore,
+    )
+    return {**qc.model_dump(), "version": ct_version}
