@@ -116,6 +116,8 @@ class Runner:
 def _mobe_config(ratio: float, num_experts: int, args: argparse.Namespace) -> MobeConfig:
     return MobeConfig(
         method="mobe",
+        schedule="adam",  # the settings results/equal_bytes.json was measured with (before the default recipe)
+        basis_side="hidden",
         target_ratio=ratio,
         num_bases=max(1, num_experts // 4),  # the paper's m = E/4, as data_free.py
         steps=args.steps,
