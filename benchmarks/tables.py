@@ -507,8 +507,8 @@ def _verdict_lines(result: dict) -> list[str]:
     verdicts = result.get("verdicts")
     if not verdicts:
         return []
-    if isinstance(verdicts, dict):  # "name: yes/NO" where the value is a bare flag
-        items = [v if isinstance(v, str) else f"{k}: {'yes' if v else 'NO'}" for k, v in verdicts.items()]
+    if isinstance(verdicts, dict):  # "name: line", or "name: yes/NO" where the value is a bare flag
+        items = [f"{k}: {v if isinstance(v, str) else 'yes' if v else 'NO'}" for k, v in verdicts.items()]
     else:
         items = [str(v) for v in verdicts]
     return ["", "Verdicts:", "", *[f"- {v}" for v in items]]
