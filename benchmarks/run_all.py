@@ -3,7 +3,7 @@
 One command reproduces every published figure:
 
     python benchmarks/run_all.py                  # full settings (hours), results in benchmarks/results/
-    python benchmarks/run_all.py --quick          # small settings (< 15 min on 2 idle cores), benchmarks/results/quick/
+    python benchmarks/run_all.py --quick          # toy settings, benchmarks/results/quick/ (its time: docs/results.md)
     python benchmarks/run_all.py --only compare schedules --authors-repo /path/to/MoBE
 
 The full run writes the JSON/PNG files the docs are built from and then runs benchmarks/tables.py, which rewrites

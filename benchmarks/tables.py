@@ -452,6 +452,7 @@ def run_all_table(results: Path) -> str:
     full = results / "run_all.json"
     if full.exists():
         f = json.loads(full.read_text())
+        lines.append("")
         lines.append(
             f"Last full `python benchmarks/run_all.py`: {f['seconds']:.0f} s wall ({f['seconds'] / 3600:.1f} h), load "
             f"average (1 min) {f['load_before'][0]:.1f} before and {f['load_after'][0]:.1f} after ({f['finished']})."
@@ -459,6 +460,7 @@ def run_all_table(results: Path) -> str:
     quick = results / "run_all_quick.json"
     if quick.exists():
         q = json.loads(quick.read_text())
+        lines.append("")
         lines.append(
             f"`python benchmarks/run_all.py --quick`: {q['seconds']:.0f} s wall ({q['seconds'] / 60:.1f} min) and "
             f"{q['cpu_seconds']:.0f} s of CPU time on {q['cpus']} cores, load average (1 min) "
