@@ -188,6 +188,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small settings, results in benchmarks/results/quick/")
     parser.add_argument("--only", nargs="+", choices=[r.name for r in RUNS], help="run these benchmarks only")
+    parser.add_argument(
+        "--skip", nargs="+", default=[], choices=[r.name for r in RUNS], help="run every benchmark but these"
+    )
     parser.add_argument("--authors-repo", default=None, help="checkout of inclusionAI/MoBE for paper_parity.py")
     args = parser.parse_args()
     results = HERE / "results" / ("quick" if args.quick else "")
@@ -203,6 +206,10 @@ def main() -> None:
     summary, cpu_seconds = [], {}
     for run in RUNS:
         if args.only and run.name not in args.only:
+            continue
+        if run.name in args.skip:
+            print(f"\n=== {run.name}: skipped (--skip)", flush=True)
+            summary.append((run.name, None, "skipped", ["--skip"]))
             continue
         reason = missing(run, args)
         if reason:
