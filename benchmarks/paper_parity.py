@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--json", default=str(HERE / "results" / "paper_parity.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    begin = time.perf_counter()
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +148,7 @@ def main() -> None:
     ]
     print(verdicts[0])
     result = {"E": E, "p": p, "d": d, "m": args.bases, "r": rank, "steps": args.steps, "rows": rows}
-    result |= {"args": vars(args), "verdicts": verdicts}
+    result |= {"args": vars(args), "verdicts": verdicts, "seconds": time.perf_counter() - begin}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -20,3 +20,15 @@ def write_results(
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
+
+
+def ratio_text(value: float, target: float, digits: int = 2) -> str:
+    """`value` with `digits` decimals, or more where fewer would round it onto or across `target` (against a target
+    of 0.5, 0.4994 prints 0.499, never 0.50; against 1.2, 1.2049 prints 1.205)."""
+
+    def side(x: float) -> int:
+        return (x > target) - (x < target)
+
+    while digits < 8 and side(round(value, digits)) != side(value):
+        digits += 1
+    return f"{value:.{digits}f}"

@@ -3,14 +3,16 @@
 One command reproduces every published figure:
 
     python benchmarks/run_all.py                  # full settings (hours), results in benchmarks/results/
-    python benchmarks/run_all.py --quick          # small settings (< 15 min on 2 idle cores), benchmarks/results/quick/
+    python benchmarks/run_all.py --quick          # toy settings, benchmarks/results/quick/ (its time: docs/results.md)
     python benchmarks/run_all.py --only compare schedules --authors-repo /path/to/MoBE
 
 The full run writes the JSON/PNG files the docs are built from and then runs benchmarks/tables.py, which rewrites
 the tables in README.md and docs/; the quick run writes to its own folder (never over the full results) and only
 prints the tables. A benchmark whose requirement is missing (Ray, the authors' checkout, the Debian documentation
 package the fixtures' text comes from) is skipped with the reason. Ends with one line per benchmark: its wall time
-and the verdicts it wrote into its JSON.
+and the verdicts it wrote into its JSON; the wall time of the whole run, the machine's load average before and after
+and the thread setting go to benchmarks/results/run_all.json (run_all_quick.json for --quick). OMP_NUM_THREADS is
+set to 2 (the cores the published figures were measured on) unless it is set already.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -47,12 +51,12 @@ COARSE_TEXT, BOTH_TEXTS = ("python3.11-doc",), ("python3.11-doc", "perl-doc")
 # The settings of every published result. The full arguments are those recorded in the "args" of the JSON files
 # under benchmarks/results/; the quick ones keep each script's code path at toy sizes.
 RUNS = (
-    Run("compare", "compare.py", "", "--ratios 0.25 --steps 50 --tokens 2048 --synthetic 8 64 128"),
+    Run("compare", "compare.py", "", "--ratios 0.25 --methods mobe svd --steps 20 --tokens 2048 --synthetic 8 64 128"),
     Run(
         "compare_all_matrices",
         "compare.py",
         "--matrices gate up down",
-        "--matrices gate up down --ratios 0.4 --methods mobe svd --steps 50 --tokens 2048 --synthetic 8 64 128",
+        "--matrices gate up down --ratios 0.4 --methods mobe svd --steps 20 --tokens 2048 --synthetic 8 64 128",
     ),
     Run(
         "schedules",
@@ -64,13 +68,13 @@ RUNS = (
         "data_free",
         "data_free.py",
         "--steps 1000",
-        "--fixtures coarse --ratios 0.25 --methods svd d2moe molae mobe --steps 50 --tokens 2048",  # slbf: 271 s here
+        "--fixtures coarse --ratios 0.25 --methods svd d2moe molae mobe default --steps 20 --tokens 2048",  # no slbf
     ),
     Run(
         "data_free_calibrated",
         "data_free.py",
         "--steps 1000 --variants calibrated",
-        "--fixtures coarse --ratios 0.25 --methods svd mobe --steps 50 --variants calibrated --tokens 2048",
+        "--fixtures coarse --ratios 0.25 --methods svd mobe default --steps 20 --variants calibrated --tokens 2048",
         needs=BOTH_TEXTS,
     ),
     Run(
@@ -90,14 +94,14 @@ RUNS = (
         "calibration_500_steps",
         "calibration.py",
         "--steps 500 --threads 1",
-        "--ratios 0.25 --matrix-sets gate,up --steps 50 --refine-steps 20 --calibration-tokens 2048 --tokens 2048",
+        "--ratios 0.25 --matrix-sets gate,up --steps 20 --refine-steps 10 --calibration-tokens 2048 --tokens 2048",
         needs=COARSE_TEXT,
     ),
     Run(
         "distill",
         "distill.py",
         "--ratios 0.5 0.25 --fits data-free --steps 300 --distill-tokens 16384 --tokens 8192 --threads 1",
-        "--fixtures coarse --ratios 0.5 --fits data-free --modes router --steps 50 --epochs 1 --distill-tokens 4096 "
+        "--fixtures coarse --ratios 0.5 --fits data-free --modes router --steps 20 --epochs 1 --distill-tokens 4096 "
         "--tokens 2048",
         needs=BOTH_TEXTS,
     ),
@@ -105,7 +109,7 @@ RUNS = (
         "distill_calibrated",
         "distill.py",
         "--ratios 0.5 --fits calibrated --steps 300 --distill-tokens 16384 --tokens 8192 --threads 1",
-        "--fixtures coarse --ratios 0.5 --fits calibrated --modes router --steps 50 --epochs 1 --distill-tokens 4096 "
+        "--fixtures coarse --ratios 0.5 --fits calibrated --modes router --steps 20 --epochs 1 --distill-tokens 4096 "
         "--tokens 2048",
         needs=BOTH_TEXTS,
     ),
@@ -117,12 +121,12 @@ RUNS = (
         needs=BOTH_TEXTS,
     ),
     Run(
-        "compress_memory",
-        "compress_memory.py",
-        "",
-        "--hidden 256 --experts 8 --intermediate 128 --steps 5 --layers 2 4",
-        out_option="--json",
+        "recipe",
+        "recipe.py",
+        "--steps 1000 --threads 1",
+        "--fixtures coarse --matrices gate --ratios 0.5 --steps 10",
     ),
+    Run("compress_memory", "compress_memory.py", "", "--hidden 256 --experts 8 --intermediate 256 --layers 2 4"),
     Run(
         "inference_memory",
         "inference_memory.py",
@@ -138,12 +142,21 @@ RUNS = (
         needs=("ray",),
     ),
     Run("paper_parity", "paper_parity.py", "", "--steps 200", out_option="--json", needs=("authors-repo",)),
+    Run(
+        "gpu_jobs",
+        "gpu_jobs.py",
+        "--device cuda --paper-steps 1000",
+        "--device cpu --scale 0.02 --models qwen3-30b-a3b --paper-steps 20 --steps 20",
+        needs=("cuda",),  # the full run only; the quick one checks the code path on the CPU
+    ),
 )
 
 
 def missing(run: Run, args: argparse.Namespace) -> str | None:
     """Why `run` cannot run here, or None."""
     for need in run.needs:
+        if need == "cuda" and not args.quick and not _cuda():
+            return "needs a CUDA GPU (its figures are not measured yet)"
         if need == "ray" and importlib.util.find_spec("ray") is None:
             return "Ray is not installed (pip install 'mobe[ray]')"
         if need == "authors-repo" and not (args.authors_repo and (Path(args.authors_repo) / "train.py").is_file()):
@@ -151,6 +164,18 @@ def missing(run: Run, args: argparse.Namespace) -> str | None:
         if need in FIXTURE_TEXT and not Path(FIXTURE_TEXT[need]).is_dir():
             return f"the fixtures' training-side text needs the Debian package {need} ({FIXTURE_TEXT[need]})"
     return None
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of every finished child so far: unlike wall time, barely moved by other jobs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def command(run: Run, args: argparse.Namespace, results: Path) -> list[str]:
@@ -176,6 +201,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small settings, results in benchmarks/results/quick/")
     parser.add_argument("--only", nargs="+", choices=[r.name for r in RUNS], help="run these benchmarks only")
+    parser.add_argument(
+        "--skip", nargs="+", default=[], choices=[r.name for r in RUNS], help="run every benchmark but these"
+    )
     parser.add_argument("--authors-repo", default=None, help="checkout of inclusionAI/MoBE for paper_parity.py")
     args = parser.parse_args()
     results = HERE / "results" / ("quick" if args.quick else "")
@@ -185,10 +213,16 @@ def main() -> None:
     for script in sorted(p.name for p in HERE.glob("*.py") if p.name not in listed):
         print(f"{script}: not in run_all.RUNS yet, so not run (add its settings there)")
 
+    os.environ.setdefault("OMP_NUM_THREADS", "2")  # the children inherit it
+    load_before = os.getloadavg()
     start = time.perf_counter()
-    summary = []
+    summary, cpu_seconds = [], {}
     for run in RUNS:
         if args.only and run.name not in args.only:
+            continue
+        if run.name in args.skip:
+            print(f"\n=== {run.name}: skipped (--skip)", flush=True)
+            summary.append((run.name, None, "skipped", ["--skip"]))
             continue
         reason = missing(run, args)
         if reason:
@@ -199,9 +233,10 @@ def main() -> None:
             subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
         cmd = command(run, args, results)
         print(f"\n=== {run.name}: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _children_cpu()
         code = subprocess.run(cmd, check=False).returncode
         seconds = time.perf_counter() - t0
+        cpu_seconds[run.name] = _children_cpu() - cpu0
         json_path = results / f"{run.name}.json"
         if code:
             summary.append((run.name, seconds, f"failed (exit {code})", []))
@@ -215,15 +250,43 @@ def main() -> None:
     table_code = subprocess.run(tables, check=False).returncode
 
     total = time.perf_counter() - start
-    print(f"\n{'benchmark':<22} {'seconds':>8}  {'status':<16} verdicts")
+    print(f"\n{'benchmark':<22} {'seconds':>8} {'CPU s':>7}  {'status':<16} verdicts")
     for name, seconds, status, verdicts in summary:
         secs = f"{seconds:8.0f}" if seconds is not None else f"{'-':>8}"
+        cpu = f"{cpu_seconds[name]:7.0f}" if name in cpu_seconds else f"{'-':>7}"
         lines = verdicts or [""]
-        print(f"{name:<22} {secs}  {status:<16} {lines[0]}")
+        print(f"{name:<22} {secs} {cpu}  {status:<16} {lines[0]}")
         for line in lines[1:]:
-            print(f"{'':<22} {'':>8}  {'':<16} {line}")
+            print(f"{'':<22} {'':>8} {'':>7}  {'':<16} {line}")
     print(f"tables.py: {'ok' if table_code == 0 else f'failed (exit {table_code})'}")
-    print(f"total {total:.0f} s ({total / 60:.1f} min), results in {results}")
+    load_after = os.getloadavg()
+    print(
+        f"total {total:.0f} s ({total / 60:.1f} min; {_children_cpu():.0f} CPU s), results in {results}; "
+        "OMP_NUM_THREADS="
+        f"{os.environ['OMP_NUM_THREADS']}, {os.cpu_count()} cores, load average (1 min) {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after"
+    )
+    not_ok = [f"{name} {status}" for name, _, status, _ in summary if status != "ok"]
+    record = {
+        "quick": args.quick,
+        "only": args.only,
+        "seconds": total,
+        "cpu_seconds": _children_cpu(),
+        "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ["OMP_NUM_THREADS"],
+        "load_before": load_before,
+        "load_after": load_after,
+        "finished": "every benchmark ran" if not not_ok else "not run or failed: " + ", ".join(not_ok),
+        "runs": [
+            {"name": n, "seconds": sec, "cpu_seconds": cpu_seconds.get(n), "status": st, "verdicts": v}
+            for n, sec, st, v in summary
+        ],
+        "tables_exit_code": table_code,
+    }
+    timing = HERE / "results" / ("run_all_quick.json" if args.quick else "run_all.json")
+    if not args.only:  # a partial run says nothing about the whole one's time
+        timing.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {timing}")
     if table_code or any(s.startswith("failed") for _, _, s, _ in summary):
         sys.exit(1)
 

@@ -287,7 +287,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-perplexity", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 300/100 steps, E=16 synthetic, no ppl")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 100/50 steps, E=16 synthetic, no ppl")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS), help="what to run")
     parser.add_argument(
         "--merge", nargs="+", default=None, metavar="JSON", help="combine the results of runs of separate --parts"
@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON/PNG path stem (default results/schedules[-quick])")
     args = parser.parse_args()
     if args.quick:
-        args.paper_steps, args.fast_steps, args.no_perplexity = 300, 100, True
+        args.paper_steps, args.fast_steps, args.no_perplexity = 100, 50, True
         args.synthetic, args.synthetic_paper_steps, args.synthetic_fast_steps = [16, 48, 128], 100, 60
     args.out = args.out or str(HERE / "results" / ("schedules-quick" if args.quick else "schedules"))
     torch.set_num_threads(args.threads)

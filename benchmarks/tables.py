@@ -96,6 +96,7 @@ def compare_table(result: dict, details: bool = True) -> str:
         )
         for ratio in {r["target_ratio"] for r in rows}
     }
+    original = f"Original held-out perplexity {result['original_perplexity']:.2f} ({result['tokens']} tokens).\n\n"
     head = "| method | target | rank | expert params cut |" + (" model params |" if details else "")
     head += " mean rel. error | perplexity | change |" + (" seconds |" if details else "")
     lines = [head, "|---|" + "---:|" * (8 if details else 6)]
@@ -111,7 +112,7 @@ def compare_table(result: dict, details: bool = True) -> str:
         ]
         cells += [f"{r['seconds']:.1f}"] if details else []
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return original + "\n".join(lines) + "\n"
 
 
 def compare_synthetic_table(result: dict) -> str:
@@ -329,76 +330,389 @@ def equal_bytes_summary(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(path: Path, name: str, body: str, show: bool = False) -> None:
-    """Put `body` between the NAME markers of `path`; with `show`, print it instead and leave the file alone."""
-    if show:
+def calibration_table(result: dict) -> str:
+    """calibration.py: plain, calibrated and refined fits per cut and matrix set; the best perplexity of each bold."""
+    rows = result["rows"]
+    best = {}
+    for r in rows:
+        key = (r["target_ratio"], r["matrices"])
+        best[key] = min(best.get(key, r["perplexity"]), r["perplexity"])
+    lines = [
+        f"Original held-out perplexity {result['original_perplexity']:.3f} ({result['tokens']} tokens).",
+        "",
+        "| variant | target | matrices | rank | rel. weight error | rel. output error | perplexity | change | cut "
+        "| s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        on = r["perplexity"] == best[(r["target_ratio"], r["matrices"])]
+        out = "" if r["mean_output_error"] is None else f"{r['mean_output_error']:.4f}"
+        cut = "" if r["variant"] == "plain" else _bold(f"{100 * r['increase_cut']:.0f}%", on)
+        ppl, change = _bold(f"{r['perplexity']:.3f}", on), _bold(f"{r['perplexity_change']:+.3f}", on)
+        lines.append(
+            f"| {r['variant']} | {r['target_ratio']:.2f} | {r['matrices']} | {r['rank']} | "
+            f"{r['mean_relative_error']:.4f} | {out} | {ppl} | {change} | {cut} | {r['seconds']:.0f} |"
+        )
+    lines.append("")
+    for variant in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "plain"):
+        cuts = [100 * r["increase_cut"] for r in rows if r["variant"] == variant]
+        lines.append(
+            f"{variant}: the increase is {min(cuts):.0f}% to {max(cuts):.0f}% smaller than the plain fit's "
+            f"({len(cuts)} settings)."
+        )
+    lines += [str(v) for v in _verdict_lines(result)]
+    return "\n".join(lines) + "\n"
+
+
+def inference_memory_table(result: dict) -> str:
+    """inference_memory.py: per variant, checkpoint size, peak RSS per phase and speed; then its verdicts."""
+    a = result["args"]
+    experts = a["layers"] * 3 * a["experts"] * a["intermediate"] * a["hidden"] * 4 / 2**20
+    names = {
+        "original": "original (transformers)",
+        "dense": "dense reconstruction of the same factors",
+        "native": "native MoBE",
+        "native+cache": f"native MoBE, {a['cache_mib']:g} MiB cache",
+        "materialising": "all-experts-materialising (authors' scheme)",
+    }
+    lines = [
+        f"qwen3_moe, {a['layers']} layers x {a['experts']} experts of {a['intermediate']}, hidden {a['hidden']} "
+        f"({experts:.0f} MiB of float32 experts); MoBE m={a['bases']}, r={a['rank']}; prefill {a['prefill']} tokens, "
+        f"then {a['decode']} greedy decoding steps; each variant in a fresh process, peak RSS (MiB) per phase.",
+        "",
+        f"| variant | checkpoint MiB | baseline RSS | peak RSS load | peak RSS prefill {a['prefill']} | "
+        "peak RSS decode | prefill tok/s | decode tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {names.get(r['variant'], r['variant'])} | {r['checkpoint_mib']:.0f} | {r['baseline_rss_mib']:.0f} | "
+            f"{r['peak_rss_after_load_mib']:.0f} | {r['peak_rss_prefill_mib']:.0f} | {r['peak_rss_decode_mib']:.0f} | "
+            f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Native peak RSS above its baseline: {result['checks']['native_peak_over_checkpoint']:.2f}x its "
+        "checkpoint (no target: activations and the workspace come on top).",
+    ]
+    lines += _verdict_lines(result)
+    return "\n".join(lines) + "\n"
+
+
+def inference_memory_summary(result: dict) -> str:
+    """One sentence for docs/runtime.md: decoding speed against the original, never rounded across its target."""
+    from results_io import ratio_text
+
+    checks, cache = result["checks"], result["args"]["cache_mib"]
+    peak = {
+        r["variant"]: max(r[k] for k in ("peak_rss_after_load_mib", "peak_rss_prefill_mib", "peak_rss_decode_mib"))
+        for r in result["rows"]
+    }
+    return (
+        f"Measured by `benchmarks/inference_memory.py` (`benchmarks/results/inference_memory.json`): native MoBE "
+        f"peaks at {peak['native']:.0f} MiB of RSS against the original's {peak['original']:.0f} MiB; without a "
+        f"cache it decodes at {ratio_text(checks['decode_speed_native_vs_original'], 0.5)}x the original's speed, "
+        f"with a {cache:g} MiB cache at {ratio_text(checks['decode_speed_native_cache_vs_original'], 0.5)}x "
+        f"([results.md](results.md#inference-keeps-the-memory-it-saved)).\n"
+    )
+
+
+def compress_memory_table(result: dict) -> str:
+    """compress_memory.py: peak RSS above each process's baseline against the number of layers; its verdicts."""
+    a = result["args"]
+    lines = [
+        f"qwen3_moe, hidden {a['hidden']}, {a['experts']} experts of {a['intermediate']} (float32), "
+        f"MoBE m={a['bases']}, r={a['rank']}, {a['steps']} steps, {a['threads']} threads; "
+        "each compression in a fresh process.",
+        "",
+        "| MoE layers | output | checkpoint MiB | one layer's experts MiB | baseline RSS MiB | peak RSS MiB "
+        "| peak above baseline MiB | in layers | s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['layers']} | {r['format']} | {r['checkpoint_mib']:.0f} | {r['layer_experts_mib']:.0f} | "
+            f"{r['baseline_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['above_baseline_mib']:.0f} | "
+            f"{r['above_baseline_mib'] / r['layer_experts_mib']:.2f} | {r['seconds']:.0f} |"
+        )
+    lines += _verdict_lines(result)
+    return "\n".join(lines) + "\n"
+
+
+def ray_scaling_table(result: dict) -> str:
+    """ray_scaling.py: wall time per runner, the bit-identity verdict (if the JSON has it), and the projections."""
+    a = result["args"]
+    runs = result["runs"]
+    lines = [
+        f"{runs[0]['jobs']} jobs (gate and up of {a['layers']} MoE layers), E={a['experts']}, p={a['intermediate']}, "
+        f"d={a['hidden']}, m={a['bases']}, r={a['rank']}, {a['steps']} Adam steps, one thread per job.",
+        "",
+        "| runner | cluster start | wall time | vs single process | summed job time | Ray overhead per job |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        start = "-" if r["workers"] == 1 and r["runner"] == "single process" else f"{r['cluster_start_s']:.1f} s"
+        lines.append(
+            f"| {r['runner']} | {start} | {r['compress_s']:.1f} s | {r['speedup_vs_single_process']:.2f}x | "
+            f"{sum(r['job_seconds']):.1f} s | {r['overhead_per_job_s']:.2f} s |"
+        )
+    one, two = runs[1], runs[2]
+    lines += [
+        "",
+        f"2 workers against 1: {one['compress_s'] / two['compress_s']:.2f}x faster "
+        f"({two['compress_s'] / one['compress_s']:.2f}x the time); "
+        f"the summed fitting time of the jobs goes from {sum(one['job_seconds']):.1f} s to "
+        f"{sum(two['job_seconds']):.1f} s (two jobs share the memory bandwidth).",
+    ]
+    if "tensors_sha256" not in runs[0]:
+        lines.append(
+            "This JSON predates the bit-identity check: it holds no digest of the written tensors (rerun "
+            "`python benchmarks/ray_scaling.py` to check it)."
+        )
+    lines += _verdict_lines(result)
+    proj = result["projections"]
+    gpus = sorted({p["gpus"] for p in proj})
+    lines += [
+        "",
+        f"On paper, at an **assumed** sustained {proj[0]['gpu_tflops_assumed']:g} TFLOP/s fp32 per GPU (this CPU "
+        f"sustained {result['cpu_gflop_s_per_job']:.1f} GFLOP/s per one-thread job): wall time = ceil(jobs / GPUs) x "
+        "one job's FLOP count / that rate.",
+        "",
+        "| model | jobs | hours per job | " + " | ".join(f"{g} GPUs" for g in gpus) + " |",
+        "|---|---:|---:|" + "---:|" * len(gpus),
+    ]
+    models = result.get("models", {})
+    for model in dict.fromkeys(p["model"] for p in proj):
+        rows = {p["gpus"]: p for p in proj if p["model"] == model}
+        first = rows[gpus[0]]
+        m = models.get(model)
+        name = (
+            f"{model} ({m['moe_layers']} MoE layers, E={m['E']}, m={m['m']}"
+            + (f" in {m['groups']} groups" if m["groups"] > 1 else "")
+            + f", {m['steps']:,} steps)"
+            if m
+            else model
+        )
+        lines.append(
+            f"| {name} | {first['jobs']} | {first['job_hours']:.1f} | "
+            + " | ".join(f"{rows[g]['wall_hours']:.1f} h" for g in gpus)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def ray_scaling_summary(result: dict) -> str:
+    """One sentence for docs/scale-out.md."""
+    one, two = result["runs"][1], result["runs"][2]
+    bits = (
+        result["verdicts"]["same_bits"]
+        if isinstance(result.get("verdicts"), dict)
+        else "the bit-identity check is not in this JSON (it predates the check)"
+    )
+    return (
+        f"Measured by `benchmarks/ray_scaling.py` (`benchmarks/results/ray_scaling.json`): 2 one-CPU Ray workers "
+        f"finish in {two['compress_s'] / one['compress_s']:.2f}x the time of 1; {bits}.\n"
+    )
+
+
+def run_all_table(results: Path) -> str:
+    """Every run of run_all.py: its command and the seconds its JSON recorded, and their sum."""
+    from run_all import RUNS
+
+    lines = ["| benchmark | command (`python benchmarks/...`) | seconds recorded |", "|---|---|---:|"]
+    total, missing = 0.0, []
+    for run in RUNS:
+        path = results / f"{run.name}.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        seconds, merged = result.get("seconds"), result.get("args", {}).get("merge")
+        if seconds is None or merged:
+            missing.append(run.name)
+            cell = "no JSON: not run" if not result else "merged from separate runs" if merged else "not recorded"
+        else:
+            total += seconds
+            cell = f"{seconds:.0f}"
+        lines.append(f"| {run.name} | `{f'{run.script} {run.full}'.strip()}` | {cell} |")
+    lines += [
+        "",
+        f"Recorded total: {total:.0f} s ({total / 3600:.1f} h)"
+        + (f", plus {', '.join(missing)}, which record no single run time" if missing else "")
+        + ". The runs happened at different times on a shared 2-core machine: the sum is a guide, not a measurement.",
+    ]
+    full = results / "run_all.json"
+    if full.exists():
+        f = json.loads(full.read_text())
+        lines.append("")
+        lines.append(
+            f"Last full `python benchmarks/run_all.py`: {f['seconds']:.0f} s wall ({f['seconds'] / 3600:.1f} h), load "
+            f"average (1 min) {f['load_before'][0]:.1f} before and {f['load_after'][0]:.1f} after ({f['finished']})."
+        )
+    quick = results / "run_all_quick.json"
+    if quick.exists():
+        q = json.loads(quick.read_text())
+        lines.append("")
+        lines.append(
+            f"`python benchmarks/run_all.py --quick`: {q['seconds']:.0f} s wall ({q['seconds'] / 60:.1f} min) and "
+            f"{q['cpu_seconds']:.0f} s of CPU time on {q['cpus']} cores, load average (1 min) "
+            f"{q['load_before'][0]:.1f} before and {q['load_after'][0]:.1f} after "
+            f"(OMP_NUM_THREADS={q['omp_num_threads']}; {q['finished']})."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def fixtures_table(stats: dict[str, dict]) -> str:
+    """The trained fixtures' training_stats.json (written by scripts/train_fixture.py): what each was trained on,
+    for how long, and what it learned."""
+    lines = [
+        "| fixture | parameters | shards (MB) | documents train / held out | steps x batch x tokens | epochs "
+        "| training time | held-out perplexity (tokens) | experts' distance from init | experts almost never chosen "
+        "| busiest expert / fair share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, (folder, st) in stats.items():
+        c, held = st["config"], st["heldout"]
+        shards = sorted(folder.glob("*.safetensors"))
+        size = sum(p.stat().st_size for p in shards) / 1e6
+        distance = [v for layer in st["expert_distance_from_init"].values() for v in layer.values()]
+        usage = st["expert_usage_heldout"]
+        unused = sum(sum(1 for share in layer if share == 0) for layer in usage.values())
+        routed = sum(len(layer) for layer in usage.values())
+        busiest = max(max(layer) * len(layer) for layer in usage.values())
+        lines.append(
+            f"| `{name}` | {st['parameters'] / 1e6:.1f} M | {len(shards)} ({size:.0f}) | "
+            f"{st['documents']['train']} / {st['documents']['heldout']} | {st['steps']} x {c['batch_size']} x "
+            f"{c['seq_len']} | {st['epochs']:.1f} | {st['train_wall_seconds'] / 60:.0f} min | "
+            f"{held['perplexity']:.1f} ({held['tokens']:,}) | {min(distance):.1f}-{max(distance):.1f}x | "
+            f"{unused} of {routed} | {busiest:.1f}x |"
+        )
+    lines += [
+        "",
+        f"Perplexity: context {held['context']}, stride {held['stride']}; uniform guessing gives "
+        f"{st['uniform_perplexity']}. Distance: ||W - W0||_F / ||W0||_F of each layer's gate, up and down (all "
+        "experts together), min-max. Expert usage on the first 8 sequences of the held-out text; almost never chosen: "
+        "a share of the routings that rounds to 0 at four decimals.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _verdict_lines(result: dict) -> list[str]:
+    verdicts = result.get("verdicts")
+    if not verdicts:
+        return []
+    if isinstance(verdicts, dict):  # "name: line", or "name: yes/NO" where the value is a bare flag
+        items = [f"{k}: {v if isinstance(v, str) else 'yes' if v else 'NO'}" for k, v in verdicts.items()]
+    else:
+        items = [str(v) for v in verdicts]
+    return ["", "Verdicts:", "", *[f"- {v}" for v in items]]
+
+
+def caption(stem: str, result: dict) -> str:
+    """Which command wrote the JSON a block comes from (the full settings of run_all.RUNS) and how long it took."""
+    from run_all import RUNS
+
+    run = next((r for r in RUNS if r.name == stem), None)
+    command = f"python benchmarks/{run.script} {run.full}".rstrip() if run else "?"
+    if run and "authors-repo" in run.needs:
+        command += " --authors-repo PATH"
+    seconds = result.get("seconds")
+    merged = result.get("args", {}).get("merge") or result.get("merged_from")
+    took = f", {seconds:.0f} s" if seconds and seconds >= 1 and not merged else ""
+    return (
+        f"<sub>From `benchmarks/results/{stem}.json` (`{command}`{took}); written by `benchmarks/tables.py`.</sub>\n\n"
+    )
+
+
+# JSON stem -> the blocks written from it: (file, block name, generator)
+BLOCKS = {
+    "data_free": [("README.md", "data_free", data_free_table), ("docs/results.md", "data_free", data_free_table)],
+    "compare": [
+        ("docs/results.md", "compare", compare_table),
+        ("docs/results.md", "compare_synthetic", compare_synthetic_table),
+    ],
+    "compare_all_matrices": [
+        ("docs/results.md", "compare_all_matrices", lambda r: compare_table(r, details=False)),
+    ],
+    "reap": [("docs/prune.md", "reap", reap_table)],
+    "distill": [("README.md", "distill", distill_table), ("docs/distill.md", "distill", distill_table)],
+    "distill_calibrated": [("docs/distill.md", "distill_calibrated", distill_table)],
+    "calibration_memory": [("docs/results.md", "calibration_memory", calibration_memory_table)],
+    "schedules": [("docs/results.md", "schedules", schedules_table)],
+    "data_free_calibrated": [
+        ("docs/results.md", "data_free_calibrated", lambda r: data_free_table(r, calibrated=True)),
+    ],
+    "paper_parity": [("docs/results.md", "paper_parity", paper_parity_table)],
+    "recipe": [("docs/results.md", "recipe", recipe_table)],
+    "equal_bytes": [
+        ("docs/quantize.md", "equal_bytes", equal_bytes_table),
+        ("README.md", "equal_bytes", equal_bytes_summary),
+    ],
+    "calibration_500_steps": [("docs/results.md", "calibration", calibration_table)],
+    "inference_memory": [
+        ("docs/results.md", "inference_memory", inference_memory_table),
+        ("docs/runtime.md", "inference_memory_summary", inference_memory_summary),
+    ],
+    "compress_memory": [("docs/results.md", "compress_memory", compress_memory_table)],
+    "ray_scaling": [
+        ("docs/results.md", "ray_scaling", ray_scaling_table),
+        ("docs/scale-out.md", "ray_scaling_summary", ray_scaling_summary),
+    ],
+}
+SENTENCES = {"inference_memory_summary", "ray_scaling_summary"}  # one line of prose: no caption
+
+
+def replace_block(path: Path, name: str, body: str, mode: str = "write") -> bool:
+    """Put `body` between the NAME markers of `path` ("write"), print it ("print"), or report whether the file
+    already holds it ("check"). Returns False only when checking finds the block out of date."""
+    if mode == "print":
         print(f"--- {name} (for {path.relative_to(ROOT)})\n{body}")
-        return
+        return True
     text = path.read_text()
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
         raise SystemExit(f"{path}: no <!-- {name}:start --> ... <!-- {name}:end --> block")
-    path.write_text(pattern.sub(lambda m: m.group(1) + body + m.group(2), text))
-    print(f"updated {name} in {path.relative_to(ROOT)}")
+    new = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    if mode == "check":
+        if new != text:
+            print(f"{path.relative_to(ROOT)}: block {name} differs from what tables.py writes")
+        return new == text
+    if new != text:
+        path.write_text(new)
+        print(f"updated {name} in {path.relative_to(ROOT)}")
+    return True
+
+
+def write_all(results: Path, mode: str = "write") -> bool:
+    """Every block whose JSON exists in `results`; True when all are (or now are) up to date."""
+    ok = True
+    for stem, blocks in BLOCKS.items():
+        path = results / f"{stem}.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        for file, name, generate in blocks:
+            body = generate(result) if name in SENTENCES else caption(stem, result) + generate(result)
+            ok &= replace_block(ROOT / file, name, body, mode)
+    ok &= replace_block(ROOT / "docs" / "results.md", "run_all", run_all_table(results), mode)
+    stats = {
+        folder.name: (folder, json.loads((folder / "training_stats.json").read_text()))
+        for folder in sorted((ROOT / "fixtures").glob("*"), reverse=True)
+        if (folder / "training_stats.json").exists()
+    }
+    if stats:
+        body = "<sub>From each fixture's `training_stats.json` (`scripts/train_fixture.py`); written by "
+        body += "`benchmarks/tables.py`.</sub>\n\n" + fixtures_table(stats)
+        ok &= replace_block(ROOT / "docs" / "fixtures.md", "fixtures", body, mode)
+    return ok
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the benchmarks' JSON")
     parser.add_argument("--print", dest="show", action="store_true", help="print the tables, write no file")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a block differs from its JSON; write nothing")
     args = parser.parse_args()
-    results, show = args.results, args.show
-    data_free = results / "data_free.json"
-    if data_free.exists():
-        result = json.loads(data_free.read_text())
-        table = data_free_table(result)
-        replace_block(ROOT / "README.md", "data_free", table, show)
-        replace_block(ROOT / "docs" / "results.md", "data_free", table, show)
-    compare = results / "compare.json"
-    if compare.exists():
-        result = json.loads(compare.read_text())
-        replace_block(ROOT / "docs" / "results.md", "compare", compare_table(result), show)
-        replace_block(ROOT / "docs" / "results.md", "compare_synthetic", compare_synthetic_table(result), show)
-    compare_all = results / "compare_all_matrices.json"
-    if compare_all.exists():
-        table = compare_table(json.loads(compare_all.read_text()), details=False)
-        replace_block(ROOT / "docs" / "results.md", "compare_all_matrices", table, show)
-    reap = results / "reap.json"
-    if reap.exists():
-        replace_block(ROOT / "docs" / "prune.md", "reap", reap_table(json.loads(reap.read_text())), show)
-    distill = results / "distill.json"
-    if distill.exists():
-        table = distill_table(json.loads(distill.read_text()))
-        replace_block(ROOT / "README.md", "distill", table, show)
-        replace_block(ROOT / "docs" / "distill.md", "distill", table, show)
-    distill_calibrated = results / "distill_calibrated.json"
-    if distill_calibrated.exists():
-        table = distill_table(json.loads(distill_calibrated.read_text()))
-        replace_block(ROOT / "docs" / "distill.md", "distill_calibrated", table, show)
-    memory = results / "calibration_memory.json"
-    if memory.exists():
-        result = json.loads(memory.read_text())
-        replace_block(ROOT / "docs" / "results.md", "calibration_memory", calibration_memory_table(result), show)
-    schedules = results / "schedules.json"
-    if schedules.exists():
-        table = schedules_table(json.loads(schedules.read_text()))
-        replace_block(ROOT / "docs" / "results.md", "schedules", table, show)
-    calibrated = results / "data_free_calibrated.json"
-    if calibrated.exists():
-        result = json.loads(calibrated.read_text())
-        replace_block(ROOT / "docs" / "results.md", "data_free_calibrated", data_free_table(result, True), show)
-    recipe = results / "recipe.json"
-    if recipe.exists():
-        replace_block(ROOT / "docs" / "results.md", "recipe", recipe_table(json.loads(recipe.read_text())), show)
-    equal_bytes = results / "equal_bytes.json"
-    if equal_bytes.exists():
-        result = json.loads(equal_bytes.read_text())
-        replace_block(ROOT / "docs" / "quantize.md", "equal_bytes", equal_bytes_table(result), show)
-        replace_block(ROOT / "README.md", "equal_bytes", equal_bytes_summary(result), show)
-    parity = results / "paper_parity.json"
-    if parity.exists():
-        table = paper_parity_table(json.loads(parity.read_text()))
-        replace_block(ROOT / "docs" / "results.md", "paper_parity", table, show)
+    mode = "print" if args.show else "check" if args.check else "write"
+    if not write_all(args.results, mode):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
