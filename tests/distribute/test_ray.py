@@ -23,9 +23,14 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-STEPS = 2500  # about a second per job on one thread: long enough to be killed in the middle
-CONFIG = MobeConfig(num_bases=2, rank=16, steps=STEPS, eval_every=100, threads=1, device="cpu")
-CLI_ARGS = ["--bases", "2", "--rank", "16", "--steps", str(STEPS), "--eval-every", "100", "--threads", "1"]
+STEPS = 2500  # about a second per job on one thread (never stopped early): long enough to be killed in the middle
+CONFIG = MobeConfig(
+    num_bases=2, rank=16, steps=STEPS, eval_every=100, stop_tol=0.0, threads=1, device="cpu", matrices=("gate", "up")
+)  # 4 layers x gate, up: 8 jobs
+CLI_ARGS = [
+    *("--bases", "2", "--rank", "16", "--steps", str(STEPS), "--eval-every", "100", "--stop-tol", "0"),
+    *("--threads", "1", "--matrices", "gate,up"),
+]
 
 
 @pytest.fixture(scope="module")
