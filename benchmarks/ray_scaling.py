@@ -114,7 +114,17 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    config = MobeConfig(num_bases=args.bases, rank=args.rank, steps=args.steps, eval_every=100, threads=1, device="cpu")
+    config = MobeConfig(  # the paper's schedule and matrices: every job runs all its steps, as the projections assume
+        num_bases=args.bases,
+        rank=args.rank,
+        steps=args.steps,
+        eval_every=100,
+        threads=1,
+        device="cpu",
+        schedule="adam",
+        basis_side="hidden",
+        matrices=("gate", "up"),
+    )
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_moe(
