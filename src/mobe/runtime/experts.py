@@ -139,6 +139,11 @@ class MobeExperts(nn.Module):
         self.num_experts = num_experts
         self.names = dict(names)
         self.factored = tuple(m for m in ("gate", "up", "down") if m in factored)
+        # Matrices whose A_e M_e is W_e^T in transformers' orientation: down (fitted as its transpose) xor a fit of
+        # the transposed stack (bases on the wider side of a p > d layer). Fixed at load: off the forward path.
+        self.transposed_products = frozenset(
+            m for m in self.factored if (m == "down") != (factored[m].meta.get("transposed") == "1")
+        )
         self.quirk = quirk
         self.glu = functools.partial(GLU_FUNCTIONS[quirk.glu], **(glu_kwargs or {})) if quirk else None
         self.fused = dict(fused or {})
@@ -263,12 +268,7 @@ class MobeExperts(nn.Module):
         if len(item) == 1:  # a rebuilt (p, d) matrix, down in its fitted (transposed) orientation
             return x @ item[0] if matrix == "down" else x @ item[0].T
         A, M = item
-        return (x @ A) @ M if self._product_is_transposed(matrix) else (x @ M.T) @ A.T
-
-    def _product_is_transposed(self, matrix: str) -> bool:
-        """Whether A_e M_e is W_e^T in transformers' orientation: down (fitted as its transpose) xor a fit of the
-        transposed stack (bases on the wider side of a p > d layer)."""
-        return (matrix == "down") != (self.matrix(matrix).meta.get("transposed") == "1")
+        return (x @ A) @ M if matrix in self.transposed_products else (x @ M.T) @ A.T
 
     def forward(
         self, hidden_states: Tensor, top_k_index: Tensor | None = None, top_k_weights: Tensor | None = None
@@ -337,7 +337,7 @@ class MobeExperts(nn.Module):
                 W = torch.stack([i[0] for i in items])
                 return torch.bmm(v, W) if matrix == "down" else torch.bmm(v, W.transpose(1, 2))
             A, M = torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
-            if self._product_is_transposed(matrix):
+            if matrix in self.transposed_products:
                 return torch.bmm(torch.bmm(v, A), M)
             return torch.bmm(torch.bmm(v, M.transpose(1, 2)), A.transpose(1, 2))
 
