@@ -44,11 +44,12 @@ class MobeConfig:
         default=None,
         metadata={"help": "tanh | silu | none, on the mixed basis; None = the method's own (mobe tanh, slbf silu)"},
     )
-    basis_side: str = field(
-        default="wider",
+    basis_side: str | None = field(
+        default=None,
         metadata={
             "help": "mobe: hidden = bases along the hidden size (the paper); wider = along the wider of p and d "
-            "(a p > d stack is fitted transposed; the same fit where p <= d)"
+            "(a p > d stack is fitted transposed; the same fit where p <= d); None = hidden for the paper "
+            "schedule (the authors' script), else wider"
         },
     )
     groups: int = field(default=1, metadata={"help": "expert groups, each with num_bases/groups bases"})
@@ -134,6 +135,8 @@ class MobeConfig:
             raise ValueError(f"target_ratio must be between 0 and 1, got {self.target_ratio}")
         if not self.method or not self.method.isidentifier():  # known names are checked where methods live
             raise ValueError(f"method must be a method name, got {self.method!r}")
+        if self.basis_side is None:  # `--schedule paper` replays the authors' script, bases along the hidden size
+            self.basis_side = "hidden" if self.schedule == "paper" else "wider"
         if self.basis_side not in BASIS_SIDES:
             raise ValueError(f"basis_side must be one of {BASIS_SIDES}, got {self.basis_side!r}")
         if self.schedule not in SCHEDULES:

@@ -91,3 +91,17 @@ def test_fast_in_an_output_metric_fits_that_metric_better_than_the_weight_fit():
     weighted, _ = fit_mobe(W, config, weighting=weighting)
     plain, _ = fit_mobe(W, config)
     assert weighting.squared_error(W, weighted.reconstruct()) < 0.9 * weighting.squared_error(W, plain.reconstruct())
+
+
+def test_paper_schedule_puts_the_bases_along_the_hidden_size_unless_told_otherwise():
+    """`--schedule paper` replays the authors' script, which never transposes: on a p > d stack its fit is the
+    hidden-side fit (A_i of p rows), while the default schedule fits the same stack transposed."""
+    W = torch.randn(4, 12, 6)
+    paper, _ = fit_mobe(W, MobeConfig(num_bases=2, rank=4, steps=3, schedule="paper"))
+    assert paper.transposed == "0" and paper.A.shape == (4, 12, 4)
+    forced, _ = fit_mobe(W, MobeConfig(num_bases=2, rank=4, steps=3, schedule="paper", basis_side="wider"))
+    assert forced.transposed == "1" and forced.A.shape == (4, 6, 4)
+    default, _ = fit_mobe(W, MobeConfig(num_bases=2, rank=4, steps=3))
+    assert default.transposed == "1"
+    resolved = MobeConfig(schedule="paper")
+    assert MobeConfig(**resolved.to_dict()).basis_side == resolved.basis_side == "hidden"

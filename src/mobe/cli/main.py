@@ -46,7 +46,7 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-ratio", type=float, default=None, help=helps["target_ratio"])
     p.add_argument("--rank", "-r", type=int, default=None, help=helps["rank"])
     p.add_argument("--activation", choices=ACTIVATIONS, default=default.activation, help=helps["activation"])
-    p.add_argument("--basis-side", choices=BASIS_SIDES, default=default.basis_side, help=helps["basis_side"])
+    p.add_argument("--basis-side", choices=BASIS_SIDES, default=None, help=helps["basis_side"])
     p.add_argument("--groups", type=int, default=default.groups, help=helps["groups"])
     p.add_argument("--schedule", choices=SCHEDULES, default=default.schedule, help=helps["schedule"])
     p.add_argument("--steps", type=int, default=None, help=helps["steps"])
