@@ -44,4 +44,4 @@ def test_info_prints_the_estimate_with_its_assumptions(tiny_checkpoints, capsys)
     out = capsys.readouterr().out
     assert re.search(r"compress time: +~\d+ s on one cpu \(fast schedule\)", out)
     assert "ms/step on calibration stacks" in out and "x 300 steps per job" in out
-    assert "4 jobs (2 MoE layers x gate+up)" in out
+    assert "6 jobs (2 MoE layers x gate+up+down)" in out  # the default --matrices

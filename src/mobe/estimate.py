@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .architectures import MoeLayout
-from .config import MobeConfig
+from .config import DEFAULT_MATRICES, MobeConfig
 from .factorize import fit_mobe
+from .factorize.mobe import fitted_shape
 from .factorize.schedule import WARM_FRACTION
 from .factorize.synthetic import realistic_stack
 
@@ -187,16 +188,20 @@ def estimate_compress_time(
     rank: int | None = None,
     schedule: str | None = None,
     steps: int | None = None,
-    matrices: tuple[str, ...] = ("gate", "up"),
+    matrices: tuple[str, ...] = DEFAULT_MATRICES,
     device: torch.device | str = "cpu",
     calibration: Calibration | None = None,
+    basis_side: str | None = None,
 ) -> TimeEstimate:
     """Wall time to compress every MoE layer's `matrices` with MoBE, from one calibration on `device`."""
-    defaults = MobeConfig(num_bases=num_bases, steps=steps, **({"schedule": schedule} if schedule else {}))
-    shape = (layout.num_experts, layout.intermediate_size, layout.hidden_size)  # down is fitted transposed: same
+    defaults = MobeConfig(
+        num_bases=num_bases, steps=steps, basis_side=basis_side, **({"schedule": schedule} if schedule else {})
+    )
+    p, d = fitted_shape(layout.intermediate_size, layout.hidden_size, defaults.basis_side)  # down: oriented the same
+    shape = (layout.num_experts, p, d)
     device = torch.device(device)
     calibration = calibration or calibrate(shape, num_bases, defaults.schedule, device)
-    rank = rank or min(shape[1], shape[2])
+    rank = rank or min(p, d)
     moe_layers = len(layout.moe_layers)
     return TimeEstimate(
         calibration, shape, rank, num_bases, defaults.steps, moe_layers * len(matrices), tuple(matrices), moe_layers

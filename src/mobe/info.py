@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .architectures import MoeLayout, moe_layout
 from .checkpoint import CheckpointReader
+from .config import DEFAULT_MATRICES, MobeConfig
 from .evaluate import mobe_parameters
 from .quantize.checkpoint import stored_bytes
 
@@ -22,6 +23,8 @@ class ModelInfo:
     compressed_expert_params: int | None = None
     num_bases: int | None = None
     rank: int | None = None
+    matrices: tuple[str, ...] = ()  # the matrix types the given settings compress
+    basis_side: str | None = None
     stored: dict | None = None  # a compressed checkpoint's mobe section (its settings)
     distill_memory: str | None = None  # what `mobe distill` with default settings would hold (compressed only)
     stored_bytes: int | None = None  # every weight tensor as stored, whatever its dtype (headers only)
@@ -51,7 +54,7 @@ class ModelInfo:
                 self.model_params + (saved if self.stored else 0),
                 self.model_params - (0 if self.stored else saved),
             )
-            label = "stored" if self.stored else f"MoBE m={self.num_bases} r={self.rank} (gate+up)"
+            label = "stored" if self.stored else f"MoBE m={self.num_bases} r={self.rank} ({'+'.join(self.matrices)})"
             word = "fewer" if saved >= 0 else "MORE: these settings make the model bigger"
             lines.append(
                 f"{label}: routed experts {self.expert_params:,} -> {self.compressed_expert_params:,} "
@@ -85,9 +88,13 @@ def model_info(
     num_bases: int | None = None,
     rank: int | None = None,
     groups: int = 1,
-    matrices: tuple[str, ...] = ("gate", "up"),
+    matrices: tuple[str, ...] = DEFAULT_MATRICES,
+    target_ratio: float | None = None,
+    schedule: str | None = None,
 ) -> ModelInfo:
-    """Architecture, parameter counts and (given m, r) the compression MoBE would give; headers only."""
+    """Architecture, parameter counts and, given m (0 = E/4) and r, or a target ratio (which sets r as `compress`
+    does), the compression MoBE would give with the default recipe's other settings (`schedule="paper"`: bases
+    along the hidden size, as there); headers only."""
     reader = CheckpointReader(model)
     layout = moe_layout(reader.config)
     info = ModelInfo(
@@ -115,12 +122,26 @@ def model_info(
         )
         info.model_params = sum(_logical_size(reader, section, layout, n) for n in reader.weight_map)
         return info
-    if num_bases is not None:
+    if num_bases is not None or target_ratio is not None:
+        from .pipeline import resolve_settings  # the rank `compress` would fit, from the same rule
+
+        settings = resolve_settings(
+            layout,
+            MobeConfig(
+                num_bases=num_bases or 0,
+                rank=rank,
+                groups=groups,
+                matrices=matrices,
+                target_ratio=target_ratio,
+                **({"schedule": schedule} if schedule else {}),
+            ),
+        )
         E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
-        rank = rank or min(p, d)
-        per_layer = (3 - len(matrices)) * E * p * d + len(matrices) * mobe_parameters(E, p, d, num_bases, rank, groups)
+        factored = mobe_parameters(E, p, d, settings.num_bases, settings.rank, groups, settings.basis_side)
+        per_layer = (3 - len(matrices)) * E * p * d + len(matrices) * factored
         info.compressed_expert_params = len(layout.moe_layers) * per_layer
-        info.num_bases, info.rank = num_bases, rank
+        info.num_bases, info.rank = settings.num_bases, settings.rank
+        info.matrices, info.basis_side = tuple(matrices), settings.basis_side
     return info
 
 

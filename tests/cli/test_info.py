@@ -12,9 +12,9 @@ def test_info_reports_layout_and_closed_form_saving(tiny_checkpoints, capsys):
     assert main(["info", str(tiny_checkpoints["deepseek_v3"]), "--bases", "2", "--rank", "8"]) == 0
     out = capsys.readouterr().out
     assert "deepseek_v3" in out and "3 (2 MoE: 1-2)" in out and "gate/up 16x32" in out
-    E, p, d, m, r, layers = 8, 16, 32, 2, 8, 2
+    E, p, d, m, r, layers = 8, 16, 32, 2, 8, 2  # gate, up and down (the default --matrices) factored
     before = layers * 3 * E * p * d
-    after = layers * (E * p * d + 2 * (E * p * r + m * r * d + E * m))
+    after = layers * 3 * (E * p * r + m * r * d + E * m)
     match = re.search(r"experts ([\d,]+) -> ([\d,]+)", out)
     assert match and int(match[1].replace(",", "")) == before and int(match[2].replace(",", "")) == after
 
@@ -55,6 +55,27 @@ def test_info_of_a_compressed_checkpoint_counts_what_it_holds(tiny_checkpoints, 
     E, p, d, m, r, layers = 8, 16, 32, 4, 8, 2
     assert _experts_line(out) == (layers * 3 * E * p * d, layers * (E * p * d + 2 * (E * p * r + m * r * d + E * m)))
     assert "native mobe m=4 r=8 gate+up" in out and "% fewer" in out
+
+
+@pytest.mark.parametrize("matrices", ["gate,up,down", "gate,up"])
+def test_info_at_a_target_ratio_predicts_what_compress_writes(tiny_checkpoints, tmp_path, capsys, matrices):
+    """The saving `mobe info --target-ratio` predicts (rank from the same rule as compress, m = E/4) equals the
+    parameter count of the checkpoint that compress then writes."""
+    from mobe import MobeConfig, compress
+
+    model = tiny_checkpoints["qwen3_moe"]
+    assert main(["info", str(model), "--target-ratio", "0.3", "--matrices", matrices, "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    predicted = _experts_line(out)
+    chosen = re.search(r"MoBE m=(\d+) r=(\d+) \(([a-z+]+)\)", out)
+    assert chosen and chosen[3] == matrices.replace(",", "+") and int(chosen[1]) == 8 // 4
+    config = MobeConfig(target_ratio=0.3, steps=2, matrices=tuple(matrices.split(",")))
+    compress(model, tmp_path / "n", config, progress=False)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "n")]) == 0
+    written = capsys.readouterr().out
+    assert _experts_line(written) == predicted and f"m={chosen[1]} r={chosen[2]}" in written
+    assert predicted[1] <= 0.7 * predicted[0]
 
 
 def test_info_warns_when_settings_grow_the_model(tiny_checkpoints, capsys):

@@ -282,26 +282,35 @@ def _cmd_info(args: argparse.Namespace) -> None:
     if args.model is None:
         raise ValueError("mobe info needs a checkpoint folder or hub id (or --list)")
     device = resolve_device(args.device)  # checked before anything is read
-    info = model_info(args.model, args.num_bases, args.rank, args.groups)
+    matrices = tuple(m for m in args.matrices.split(",") if m)
+    info = model_info(args.model, args.num_bases, args.rank, args.groups, matrices, args.target_ratio, args.schedule)
     print(info.summary())
     if info.stored is None and info.quantization is None:  # an original: what compressing and running it would take
         estimate = memory_estimate(
             args.model,
-            MobeConfig(num_bases=args.num_bases or 0, groups=args.groups).bases_for(info.layout.num_experts),
-            args.rank,
+            info.num_bases
+            or MobeConfig(num_bases=args.num_bases or 0, groups=args.groups).bases_for(info.layout.num_experts),
+            info.rank or args.rank,
             args.groups,
-            tuple(m for m in args.matrices.split(",") if m),
+            matrices,
             args.calibration_tokens,
             "cpu" if device.type == "cpu" else "cuda",
             args.context,
             args.cache_mib,
         )
         print(estimate.summary())
-    if args.num_bases is not None and info.stored is None and info.quantization is None:
+    if info.num_bases is not None and info.stored is None and info.quantization is None:
         from ..estimate import estimate_compress_time
 
         timing = estimate_compress_time(
-            info.layout, args.num_bases, args.rank, args.schedule, args.steps, device=device
+            info.layout,
+            info.num_bases,
+            info.rank,
+            args.schedule,
+            args.steps,
+            matrices,
+            device=device,
+            basis_side=info.basis_side,
         )
         print(timing.summary())
 
@@ -522,8 +531,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "info", "architecture, parameters and the saving of given settings (no weights read)")
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hugging Face hub id")
     p.add_argument("--list", action="store_true", help="list the supported MoE families and their on-disk layouts")
-    p.add_argument("--bases", "-m", dest="num_bases", type=int, default=None, help="m: bases per layer to cost")
+    p.add_argument(
+        "--bases", "-m", dest="num_bases", type=int, default=None, help="m: bases per layer to cost (0 = E/4)"
+    )
     p.add_argument("--rank", "-r", type=int, default=None, help="r: rank to cost (default min(p, d))")
+    p.add_argument(
+        "--target-ratio",
+        type=float,
+        default=None,
+        help="cost the default recipe at this expert-parameter reduction (sets r, and m = E/4 unless --bases)",
+    )
     p.add_argument("--groups", type=int, default=1, help="expert groups with their own bases")
     p.add_argument("--matrices", default=",".join(MobeConfig().matrices), help="matrix types to cost (memory)")
     p.add_argument(
