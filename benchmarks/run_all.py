@@ -71,6 +71,12 @@ RUNS = (
         "--fixtures coarse --ratios 0.25 --methods svd d2moe molae mobe default --steps 20 --tokens 2048",  # no slbf
     ),
     Run(
+        "data_free_coarse_2000",
+        "data_free.py",
+        "--fixtures coarse --steps 2000",
+        "--fixtures coarse --ratios 0.25 --methods svd default --steps 20 --tokens 2048",
+    ),
+    Run(
         "data_free_calibrated",
         "data_free.py",
         "--steps 1000 --variants calibrated",

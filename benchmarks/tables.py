@@ -28,7 +28,8 @@ def data_free_table(result: dict, calibrated: bool = False) -> str:
         s = fixture["shape"]
         rows = [r for r in fixture["rows"] if r["calibrated"] == calibrated]
         ratios = sorted({r["target_ratio"] for r in rows})
-        methods = list(dict.fromkeys(r["method"] for r in rows))
+        order = ("svd", "d2moe", "molae", "mobe", "slbf", "default")  # merged runs list rows in run order
+        methods = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: order.index(m) if m in order else 99)
         lines.append(
             f"**{name}** (`{fixture['fixture']}`, E={s['E']} p={s['p']} d={s['d']}; original perplexity "
             f"{fixture['original_perplexity']:.2f})"
@@ -624,6 +625,7 @@ def caption(stem: str, result: dict) -> str:
 # JSON stem -> the blocks written from it: (file, block name, generator)
 BLOCKS = {
     "data_free": [("README.md", "data_free", data_free_table), ("docs/results.md", "data_free", data_free_table)],
+    "data_free_coarse_2000": [("docs/results.md", "data_free_coarse_2000", data_free_table)],
     "compare": [
         ("docs/results.md", "compare", compare_table),
         ("docs/results.md", "compare_synthetic", compare_synthetic_table),
