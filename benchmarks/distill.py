@@ -82,6 +82,7 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                     device="cpu",
                     threads=args.threads,
                     calibration=str(text) if fit == "calibrated" else None,
+                    **({} if args.steps is None else {"steps": args.steps}),
                 ),
                 progress=False,
             )
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--fits", nargs="+", default=list(FITS), choices=FITS)
     parser.add_argument("--method", default="mobe", choices=("mobe", "slbf"), help="methods with basis coefficients")
     parser.add_argument("--modes", nargs="+", default=list(DISTILL_MODES), choices=DISTILL_MODES)
+    parser.add_argument("--steps", type=int, help="steps of each compression fit (default: the recipe's)")
     parser.add_argument("--epochs", type=int, help="distillation epochs (default: DistillConfig's)")
     parser.add_argument("--lr", type=float, help="distillation learning rate (default: DistillConfig's)")
     parser.add_argument("--router-weight", type=float, help="routing loss weight (default: DistillConfig's)")

@@ -259,7 +259,7 @@ class DistillConfig:
         },
     )
     epochs: int = field(default=3, metadata={"help": "passes over the training part of the text"})
-    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the routers and coefficients"})
+    lr: float = field(default=1e-2, metadata={"help": "AdamW peak learning rate of the routers and coefficients"})
     a_lr_scale: float = field(
         default=0.1, metadata={"help": "all-small: the A_i (most of the trained entries) learn at lr times this"}
     )
