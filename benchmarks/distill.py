@@ -1,15 +1,15 @@
 """Distillation after compression: how much of the held-out perplexity gap each `--train` mode closes.
 
 For each trained fixture (coarse p > d, fine-grained p < d), each expert-parameter cut, and each fit (data-free,
-and with `--calibration`), the fixture is compressed by `--method` (MoBE by default: the best data-free method of
-benchmarks/results/data_free.json at the fine fixture's cuts and the coarse one's 37-50%; gate, up and down, native
-factors), then distilled toward the original in each mode (router; router+coef; all-small) on excerpts of the
-fixture's TRAINING documents. Perplexity is
-measured on the fixture's held-out documents, which neither the calibration nor the distillation sees. Gap closed =
-(ppl_compressed - ppl_distilled) / (ppl_compressed - ppl_original). Wall time of each step is measured in the run.
+and with `--calibration`), the fixture is compressed by `--method` with the project's default recipe (what
+`mobe compress --method mobe --target-ratio R` runs; native factors), then distilled toward the original in each
+mode (router; router+coef; all-small) with `mobe distill`'s default settings on excerpts of the fixture's TRAINING
+documents (`--distill-bytes` of them). Perplexity is measured on the fixture's held-out documents, which neither
+the calibration nor the distillation sees. Gap closed = (ppl_compressed - ppl_distilled) / (ppl_compressed -
+ppl_original). Wall time of each step is measured in the run.
 
-    python benchmarks/distill.py [--fixtures coarse fine] [--ratios 0.25 0.5] [--steps 500]
-        [--modes router router+coef all-small] [--fits data-free calibrated]
+    python benchmarks/distill.py [--fixtures coarse fine] [--ratios 0.25 0.5] [--distill-tokens N]
+        [--modes router router+coef all-small] [--fits data-free calibrated] [--router-weight W] [--lr LR]
 
 Prints a table, its verdicts, writes benchmarks/results/distill.json and .png. Needs the Debian packages of the
 fixtures' corpora (python3.11-doc, perl-doc), as their training does.
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from calibration import training_side_text
 from compare import _perplexity  # same directory: run as python benchmarks/distill.py
-from data_free import FIXTURES, _calibration_text
+from data_free import FIXTURES
 from mobe import MobeConfig, compress
-from mobe.architectures import moe_layout
 from mobe.distill import DISTILL_MODES, DistillConfig, distill
 from results_io import write_results
 
@@ -36,15 +36,35 @@ HERE = Path(__file__).resolve().parent
 FITS = ("data-free", "calibrated")
 
 
+def _distill_text(fixture: Path, folder: Path, max_bytes: int) -> Path:
+    """Excerpts of the fixture's training documents (as recorded by its training run), written to `folder`."""
+    stats = json.loads((fixture / "training_stats.json").read_text())
+    config = stats["config"]
+    text = training_side_text(
+        max_bytes=max_bytes,
+        sources=Path(stats["source"]),
+        pattern=config.get("pattern", "*.rst.txt"),
+        package=stats.get("package", config.get("package", "python3.11-doc")),
+    )
+    path = folder / f"distill-{fixture.name}.txt"
+    path.write_text(text)
+    return path
+
+
+def _distill_config(mode: str, args: argparse.Namespace) -> DistillConfig:
+    """`mobe distill`'s defaults, but for the settings named on the command line."""
+    named = {k: getattr(args, k) for k in ("epochs", "lr", "router_weight", "schedule") if getattr(args, k) is not None}
+    return DistillConfig(train=mode, tokens=args.distill_tokens, seq_len=args.context, device="cpu", **named)
+
+
 def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     from transformers import AutoTokenizer
 
     fixture = HERE.parent / "fixtures" / FIXTURES[name]
-    num_experts = moe_layout(json.loads((fixture / "config.json").read_text())).num_experts
     tokenizer = AutoTokenizer.from_pretrained(fixture)
     ids = tokenizer((fixture / "heldout.txt").read_text(), return_tensors="pt").input_ids[0][: args.tokens]
     original = _perplexity(fixture, ids, args.context, args.stride)
-    text = _calibration_text(fixture, tmp)
+    text = _distill_text(fixture, tmp, args.distill_bytes)
     print(f"\n{name} ({fixture.name}): original held-out perplexity {original:.3f}", flush=True)
     targets_work = tmp / f"{name}-teacher"  # the teacher's targets, shared by every run on this fixture
     rows = []
@@ -59,15 +79,10 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                 MobeConfig(
                     method=method,
                     target_ratio=ratio,
-                    num_bases=max(1, num_experts // 4),  # the paper's m = E/4, as in data_free.py
-                    steps=args.steps,
-                    eval_every=args.eval_every,
-                    matrices=("gate", "up", "down"),
                     device="cpu",
                     threads=args.threads,
                     calibration=str(text) if fit == "calibrated" else None,
-                    calibration_tokens=args.distill_tokens,
-                    calibration_seq_len=args.context,
+                    **({} if args.steps is None else {"steps": args.steps}),
                 ),
                 progress=False,
             )
@@ -95,15 +110,7 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                     compressed,
                     out,
                     text,
-                    DistillConfig(
-                        train=mode,
-                        epochs=args.epochs,
-                        lr=args.lr,
-                        a_lr_scale=args.a_lr_scale,
-                        tokens=args.distill_tokens,
-                        seq_len=args.context,
-                        device="cpu",
-                    ),
+                    _distill_config(mode, args),
                     work_dir=targets_work,
                     progress=False,
                 )
@@ -192,12 +199,13 @@ def main() -> None:
     parser.add_argument("--fits", nargs="+", default=list(FITS), choices=FITS)
     parser.add_argument("--method", default="mobe", choices=("mobe", "slbf"), help="methods with basis coefficients")
     parser.add_argument("--modes", nargs="+", default=list(DISTILL_MODES), choices=DISTILL_MODES)
-    parser.add_argument("--steps", type=int, default=500, help="optimisation steps of each compression fit")
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=DistillConfig.epochs)
-    parser.add_argument("--lr", type=float, default=DistillConfig.lr)
-    parser.add_argument("--a-lr-scale", type=float, default=DistillConfig.a_lr_scale)
-    parser.add_argument("--distill-tokens", type=int, default=32768, help="training-side tokens (also calibration)")
+    parser.add_argument("--steps", type=int, help="steps of each compression fit (default: the recipe's)")
+    parser.add_argument("--epochs", type=int, help="distillation epochs (default: DistillConfig's)")
+    parser.add_argument("--lr", type=float, help="distillation learning rate (default: DistillConfig's)")
+    parser.add_argument("--router-weight", type=float, help="routing loss weight (default: DistillConfig's)")
+    parser.add_argument("--schedule", choices=("cosine", "halve"), help="default: DistillConfig's")
+    parser.add_argument("--distill-tokens", type=int, default=DistillConfig.tokens, help="distillation tokens")
+    parser.add_argument("--distill-bytes", type=int, default=1_500_000, help="training-side text excerpted")
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)

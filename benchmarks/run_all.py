@@ -106,7 +106,7 @@ RUNS = (
     Run(
         "distill",
         "distill.py",
-        "--ratios 0.5 0.25 --fits data-free --steps 300 --distill-tokens 16384 --tokens 8192 --threads 1",
+        "--ratios 0.5 --fits data-free --modes router --threads 1",
         "--fixtures coarse --ratios 0.5 --fits data-free --modes router --steps 20 --epochs 1 --distill-tokens 4096 "
         "--tokens 2048",
         needs=BOTH_TEXTS,
@@ -114,7 +114,7 @@ RUNS = (
     Run(
         "distill_calibrated",
         "distill.py",
-        "--ratios 0.5 --fits calibrated --steps 300 --distill-tokens 16384 --tokens 8192 --threads 1",
+        "--fixtures coarse --ratios 0.5 --fits calibrated --modes router --threads 1",
         "--fixtures coarse --ratios 0.5 --fits calibrated --modes router --steps 20 --epochs 1 --distill-tokens 4096 "
         "--tokens 2048",
         needs=BOTH_TEXTS,

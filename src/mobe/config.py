@@ -243,6 +243,7 @@ class QuantizeConfig:
 
 
 DISTILL_MODES = ("router", "router+coef", "all-small")
+DISTILL_SCHEDULES = ("cosine", "halve")
 
 
 @dataclass
@@ -261,7 +262,7 @@ class DistillConfig:
         },
     )
     epochs: int = field(default=3, metadata={"help": "passes over the training part of the text"})
-    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the routers and coefficients"})
+    lr: float = field(default=1e-2, metadata={"help": "AdamW peak learning rate of the routers and coefficients"})
     a_lr_scale: float = field(
         default=0.1, metadata={"help": "all-small: the A_i (most of the trained entries) learn at lr times this"}
     )
@@ -271,12 +272,34 @@ class DistillConfig:
     seq_len: int = field(default=256, metadata={"help": "tokens per sequence"})
     heldout_fraction: float = field(default=0.1, metadata={"help": "share of the sequences held out, from the end"})
     eval_every: int = field(default=4, metadata={"help": "optimiser steps between held-out checks"})
+    schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "cosine: linear warmup then cosine decay of the learning rate; halve: constant, halved (from the "
+            "best state) at each held-out check that does not improve"
+        },
+    )
+    warmup: float = field(default=0.05, metadata={"help": "cosine: share of the steps spent warming up"})
+    router_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of the routing loss: KL of each MoE layer's routing to the original's; 0 = off"},
+    )
+    router_top_k: int = field(
+        default=32, metadata={"help": "the original's router log-probabilities kept per token and layer (plus tail)"}
+    )
     device: str = field(default="auto", metadata={"help": "cpu | cuda | cuda:N | mps | auto"})
     seed: int = field(default=0, metadata={"help": "seed of the order of the training sequences"})
 
     def __post_init__(self) -> None:
         if self.train not in DISTILL_MODES:
             raise ValueError(f"distill train must be one of {DISTILL_MODES}, got {self.train!r}")
+        if self.schedule not in DISTILL_SCHEDULES:
+            raise ValueError(f"distill schedule must be one of {DISTILL_SCHEDULES}, got {self.schedule!r}")
+        if self.router_weight < 0 or self.router_top_k < 1 or not 0 <= self.warmup < 1:
+            raise ValueError(
+                "need distill router_weight >= 0, router_top_k >= 1, 0 <= warmup < 1; got "
+                f"{self.router_weight}, {self.router_top_k}, {self.warmup}"
+            )
         positive = {"lr": self.lr, "a_lr_scale": self.a_lr_scale, "batch": self.batch, "top_k": self.top_k}
         positive["eval_every"] = self.eval_every
         bad = [f"{k}={v}" for k, v in positive.items() if v <= 0]

@@ -183,7 +183,7 @@ def test_distillation_lowers_heldout_kl_and_writes_only_what_trains(
     original, text = text_models[0][arch], text_models[1]
     native = compressed[arch][0]
     work = targets_work(arch)
-    config = DistillConfig(train=mode, lr=1e-2, **QUICK)
+    config = DistillConfig(train=mode, lr=1e-2, schedule="halve", **QUICK)  # what is written, whatever the schedule
     report = distill(original, native, tmp_path / "out", text, config, work_dir=work)
     assert not report.kept_input and report.after["kl"] < report.before["kl"]
     assert _changed(native, tmp_path / "out") == _expected_changes(native, mode)
@@ -210,6 +210,31 @@ def test_router_and_coefficients(text_models, compressed, targets_work, tmp_path
     report = distill(original, native, tmp_path / "o", text, config, work_dir=targets_work("qwen3_moe"))
     assert report.after["kl"] < report.before["kl"]
     assert _changed(native, tmp_path / "o") == _expected_changes(native, "router+coef")
+
+
+def test_routing_loss_teaches_the_routers_the_originals_routing(text_models, compressed, tmp_path):
+    """With the routing loss, the written routers route the held-out text closer to the original's routing."""
+    from mobe.distill.run import TARGETS_FILE, TeacherTargets
+    from mobe.distill.train import RouterCatcher, routing_kl, split
+    from mobe.distill.trainable import router_modules
+
+    original, text = text_models[0]["qwen3_moe"], text_models[1]
+    native = compressed["qwen3_moe"][0]
+    config = DistillConfig(router_weight=10.0, lr=1e-2, **QUICK)
+    distill(original, native, tmp_path / "out", text, config, work_dir=tmp_path / "work")
+    targets = TeacherTargets.load(tmp_path / "work" / TARGETS_FILE)
+    assert targets.has_routing
+    _, held = split(len(targets), config.heldout_fraction)
+    layout = moe_layout(CheckpointReader(native).config)
+
+    def held_out_routing_kl(path):
+        model = _load(path)
+        catcher = RouterCatcher(list(router_modules(model, layout).values()))
+        with torch.no_grad():
+            kls = [(model(targets.input_ids[i][None]), routing_kl(catcher, targets, i))[1] for i in held]
+        return torch.cat(kls).mean().item()
+
+    assert held_out_routing_kl(tmp_path / "out") < held_out_routing_kl(native)
 
 
 def test_a_distillation_that_only_hurts_keeps_the_input(text_models, compressed, targets_work, tmp_path):

@@ -13,6 +13,7 @@ from ..config import (
     ACTIVATIONS,
     BASIS_SIDES,
     DISTILL_MODES,
+    DISTILL_SCHEDULES,
     QUANTIZE_BITS,
     QUANTIZE_SCOPES,
     SCHEDULES,
@@ -143,7 +144,9 @@ def _add_distill_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}train", choices=DISTILL_MODES, default=default.train, help=helps["train"])
     for name in DISTILL_OPTIONS[1:]:
         flag = f"--{prefix}{name.replace('_', '-')}"
-        p.add_argument(flag, type=type(getattr(default, name)), default=getattr(default, name), help=helps[name])
+        choices = DISTILL_SCHEDULES if name == "schedule" else None
+        kind = type(getattr(default, name))
+        p.add_argument(flag, type=kind, choices=choices, default=getattr(default, name), help=helps[name])
 
 
 def _distill_config(args: argparse.Namespace, prefix: str = "", device: str = "auto") -> DistillConfig:

@@ -40,3 +40,12 @@ def topk_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_indices: T
     s_tail = _tail_logprob(student, teacher_indices)
     t_top, t_tail = teacher_logprobs.float(), teacher_tail.float().clamp(min=_NEG)
     return (t_top.exp() * (t_top - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
+
+
+def router_logits(output: Tensor | tuple) -> Tensor:
+    """A router module's logits over the experts, (tokens, experts): its output, or the first of its outputs.
+
+    transformers' top-k routers return (logits, top-k weights, top-k ids); plain linear gates return the logits.
+    """
+    logits = output[0] if isinstance(output, tuple | list) else output
+    return logits.reshape(-1, logits.shape[-1])

@@ -28,7 +28,7 @@ from ..evaluate.report import REPORT_FILE
 from ..export.files import atomic_save_file, write_json_atomic
 from .targets import TeacherTargets, compute_targets
 from .train import evaluate, split, train
-from .trainable import DistillError, select_trainable
+from .trainable import DistillError, router_modules, select_trainable
 
 DISTILL_REPORT = "mobe_distill.json"
 TARGETS_FILE = "teacher_topk.safetensors"
@@ -116,6 +116,7 @@ def _targets(original: Path, text: Path, config: DistillConfig, work: Path, prog
         "top_k": str(config.top_k),
         "tokens": str(config.tokens),
         "seq_len": str(config.seq_len),
+        "router_top_k": str(config.router_top_k if config.router_weight > 0 else 0),
     }
     path = work / TARGETS_FILE
     if path.is_file():
@@ -123,7 +124,8 @@ def _targets(original: Path, text: Path, config: DistillConfig, work: Path, prog
         if cached.meta == meta:
             return cached
     sequences = calibration_ids(original, text, config.tokens, config.seq_len)
-    targets = compute_targets(original, sequences, config.top_k, meta, progress=progress)
+    router_top_k = config.router_top_k if config.router_weight > 0 else 0
+    targets = compute_targets(original, sequences, config.top_k, meta, progress=progress, router_top_k=router_top_k)
     work.mkdir(parents=True, exist_ok=True)
     targets.save(path)
     return targets
@@ -219,7 +221,8 @@ def distill(
         raise DistillError(f"{compressed_path}: no checkpoint tensor for the trained parameter {missing[0]}")
     stored = student_reader.get_many([names[n] for n in params])  # as on disk: written back if nothing helps
 
-    history, best_step = train(model, params, targets, config, progress=progress)
+    routers = list(router_modules(model, layout).values())
+    history, best_step = train(model, params, targets, config, progress=progress, routers=routers)
     train_idx, held_idx = split(len(targets), config.heldout_fraction)
     with torch.no_grad():  # judge what will be written: the trained tensors in the checkpoint's dtypes
         for n, p in params.items():

@@ -1,4 +1,8 @@
-"""The distillation loop: the student's trainable tensors against the teacher's stored top-k targets."""
+"""The distillation loop: the student's trainable tensors against the teacher's stored top-k targets.
+
+The loss per token is KL(teacher || student) of the next-token distributions plus `router_weight` times the mean
+over MoE layers of KL(teacher's routing || student's routing) (both coarsened to the teacher's top-k, see loss.py).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..config import DistillConfig
 from ..export import FACTOR_PREFIX
-from .loss import topk_kl
+from .loss import router_logits, topk_kl
 from .targets import TeacherTargets
 
 MAX_HALVINGS = 6  # a held-out check that does not improve halves the learning rate; the 7th stops training
@@ -34,6 +38,38 @@ def split(n: int, heldout_fraction: float) -> tuple[list[int], list[int]]:
     return list(range(n - held)), list(range(n - held, n))
 
 
+class RouterCatcher:
+    """Forward hooks on the student's routers keeping each one's latest logits (with their graph, for the loss)."""
+
+    def __init__(self, routers: list[nn.Module]):
+        self.logits: list[Tensor | None] = [None] * len(routers)
+        self.handles = [r.register_forward_hook(self._hook(k)) for k, r in enumerate(routers)]
+
+    def _hook(self, k: int):
+        def hook(module, args, output) -> None:
+            self.logits[k] = router_logits(output)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def routing_kl(catcher: RouterCatcher, targets: TeacherTargets, i: int) -> Tensor:
+    """Per token of sequence i: the mean over MoE layers of KL(teacher's routing || student's routing)."""
+    total = 0.0
+    for k, logits in enumerate(catcher.logits):
+        out = logits.device
+        total = total + topk_kl(
+            logits,
+            targets.router_logprobs[i][k].to(out),
+            targets.router_indices[i][k].to(out).long(),
+            targets.router_tail[i][k].to(out),
+        )
+    return total / len(catcher.logits)
+
+
 def _forward(model: nn.Module, targets: TeacherTargets, i: int) -> tuple[Tensor, Tensor]:
     """(KL per token, next-token NLL per token) of sequence i."""
     ids = targets.input_ids[i].to(model.get_input_embeddings().weight.device)
@@ -43,6 +79,14 @@ def _forward(model: nn.Module, targets: TeacherTargets, i: int) -> tuple[Tensor,
     ids = ids.to(out)
     nll = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="none")
     return kl, nll
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warmup over the first `warmup` share of the steps, then a cosine decay to zero at `total`."""
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 @torch.no_grad()
@@ -62,11 +106,13 @@ def train(
     targets: TeacherTargets,
     config: DistillConfig,
     progress: bool = False,
+    routers: list[nn.Module] | None = None,
 ) -> tuple[list[dict], int]:
-    """Train `params` for `config.epochs`; `model` ends with the state best on the held-out part.
+    """Train `params` for `config.epochs`; `model` ends with the state best on the held-out part (its output KL).
 
-    A held-out check that is not better than the best so far returns to the best state and halves the learning
-    rate (the same settings then serve a model far from its original and one already close to it).
+    Schedule `cosine`: linear warmup, then cosine decay. Schedule `halve`: a held-out check that is not better than
+    the best so far returns to the best state and halves the learning rate. `routers` (the student's, in the
+    order of the teacher's recorded routing) take part in the loss when `config.router_weight` > 0.
 
     Returns the history (one row per held-out check, the first before any step) and the best state's step.
     """
@@ -75,6 +121,7 @@ def train(
     rest = [p for n, p in params.items() if not n.endswith(f".{FACTOR_PREFIX}A")]
     groups = [{"params": rest, "lr": config.lr}, {"params": own, "lr": config.lr * config.a_lr_scale}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(train_idx) / config.batch)
     total = steps_per_epoch * config.epochs
@@ -90,14 +137,22 @@ def train(
     for _ in range(config.epochs):
         order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=generator).tolist()]
         batches += [order[start : start + config.batch] for start in range(0, len(order), config.batch)]
+    use_routing = config.router_weight > 0 and bool(routers) and targets.has_routing
+    catcher = RouterCatcher(routers) if use_routing else None
     running, running_tokens, halvings = 0.0, 0, 0
     bar = tqdm(total=total, desc="Distill", disable=not progress, leave=False)
     for step, batch in enumerate(batches, start=1):
+        if config.schedule == "cosine":
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * lr_factor(step - 1, total, config.warmup)
         tokens = sum(targets.input_ids[i].numel() for i in batch)
         optimizer.zero_grad(set_to_none=True)
         for i in batch:
             kl, _ = _forward(model, targets, i)
-            (kl.sum() / tokens).backward()
+            loss = kl.sum()
+            if catcher is not None:
+                loss = loss + config.router_weight * routing_kl(catcher, targets, i).sum()
+            (loss / tokens).backward()
             running, running_tokens = running + kl.sum().item(), running_tokens + kl.numel()
         optimizer.step()
         bar.update()
@@ -121,6 +176,8 @@ def train(
             best_kl, best_step = held.kl, step
             best = {n: p.detach().clone() for n, p in params.items()}
             continue
+        if config.schedule == "cosine":  # the schedule goes on; the best state is what is kept
+            continue
         halvings += 1  # overshot: back to the best state, at half the learning rate, with fresh moments
         if halvings > MAX_HALVINGS:
             break
@@ -131,6 +188,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] *= 0.5
     bar.close()
+    if catcher is not None:
+        catcher.remove()
     model.eval()
     with torch.no_grad():
         for name, param in params.items():
