@@ -76,6 +76,7 @@ RUNS = (
         "--fixtures coarse --steps 2000",
         "--fixtures coarse --ratios 0.25 --methods svd default --steps 20 --tokens 2048",
     ),
+    Run("factor_rounding", "factor_rounding.py", "", "--fixtures coarse --steps 20"),
     Run(
         "data_free_calibrated",
         "data_free.py",

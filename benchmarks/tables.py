@@ -60,6 +60,18 @@ def data_free_table(result: dict, calibrated: bool = False) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def factor_rounding_table(result: dict) -> str:
+    """factor_rounding.py: relative weight error of each fit (rows) with its factors rounded each way (columns)."""
+    from factor_rounding import ROUNDINGS
+
+    head = "| fixture | fit | r | " + " | ".join(ROUNDINGS) + " | s |"
+    lines = [head, "|---|---|---:|" + "---:|" * (len(ROUNDINGS) + 1)]
+    for r in result["rows"]:
+        cells = " | ".join(f"{r['errors'][k]:.4f}" for k in ROUNDINGS)
+        lines.append(f"| {r['fixture']} | {r['variant']} | {r['rank']} | {cells} | {r['seconds']:.0f} |")
+    return "\n".join(lines + _verdict_lines(result)) + "\n"
+
+
 def recipe_table(result: dict) -> str:
     """recipe.py: relative weight error of each variant (rows) on each stack and cut (columns); best bold."""
     rows = [r for r in result["rows"] if "relative_error" in r]
@@ -643,6 +655,7 @@ BLOCKS = {
     ],
     "paper_parity": [("docs/results.md", "paper_parity", paper_parity_table)],
     "recipe": [("docs/results.md", "recipe", recipe_table)],
+    "factor_rounding": [("docs/quantize.md", "factor_rounding", factor_rounding_table)],
     "equal_bytes": [
         ("docs/quantize.md", "equal_bytes", equal_bytes_table),
         ("README.md", "equal_bytes", equal_bytes_summary),

@@ -1,0 +1,153 @@
+"""How much rounding MoBE's factors to integers costs, per factor, and what a ridge in the exact A solve changes.
+
+`benchmarks/equal_bytes.py` found that int4 factors of the default recipe lose far more perplexity than int4 of
+the same fit's dense rebuild, and more than the paper's Adam fits did. This isolates the cause on one layer of each
+trained fixture: each stack is fitted (default recipe at the cut, and the paper's settings: Adam, bases on the
+hidden side), then A_i alone, the bases alone, or both are rounded to int4 (or int8) with the project's own
+group-wise quantiser (group 64, as equal_bytes.py), and the relative weight error of the rebuilt experts against the
+originals is measured. The default recipe is also fitted with a larger ridge in its exact A solves (the damping of
+`mobe.factorize.schedule`, relative to the mean diagonal of each M_i M_i^T; 1e-6 is the default's).
+
+    OMP_NUM_THREADS=1 python benchmarks/factor_rounding.py [--fixtures coarse fine] [--steps 300]
+
+Prints a table and a verdict per fixture, writes benchmarks/results/factor_rounding.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+import mobe.factorize.schedule as fast_schedule
+from mobe import CheckpointReader, MobeConfig, fit_mobe
+from mobe.architectures import MoeLayout, moe_layout
+from mobe.factorize.base import oriented
+from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
+from mobe.pipeline import resolve_settings
+from mobe.quantize.groupwise import fake_quantize
+from results_io import write_results
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
+ROUNDINGS = ("float", "A int4", "bases int4", "both int4", "both int8")
+GROUP = 64
+
+
+def _stack(model: Path, layer: int, matrix: str) -> tuple[torch.Tensor, MoeLayout]:
+    reader = CheckpointReader(model)
+    layout = moe_layout(reader.config)
+    names = [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
+    return oriented(matrix, torch.stack(list(reader.get_many(names).values()))).float(), layout
+
+
+def _errors(weights: torch.Tensor, factors) -> dict[str, float]:
+    """Relative weight error of the rebuilt stack for each rounding of the factors."""
+
+    def error(A: torch.Tensor, bases: torch.Tensor) -> float:
+        rebuilt = dataclasses.replace(factors, A=A, bases=bases).reconstruct()
+        if rebuilt.shape != weights.shape:  # fitted transposed (bases on the wider side)
+            rebuilt = rebuilt.transpose(1, 2)
+        return ((rebuilt - weights).norm() / weights.norm()).item()
+
+    A, bases = factors.A, factors.bases
+    return {
+        "float": error(A, bases),
+        "A int4": error(fake_quantize(A, 4, GROUP), bases),
+        "bases int4": error(A, fake_quantize(bases, 4, GROUP)),
+        "both int4": error(fake_quantize(A, 4, GROUP), fake_quantize(bases, 4, GROUP)),
+        "both int8": error(fake_quantize(A, 8, GROUP), fake_quantize(bases, 8, GROUP)),
+    }
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    default_damping = fast_schedule.DAMPING
+    for name in args.fixtures:
+        weights, layout = _stack(trained_fixture_path(FIXTURES[name]), args.layer, args.matrix)
+        base = MobeConfig(target_ratio=args.ratio, steps=args.steps, threads=args.threads)
+        variants = [(f"default, ridge {r:g}", resolve_settings(layout, base), r) for r in args.ridges]
+        paper = dataclasses.replace(base, schedule="adam", basis_side="hidden")
+        variants.append(("paper settings (adam)", resolve_settings(layout, paper), default_damping))
+        for label, config, ridge in variants:
+            fast_schedule.DAMPING = ridge
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            factors, _ = fit_mobe(weights, config)
+            seconds = time.perf_counter() - start
+            fast_schedule.DAMPING = default_damping
+            errors = _errors(weights, factors)
+            rows.append({"fixture": name, "variant": label, "rank": config.rank, "seconds": seconds, "errors": errors})
+            print(
+                f"  {name:>6} {label:>24} r={config.rank:<4} "
+                + " ".join(f"{k} {v:.4f}" for k, v in errors.items())
+                + f"  ({seconds:.0f} s)",
+                flush=True,
+            )
+    return rows
+
+
+def verdicts(rows: list[dict], default_label: str) -> list[str]:
+    out = []
+    for name in dict.fromkeys(r["fixture"] for r in rows):
+        by = {r["variant"]: r["errors"] for r in rows if r["fixture"] == name}
+        default, paper = by[default_label], by["paper settings (adam)"]
+        grow = {k: default[k] / default["float"] for k in ("A int4", "bases int4", "both int4")}
+        grow_paper = {k: paper[k] / paper["float"] for k in ("A int4", "bases int4", "both int4")}
+        best = min(by, key=lambda v: by[v]["both int4"])
+        out.append(
+            f"{name}: int4 multiplies the default fit's weight error by {grow['A int4']:.2f} (A), "
+            f"{grow['bases int4']:.2f} (bases), {grow['both int4']:.2f} (both); the paper settings' by "
+            f"{grow_paper['A int4']:.2f}, {grow_paper['bases int4']:.2f}, {grow_paper['both int4']:.2f}; "
+            f"lowest error with both factors in int4: {best} ({by[best]['both int4']:.4f})"
+        )
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixtures = list(dict.fromkeys(r["fixture"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(fixtures), figsize=(6.5 * len(fixtures), 4), dpi=120, squeeze=False)
+    for ax, name in zip(axes[0], fixtures, strict=True):
+        rows = [r for r in result["rows"] if r["fixture"] == name]
+        width = 0.8 / len(rows)
+        for i, row in enumerate(rows):
+            xs = [j + i * width for j in range(len(ROUNDINGS))]
+            ax.bar(xs, [row["errors"][k] for k in ROUNDINGS], width, label=row["variant"])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ROUNDINGS))], ROUNDINGS, fontsize=8)
+        ax.set_ylabel("relative weight error")
+        ax.set_title(f"{name}: layer {result['args']['layer']} {result['args']['matrix']}")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    parser.add_argument("--layer", type=int, default=1)
+    parser.add_argument("--matrix", default="gate", choices=["gate", "up", "down"])
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--steps", type=int, default=300, help="as equal_bytes.py")
+    parser.add_argument("--ridges", type=float, nargs="+", default=[fast_schedule.DAMPING, 1e-3, 1e-2])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(HERE / "results" / "factor_rounding"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    rows = run(args)
+    result = {"rows": rows, "verdicts": verdicts(rows, f"default, ridge {args.ridges[0]:g}")}
+    print("\n" + "\n".join(result["verdicts"]))
+    write_results(result, args, start, plot, args.out)
+
+
+if __name__ == "__main__":
+    main()
