@@ -6,7 +6,7 @@ trained fixture: each stack is fitted (default recipe at the cut, and the paper'
 hidden side), then A_i alone, the bases alone, or both are rounded to int4 (or int8) with the project's own
 group-wise quantiser (group 64, as equal_bytes.py), and the relative weight error of the rebuilt experts against the
 originals is measured. The default recipe is also fitted with a larger ridge in its exact A solves (the damping of
-`mobe.factorize.schedule`, relative to the mean diagonal of each M_i M_i^T; 1e-6 is the default's).
+`--ridge`, relative to the mean diagonal of each M_i M_i^T; 1e-6 is the default).
 
     OMP_NUM_THREADS=1 python benchmarks/factor_rounding.py [--fixtures coarse fine] [--steps 300]
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-import mobe.factorize.schedule as fast_schedule
 from mobe import CheckpointReader, MobeConfig, fit_mobe
 from mobe.architectures import MoeLayout, moe_layout
+from mobe.config import DEFAULT_RIDGE
 from mobe.factorize.base import oriented
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
 from mobe.pipeline import resolve_settings
@@ -65,20 +65,18 @@ def _errors(weights: torch.Tensor, factors) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
-    default_damping = fast_schedule.DAMPING
     for name in args.fixtures:
         weights, layout = _stack(trained_fixture_path(FIXTURES[name]), args.layer, args.matrix)
         base = MobeConfig(target_ratio=args.ratio, steps=args.steps, threads=args.threads)
-        variants = [(f"default, ridge {r:g}", resolve_settings(layout, base), r) for r in args.ridges]
+        fits = [(f"default, ridge {r:g}", dataclasses.replace(base, ridge=r)) for r in args.ridges]
         paper = dataclasses.replace(base, schedule="adam", basis_side="hidden")
-        variants.append(("paper settings (adam)", resolve_settings(layout, paper), default_damping))
-        for label, config, ridge in variants:
-            fast_schedule.DAMPING = ridge
+        fits.append(("paper settings (adam)", paper))
+        for label, settings in fits:
+            config = resolve_settings(layout, settings)
             torch.manual_seed(0)
             start = time.perf_counter()
             factors, _ = fit_mobe(weights, config)
             seconds = time.perf_counter() - start
-            fast_schedule.DAMPING = default_damping
             errors = _errors(weights, factors)
             rows.append({"fixture": name, "variant": label, "rank": config.rank, "seconds": seconds, "errors": errors})
             print(
@@ -137,7 +135,7 @@ def main() -> None:
     parser.add_argument("--matrix", default="gate", choices=["gate", "up", "down"])
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=300, help="as equal_bytes.py")
-    parser.add_argument("--ridges", type=float, nargs="+", default=[fast_schedule.DAMPING, 1e-3, 1e-2])
+    parser.add_argument("--ridges", type=float, nargs="+", default=[DEFAULT_RIDGE, 1e-3, 1e-2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(HERE / "results" / "factor_rounding"))
     args = parser.parse_args()

@@ -14,6 +14,7 @@ BASIS_SIDES = ("wider", "hidden")
 DEFAULT_STEPS = {"fast": 2000, "adam": 10000, "paper": 10000}
 COMPRESSIBLE = ("gate", "up", "down")
 DEFAULT_MATRICES = ("gate", "up", "down")
+DEFAULT_RIDGE = 1e-6  # of the exact A solves: only keeps the Cholesky factor defined for rank-deficient M_i
 FAST_INIT_LOGIT = 4.0  # own-basis softmax weight e^4 / (e^4 + m - 1): 0.64 at m = 32, against 0.08 at logit 1
 
 
@@ -69,6 +70,13 @@ class MobeConfig:
         metadata={"help": "full passes over the experts; None = the schedule's default (fast 2000, else 10000)"},
     )
     lr: float = field(default=0.07, metadata={"help": "Adam learning rate"})
+    ridge: float = field(
+        default=DEFAULT_RIDGE,
+        metadata={
+            "help": "fast: ridge of each exact A_i solve, relative to the mean diagonal of M_i M_i^T; 1e-3 gives "
+            "factors that survive int4 rounding far better, at a small cost in error (docs/quantize.md)"
+        },
+    )
     eval_every: int = field(default=200, metadata={"help": "steps between checks of the best state"})
     stop_tol: float = field(
         default=1e-4,
@@ -145,10 +153,10 @@ class MobeConfig:
             raise ValueError(f"groups ({self.groups}) must divide num_bases ({self.num_bases})")
         if self.steps is None:
             self.steps = DEFAULT_STEPS[self.schedule]
-        if self.steps < 0 or self.eval_every < 1 or self.lr <= 0 or self.stop_tol < 0:
+        if self.steps < 0 or self.eval_every < 1 or self.lr <= 0 or self.stop_tol < 0 or self.ridge < 0:
             raise ValueError(
-                f"need steps >= 0, eval_every >= 1, lr > 0, stop_tol >= 0; got {self.steps}, {self.eval_every}, "
-                f"{self.lr}, {self.stop_tol}"
+                f"need steps >= 0, eval_every >= 1, lr > 0, stop_tol >= 0, ridge >= 0; got {self.steps}, "
+                f"{self.eval_every}, {self.lr}, {self.stop_tol}, {self.ridge}"
             )
         bad = [m for m in self.matrices if m not in COMPRESSIBLE]
         if bad or not self.matrices:

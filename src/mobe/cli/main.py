@@ -54,6 +54,7 @@ def _add_mobe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=default.lr, help=helps["lr"])
     p.add_argument("--eval-every", type=int, default=default.eval_every, help=helps["eval_every"])
     p.add_argument("--stop-tol", type=float, default=default.stop_tol, help=helps["stop_tol"])
+    p.add_argument("--ridge", type=float, default=default.ridge, help=helps["ridge"])
     p.add_argument("--batch-experts", type=int, default=default.batch_experts, help=helps["batch_experts"])
     p.add_argument("--init-logit", type=float, default=default.init_logit, help=helps["init_logit"])
     p.add_argument("--matrices", default=",".join(default.matrices), help="comma-separated subset of gate,up,down")
@@ -117,6 +118,7 @@ def _config_from_args(args: argparse.Namespace) -> MobeConfig:
         lr=args.lr,
         eval_every=args.eval_every,
         stop_tol=args.stop_tol,
+        ridge=args.ridge,
         batch_experts=args.batch_experts,
         init_logit=args.init_logit,
         matrices=tuple(m for m in args.matrices.split(",") if m),
