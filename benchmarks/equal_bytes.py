@@ -37,7 +37,7 @@ import torch
 from compare import _perplexity  # same directory: run as python benchmarks/equal_bytes.py
 from data_free import FIXTURES, _calibration_text
 from mobe import MobeConfig, compress, reconstruct
-from mobe.config import QuantizeConfig
+from mobe.config import DEFAULT_RIDGE, QuantizeConfig
 from mobe.prune import prune_experts
 from mobe.quantize import quantize_checkpoint, stored_bytes
 from results_io import write_results
@@ -120,6 +120,7 @@ def _mobe_config(ratio: float, args: argparse.Namespace) -> MobeConfig:
         target_ratio=ratio,
         steps=args.steps,
         eval_every=args.eval_every,
+        ridge=args.ridge,
         device="cpu",
         threads=args.threads,
     )
@@ -295,6 +296,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=300, help="MoBE steps per fit")
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help="of MoBE's exact A solves (--ridge)")
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="REAP scoring tokens")
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256)

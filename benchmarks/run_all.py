@@ -78,6 +78,13 @@ RUNS = (
     ),
     Run("factor_rounding", "factor_rounding.py", "", "--fixtures coarse --steps 20"),
     Run(
+        "equal_bytes_ridge",
+        "equal_bytes.py",
+        "--steps 300 --threads 1 --ridge 0.001",
+        "--fixtures coarse --ratios 0.5 --steps 5 --tokens 1024 --calibration-tokens 1024 --no-lm-eval --ridge 0.001",
+        needs=BOTH_TEXTS,
+    ),
+    Run(
         "data_free_calibrated",
         "data_free.py",
         "--steps 1000 --variants calibrated",

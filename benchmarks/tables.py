@@ -343,6 +343,19 @@ def equal_bytes_summary(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def equal_bytes_mobe_table(result: dict) -> str:
+    """The MoBE rows of an equal_bytes.py run (e.g. with --ridge): size and perplexity increase per variant."""
+    lines = ["| fixture | variant | of the original bytes | d ppl |", "|---|---|---:|---:|"]
+    for name, fixture in result["fixtures"].items():
+        for r in fixture["rows"]:
+            if r["family"] in ("mobe", "reap+mobe"):
+                lines.append(
+                    f"| {name} | {r['label']} | {100 * r['bytes'] / fixture['original_bytes']:.1f}% | "
+                    f"{r['perplexity'] - fixture['original_perplexity']:+.3f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def calibration_table(result: dict) -> str:
     """calibration.py: plain, calibrated and refined fits per cut and matrix set; the best perplexity of each bold."""
     rows = result["rows"]
@@ -656,6 +669,7 @@ BLOCKS = {
     "paper_parity": [("docs/results.md", "paper_parity", paper_parity_table)],
     "recipe": [("docs/results.md", "recipe", recipe_table)],
     "factor_rounding": [("docs/quantize.md", "factor_rounding", factor_rounding_table)],
+    "equal_bytes_ridge": [("docs/quantize.md", "equal_bytes_ridge", equal_bytes_mobe_table)],
     "equal_bytes": [
         ("docs/quantize.md", "equal_bytes", equal_bytes_table),
         ("README.md", "equal_bytes", equal_bytes_summary),
