@@ -23,25 +23,18 @@ from pathlib import Path
 import torch
 
 from mobe import CheckpointReader, MobeConfig, fit_mobe
-from mobe.architectures import MoeLayout, moe_layout
+from mobe.architectures import moe_layout
 from mobe.config import DEFAULT_RIDGE
-from mobe.factorize.base import oriented
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
 from mobe.pipeline import resolve_settings
 from mobe.quantize.groupwise import fake_quantize
 from results_io import write_results
+from schedules import _fixture_stack
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
 ROUNDINGS = ("float", "A int4", "bases int4", "both int4", "both int8")
 GROUP = 64
-
-
-def _stack(model: Path, layer: int, matrix: str) -> tuple[torch.Tensor, MoeLayout]:
-    reader = CheckpointReader(model)
-    layout = moe_layout(reader.config)
-    names = [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
-    return oriented(matrix, torch.stack(list(reader.get_many(names).values()))).float(), layout
 
 
 def _errors(weights: torch.Tensor, factors) -> dict[str, float]:
@@ -66,7 +59,8 @@ def _errors(weights: torch.Tensor, factors) -> dict[str, float]:
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in args.fixtures:
-        weights, layout = _stack(trained_fixture_path(FIXTURES[name]), args.layer, args.matrix)
+        model = trained_fixture_path(FIXTURES[name])
+        weights, layout = _fixture_stack(model, args.layer, args.matrix), moe_layout(CheckpointReader(model).config)
         base = MobeConfig(target_ratio=args.ratio, steps=args.steps, threads=args.threads)
         fits = [(f"default, ridge {r:g}", dataclasses.replace(base, ridge=r)) for r in args.ridges]
         paper = dataclasses.replace(base, schedule="adam", basis_side="hidden")

@@ -334,25 +334,23 @@ def equal_bytes_summary(result: dict) -> str:
     lines += ["| fixture | frontier variant | of the original bytes | d ppl |", "|---|---|---:|---:|"]
     for name, fixture in result["fixtures"].items():
         rows = {r["label"]: r for r in fixture["rows"]}
-        for label in fixture["frontier"]:
-            r = rows[label]
-            lines.append(
-                f"| {name} | {label} | {100 * r['bytes'] / fixture['original_bytes']:.1f}% | "
-                f"{r['perplexity'] - fixture['original_perplexity']:+.3f} |"
-            )
+        lines += [_bytes_row(name, fixture, rows[label]) for label in fixture["frontier"]]
     return "\n".join(lines) + "\n"
+
+
+def _bytes_row(name: str, fixture: dict, row: dict) -> str:
+    """| fixture | variant | share of the original's bytes | perplexity increase |"""
+    return (
+        f"| {name} | {row['label']} | {100 * row['bytes'] / fixture['original_bytes']:.1f}% | "
+        f"{row['perplexity'] - fixture['original_perplexity']:+.3f} |"
+    )
 
 
 def equal_bytes_mobe_table(result: dict) -> str:
     """The MoBE rows of an equal_bytes.py run (e.g. with --ridge): size and perplexity increase per variant."""
     lines = ["| fixture | variant | of the original bytes | d ppl |", "|---|---|---:|---:|"]
     for name, fixture in result["fixtures"].items():
-        for r in fixture["rows"]:
-            if r["family"] in ("mobe", "reap+mobe"):
-                lines.append(
-                    f"| {name} | {r['label']} | {100 * r['bytes'] / fixture['original_bytes']:.1f}% | "
-                    f"{r['perplexity'] - fixture['original_perplexity']:+.3f} |"
-                )
+        lines += [_bytes_row(name, fixture, r) for r in fixture["rows"] if r["family"] in ("mobe", "reap+mobe")]
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .architectures import MoeLayout, moe_layout
 from .checkpoint import CheckpointReader
-from .config import DEFAULT_MATRICES, MobeConfig
+from .config import DEFAULT_MATRICES, DistillConfig, MobeConfig
 from .evaluate import mobe_parameters
 from .quantize.checkpoint import stored_bytes
 
@@ -108,7 +108,6 @@ def model_info(
     info.quantization = _quantization(reader.config)
     section = reader.config.get("mobe")
     if section and info.quantization is None:  # distillation trains float weights only
-        from .config import DistillConfig
         from .distill.memory import estimate
 
         default = DistillConfig(train="router+coef" if section.get("format") == "native" else "router")
