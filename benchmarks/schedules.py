@@ -6,8 +6,8 @@ Layers (the paper's r = p and m = E/4, as for Qwen3-30B-A3B's 128 experts and 32
 
 - p < d, the fine-grained trained fixture (64 experts, p=64, d=256), read through mobe's checkpoint reader;
 - p < d, a synthetic layer of Qwen3-30B-A3B's proportions at reduced size (E=128, p=192, d=512; power-law
-  spectrum and a shared input subspace, mobe.factorize.synthetic); its paper schedule runs fewer steps
-  (--synthetic-paper-steps; 10k take hours on a CPU), and the record says so;
+  spectrum and a shared input subspace, mobe.factorize.synthetic); --synthetic-paper-steps sets its paper
+  reference (10k, the schedule's own, take about two hours on one CPU core), and the record says how many ran;
 - p > d, the coarse trained fixture (16 experts, p=256, d=128) at the earlier settings (m=4, a 25% cut): the
   check that `fast` stays as good there.
 
@@ -24,6 +24,12 @@ The parts can run as separate processes and be merged (how results/schedules.jso
     python benchmarks/schedules.py --threads 1 --parts fine --out /tmp/fine       # and likewise synthetic, coarse
     python benchmarks/schedules.py --threads 1 --parts perplexity --out /tmp/ppl
     python benchmarks/schedules.py --merge /tmp/fine.json /tmp/syn.json ... [--ppl-log /tmp/ppl.log]
+
+and one stack's schedules can run side by side, one process (core) each, joined by --merge (a row whose paper
+reference ran more steps supersedes a shorter one of the same stack):
+
+    python benchmarks/schedules.py --threads 1 --parts synthetic --synthetic-paper-steps 10000 \
+        --synthetic-fast-steps 2000 --schedules paper --out /tmp/syn_paper     # and --schedules fast in parallel
 """
 
 from __future__ import annotations
@@ -74,10 +80,14 @@ def thin_trace(
     return [entry for i, entry in enumerate(trace) if i % stride == 0 or i == len(trace) - 1 or i == first]
 
 
-def compare_fits(weights: torch.Tensor, settings: dict, steps: dict[str, int], label: str, kind: str) -> dict:
-    """Every schedule on one stack; the paper's final error is its kept (best) state, as compress returns."""
+def compare_fits(
+    weights: torch.Tensor, settings: dict, steps: dict[str, int], label: str, kind: str, schedules=SCHEDULES
+) -> dict:
+    """Each of `schedules` on one stack; the paper's final error is its kept (best) state, as compress returns.
+
+    A row with only some schedules keeps full traces, so --merge can join it with a row of the others."""
     out: dict = {"label": label, "kind": kind, "shape": list(weights.shape), **settings}
-    for schedule in SCHEDULES:
+    for schedule in schedules:
         torch.manual_seed(0)
         config = MobeConfig(**settings, schedule=schedule, steps=steps[schedule], device="cpu")
         factors, stats = fit_mobe(weights, config)
@@ -87,6 +97,12 @@ def compare_fits(weights: torch.Tensor, settings: dict, steps: dict[str, int], l
             "relative_error": weight_error(weights, factors.reconstruct())[0],
             "trace": [(t, s, _relative(weights, loss)) for t, s, loss in stats.trace],
         }
+        print(f"  {label:>14} {schedule}: {stats.steps} steps {stats.seconds:.1f} s", flush=True)
+    return finish_row(out) if all(s in out for s in SCHEDULES) else out
+
+
+def finish_row(out: dict) -> dict:
+    """Time to the paper's final error and speedup of each schedule; traces thinned for the JSON."""
     paper = out["paper"]
     for schedule in SCHEDULES:
         run = out[schedule]
@@ -95,13 +111,37 @@ def compare_fits(weights: torch.Tensor, settings: dict, steps: dict[str, int], l
         run["trace"] = thin_trace(run["trace"], paper["relative_error"])
     fast = out[CANDIDATE]
     print(
-        f"  {label:>14} r={settings['rank']:<4} m={settings['num_bases']:<3} paper {paper['steps']:>6} steps "
+        f"  {out['label']:>14} r={out['rank']:<4} m={out['num_bases']:<3} paper {paper['steps']:>6} steps "
         f"{paper['seconds']:7.1f} s err {paper['relative_error']:.5f} | {CANDIDATE} {fast['steps']:>5} steps "
         f"{fast['seconds']:6.1f} s err {fast['relative_error']:.5f} | reaches paper's error at "
         f"{_fmt(fast['reaches_paper_at'])} s, speedup {_fmt(fast['speedup'])}",
         flush=True,
     )
     return out
+
+
+def merge_rows(rows: list[dict]) -> list[dict]:
+    """Join rows of one stack that ran different schedules in separate processes, and keep, per label, the row
+    whose paper reference ran the most steps (a shorter one is superseded by the faithful reference)."""
+    joined: list[dict] = []
+    partial: dict[str, dict] = {}
+    for row in rows:
+        if all(s in row for s in SCHEDULES):
+            joined.append(row)
+            continue
+        other = partial.pop(row["label"], None)
+        if other is None:
+            partial[row["label"]] = row
+            continue
+        if other["shape"] != row["shape"] or other["rank"] != row["rank"] or other["num_bases"] != row["num_bases"]:
+            raise SystemExit(f"--merge: the two partial rows of {row['label']!r} fitted different stacks or settings")
+        joined.append(finish_row({**other, **{s: row[s] for s in SCHEDULES if s in row}}))
+    if partial:
+        raise SystemExit(f"--merge: no other schedules for the partial rows {sorted(partial)}")
+    longest: dict[str, int] = {}
+    for row in joined:
+        longest[row["label"]] = max(longest.get(row["label"], 0), row["paper"]["steps"])
+    return [row for row in joined if row["paper"]["steps"] == longest[row["label"]]]
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
@@ -130,7 +170,7 @@ def run_fits(args: argparse.Namespace) -> list[dict]:
             weights = _fixture_stack(fine, layer, matrix)
             E, p, _ = weights.shape
             settings = {"num_bases": E // 4, "rank": p, "activation": args.activation}
-            rows.append(compare_fits(weights, settings, steps, f"fine {layer}.{matrix}", "p<d"))
+            rows.append(compare_fits(weights, settings, steps, f"fine {layer}.{matrix}", "p<d", args.schedules))
     if "synthetic" in args.parts:
         rows.append(_synthetic_row(args))
     coarse = trained_fixture_path(TRAINED_FIXTURE)
@@ -139,7 +179,7 @@ def run_fits(args: argparse.Namespace) -> list[dict]:
         for matrix in ("gate", "up"):
             weights = _fixture_stack(coarse, layer, matrix)
             settings = {"num_bases": 4, "rank": _coarse_rank(*weights.shape, 4, 0.25), "activation": "silu"}
-            rows.append(compare_fits(weights, settings, steps, f"coarse {layer}.{matrix}", "p>d"))
+            rows.append(compare_fits(weights, settings, steps, f"coarse {layer}.{matrix}", "p>d", args.schedules))
     return rows
 
 
@@ -149,7 +189,7 @@ def _synthetic_row(args: argparse.Namespace) -> dict:
     weights = realistic_stack(E, p, d, seed=0)
     settings = {"num_bases": E // 4, "rank": p, "activation": args.activation}
     synthetic_steps = {"paper": args.synthetic_paper_steps, "fast": args.synthetic_fast_steps}
-    return compare_fits(weights, settings, synthetic_steps, "synthetic", "p<d")
+    return compare_fits(weights, settings, synthetic_steps, "synthetic", "p<d", args.schedules)
 
 
 def run_perplexity(args: argparse.Namespace) -> dict:
@@ -288,6 +328,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-perplexity", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: 100/50 steps, E=16 synthetic, no ppl")
+    parser.add_argument(
+        "--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES), help="run only these (then --merge)"
+    )
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS), help="what to run")
     parser.add_argument(
         "--merge", nargs="+", default=None, metavar="JSON", help="combine the results of runs of separate --parts"
@@ -303,7 +346,7 @@ def main() -> None:
     start = time.perf_counter()
     if args.merge:  # runs of separate parts, side by side in time on a shared machine
         parts = [json.loads(Path(path).read_text()) for path in args.merge]
-        rows = [row for part in parts for row in part["rows"]]
+        rows = merge_rows([row for part in parts for row in part["rows"]])
         result: dict = {"rows": rows, "parts": [part["args"] for part in parts]}
         result["perplexity"] = {}
         for path in args.ppl_log:
@@ -315,6 +358,10 @@ def main() -> None:
         fit_mobe(torch.randn(4, 16, 16), MobeConfig(num_bases=2, rank=4, steps=5, schedule="fast"))  # warm up kernels
         rows = run_fits(args)
         result = {"rows": rows}
+        if set(args.schedules) != set(SCHEDULES):  # one side of a split run: raw rows for --merge, no verdict
+            args.no_perplexity = True
+            write_results(result, args, start, lambda result, path: None, args.out)
+            return
     result["summary"] = summarise(rows, args)
     print(
         f"\n{'stack':>14} {'kind':>4} {'rank':>4} {'m':>3} {'paper steps':>11} {'paper s':>8} {'paper err':>9} "

@@ -141,55 +141,57 @@ def train(
     catcher = RouterCatcher(routers) if use_routing else None
     running, running_tokens, halvings = 0.0, 0, 0
     bar = tqdm(total=total, desc="Distill", disable=not progress, leave=False)
-    for step, batch in enumerate(batches, start=1):
-        if config.schedule == "cosine":
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * lr_factor(step - 1, total, config.warmup)
-        tokens = sum(targets.input_ids[i].numel() for i in batch)
-        optimizer.zero_grad(set_to_none=True)
-        for i in batch:
-            kl, _ = _forward(model, targets, i)
-            loss = kl.sum()
-            if catcher is not None:
-                loss = loss + config.router_weight * routing_kl(catcher, targets, i).sum()
-            (loss / tokens).backward()
-            running, running_tokens = running + kl.sum().item(), running_tokens + kl.numel()
-        optimizer.step()
-        bar.update()
-        if step % config.eval_every and step != total:
-            continue
-        model.eval()
-        held = evaluate(model, targets, held_idx)
-        model.train()
-        history.append(
-            {
-                "step": step,
-                "train_kl": running / running_tokens,
-                "heldout_kl": held.kl,
-                "heldout_perplexity": held.perplexity,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-        )
-        running, running_tokens = 0.0, 0
-        bar.set_postfix(heldout_kl=f"{held.kl:.4f}")
-        if held.kl < best_kl:
-            best_kl, best_step = held.kl, step
-            best = {n: p.detach().clone() for n, p in params.items()}
-            continue
-        if config.schedule == "cosine":  # the schedule goes on; the best state is what is kept
-            continue
-        halvings += 1  # overshot: back to the best state, at half the learning rate, with fresh moments
-        if halvings > MAX_HALVINGS:
-            break
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(best[name])
-        optimizer.state.clear()
-        for group in optimizer.param_groups:
-            group["lr"] *= 0.5
-    bar.close()
-    if catcher is not None:
-        catcher.remove()
+    try:
+        for step, batch in enumerate(batches, start=1):
+            if config.schedule == "cosine":
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * lr_factor(step - 1, total, config.warmup)
+            tokens = sum(targets.input_ids[i].numel() for i in batch)
+            optimizer.zero_grad(set_to_none=True)
+            for i in batch:
+                kl, _ = _forward(model, targets, i)
+                loss = kl.sum()
+                if catcher is not None:
+                    loss = loss + config.router_weight * routing_kl(catcher, targets, i).sum()
+                (loss / tokens).backward()
+                running, running_tokens = running + kl.sum().item(), running_tokens + kl.numel()
+            optimizer.step()
+            bar.update()
+            if step % config.eval_every and step != total:
+                continue
+            model.eval()
+            held = evaluate(model, targets, held_idx)
+            model.train()
+            history.append(
+                {
+                    "step": step,
+                    "train_kl": running / running_tokens,
+                    "heldout_kl": held.kl,
+                    "heldout_perplexity": held.perplexity,
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
+            )
+            running, running_tokens = 0.0, 0
+            bar.set_postfix(heldout_kl=f"{held.kl:.4f}")
+            if held.kl < best_kl:
+                best_kl, best_step = held.kl, step
+                best = {n: p.detach().clone() for n, p in params.items()}
+                continue
+            if config.schedule == "cosine":  # the schedule goes on; the best state is what is kept
+                continue
+            halvings += 1  # overshot: back to the best state, at half the learning rate, with fresh moments
+            if halvings > MAX_HALVINGS:
+                break
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(best[name])
+            optimizer.state.clear()
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5
+    finally:  # an interrupted run leaves no hook on the caller's model
+        bar.close()
+        if catcher is not None:
+            catcher.remove()
     model.eval()
     with torch.no_grad():
         for name, param in params.items():
