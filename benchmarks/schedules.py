@@ -16,7 +16,7 @@ held-out perplexity of each result is measured. The candidate for the default sc
 line says whether it reaches the paper's final error in at most a fifth of the paper's wall time on every p < d
 layer. Writes results/schedules.json and results/schedules.png (relative error against wall time, log y).
 
-    python benchmarks/schedules.py             # everything in one process: hours on a loaded 2-core machine
+    python benchmarks/schedules.py             # everything in one process: several hours on one core
     python benchmarks/schedules.py --quick     # smoke run: few steps, small synthetic layer, no perplexity
 
 The parts can run as separate processes and be merged (how results/schedules.json was made):
@@ -141,7 +141,11 @@ def merge_rows(rows: list[dict]) -> list[dict]:
     longest: dict[str, int] = {}
     for row in joined:
         longest[row["label"]] = max(longest.get(row["label"], 0), row["paper"]["steps"])
-    return [row for row in joined if row["paper"]["steps"] == longest[row["label"]]]
+    first = {}  # each stack keeps the place where it first appeared in the parts
+    for k, row in enumerate(rows):
+        first.setdefault(row["label"], k)
+    kept = [row for row in joined if row["paper"]["steps"] == longest[row["label"]]]
+    return sorted(kept, key=lambda row: first[row["label"]])
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
@@ -317,8 +321,8 @@ def main() -> None:
     parser.add_argument("--paper-steps", type=int, default=10000, help="paper schedule on the fixtures")
     parser.add_argument("--fast-steps", type=int, default=2000)
     parser.add_argument("--synthetic", type=int, nargs=3, default=[128, 192, 512], metavar=("E", "P", "D"))
-    parser.add_argument("--synthetic-paper-steps", type=int, default=500)
-    parser.add_argument("--synthetic-fast-steps", type=int, default=500)
+    parser.add_argument("--synthetic-paper-steps", type=int, default=10000, help="the paper schedule's own")
+    parser.add_argument("--synthetic-fast-steps", type=int, default=2000, help="the fast schedule's own")
     parser.add_argument("--ppl-layers", type=int, nargs="+", default=[1], help="layers compressed for perplexity")
     parser.add_argument("--ppl-fixtures", nargs="+", default=[FINE_FIXTURE, TRAINED_FIXTURE], help="fixtures to score")
     parser.add_argument("--ppl-log", nargs="*", default=[], help="with --merge: perplexity lines of stopped runs' logs")

@@ -41,7 +41,8 @@ def test_a_longer_paper_reference_supersedes_a_shorter_one(schedules):
     short = schedules.finish_row(_row("synthetic", 600, fast=True))
     long_paper, long_fast = _row("synthetic", 10000, fast=False), _row("synthetic", None, fast=True)
     rows = schedules.merge_rows([short, long_paper, _row("fine 1.gate", 10000, fast=True), long_fast])
-    assert sorted((r["label"], r["paper"]["steps"]) for r in rows) == [("fine 1.gate", 10000), ("synthetic", 10000)]
+    # in the place where each stack first appeared
+    assert [(r["label"], r["paper"]["steps"]) for r in rows] == [("synthetic", 10000), ("fine 1.gate", 10000)]
 
 
 def test_unpaired_or_mismatched_partial_rows_are_refused(schedules):
