@@ -128,6 +128,22 @@ RUNS = (
         needs=BOTH_TEXTS,
     ),
     Run(
+        "distill_more_text",
+        "distill.py",
+        "--fixtures coarse --ratios 0.5 --fits data-free --modes router --distill-tokens 262144 --threads 1",
+        "--fixtures coarse --ratios 0.5 --fits data-free --modes router --steps 20 --epochs 1 --distill-tokens 8192 "
+        "--tokens 2048",
+        needs=COARSE_TEXT,
+    ),
+    Run(
+        "distill_fine_all_small",
+        "distill.py",
+        "--fixtures fine --ratios 0.5 --fits data-free --modes all-small --lr 0.0003 --threads 1",
+        "--fixtures fine --ratios 0.5 --fits data-free --modes all-small --lr 0.0003 --steps 20 --epochs 1 "
+        "--distill-tokens 4096 --tokens 2048",
+        needs=("perl-doc",),
+    ),
+    Run(
         "equal_bytes",
         "equal_bytes.py",
         "--steps 300 --threads 1",

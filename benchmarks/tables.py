@@ -659,6 +659,8 @@ BLOCKS = {
     "reap": [("docs/prune.md", "reap", reap_table)],
     "distill": [("README.md", "distill", distill_table), ("docs/distill.md", "distill", distill_table)],
     "distill_calibrated": [("docs/distill.md", "distill_calibrated", distill_table)],
+    "distill_more_text": [("docs/distill.md", "distill_more_text", distill_table)],
+    "distill_fine_all_small": [("docs/distill.md", "distill_fine_all_small", distill_table)],
     "calibration_memory": [("docs/results.md", "calibration_memory", calibration_memory_table)],
     "schedules": [("docs/results.md", "schedules", schedules_table)],
     "data_free_calibrated": [
