@@ -186,6 +186,7 @@ def test_distillation_lowers_heldout_kl_and_writes_only_what_trains(
     config = DistillConfig(train=mode, lr=1e-2, schedule="halve", **QUICK)  # what is written, whatever the schedule
     report = distill(original, native, tmp_path / "out", text, config, work_dir=work)
     assert not report.kept_input and report.after["kl"] < report.before["kl"]
+    assert report.hint == ""  # only a kept input gets advice
     assert _changed(native, tmp_path / "out") == _expected_changes(native, mode)
 
     # The report's held-out KL is what the written checkpoint gives, recomputed from the files.
@@ -243,6 +244,8 @@ def test_a_distillation_that_only_hurts_keeps_the_input(text_models, compressed,
     config = DistillConfig(**{**QUICK, "epochs": 1}, lr=100.0)
     report = distill(original, native, tmp_path / "out", text, config, work_dir=targets_work("qwen3_moe"))
     assert report.kept_input and report.after == report.before
+    assert report.history[1]["heldout_kl"] > report.history[0]["heldout_kl"]
+    assert report.table().endswith("try --lr 10")  # the rate that threw it off, a tenth of it suggested
     before, after = _shard_tensors(native), _shard_tensors(tmp_path / "out")
     assert all(torch.equal(before[n], after[n]) for n in before)
 

@@ -66,7 +66,22 @@ class DistillReport:
             f"held-out KL {100 * self.gap_closed:.1f}% lower; best state at step {self.best_step}"
             + ("; no step beat the input, which is kept as it was" if self.kept_input else ""),
         ]
-        return "\n".join(lines)
+        return "\n".join(lines + ([self.hint] if self.hint else []))
+
+    @property
+    def hint(self) -> str:
+        """What to try when the input was kept because the very first held-out check was already worse.
+
+        Adam moves every trained entry by about the learning rate per step, whatever the gradient's size: a student
+        already close to the original (a small KL) is thrown off by a rate that suits one that lost more."""
+        checks = [row["heldout_kl"] for row in self.history]
+        if not self.kept_input or len(checks) < 2 or checks[1] <= checks[0]:
+            return ""
+        lr = self.config["lr"]
+        return (
+            f"the held-out KL rose from the first check on: --lr {lr:g} is likely too high for a model this close "
+            f"to the original; try --lr {lr / 10:g}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "gap_closed": self.gap_closed}
