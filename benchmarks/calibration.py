@@ -28,7 +28,7 @@ import torch
 
 from compare import _perplexity  # same directory: run as python benchmarks/calibration.py
 from mobe import MobeConfig, compress
-from results_io import write_results
+from results_io import grouped_bars, write_results
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("plain", "calibrated", "refined")
@@ -179,22 +179,9 @@ def plot(result: dict, path: Path) -> None:
     settings = list(dict.fromkeys((r["target_ratio"], r["matrices"]) for r in result["rows"]))
     variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    width = 0.8 / len(variants)
-    for k, variant in enumerate(variants):
-        values = []
-        for ratio, matrices in settings:
-            row = next(
-                (
-                    r
-                    for r in result["rows"]
-                    if (r["target_ratio"], r["matrices"], r["variant"]) == (ratio, matrices, variant)
-                ),
-                None,
-            )
-            values.append(row["perplexity_change"] if row else float("nan"))
-        ax.bar([i + k * width for i in range(len(settings))], values, width, label=variant)
-    ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(settings))])
-    ax.set_xticklabels([f"{int(100 * r)}% cut\n{m}" for r, m in settings])
+    change = {(r["target_ratio"], r["matrices"], r["variant"]): r["perplexity_change"] for r in result["rows"]}
+    series = {v: [change.get((ratio, m, v), float("nan")) for ratio, m in settings] for v in variants}
+    grouped_bars(ax, [f"{int(100 * r)}% cut\n{m}" for r, m in settings], series)
     ax.set_ylabel("held-out perplexity increase")
     ax.set_title(f"Calibration at the same budget (original {result['original_perplexity']:.2f})")
     ax.grid(alpha=0.3, axis="y")

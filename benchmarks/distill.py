@@ -30,7 +30,7 @@ from compare import _perplexity  # same directory: run as python benchmarks/dist
 from data_free import FIXTURES
 from mobe import MobeConfig, compress
 from mobe.distill import DISTILL_MODES, DistillConfig, distill
-from results_io import write_results
+from results_io import grouped_bars, write_results
 
 HERE = Path(__file__).resolve().parent
 FITS = ("data-free", "calibrated")
@@ -175,15 +175,15 @@ def plot(result: dict, path: Path) -> None:
     for ax, (name, f) in zip(axes[0], fixtures.items(), strict=True):
         labels = [f"{100 * r['target_ratio']:.0f}% {r['fit']}" for r in f["rows"]]
         modes = ["compressed", *dict.fromkeys(m for r in f["rows"] for m in r["modes"])]
-        width = 0.8 / len(modes)
-        for k, mode in enumerate(modes):
-            values = [
+        series = {
+            mode: [
                 (r["perplexity_before"] if mode == "compressed" else r["modes"][mode]["perplexity"])
                 - f["original_perplexity"]
                 for r in f["rows"]
             ]
-            ax.bar([i + k * width for i in range(len(labels))], values, width, label=mode)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=8)
+            for mode in modes
+        }
+        grouped_bars(ax, labels, series, fontsize=8)
         ax.set_ylabel("held-out perplexity above the original")
         ax.set_title(f"{name} ({f['fixture']})")
         ax.grid(axis="y", alpha=0.3)

@@ -28,7 +28,7 @@ from mobe.config import DEFAULT_RIDGE
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
 from mobe.pipeline import resolve_settings
 from mobe.quantize.groupwise import fake_quantize
-from results_io import write_results
+from results_io import grouped_bars, write_results
 from schedules import _fixture_stack
 
 HERE = Path(__file__).resolve().parent
@@ -109,11 +109,7 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(fixtures), figsize=(6.5 * len(fixtures), 4), dpi=120, squeeze=False)
     for ax, name in zip(axes[0], fixtures, strict=True):
         rows = [r for r in result["rows"] if r["fixture"] == name]
-        width = 0.8 / len(rows)
-        for i, row in enumerate(rows):
-            xs = [j + i * width for j in range(len(ROUNDINGS))]
-            ax.bar(xs, [row["errors"][k] for k in ROUNDINGS], width, label=row["variant"])
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(ROUNDINGS))], ROUNDINGS, fontsize=8)
+        grouped_bars(ax, ROUNDINGS, {row["variant"]: [row["errors"][k] for k in ROUNDINGS] for row in rows}, 8)
         ax.set_ylabel("relative weight error")
         ax.set_title(f"{name}: layer {result['args']['layer']} {result['args']['matrix']}")
         ax.grid(alpha=0.3, axis="y")

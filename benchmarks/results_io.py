@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
@@ -20,6 +20,16 @@ def write_results(
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
+
+
+def grouped_bars(
+    ax, categories: Sequence[str], series: Mapping[str, Sequence[float]], fontsize: float | None = None
+) -> None:
+    """One group of bars per category on `ax`, one bar per series (its label in the legend), ticks under each group."""
+    width = 0.8 / len(series)
+    for k, (label, values) in enumerate(series.items()):
+        ax.bar([i + k * width for i in range(len(categories))], values, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(categories))], categories, fontsize=fontsize)
 
 
 def ratio_text(value: float, target: float, digits: int = 2) -> str:
