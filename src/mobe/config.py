@@ -320,5 +320,10 @@ class DistillConfig:
                 f"{self.tokens}, {self.seq_len}, {self.heldout_fraction}"
             )
 
+    @property
+    def routing_top_k(self) -> int:
+        """The original's router log-probabilities recorded per token and MoE layer: none without the routing loss."""
+        return self.router_top_k if self.router_weight > 0 else 0
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -216,8 +216,8 @@ def test_router_and_coefficients(text_models, compressed, targets_work, tmp_path
 def test_routing_loss_teaches_the_routers_the_originals_routing(text_models, compressed, tmp_path):
     """With the routing loss, the written routers route the held-out text closer to the original's routing."""
     from mobe.distill.run import TARGETS_FILE, TeacherTargets
-    from mobe.distill.train import RouterCatcher, routing_kl, split
-    from mobe.distill.trainable import router_modules
+    from mobe.distill.train import routing_kl, split
+    from mobe.distill.trainable import RouterHooks, router_modules
 
     original, text = text_models[0]["qwen3_moe"], text_models[1]
     native = compressed["qwen3_moe"][0]
@@ -230,9 +230,10 @@ def test_routing_loss_teaches_the_routers_the_originals_routing(text_models, com
 
     def held_out_routing_kl(path):
         model = _load(path)
-        catcher = RouterCatcher(list(router_modules(model, layout).values()))
-        with torch.no_grad():
-            kls = [(model(targets.input_ids[i][None]), routing_kl(catcher, targets, i))[1] for i in held]
+        routers = list(router_modules(model, layout).values())
+        routed = [None] * len(routers)
+        with RouterHooks(routers, routed.__setitem__), torch.no_grad():
+            kls = [(model(targets.input_ids[i][None]), routing_kl(routed, targets, i))[1] for i in held]
         return torch.cat(kls).mean().item()
 
     assert held_out_routing_kl(tmp_path / "out") < held_out_routing_kl(native)

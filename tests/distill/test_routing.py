@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 from mobe.architectures import moe_layout
 from mobe.checkpoint import CheckpointReader
 from mobe.distill import DistillConfig, compute_targets, teacher_topk
-from mobe.distill.train import RouterCatcher, lr_factor, routing_kl
-from mobe.distill.trainable import router_modules
+from mobe.distill.train import lr_factor, routing_kl
+from mobe.distill.trainable import RouterHooks, router_modules
 from mobe.fixtures import build_tiny_moe
 
 VOCAB = 512
@@ -55,20 +55,21 @@ def test_routing_kl_is_zero_for_the_original_and_grows_with_a_changed_router(tin
     targets = compute_targets(path, sequences, top_k=5, meta={}, router_top_k=experts)  # k = E: the full KL
     model = _model(path)
     routers = list(router_modules(model, moe_layout(CheckpointReader(path).config)).values())
-    catcher = RouterCatcher(routers)
-    with torch.no_grad():
-        model(sequences[0][None])
-    assert routing_kl(catcher, targets, 0).abs().max() < 1e-5
+    routed = [None] * len(routers)
+    with RouterHooks(routers, routed.__setitem__):
+        with torch.no_grad():
+            model(sequences[0][None])
+        assert routing_kl(routed, targets, 0).abs().max() < 1e-5
 
-    # Only the last layer's router changed: its logits are known, so the full KL is known in closed form.
-    with torch.no_grad():
-        teacher_logits = catcher.logits[-1].clone()
-        routers[-1].weight.mul_(-1.0)  # negated weights: negated logits, the same inputs
-        model(sequences[0][None])
-    t, s = torch.log_softmax(teacher_logits.double(), -1), torch.log_softmax(-teacher_logits.double(), -1)
-    expected = (t.exp() * (t - s)).sum(-1) / len(routers)
-    torch.testing.assert_close(routing_kl(catcher, targets, 0).double(), expected, rtol=1e-4, atol=1e-6)
-    catcher.remove()
+        # Only the last layer's router changed: its logits are known, so the full KL is known in closed form.
+        with torch.no_grad():
+            teacher_logits = routed[-1].clone()
+            routers[-1].weight.mul_(-1.0)  # negated weights: negated logits, the same inputs
+            model(sequences[0][None])
+        t, s = torch.log_softmax(teacher_logits.double(), -1), torch.log_softmax(-teacher_logits.double(), -1)
+        expected = (t.exp() * (t - s)).sum(-1) / len(routers)
+        torch.testing.assert_close(routing_kl(routed, targets, 0).double(), expected, rtol=1e-4, atol=1e-6)
+    assert all(not r._forward_hooks for r in routers)  # leaving the block removes the hooks
 
 
 def test_lr_factor_is_a_warmup_then_a_cosine():

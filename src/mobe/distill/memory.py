@@ -67,8 +67,8 @@ def estimate(compressed: CheckpointReader, config: DistillConfig) -> DistillMemo
     activations = FLOAT32 * (layout.num_layers * length * d + 16 * length * d + 3 * length * top_k * p)
     activations += FLOAT32 * 3 * length * vocab
     per_token = 2 * config.top_k * FLOAT32 + FLOAT32 + 8  # log-probs, int32 ids, tail; int64 token id
-    if config.router_weight > 0:  # per MoE layer: the routing's log-probs, int16 expert ids, tail
-        k = min(config.router_top_k, layout.num_experts)
+    if config.routing_top_k:  # per MoE layer: the routing's log-probs, int16 expert ids, tail
+        k = min(config.routing_top_k, layout.num_experts)
         per_token += len(layout.moe_layers) * (k * (FLOAT32 + 2) + FLOAT32)
     return DistillMemory(
         trained_params=trained,

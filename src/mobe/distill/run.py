@@ -131,7 +131,7 @@ def _targets(original: Path, text: Path, config: DistillConfig, work: Path, prog
         "top_k": str(config.top_k),
         "tokens": str(config.tokens),
         "seq_len": str(config.seq_len),
-        "router_top_k": str(config.router_top_k if config.router_weight > 0 else 0),
+        "router_top_k": str(config.routing_top_k),
     }
     path = work / TARGETS_FILE
     if path.is_file():
@@ -139,8 +139,9 @@ def _targets(original: Path, text: Path, config: DistillConfig, work: Path, prog
         if cached.meta == meta:
             return cached
     sequences = calibration_ids(original, text, config.tokens, config.seq_len)
-    router_top_k = config.router_top_k if config.router_weight > 0 else 0
-    targets = compute_targets(original, sequences, config.top_k, meta, progress=progress, router_top_k=router_top_k)
+    targets = compute_targets(
+        original, sequences, config.top_k, meta, progress=progress, router_top_k=config.routing_top_k
+    )
     work.mkdir(parents=True, exist_ok=True)
     targets.save(path)
     return targets

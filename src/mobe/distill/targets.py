@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from ..architectures import moe_layout
 from ..calibrate import LayerStream
 from ..checkpoint import CheckpointReader
-from .loss import router_logits, teacher_topk
-from .trainable import router_modules
+from .loss import teacher_topk
+from .trainable import RouterHooks, router_modules
 
 
 @dataclass
@@ -103,22 +103,10 @@ def compute_targets(
     stream = LayerStream(reader, layout)
     routers = list(router_modules(stream.model, layout).values()) if router_top_k > 0 else []
     caught: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in routers]
-
-    def catch(k: int):
-        def hook(module, args, output) -> None:
-            logits = router_logits(output).float()
-            caught[k].append(teacher_topk(logits, router_top_k))
-
-        return hook
-
-    handles = [r.register_forward_hook(catch(k)) for k, r in enumerate(routers)]
-    try:
+    with RouterHooks(routers, lambda k, logits: caught[k].append(teacher_topk(logits.float(), router_top_k))):
         hidden = stream.embed(sequences)
         for layer in tqdm(range(layout.num_layers), desc="Teacher", disable=not progress, leave=False):
             hidden = stream.run_layer(layer, hidden)
-    finally:
-        for handle in handles:
-            handle.remove()
     logprobs, indices, tail = [], [], []
     for logits in stream.logits(hidden):
         values, idx, rest = teacher_topk(logits[0], top_k)

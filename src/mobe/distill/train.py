@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from ..config import DistillConfig
 from ..export import FACTOR_PREFIX
-from .loss import router_logits, topk_kl
+from .loss import topk_kl
 from .targets import TeacherTargets
+from .trainable import RouterHooks
 
 MAX_HALVINGS = 6  # a held-out check that does not improve halves the learning rate; the 7th stops training
 
@@ -38,28 +39,11 @@ def split(n: int, heldout_fraction: float) -> tuple[list[int], list[int]]:
     return list(range(n - held)), list(range(n - held, n))
 
 
-class RouterCatcher:
-    """Forward hooks on the student's routers keeping each one's latest logits (with their graph, for the loss)."""
-
-    def __init__(self, routers: list[nn.Module]):
-        self.logits: list[Tensor | None] = [None] * len(routers)
-        self.handles = [r.register_forward_hook(self._hook(k)) for k, r in enumerate(routers)]
-
-    def _hook(self, k: int):
-        def hook(module, args, output) -> None:
-            self.logits[k] = router_logits(output)
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def routing_kl(catcher: RouterCatcher, targets: TeacherTargets, i: int) -> Tensor:
-    """Per token of sequence i: the mean over MoE layers of KL(teacher's routing || student's routing)."""
+def routing_kl(student_logits: list[Tensor], targets: TeacherTargets, i: int) -> Tensor:
+    """Per token of sequence i: the mean over MoE layers of KL(teacher's routing || student's routing), from the
+    student routers' logits of its forward."""
     total = 0.0
-    for k, logits in enumerate(catcher.logits):
+    for k, logits in enumerate(student_logits):
         out = logits.device
         total = total + topk_kl(
             logits,
@@ -67,7 +51,7 @@ def routing_kl(catcher: RouterCatcher, targets: TeacherTargets, i: int) -> Tenso
             targets.router_indices[i][k].to(out).long(),
             targets.router_tail[i][k].to(out),
         )
-    return total / len(catcher.logits)
+    return total / len(student_logits)
 
 
 def _forward(model: nn.Module, targets: TeacherTargets, i: int) -> tuple[Tensor, Tensor]:
@@ -138,10 +122,11 @@ def train(
         order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=generator).tolist()]
         batches += [order[start : start + config.batch] for start in range(0, len(order), config.batch)]
     use_routing = config.router_weight > 0 and bool(routers) and targets.has_routing
-    catcher = RouterCatcher(routers) if use_routing else None
+    routed: list[Tensor | None] = [None] * len(routers or [])  # the student routers' logits of the latest forward
+    hooks = RouterHooks(routers if use_routing else [], routed.__setitem__)
     running, running_tokens, halvings = 0.0, 0, 0
     bar = tqdm(total=total, desc="Distill", disable=not progress, leave=False)
-    try:
+    with hooks, bar:  # an interrupted run leaves no hook on the caller's model
         for step, batch in enumerate(batches, start=1):
             if config.schedule == "cosine":
                 for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -151,8 +136,8 @@ def train(
             for i in batch:
                 kl, _ = _forward(model, targets, i)
                 loss = kl.sum()
-                if catcher is not None:
-                    loss = loss + config.router_weight * routing_kl(catcher, targets, i).sum()
+                if use_routing:
+                    loss = loss + config.router_weight * routing_kl(routed, targets, i).sum()
                 (loss / tokens).backward()
                 running, running_tokens = running + kl.sum().item(), running_tokens + kl.numel()
             optimizer.step()
@@ -188,10 +173,6 @@ def train(
             optimizer.state.clear()
             for group in optimizer.param_groups:
                 group["lr"] *= 0.5
-    finally:  # an interrupted run leaves no hook on the caller's model
-        bar.close()
-        if catcher is not None:
-            catcher.remove()
     model.eval()
     with torch.no_grad():
         for name, param in params.items():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
+
+from torch import Tensor, nn
 
 from ..architectures import MoeLayout
 from ..export import FACTOR_PREFIX
 from ..runtime import MobeExperts
+from .loss import router_logits
 
 # Per mode, the factor tensors of each compressed matrix that train besides the routers. The shared bases
 # (`bases`, SLBF's `U`/`V`) always stay frozen: they hold most of the parameters and all experts depend on them.
@@ -28,6 +31,33 @@ def router_modules(model: nn.Module, layout: MoeLayout) -> dict[str, nn.Module]:
         except AttributeError as exc:
             raise DistillError(f"layer {layer} has no router at {name}") from exc
     return out
+
+
+class RouterHooks:
+    """While entered, every forward of router k calls `on_logits(k, its logits over the experts)` (with their graph).
+
+    The teacher's targets record the original's routing through it and training reads the student's; leaving the
+    block, normally or by an exception, removes the hooks from the caller's model.
+    """
+
+    def __init__(self, routers: list[nn.Module], on_logits: Callable[[int, Tensor], None]):
+        self.routers, self.on_logits = routers, on_logits
+        self.handles: list = []
+
+    def __enter__(self) -> RouterHooks:
+        self.handles = [router.register_forward_hook(self._hook(k)) for k, router in enumerate(self.routers)]
+        return self
+
+    def _hook(self, k: int):
+        def hook(module, args, output) -> None:
+            self.on_logits(k, router_logits(output))
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 def select_trainable(model: nn.Module, layout: MoeLayout, mode: str) -> dict[str, nn.Parameter]:
