@@ -4,8 +4,9 @@ Each run of `group_size` consecutive entries along the last dimension shares one
 `s = max|w| / ((2^b - 1) / 2)`, and is stored as `q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1)`; the weight read
 back is `q * s`. It is the convention of compressed-tensors (llm-compressor's W4A16 / W8A16 schemes), so a factor
 quantised here and a dense weight quantised by that library round alike. Unlike that library, the last group may
-be shorter than `group_size` (factor ranks need not be multiples of it). 4-bit values are packed two per byte,
-the even entry in the low nibble.
+be shorter than `group_size` (factor ranks need not be multiples of it). Values below 8 bits are packed densely
+into bytes, little-endian along the row: entry k takes bits [b*k, b*(k+1)) of the row's bit stream, so 4-bit
+values sit two per byte (the even entry in the low nibble), 2-bit four per byte and 3-bit eight per three bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-BITS = (4, 8)
+BITS = (2, 3, 4, 8)
 
 
 def _check(bits: int, group_size: int) -> None:
@@ -65,29 +66,34 @@ def fake_quantize(w: Tensor, bits: int, group_size: int) -> Tensor:
 
 
 def pack(q: Tensor, bits: int) -> Tensor:
-    """Storage form of int8 values: 8-bit as they are, 4-bit two per uint8 (..., ceil(n / 2)), even entry low."""
+    """Storage form of int8 values: 8-bit as they are; fewer bits packed densely, (..., ceil(n * bits / 8)) uint8."""
     if bits == 8:
         return q.to(torch.int8)
-    if q.shape[-1] % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    n = q.shape[-1]
+    pad = -n % 8  # eight values of b bits fill exactly b bytes
+    values = torch.nn.functional.pad(q, (0, pad)).to(torch.int64) & ((1 << bits) - 1)
+    words = (values.unflatten(-1, (-1, 8)) << (bits * torch.arange(8, device=q.device))).sum(-1)
+    stream = (words.unsqueeze(-1) >> (8 * torch.arange(bits, device=q.device))) & 0xFF
+    return stream.flatten(-2)[..., : math.ceil(n * bits / 8)].to(torch.uint8)
 
 
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of `pack`: int8 values (..., n)."""
     if bits == 8:
         return packed
-    low = (packed & 0xF).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    q = torch.stack([low, high], dim=-1).flatten(-2)[..., :n]
-    return (q ^ 8) - 8  # sign-extend the nibble
+    pad = -packed.shape[-1] % bits
+    stream = torch.nn.functional.pad(packed, (0, pad)).to(torch.int64).unflatten(-1, (-1, bits))
+    words = (stream << (8 * torch.arange(bits, device=packed.device))).sum(-1)
+    values = (words.unsqueeze(-1) >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)
+    values = values.flatten(-2)[..., :n]
+    half = 1 << (bits - 1)
+    return ((values ^ half) - half).to(torch.int8)  # sign-extend the b-bit field
 
 
 def packed_shape(shape: tuple[int, ...] | list[int], bits: int) -> tuple[int, ...]:
     """Shape of the stored values of a tensor of `shape`."""
     *lead, n = shape
-    return (*lead, n if bits == 8 else math.ceil(n / 2))
+    return (*lead, n if bits == 8 else math.ceil(n * bits / 8))
 
 
 def scales_shape(shape: tuple[int, ...] | list[int], group_size: int) -> tuple[int, ...]:

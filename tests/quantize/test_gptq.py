@@ -1,0 +1,89 @@
+"""GPTQ against a reference written another way: the sequential update with the explicit inverse Hessian of the
+columns still free (the optimal-brain-quantiser form GPTQ restates with a Cholesky factor and lazy blocks)."""
+
+import pytest
+import torch
+
+from mobe.quantize.gptq import gptq_quantize, gptq_round, output_error
+from mobe.quantize.groupwise import dequantize, fake_quantize, group_scales, pack, packed_shape, unpack
+
+
+def _reference(weight, hessian, entry_scales, bits, damping=0.01):
+    W = weight.double().clone()
+    H = hessian.double().clone()
+    H += damping * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    cols = W.shape[1]
+    Q = torch.empty_like(W)
+    for j in range(cols):
+        free = torch.arange(j, cols)
+        Hinv = torch.linalg.inv(H[free][:, free])  # inverse Hessian of the columns not yet rounded
+        s = entry_scales[:, j].double()
+        q = torch.clamp(torch.round((W[:, j].float() / s.float()).double()), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        Q[:, j] = q
+        W[:, free] -= torch.outer((W[:, j] - q * s) / Hinv[0, 0], Hinv[0])
+    return Q
+
+
+def _correlated_hessian(cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * cols, cols, generator=g) @ torch.randn(cols, cols, generator=g)
+    return x.T @ x
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("block_size", [1, 5, 128])
+def test_matches_the_sequential_reference(bits, block_size):
+    torch.manual_seed(bits)
+    weight, hessian = torch.randn(6, 12), _correlated_hessian(12, bits)
+    scales = group_scales(weight, bits, 4).float().repeat_interleave(4, dim=-1)
+    q = gptq_round(weight, hessian, scales, bits, block_size=block_size)
+    assert torch.equal(q.double(), _reference(weight, hessian, scales, bits))
+
+
+def test_identity_hessian_is_round_to_nearest():
+    torch.manual_seed(0)
+    weight = torch.randn(5, 40)
+    q, scales = gptq_quantize(weight, torch.eye(40), 3, 16)
+    assert torch.equal(dequantize(q, scales, 16, torch.float32), fake_quantize(weight, 3, 16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lower_output_error_than_round_to_nearest(bits):
+    torch.manual_seed(1)
+    weight, hessian = torch.randn(3, 32, 64), torch.stack([_correlated_hessian(64, s) for s in range(3)])
+    q, scales = gptq_quantize(weight, hessian, bits, 32)
+    gptq_err = output_error(weight, dequantize(q, scales, 32, torch.float32), hessian)
+    rtn_err = output_error(weight, fake_quantize(weight, bits, 32), hessian)
+    assert (gptq_err < 0.8 * rtn_err).all(), (gptq_err, rtn_err)
+
+
+def test_act_order_keeps_the_groups_scales_and_undoes_the_permutation():
+    torch.manual_seed(2)
+    weight, hessian = torch.randn(4, 24), _correlated_hessian(24, 7)
+    q, scales = gptq_quantize(weight, hessian, 4, 8, act_order=True)
+    assert torch.equal(scales, group_scales(weight, 4, 8))
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    entry = scales.repeat_interleave(8, dim=-1)
+    expected = _reference(weight[:, order], hessian[order][:, order], entry[:, order], 4)[:, torch.argsort(order)]
+    assert torch.equal(q.double(), expected)
+
+
+def test_dead_columns_round_to_zero():
+    weight, hessian = torch.randn(3, 8), _correlated_hessian(8, 3)
+    hessian[2, :] = hessian[:, 2] = 0
+    q, _ = gptq_quantize(weight, hessian, 4, 8)
+    assert (q[:, 2] == 0).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 64])
+def test_pack_round_trip_and_density(bits, n):
+    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (3, n), dtype=torch.int8)
+    packed = pack(q, bits)
+    assert packed.shape == packed_shape(q.shape, bits) == (3, -(-n * bits // 8))
+    assert torch.equal(unpack(packed, bits, n), q)
+
+
+def test_four_bit_layout_is_two_nibbles_per_byte_even_entry_low():
+    q = torch.tensor([[1, -2, 3, -8, 7]], dtype=torch.int8)
+    assert pack(q, 4).tolist() == [[0x01 | 0xE0, 0x03 | 0x80, 0x07]]
