@@ -216,7 +216,7 @@ class MobeConfig:
         return out
 
 
-QUANTIZE_BITS = (4, 8)
+QUANTIZE_BITS = (2, 3, 4, 8)
 QUANTIZE_SCOPES = ("experts", "linears")
 
 
@@ -228,7 +228,7 @@ class QuantizeConfig:
     pack-quantized); native MoBE checkpoints keep their factors, stored as integers plus scales.
     """
 
-    bits: int = field(default=4, metadata={"help": "4 | 8: bits per quantised weight"})
+    bits: int = field(default=4, metadata={"help": "2 | 3 | 4 | 8: bits per quantised weight"})
     group_size: int = field(default=128, metadata={"help": "consecutive input-dimension weights sharing one scale"})
     scope: str = field(
         default="experts",
@@ -238,9 +238,19 @@ class QuantizeConfig:
         },
     )
 
+    shared_bits: int = field(
+        default=8,
+        metadata={
+            "help": "8 | 16: bits of the factors a whole layer shares (MoBE's bases) when the expert factors take "
+            "fewer than 8; 16 keeps them in floating point"
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.bits not in QUANTIZE_BITS:
             raise ValueError(f"quantize bits must be one of {QUANTIZE_BITS}, got {self.bits}")
+        if self.shared_bits not in (8, 16):
+            raise ValueError(f"quantize shared_bits must be 8 or 16, got {self.shared_bits}")
         if self.group_size < 1:
             raise ValueError(f"quantize group_size must be >= 1, got {self.group_size}")
         if self.scope not in QUANTIZE_SCOPES:

@@ -465,7 +465,7 @@ def read_native_factors(reader: CheckpointReader, layout: MoeLayout, layer: int,
         for f in quantized:
             n = names[f]
             tensors[n] = dequantize_native(
-                tensors.pop(f"{n}.qweight"), tensors.pop(f"{n}.scales"), shapes[f], quantization
+                tensors.pop(f"{n}.qweight"), tensors.pop(f"{n}.scales"), shapes[f], quantization, f
             )
     return factors_cls.from_tensors(
         {field: tensors[name] for field, name in names.items()}, factor_meta(section, matrix)

@@ -129,7 +129,7 @@ def test_dense_int8_stays_close_to_the_original(tiny, tmp_path):
     assert report.bytes_after == stored_bytes(out) < stored_bytes(tiny["qwen3_moe"])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [8])  # below 8 bits MoBE factors are rounded jointly: tests/quantize/test_factors.py
 def test_native_factors_quantised_run_to_the_fake_quantised_factors(tiny, bits, tmp_path):
     native = tmp_path / "native"
     compress(tiny["qwen3_moe"], native, MobeConfig(num_bases=4, steps=20, device="cpu"), progress=False)

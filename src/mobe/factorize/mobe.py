@@ -8,6 +8,12 @@ Where the bases sit: the paper shares them along the hidden size d (`basis_side=
 fitted as its transpose, W_i^T ~ A_i act(sum_j alpha_ij B_j) with A_i (d, r) and B_j (r, p): the shared bases take
 the larger side, so each unit of rank costs E d + m p numbers instead of E p + m d (SLBF orients its fits the same
 way). On p <= d stacks, every fine-grained MoE, both sides are the same fit.
+
+Orthonormal coordinates (`orthonormal="1"`): A_i may instead hold the coordinates of W_i in an orthonormal basis
+of the mixed basis' row space, Q_i = R_i^-T M_i with M_i^T = Q_i^T R_i (QR, diag R_i > 0), so W_i ~ A_i Q_i. The
+product is the same (A_i Q_i = (A_i R_i^-T) M_i), but an A_i fitted against a mixed basis with a spread of singular
+values is large and rests on cancellations, and rounding it multiplies the error; in orthonormal coordinates a
+rounding error of A_i is exactly the error it adds to W_i. Integer factors are stored so (`mobe.quantize`).
 """
 
 from __future__ import annotations
@@ -50,11 +56,12 @@ class MobeFactors(ExpertFactors):
     coef: Tensor
     activation: str
     transposed: str = "0"  # "1": fitted as W_i^T (bases on the wider side of a p > d stack)
+    orthonormal: str = "0"  # "1": A holds coordinates in the orthonormalised mixed basis (module docstring)
 
     method: ClassVar[str] = "mobe"
     tensor_fields: ClassVar[tuple[str, ...]] = ("A", "bases", "coef")
-    meta_fields: ClassVar[tuple[str, ...]] = ("activation", "transposed")
-    meta_defaults: ClassVar[dict[str, str]] = {"transposed": "0"}
+    meta_fields: ClassVar[tuple[str, ...]] = ("activation", "transposed", "orthonormal")
+    meta_defaults: ClassVar[dict[str, str]] = {"transposed": "0", "orthonormal": "0"}
 
     @property
     def num_experts(self) -> int:
@@ -74,11 +81,37 @@ class MobeFactors(ExpertFactors):
             activation_fn(self.activation),
         )
 
+    def row_bases(self, experts: Tensor | None = None) -> Tensor:
+        """What A_i multiplies: the mixed bases, or their orthonormalised rows where A is in those coordinates."""
+        mixed = self.mixed_bases(experts)
+        return orthonormal_rows(mixed) if self.orthonormal == "1" else mixed
+
     def reconstruct(self, experts: Tensor | None = None) -> Tensor:
         """Dense expert matrices (n, p, d) in float32."""
         experts = torch.arange(self.num_experts) if experts is None else experts
-        out = torch.bmm(self.A.float()[experts], self.mixed_bases(experts))
+        out = torch.bmm(self.A.float()[experts], self.row_bases(experts))
         return out.transpose(1, 2) if self.transposed == "1" else out
+
+    def in_orthonormal_coordinates(self, bases: Tensor | None = None) -> MobeFactors:
+        """The same products A_i M_i with A_i in orthonormal coordinates of the mixed basis built from `bases`
+        (default: the factors' own), A'_i = A_i M_i Q'_i^T: exact when `bases` are the factors' own; otherwise the
+        best A'_i for the new bases (least squares against the old products). float64 inside."""
+        target_rows = self.row_bases().double()
+        new = dataclasses.replace(self, bases=self.bases if bases is None else bases, orthonormal="1")
+        Q = new.row_bases().double()
+        A = self.A.double() @ (target_rows @ Q.transpose(1, 2))  # (A_i M_i) Q_i^T without forming A_i M_i
+        return dataclasses.replace(new, A=A.to(self.A.dtype))
+
+
+def orthonormal_rows(mixed: Tensor) -> Tensor:
+    """Q_i with orthonormal rows spanning the rows of each M_i (n, r, d), r <= d: M_i^T = Q_i^T R_i with diag R_i > 0,
+    which makes Q_i unique for a full-rank M_i (so any device computes the same basis). Computed in at least float32
+    (Householder QR: accurate to about cond(M_i) times the unit roundoff), returned in M's dtype."""
+    work = mixed.to(torch.promote_types(mixed.dtype, torch.float32)).transpose(-2, -1)
+    Q, R = torch.linalg.qr(work)
+    signs = torch.sign(R.diagonal(dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return (Q * signs.unsqueeze(-2)).transpose(-2, -1).to(mixed.dtype)
 
 
 def fits_transposed(p: int, d: int, basis_side: str) -> bool:

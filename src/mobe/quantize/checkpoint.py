@@ -8,8 +8,10 @@ eight 4-bit or four 8-bit values each), `X.weight_scale` and `X.weight_shape`, a
 installed; tested); it is the format vLLM and SGLang serve llm-compressor's checkpoints in (not tested here).
 
 Native checkpoints keep their factors, each floating factor tensor but the mixing coefficients stored as
-`NAME.qweight` (int8, or two 4-bit values per uint8) and `NAME.scales`; the `mobe` section of config.json records
-the scheme under `quantization`, and the runtime dequantises the experts it runs, when it runs them.
+`NAME.qweight` (int8, or 2-, 3- or 4-bit values packed into uint8) and `NAME.scales`; the `mobe` section of
+config.json records the scheme under `quantization`, and the runtime dequantises the experts it runs, when it runs
+them. MoBE factors below 8 bits are rounded as `factors.quantize_mobe` describes: bases at `shared_bits`, A in
+orthonormal coordinates with its groups down the columns (`column_groups`; `factor_meta.orthonormal`).
 
 One source shard is held in memory at a time; the result is written to a temporary folder, then renamed.
 """
@@ -29,8 +31,10 @@ from tqdm.auto import tqdm
 from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
 from ..config import FORMAT_VERSION, QuantizeConfig
-from ..export import FACTOR_PREFIX, atomic_save_file, copy_side_files, write_json_atomic
+from ..export import FACTOR_PREFIX, atomic_save_file, copy_side_files, factor_tensor_names, write_json_atomic
+from ..factorize import get_method
 from . import groupwise
+from .factors import StoredFactor, quantize_factor, quantize_mobe
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +107,7 @@ def quantize_checkpoint(
     section = reader.config.get("mobe") or {}
     native = section.get("format") == "native"
     plan = _native_plan(reader) if native else _dense_plan(reader, config)
+    rounder = _NativeRounder(reader, config) if native else None
     report = QuantizeReport(
         str(model), str(output), config.to_dict(), "native" if native else "compressed-tensors", len(plan)
     )
@@ -120,7 +125,7 @@ def quantize_checkpoint(
             tensor = tensors.pop(name)
             report.bytes_before += tensor.numel() * tensor.element_size()
             if name in plan:
-                out.update(_quantize_native(name, tensor, config) if native else _quantize_ct(name, tensor, config))
+                out.update(rounder.stored(name, tensor) if rounder else _quantize_ct(name, tensor, config))
             else:
                 out[name] = tensor
         atomic_save_file(out, target / shard, metadata)
@@ -135,10 +140,7 @@ def quantize_checkpoint(
     new_config = dict(reader.config)
     scheme = {"bits": config.bits, "group_size": config.group_size, "symmetric": True}
     if native:
-        new_config["mobe"] = {
-            **section,
-            "quantization": {**scheme, "format": "mobe-groupwise", "fields": plan_fields(plan)},
-        }
+        new_config["mobe"] = rounder.section({**scheme, "format": "mobe-groupwise", "fields": plan_fields(plan)})
     else:
         new_config["quantization_config"] = _ct_config(reader, plan, config)
         if section:
@@ -178,17 +180,93 @@ def _native_plan(reader: CheckpointReader) -> set[str]:
     }
 
 
-def _quantize_native(name: str, tensor: torch.Tensor, config: QuantizeConfig) -> dict[str, torch.Tensor]:
-    q, scales = groupwise.quantize(tensor, config.bits, config.group_size)
-    return {f"{name}.{QWEIGHT}": groupwise.pack(q, config.bits), f"{name}.{SCALES}": scales}
+class _NativeRounder:
+    """The stored tensors of a native checkpoint's factors, one (layer, matrix) group at a time: MoBE factors below
+    8 bits by `quantize_mobe` (which needs A, bases and coef together, wherever they are stored), every other
+    factor tensor round-to-nearest on its own."""
+
+    def __init__(self, reader: CheckpointReader, config: QuantizeConfig):
+        self.reader, self.config = reader, config
+        self.source = reader.config["mobe"]
+        self.method = self.source.get("method", "mobe")
+        self.joint = self.method == "mobe" and config.bits < 8
+        self.group_of: dict[str, tuple[int, str]] = {}
+        if self.joint:
+            layout = moe_layout(reader.config)
+            for layer in self.source["layers"]:
+                for matrix in self.source["matrices"]:
+                    for name in factor_tensor_names(layout, layer, matrix).values():
+                        self.group_of[name] = (layer, matrix)
+            self.names = {key: factor_tensor_names(layout, *key) for key in set(self.group_of.values())}
+        self._done: dict[tuple[int, str], dict[str, StoredFactor]] = {}
+
+    def stored(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name not in self.group_of:
+            return _stored(name, quantize_factor(tensor, self.config.bits, self.config.group_size))
+        key = self.group_of[name]
+        if key not in self._done:
+            self._done[key] = self._round_group(key)
+        field = name.rsplit(".", 1)[-1].removeprefix(FACTOR_PREFIX)
+        factor = self._done[key].pop(field)
+        if not self._done[key]:
+            del self._done[key]
+        return _stored(name, factor)
+
+    def _round_group(self, key: tuple[int, str]) -> dict[str, StoredFactor]:
+        names = self.names[key]
+        tensors = self.reader.get_many(list(names.values()))
+        meta = {**self.source, **self.source.get("factor_meta", {}).get(key[1], {})}
+        factors_cls = get_method(self.method).factors_cls
+        factors = factors_cls.from_tensors({f: tensors[n] for f, n in names.items()}, meta)
+        shared_bits = self.config.shared_bits if self.config.shared_bits < 16 else None
+        _, stored = quantize_mobe(factors, self.config.bits, self.config.group_size, shared_bits=shared_bits)
+        dtype = factors.A.dtype
+        for field in factors_cls.tensor_fields:  # unquantised factors pass through
+            if field not in stored:
+                stored[field] = tensors[names[field]].to(dtype)
+        return stored
+
+    def section(self, quantization: dict) -> dict:
+        """The output's mobe section: the scheme, per-field bits and layouts, and orthonormal MoBE coordinates."""
+        section = dict(self.source)
+        if self.joint:
+            shared = self.config.shared_bits
+            fields = [f for f in quantization["fields"] if f != "bases" or shared < 16]
+            quantization = {**quantization, "fields": fields, "column_groups": ["A"]}
+            if "bases" in fields:
+                quantization["field_bits"] = {"bases": shared}
+            section["factor_meta"] = {
+                m: {**meta, "orthonormal": "1"} for m, meta in self.source.get("factor_meta", {}).items()
+            }
+        section["quantization"] = quantization
+        return section
+
+
+def _stored(name: str, factor: StoredFactor | torch.Tensor) -> dict[str, torch.Tensor]:
+    if isinstance(factor, torch.Tensor):
+        return {name: factor}
+    return {f"{name}.{QWEIGHT}": factor.packed(), f"{name}.{SCALES}": factor.scales}
+
+
+def field_scheme(quantization: dict, field: str) -> tuple[int, int, bool]:
+    """(bits, group size, groups down the columns) of one quantised factor field."""
+    bits = quantization.get("field_bits", {}).get(field, quantization["bits"])
+    return bits, quantization["group_size"], field in quantization.get("column_groups", ())
+
+
+def stored_shape(shape: list[int], column_groups: bool) -> list[int]:
+    """Logical shape of the stored integers: the factor's, or its transpose where groups run down the columns."""
+    return [*shape[:-2], shape[-1], shape[-2]] if column_groups else list(shape)
 
 
 def dequantize_native(
-    qweight: torch.Tensor, scales: torch.Tensor, shape: list[int], quantization: dict
+    qweight: torch.Tensor, scales: torch.Tensor, shape: list[int], quantization: dict, field: str = ""
 ) -> torch.Tensor:
     """A native factor tensor of logical `shape` from its stored `qweight` and `scales` (dtype: the scales')."""
-    q = groupwise.unpack(qweight, quantization["bits"], shape[-1])
-    return groupwise.dequantize(q, scales, quantization["group_size"])
+    bits, group_size, columns = field_scheme(quantization, field)
+    q = groupwise.unpack(qweight, bits, stored_shape(shape, columns)[-1])
+    out = groupwise.dequantize(q, scales, group_size)
+    return out.transpose(-2, -1) if columns else out
 
 
 # --- dense checkpoints: compressed-tensors ---------------------------------------------------------------------------

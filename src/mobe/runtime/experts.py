@@ -29,24 +29,30 @@ from torch import Tensor, nn
 from ..architectures import ExpertsQuirk, FusedTensor
 from ..export import FACTOR_PREFIX
 from ..factorize import ExpertFactors, MobeFactors, activation_fn, get_method, mix_bases
+from ..factorize.mobe import orthonormal_rows
 from ..quantize import groupwise
+from ..quantize.checkpoint import field_scheme, stored_shape
 
 
 class QuantizedFactor(nn.Module):
-    """A factor tensor of logical `shape` stored as group-wise integers: `qweight` (int8, or 4-bit pairs in uint8)
-    and `scales`, one per `group_size` entries of the last dimension."""
+    """A factor tensor of logical `shape` stored as group-wise integers: `qweight` (int8, or 2/3/4-bit values packed
+    in uint8) and `scales`, one per `group_size` entries of the last dimension; with `column_groups`, of the
+    transpose's last dimension (groups run down the factor's columns)."""
 
-    def __init__(self, shape: Sequence[int], bits: int, group_size: int):
+    def __init__(self, shape: Sequence[int], bits: int, group_size: int, column_groups: bool = False):
         super().__init__()
-        self.shape, self.bits, self.group_size = list(shape), bits, group_size
+        self.shape, self.bits, self.group_size, self.column_groups = list(shape), bits, group_size, column_groups
+        stored = stored_shape(self.shape, column_groups)
         qdtype = torch.int8 if bits == 8 else torch.uint8
-        self.register_buffer("qweight", torch.zeros(groupwise.packed_shape(self.shape, bits), dtype=qdtype))
-        self.register_buffer("scales", torch.ones(groupwise.scales_shape(self.shape, group_size)))
+        self.register_buffer("qweight", torch.zeros(groupwise.packed_shape(stored, bits), dtype=qdtype))
+        self.register_buffer("scales", torch.ones(groupwise.scales_shape(stored, group_size)))
 
     def dequantize(self, index: Tensor | int | None = None) -> Tensor:
         """The factor (or its rows `index` along the first dimension) in the scales' dtype."""
         q, s = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
-        return groupwise.dequantize(groupwise.unpack(q, self.bits, self.shape[-1]), s, self.group_size)
+        n = stored_shape(self.shape, self.column_groups)[-1]
+        out = groupwise.dequantize(groupwise.unpack(q, self.bits, n), s, self.group_size)
+        return out.transpose(-2, -1) if self.column_groups else out
 
 
 class FactoredMatrix(nn.Module):
@@ -69,8 +75,8 @@ class FactoredMatrix(nn.Module):
         self.meta = self.factors_cls.read_meta(meta)
         for field in self.factors_cls.tensor_fields:
             if field in quantized:
-                bits, group_size = quantization["bits"], quantization["group_size"]  # type: ignore[index]
-                self.add_module(FACTOR_PREFIX + field, QuantizedFactor(shapes[field], bits, group_size))
+                bits, group_size, columns = field_scheme(quantization, field)  # type: ignore[arg-type]
+                self.add_module(FACTOR_PREFIX + field, QuantizedFactor(shapes[field], bits, group_size, columns))
             elif field in self.factors_cls.index_fields:  # integers: a buffer, loaded but never trained or cast
                 self.register_buffer(FACTOR_PREFIX + field, torch.zeros(*shapes[field], dtype=torch.long))
             else:
@@ -198,7 +204,11 @@ class MobeExperts(nn.Module):
                 built = self._built_quantized_mobe(module, missing, idx)
             elif isinstance(factors := module.factors(), MobeFactors):
                 per_group = self.num_experts // factors.groups
-                mixed = mix_bases(factors.coef[idx], factors.bases, idx // per_group, activation_fn(factors.activation))
+                if factors.orthonormal == "1":  # A in orthonormal coordinates: the basis from a float32 mix
+                    mixed = orthonormal_rows(factors.mixed_bases(idx))
+                else:
+                    act = activation_fn(factors.activation)
+                    mixed = mix_bases(factors.coef[idx], factors.bases, idx // per_group, act)
                 built = [(factors.A[e], m) for e, m in zip(missing, mixed.to(dtype), strict=True)]
             else:
                 built = [(w,) for w in factors.reconstruct(idx).to(dtype)]
@@ -210,7 +220,8 @@ class MobeExperts(nn.Module):
     def _built_quantized_mobe(self, module: FactoredMatrix, experts: list[int], idx: Tensor) -> list[tuple]:
         """(A_e, M_e) of the given experts, dequantising only their rows of A and their groups' bases."""
         A = module.tensor("A", idx)
-        coef = module.tensor("coef", idx)
+        orthonormal = module.meta.get("orthonormal") == "1"  # A in orthonormal coordinates: mix in float32
+        coef = module.tensor("coef", idx).float() if orthonormal else module.tensor("coef", idx)
         per_group = self.num_experts // module.mobe_bases.shape[0]  # shape: a parameter's, or the logical one
         group_of = idx // per_group
         act = activation_fn(module.meta["activation"])
@@ -218,9 +229,12 @@ class MobeExperts(nn.Module):
         for g in group_of.unique().tolist():
             rows = (group_of == g).nonzero().squeeze(1)
             bases = module.tensor("bases", g)[None]  # (1, m/g, r, d): this group's only
+            bases = bases.float() if orthonormal else bases
             part = mix_bases(coef[rows], bases, torch.zeros_like(rows), act)
             mixed = part.new_empty(len(experts), *part.shape[1:]) if mixed is None else mixed
             mixed[rows] = part
+        if orthonormal:
+            mixed = orthonormal_rows(mixed)
         own = (lambda t: t.clone()) if self.cache_bytes else (lambda t: t)  # a cached A_e must not pin all of A
         return [(own(A[i]), mixed[i].to(A.dtype)) for i in range(len(experts))]
 

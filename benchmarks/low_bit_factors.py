@@ -1,0 +1,362 @@
+"""Integer MoBE factors at 8, 4 and 3 bits by three rounding schemes, beside the original at the same bits.
+
+For each trained fixture and cut, the default recipe is fitted once (`mobe.compress`, data-free, gate/up/down) and
+its factors are rounded:
+
+- `as fitted`: A and the bases round-to-nearest at the bits, as they come out of the fit;
+- `GPTQ, mixed basis`: the bases at 8 bits, A re-solved against the rounded bases' mixed basis M_i and rounded by
+  GPTQ on H = M_i M_i^T (the data-free loss of rounding A_i is tr(dA_i M_i M_i^T dA_i^T));
+- `orthonormal`: what `mobe quantize` / `--quantize` write (`mobe.quantize.factors`): the bases at 8 bits, A in
+  orthonormal coordinates of the rounded mixed basis, groups down its columns.
+
+Each variant's held-out perplexity is measured through mobe's runtime (the native model with the variant's factors
+in place; the orthonormal one also from the checkpoint `mobe quantize` writes, whose stored bytes are counted), with
+the settings of benchmarks/data_free.py; the original's experts are rounded to nearest at the same bits (what
+`mobe quantize` writes for a dense checkpoint; the perplexity of that checkpoint equals the fake-quantised model's,
+tests/quantize). Stored bytes count every tensor of the checkpoint: packed integers, 16-bit scales, the rest as
+stored. Group size 64 everywhere (the fine fixture's p = 64).
+
+    OMP_NUM_THREADS=1 python benchmarks/low_bit_factors.py [--fixtures coarse fine] [--ratios 0.25 0.5] [--steps 300]
+
+Prints a table and verdicts, writes benchmarks/results/low_bit_factors.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mobe import CheckpointReader, MobeConfig, QuantizeConfig, compress, quantize_checkpoint
+from mobe.architectures import moe_layout
+from mobe.evaluate.perplexity import sliding_window_perplexity
+from mobe.export import factor_tensor_names
+from mobe.factorize import MobeFactors, oriented
+from mobe.factorize.schedule import least_squares_factor
+from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
+from mobe.pipeline import read_native_factors
+from mobe.quantize import fake_quantize, stored_bytes
+from mobe.quantize.factors import quantize_factor, quantize_mobe
+from mobe.quantize.gptq import gptq_quantize
+from mobe.quantize.groupwise import dequantize
+from results_io import write_results
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
+SCHEMES = ("as fitted", "GPTQ, mixed basis", "orthonormal")
+GROUP = 64
+SCALE_BYTES = 2  # 16-bit scales, as the bf16 fixtures store them
+
+
+def _packed_bytes(shape: tuple[int, ...] | list[int], bits: int) -> int:
+    """Bytes of a factor or weight stored as `bits`-bit values in groups of GROUP along its last dimension."""
+    rows, n = math.prod(shape[:-1]), shape[-1]
+    return rows * (math.ceil(n * bits / 8) + SCALE_BYTES * math.ceil(n / GROUP))
+
+
+def round_factors(factors: MobeFactors, scheme: str, bits: int) -> tuple[MobeFactors, int]:
+    """The factors a rounding scheme stores, read back in float, and the bytes of A and the bases as stored."""
+    if scheme == "as fitted":
+        rounded = dataclasses.replace(
+            factors, A=fake_quantize(factors.A, bits, GROUP), bases=fake_quantize(factors.bases, bits, GROUP)
+        )
+        return rounded, _packed_bytes(factors.A.shape, bits) + _packed_bytes(factors.bases.shape, bits)
+    shared = 8
+    if scheme == "orthonormal":
+        rounded, _ = quantize_mobe(factors, bits, GROUP, shared_bits=shared)
+        # A stored down its columns: groups along its rows
+        a_shape = (*factors.A.shape[:-2], factors.A.shape[-1], factors.A.shape[-2])
+        return rounded, _packed_bytes(a_shape, bits) + _packed_bytes(factors.bases.shape, shared)
+    bases = quantize_factor(factors.bases, shared, GROUP).dequantize(factors.bases.dtype)
+    M = dataclasses.replace(factors, bases=bases).mixed_bases().double()
+    target = factors.A.double() @ factors.mixed_bases().double()
+    A = least_squares_factor(target, M)
+    q, scales = gptq_quantize(A, M @ M.transpose(1, 2), bits, GROUP)
+    rounded = dataclasses.replace(factors, A=dequantize(q, scales, GROUP, torch.float32), bases=bases)
+    return rounded, _packed_bytes(factors.A.shape, bits) + _packed_bytes(factors.bases.shape, shared)
+
+
+class Evaluator:
+    """Held-out perplexity of one model object whose expert weights or factors are swapped per variant."""
+
+    def __init__(self, path: Path, ids: torch.Tensor, args: argparse.Namespace):
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.ids, self.args = ids, args
+
+    def perplexity(self) -> float:
+        a = self.args
+        return sliding_window_perplexity(
+            self.model, self.ids, context=a.context, stride=a.stride, progress=False
+        ).perplexity
+
+    @torch.no_grad()
+    def set_factors(self, names: dict[str, str], factors: MobeFactors) -> None:
+        for field, name in names.items():
+            self.model.get_parameter(name).copy_(getattr(factors, field))
+        self.model.get_submodule(names["A"].rsplit(".", 1)[0]).meta["orthonormal"] = factors.orthonormal
+
+
+def _relative_error(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    num = sum(((a.double() - b.double()) ** 2).sum().item() for a, b in pairs)
+    return math.sqrt(num / sum((b.double() ** 2).sum().item() for _, b in pairs))
+
+
+def _original_rows(fixture: Path, ids: torch.Tensor, args: argparse.Namespace, stacks: dict) -> list[dict]:
+    """The original's experts round-to-nearest at each bit width (fake-quantised in place), perplexity and bytes."""
+    reader = CheckpointReader(fixture)
+    layout = moe_layout(reader.config)
+    model = AutoModelForCausalLM.from_pretrained(fixture, dtype=torch.float32).eval()
+    evaluator = Evaluator.__new__(Evaluator)
+    evaluator.model, evaluator.ids, evaluator.args = model, ids, args
+    experts = {
+        layout.arch.tensor_name(layer, e, m)
+        for layer in layout.moe_layers
+        for e in range(layout.num_experts)
+        for m in ("gate", "up", "down")
+    }
+    rest = stored_bytes(reader) - sum(math.prod(reader.shape(n)) * 2 for n in experts)
+    fused = {n: p for n, p in model.named_parameters() if ".experts." in n}
+    saved = {n: p.detach().clone() for n, p in fused.items()}
+    rows = []
+    for bits in (16, 8, 4, 3):
+        with torch.no_grad():
+            for n, p in fused.items():
+                p.copy_(saved[n] if bits == 16 else fake_quantize(saved[n], bits, GROUP))
+        start = time.perf_counter()
+        ppl = evaluator.perplexity()
+        expert_bytes = sum(
+            math.prod(reader.shape(n)) * 2 if bits == 16 else _packed_bytes(reader.shape(n), bits) for n in experts
+        )
+        rows.append(
+            {
+                "variant": "original",
+                "bits": bits,
+                "scheme": "round to nearest",
+                "perplexity": ppl,
+                "stored_bytes": rest + expert_bytes,
+                "seconds": time.perf_counter() - start,
+                "relative_error": _relative_error([(fake_quantize(w, bits, GROUP), w) for w in stacks.values()])
+                if bits < 16
+                else 0.0,
+            }
+        )
+        print(f"  original int{bits if bits < 16 else '16'}: ppl {ppl:.3f}", flush=True)
+    return rows
+
+
+def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
+    fixture = trained_fixture_path(FIXTURES[name])
+    reader = CheckpointReader(fixture)
+    layout = moe_layout(reader.config)
+    ids = AutoTokenizer.from_pretrained(fixture)((fixture / "heldout.txt").read_text(), return_tensors="pt").input_ids
+    ids = ids[0][: args.tokens]
+    stacks = {
+        (layer, m): oriented(
+            m,
+            torch.stack(
+                list(
+                    reader.get_many([layout.arch.tensor_name(layer, e, m) for e in range(layout.num_experts)]).values()
+                )
+            ).float(),
+        )
+        for layer in layout.moe_layers
+        for m in ("gate", "up", "down")
+    }
+    print(f"{name}: E={layout.num_experts} p={layout.intermediate_size} d={layout.hidden_size}", flush=True)
+    rows = _original_rows(fixture, ids, args, stacks)
+    original = rows[0]["perplexity"]
+    for ratio in args.ratios:
+        native = tmp / f"{name}-{ratio}"
+        start = time.perf_counter()
+        compress(fixture, native, MobeConfig(target_ratio=ratio, steps=args.steps, device="cpu"), progress=False)
+        fit_seconds = time.perf_counter() - start
+        nreader = CheckpointReader(native)
+        nlayout = moe_layout(nreader.config)
+        jobs = [(layer, m) for layer in nreader.config["mobe"]["layers"] for m in nreader.config["mobe"]["matrices"]]
+        fitted = {job: read_native_factors(nreader, nlayout, *job) for job in jobs}
+        names = {job: factor_tensor_names(nlayout, *job) for job in jobs}
+        factor_names = {n for job in jobs for n in names[job].values()}
+        rest = stored_bytes(nreader) - sum(
+            math.prod(nreader.shape(n)) * 2 for job in jobs for f, n in names[job].items() if f != "coef"
+        )
+        evaluator = Evaluator(native, ids, args)
+        variants = [("16-bit", 16)] + [(s, b) for b in args.bits for s in SCHEMES]
+        for scheme, bits in variants:
+            start = time.perf_counter()
+            pairs, factor_bytes = [], 0
+            for job in jobs:
+                factors = fitted[job]
+                if bits == 16:
+                    rounded, size = (
+                        factors,
+                        sum(math.prod(nreader.shape(n)) * 2 for f, n in names[job].items() if f != "coef"),
+                    )
+                else:
+                    rounded, size = round_factors(factors, scheme, bits)
+                factor_bytes += size
+                evaluator.set_factors(names[job], rounded)
+                pairs.append((rounded.reconstruct(), stacks[job]))
+            ppl = evaluator.perplexity()
+            row = {
+                "variant": f"MoBE {100 * ratio:.0f}%",
+                "ratio": ratio,
+                "bits": bits,
+                "scheme": scheme,
+                "perplexity": ppl,
+                "relative_error": _relative_error(pairs),
+                "stored_bytes": rest + factor_bytes,
+                "seconds": time.perf_counter() - start,
+                "fit_seconds": fit_seconds,
+            }
+            if scheme == "orthonormal":  # the checkpoint `mobe quantize` writes: its own bytes and perplexity
+                out = tmp / f"{name}-{ratio}-int{bits}"
+                quantize_checkpoint(native, out, QuantizeConfig(bits=bits, group_size=GROUP), progress=False)
+                written = Evaluator(out, ids, args)
+                row["checkpoint_perplexity"] = written.perplexity()
+                row["checkpoint_bytes"] = stored_bytes(out)
+                del written
+            rows.append(row)
+            print(
+                f"  {row['variant']} {scheme:>18} int{bits:<2} err {row['relative_error']:.4f} ppl {ppl:.3f} "
+                f"({ppl - original:+.3f})",
+                flush=True,
+            )
+        del evaluator, factor_names
+    for row in rows:
+        row["perplexity_change"] = row["perplexity"] - original
+        row["relative_change"] = row["perplexity"] / original - 1
+    return {
+        "fixture": FIXTURES[name],
+        "shape": {"E": layout.num_experts, "p": layout.intermediate_size, "d": layout.hidden_size},
+        "original_perplexity": original,
+        "rows": rows,
+    }
+
+
+def verdicts(result: dict) -> list[str]:
+    """int4 / int3 factors against 1.25 x (the recipe's 16-bit loss + the original's loss at the bits) + 0.1%."""
+    out = []
+    gptq = {}
+    path = HERE / "results" / "gptq_baselines.json"
+    if path.exists():  # the original's GPTQ losses (llm-compressor), where that benchmark has run
+        gptq = json.loads(path.read_text())
+    for name, fixture in result["fixtures"].items():
+        rows = fixture["rows"]
+        orig = {r["bits"]: r["relative_change"] for r in rows if r["variant"] == "original"}
+        for ratio in sorted({r["ratio"] for r in rows if "ratio" in r}):
+            mine = [r for r in rows if r.get("ratio") == ratio]
+            loss16 = next(r["relative_change"] for r in mine if r["bits"] == 16)
+            for bits in (4, 3):
+                row = next((r for r in mine if r["bits"] == bits and r["scheme"] == "orthonormal"), None)
+                if row is None:
+                    continue
+                base, source = orig[bits], "round-to-nearest"
+                reference = _gptq_loss(gptq, name, bits)
+                if reference is not None:
+                    base, source = reference, "GPTQ (llm-compressor)"
+                bar = 1.25 * (loss16 + base) + 0.001
+                ok = row["relative_change"] <= bar
+                out.append(
+                    f"{name} {100 * ratio:.0f}% int{bits} factors: {100 * row['relative_change']:+.2f}% perplexity "
+                    f"against at most {100 * bar:.2f}% (1.25 x ({100 * loss16:+.2f}% 16-bit + {100 * base:+.2f}% "
+                    f"original int{bits} by {source}) + 0.1%): {'yes' if ok else 'NO'}"
+                )
+    return out
+
+
+def _gptq_loss(gptq: dict, name: str, bits: int) -> float | None:
+    fixture = gptq.get("fixtures", {}).get(name)
+    if not fixture:
+        return None
+    for row in fixture.get("rows", []):
+        if row.get("bits") == bits and "llm-compressor" in str(row.get("method", row.get("variant", ""))).lower():
+            return row.get("relative_change")
+    return None
+
+
+def table(result: dict) -> str:
+    """Markdown: per fixture, perplexity change and weight error of each variant, with stored bytes."""
+    lines = []
+    for name, fixture in result["fixtures"].items():
+        s = fixture["shape"]
+        lines += [
+            f"**{name}** (`{fixture['fixture']}`, E={s['E']} p={s['p']} d={s['d']}; original perplexity "
+            f"{fixture['original_perplexity']:.2f})",
+            "",
+            "| variant | bits | rounding | MiB stored | d ppl | rel. weight error |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
+        for r in fixture["rows"]:
+            bits = "16" if r["bits"] == 16 else f"int{r['bits']}"
+            lines.append(
+                f"| {r['variant']} | {bits} | {r['scheme']} | {r['stored_bytes'] / 2**20:.2f} | "
+                f"{r['perplexity_change']:+.3f} ({100 * r['relative_change']:+.2f}%) | {r['relative_error']:.3f} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["fixtures"])
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), dpi=120, squeeze=False)
+    markers = {"round to nearest": "s", "as fitted": "x", "GPTQ, mixed basis": "^", "orthonormal": "o"}
+    for ax, name in zip(axes[0], names, strict=True):
+        fixture = result["fixtures"][name]
+        for r in fixture["rows"]:
+            label = f"{r['variant']} {r['scheme']}" if r["bits"] != 16 else f"{r['variant']} 16-bit"
+            ax.scatter(
+                r["stored_bytes"] / 2**20,
+                max(r["relative_change"], 1e-5) * 100,
+                marker=markers.get(r["scheme"], "*"),
+                label=label,
+                s=30,
+            )
+            ax.annotate(str(r["bits"]), (r["stored_bytes"] / 2**20, max(r["relative_change"], 1e-5) * 100), fontsize=6)
+        ax.set_yscale("log")
+        ax.set_xlabel("MiB stored (whole checkpoint)")
+        ax.set_ylabel("held-out perplexity increase, %")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3], choices=[2, 3, 4, 8])
+    parser.add_argument("--steps", type=int, default=300, help="steps of the default recipe's fit")
+    parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(HERE / "results" / "low_bit_factors"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"fixtures": {name: run_fixture(name, args, Path(tmp)) for name in args.fixtures}}
+    result["verdicts"] = verdicts(result)
+    print("\n" + table(result))
+    print("\n".join(result["verdicts"]))
+    write_results(result, args, start, plot, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Integer MoBE factors that keep the fit's accuracy: shared bases at high precision, expert factors in orthonormal
+coordinates, each with the scales that suit it.
+
+Rounding the factors of a fit as they are multiplies its error several times at 4 bits: the exactly solved A_i of a
+fit against a mixed basis M_i with a spread of singular values is large and rests on cancellations, so a small
+relative change of A_i is a large one of A_i M_i. Here:
+
+1. the bases (shared by a whole layer: few bytes) are rounded first, to `shared_bits` (8 by default);
+2. A_i is re-solved against the mixed basis of the rounded bases, in its orthonormal coordinates
+   (`MobeFactors.in_orthonormal_coordinates`): A'_i = A_i M_i Q'_i^T, where a change of A'_i changes W_i by exactly
+   as much (Q'_i has orthonormal rows);
+3. A'_i is rounded with one scale per `group_size` entries of each of its columns (groups run along its rows): a
+   column of A'_i is the weight of one basis direction, and directions differ in weight, so sharing a scale across a
+   row would spend the grid on the heaviest direction. With a Hessian (`hessians`: E[x x^T] of each expert's inputs,
+   in the coordinates of A'_i's rows) the rounding is GPTQ's, rows as columns; without, round to nearest, which is
+   already GPTQ for the identity Hessian that orthonormal coordinates give the data-free loss.
+
+Measured on a fine-grained trained layer (benchmarks/factor_rounding.py): int4 factors this way leave the weight
+error at the quadrature sum of the fit's and of dense int4 (0.147 against 0.107 and 0.101), where rounding the
+fit's factors as they are gave 0.58.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ..factorize import MobeFactors
+from . import groupwise
+from .gptq import gptq_quantize
+
+SHARED_BITS = 8  # the bases: shared by a layer's experts, so their bytes are few and their errors reach every expert
+
+
+@dataclasses.dataclass
+class StoredFactor:
+    """A factor as stored: integer values (logical shape, int8), their scales, bits, group size and whether the
+    groups run down the columns (the stored values are then the transpose, groups along its last dimension)."""
+
+    values: Tensor
+    scales: Tensor
+    bits: int
+    group_size: int
+    column_groups: bool = False
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        out = groupwise.dequantize(self.values, self.scales, self.group_size, dtype)
+        return out.transpose(-2, -1) if self.column_groups else out
+
+    def packed(self) -> Tensor:
+        return groupwise.pack(self.values, self.bits)
+
+
+def quantize_factor(
+    tensor: Tensor, bits: int, group_size: int, *, column_groups: bool = False, hessian: Tensor | None = None
+) -> StoredFactor:
+    """Round one factor tensor (..., rows, cols): group-wise along its rows, or down its columns; by GPTQ on
+    `hessian` (..., rows, rows) when given (column groups only: the rows are then GPTQ's input dimension)."""
+    work = tensor.transpose(-2, -1) if column_groups else tensor
+    if hessian is not None:
+        if not column_groups:
+            raise ValueError("a Hessian over the rows of a factor needs column groups")
+        values, scales = gptq_quantize(work, hessian, bits, group_size, dtype=tensor.dtype)
+    else:
+        values, scales = groupwise.quantize(work, bits, group_size, tensor.dtype)
+    return StoredFactor(values, scales, bits, group_size, column_groups)
+
+
+def quantize_mobe(
+    factors: MobeFactors,
+    bits: int,
+    group_size: int,
+    *,
+    shared_bits: int | None = SHARED_BITS,
+    hessians: Tensor | None = None,
+) -> tuple[MobeFactors, dict[str, StoredFactor]]:
+    """Integer MoBE factors (module docstring): the factors the integers stand for (A in orthonormal coordinates,
+    dequantised) and the stored form of A and, unless `shared_bits` is None (kept in floating point), the bases.
+
+    `hessians` (E, rows, rows), optional: second moments of each expert's inputs on the side of A's rows (the hidden
+    size of a transposed fit, else unused: a calibrated right metric would act on the columns of the products).
+    """
+    stored: dict[str, StoredFactor] = {}
+    bases = factors.bases
+    if shared_bits is not None:
+        stored["bases"] = quantize_factor(bases, shared_bits, group_size)
+        bases = stored["bases"].dequantize(bases.dtype)
+    orthonormal = factors.in_orthonormal_coordinates(bases)
+    stored["A"] = quantize_factor(orthonormal.A, bits, group_size, column_groups=True, hessian=hessians)
+    rounded = dataclasses.replace(orthonormal, A=stored["A"].dequantize(factors.A.dtype), bases=bases)
+    return rounded, stored

@@ -1,0 +1,146 @@
+"""Low-bit MoBE factors: bases at 8 bits, A re-solved in orthonormal coordinates of the rounded mixed basis and
+rounded with its groups down the columns; checked against the same steps written out another way (Cholesky instead
+of QR, a per-group loop instead of the grouped quantiser) and against the error of rounding the dense products."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from test_quantize import IDS, logits, reference_fake_quantize
+from transformers import AutoModelForCausalLM
+
+from mobe import MobeConfig, QuantizeConfig, compress
+from mobe.architectures import moe_layout
+from mobe.checkpoint import CheckpointReader
+from mobe.cli.main import main
+from mobe.factorize import MobeFactors
+from mobe.factorize.mobe import orthonormal_rows
+from mobe.fixtures import build_tiny_moe
+from mobe.pipeline import read_native_factors
+from mobe.quantize import fake_quantize, quantize_checkpoint, stored_bytes
+from mobe.quantize.factors import quantize_mobe
+from mobe.runtime import MobeExperts
+
+
+def _ill_conditioned_factors(seed: int = 0, E: int = 8, p: int = 48, r: int = 24, d: int = 64, m: int = 4):
+    """Factors whose mixed bases have a wide spread of singular values, A solved exactly against them (what a fit
+    returns): A is large and rests on cancellations."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.logspace(0, -1.5, r)[:, None]
+    bases = (torch.randn(1, m, r, d, generator=g) * spread).contiguous()
+    coef = torch.softmax(torch.randn(E, m, generator=g), -1)
+    factors = MobeFactors(A=torch.zeros(E, p, r), bases=bases, coef=coef, activation="tanh")
+    M = factors.mixed_bases()
+    W = torch.randn(E, p, d, generator=g) @ torch.linalg.pinv(M) @ M + 0.3 * torch.randn(E, p, d, generator=g)
+    A = W @ torch.linalg.pinv(M)
+    return dataclasses.replace(factors, A=A)
+
+
+def _reference_rounding(factors: MobeFactors, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rounded coordinates A', the entries that sit on a half step of the grid, orthonormal rows Q) of the integer
+    factors, by Cholesky orthonormalisation and a per-group RTN loop. The grid puts each group's largest entry on a
+    half step (scale = max|w| / ((2^b - 1) / 2)), so 1e-7 of difference between two computations may round it
+    either way: those entries are compared apart."""
+    bases = reference_fake_quantize(factors.bases, 8, group)
+    M = dataclasses.replace(factors, bases=bases).mixed_bases().double()
+    L = torch.linalg.cholesky(M @ M.transpose(1, 2))
+    Q = torch.linalg.solve_triangular(L, M, upper=False)  # orthonormal rows, same span, diag(L) > 0
+    coords = (factors.A.double() @ factors.mixed_bases().double() @ Q.transpose(1, 2)).transpose(1, 2).float()
+    rounded = reference_fake_quantize(coords, bits, group)
+    step = torch.cat([g.abs().amax(-1, keepdim=True).expand_as(g) for g in coords.split(group, -1)], -1)
+    ratio = coords / (step / ((2**bits - 1) / 2))
+    ties = ((ratio.abs() - ratio.abs().floor()) - 0.5).abs() < 1e-3
+    return rounded.transpose(1, 2), ties.transpose(1, 2), Q
+
+
+def _assert_same_rounding(got: MobeFactors, factors: MobeFactors, bits: int, group: int) -> None:
+    expected, ties, Q = _reference_rounding(factors, bits, group)
+    assert ties.float().mean() < 0.25  # about one entry a group: the comparison covers the rest
+    torch.testing.assert_close(got.A[~ties], expected[~ties], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.row_bases().double(), Q, rtol=0, atol=1e-5)
+
+
+def test_orthonormal_rows_is_the_cholesky_basis():
+    M = _ill_conditioned_factors().mixed_bases().double()
+    L = torch.linalg.cholesky(M @ M.transpose(1, 2))
+    torch.testing.assert_close(orthonormal_rows(M), torch.linalg.solve_triangular(L, M, upper=False))
+
+
+def test_orthonormal_coordinates_keep_the_products():
+    factors = _ill_conditioned_factors()
+    moved = factors.in_orthonormal_coordinates()
+    assert moved.orthonormal == "1"
+    torch.testing.assert_close(moved.reconstruct(), factors.reconstruct(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantize_mobe_matches_the_reference_and_rounds_like_the_dense_products(bits):
+    factors, group = _ill_conditioned_factors(bits), 16
+    rounded, stored = quantize_mobe(factors, bits, group)
+    assert stored["bases"].bits == 8 and stored["A"].bits == bits and stored["A"].column_groups
+    _assert_same_rounding(rounded, factors, bits, group)
+    products = factors.reconstruct()
+
+    def error(w):
+        return ((w - products).norm() / products.norm()).item()
+
+    naive = dataclasses.replace(
+        factors, A=fake_quantize(factors.A, bits, group), bases=fake_quantize(factors.bases, 8, group)
+    )
+    dense = error(fake_quantize(products, bits, group))
+    assert error(rounded.reconstruct()) < 1.1 * dense  # what rounding the dense matrices costs
+    assert error(naive.reconstruct()) > 1.7 * error(rounded.reconstruct())  # the factors as fitted: far worse
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lowbit")
+    model = build_tiny_moe(root / "qwen3_moe", "qwen3_moe", initializer_range=0.2)
+    out = root / "native"
+    compress(model, out, MobeConfig(num_bases=4, steps=20, device="cpu"), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_native_low_bit_checkpoint_runs_and_reads_back_as_its_integer_factors(native, bits, tmp_path):
+    out, group = tmp_path / f"int{bits}", 6  # divides neither r = 16 nor the rows: short last groups
+    quantize_checkpoint(native, out, QuantizeConfig(bits=bits, group_size=group), progress=False)
+    section = json.loads((out / "config.json").read_text())["mobe"]
+    quantization = section["quantization"]
+    assert quantization["field_bits"] == {"bases": 8} and quantization["column_groups"] == ["A"]
+    assert all(meta["orthonormal"] == "1" for meta in section["factor_meta"].values())
+
+    source, reader = CheckpointReader(native), CheckpointReader(out)
+    layout = moe_layout(source.config)
+    for layer in section["layers"]:
+        for matrix in section["matrices"]:
+            got = read_native_factors(reader, layout, layer, matrix)
+            assert got.orthonormal == "1"
+            _assert_same_rounding(got, read_native_factors(source, layout, layer, matrix), bits, group)
+
+    # stored bytes: A's packed values down its columns, the bases' at 8 bits, plus float32 scales
+    shapes, per_layer = section["factor_shapes"], 0
+    for matrix in section["matrices"]:
+        for field, shape in shapes[matrix].items():
+            if field == "A":
+                *lead, rows, cols = shape
+                stored = math.prod(lead) * cols * (math.ceil(rows * bits / 8) + 4 * math.ceil(rows / group))
+            elif field == "bases":
+                stored = math.prod(shape[:-1]) * (shape[-1] + 4 * math.ceil(shape[-1] / group))
+            else:
+                continue
+            per_layer += math.prod(shape) * 4 - stored
+    assert stored_bytes(native) - stored_bytes(out) == per_layer * len(section["layers"])
+
+    quantized = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not [n for n, _ in quantized.named_parameters() if n.endswith(("mobe_A", "mobe_bases"))]
+    dense = tmp_path / "dense"
+    assert main(["reconstruct", str(out), "-o", str(dense), "-q"]) == 0
+    with torch.no_grad():
+        expected = logits(dense)
+        torch.testing.assert_close(quantized(IDS).logits, expected, rtol=0, atol=1e-4)
+        for module in (m for m in quantized.modules() if isinstance(m, MobeExperts)):
+            module.configure(workspace_experts=2, cache_mib=1)  # the decoding path and the cache
+        torch.testing.assert_close(quantized(IDS[:, :1]).logits, logits(dense)[:, :1], rtol=0, atol=1e-4)
