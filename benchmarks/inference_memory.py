@@ -1,4 +1,6 @@
-"""Memory and speed of running a MoBE checkpoint: original vs native MoBE vs an all-experts-materialising forward.
+"""Memory and speed of running a MoBE checkpoint: original vs native MoBE vs an all-experts-materialising forward,
+and the native checkpoint with integer factors (int8 as fitted; int4 in orthonormal coordinates, whose mixed bases
+the runtime orthonormalises per touched expert).
 
 Builds a Qwen3-MoE with several hundred MB of experts, compresses it (few steps: only memory and speed matter
 here), then measures each variant in a fresh process: checkpoint size, peak RSS after load, during a prefill of
@@ -21,7 +23,17 @@ from pathlib import Path
 from results_io import ratio_text
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("original", "dense", "native", "native+cache", "materialising")
+VARIANTS = (
+    "original",
+    "dense",
+    "native",
+    "native+cache",
+    "materialising",
+    "native int8",
+    "native int4",
+    "native int4+cache",
+)
+INTEGER_BITS = {"native int8": 8, "native int4": 4, "native int4+cache": 4}
 
 
 def _status_mib(field: str) -> float:
@@ -81,7 +93,7 @@ def _child(variant: str, path: str, prefill: int, decode: int, cache_mib: float)
     if variant in ("original", "dense"):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
     else:
-        model = load_model(path, cache_mib=cache_mib if variant == "native+cache" else 0)
+        model = load_model(path, cache_mib=cache_mib if variant.endswith("+cache") else 0)
     if variant == "materialising":
         _materialise_all(model)
     load_s, after_load = time.perf_counter() - start, _peak_rss_mib(reset=True)
@@ -138,7 +150,7 @@ def main() -> None:
         _child(args.child[0], args.child[1], args.prefill, args.decode, args.cache_mib)
         return
 
-    from mobe import MobeConfig, compress, reconstruct
+    from mobe import MobeConfig, QuantizeConfig, compress, quantize_checkpoint, reconstruct
     from mobe.fixtures import build_tiny_moe
 
     begin = time.perf_counter()
@@ -158,6 +170,10 @@ def main() -> None:
         dense = Path(tmp) / "dense"  # the same factors rebuilt into dense experts: what the runtime competes with
         reconstruct(native, dense, progress=False)
         paths = {"original": src, "dense": dense}
+        for bits in sorted(set(INTEGER_BITS.values())):
+            path = Path(tmp) / f"native-int{bits}"
+            quantize_checkpoint(native, path, QuantizeConfig(bits=bits, group_size=64), progress=False)
+            paths.update({v: path for v, b in INTEGER_BITS.items() if b == bits})
         sizes = {v: _size_mib(paths.get(v, native)) for v in VARIANTS}
         for variant in VARIANTS:
             path = paths.get(variant, native)
@@ -203,6 +219,11 @@ def main() -> None:
         "decode_speed_native_cache_vs_original": cached["decode_tokens_per_s"] / orig["decode_tokens_per_s"],
         "decode_speed_native_cache_vs_dense": cached["decode_tokens_per_s"] / dense_row["decode_tokens_per_s"],
         "prefill_speed_native_vs_dense": nat["prefill_tokens_per_s"] / dense_row["prefill_tokens_per_s"],
+        "decode_speed_int4_cache_vs_native_cache": by["native int4+cache"]["decode_tokens_per_s"]
+        / cached["decode_tokens_per_s"],
+        "decode_speed_int4_vs_int8": by["native int4"]["decode_tokens_per_s"]
+        / by["native int8"]["decode_tokens_per_s"],
+        "prefill_speed_int4_vs_native": by["native int4"]["prefill_tokens_per_s"] / nat["prefill_tokens_per_s"],
     }
     targets = {  # check: (what, at least)
         "prefill_speed_native_vs_dense": ("native prefill tokens/s / dense reconstruction's", 0.5),

@@ -78,6 +78,12 @@ RUNS = (
     ),
     Run("factor_rounding", "factor_rounding.py", "", "--fixtures coarse --steps 20"),
     Run(
+        "low_bit_factors",
+        "low_bit_factors.py",
+        "--steps 300",
+        "--fixtures coarse --ratios 0.5 --bits 4 --steps 10 --tokens 1024",
+    ),
+    Run(
         "equal_bytes_ridge",
         "equal_bytes.py",
         "--steps 300 --threads 1 --ridge 0.001",

@@ -18,6 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def low_bit_factors_table(result: dict) -> str:
+    from low_bit_factors import table
+
+    return table(result)
+
+
 METHOD_LABELS = {"mobe": "mobe, paper settings", "default": "**mobe default** (`--target-ratio` alone)"}
 
 
@@ -419,6 +425,15 @@ def inference_memory_table(result: dict) -> str:
         f"Native peak RSS above its baseline: {result['checks']['native_peak_over_checkpoint']:.2f}x its "
         "checkpoint (no target: activations and the workspace come on top).",
     ]
+    checks = result["checks"]
+    if "decode_speed_int4_vs_int8" in checks:  # integer factors: what orthonormal coordinates cost at run time
+        lines += [
+            "",
+            f"Integer factors: int4 (orthonormal coordinates) decodes at {checks['decode_speed_int4_vs_int8']:.2f}x "
+            f"the tokens/s of int8 (as fitted) without a cache, "
+            f"{checks['decode_speed_int4_cache_vs_native_cache']:.2f}x native float factors' with the cache; "
+            f"prefill {checks['prefill_speed_int4_vs_native']:.2f}x native's.",
+        ]
     lines += _verdict_lines(result)
     return "\n".join(lines) + "\n"
 
@@ -669,6 +684,7 @@ BLOCKS = {
     "paper_parity": [("docs/results.md", "paper_parity", paper_parity_table)],
     "recipe": [("docs/results.md", "recipe", recipe_table)],
     "factor_rounding": [("docs/quantize.md", "factor_rounding", factor_rounding_table)],
+    "low_bit_factors": [("docs/quantize.md", "low_bit_factors", low_bit_factors_table)],
     "equal_bytes_ridge": [("docs/quantize.md", "equal_bytes_ridge", equal_bytes_mobe_table)],
     "equal_bytes": [
         ("docs/quantize.md", "equal_bytes", equal_bytes_table),

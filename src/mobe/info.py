@@ -160,7 +160,10 @@ def _quantization(config: dict) -> str | None:
     """'int4 group 128, compressed-tensors pack-quantized' and the like, or None for float weights."""
     native = (config.get("mobe") or {}).get("quantization")
     if native and native.get("format") == "mobe-groupwise":
-        return f"factors {'+'.join(native['fields'])} in int{native['bits']}, group {native['group_size']}"
+        bits = {f: native.get("field_bits", {}).get(f, native["bits"]) for f in native["fields"]}
+        parts = [f"{f} int{b}" for f, b in bits.items()]
+        layout = ", A in orthonormal coordinates" if "A" in native.get("column_groups", ()) else ""
+        return f"factors {' + '.join(parts)}, group {native['group_size']}{layout}"
     qc = config.get("quantization_config")
     if not qc:
         return None
