@@ -78,6 +78,12 @@ RUNS = (
     ),
     Run("factor_rounding", "factor_rounding.py", "", "--fixtures coarse --steps 20"),
     Run(
+        "budget",
+        "budget.py",
+        "",
+        "--fixtures coarse --budgets 0.3 --plan-steps 5 --steps 5 --tokens 1024",
+    ),
+    Run(
         "low_bit_factors",
         "low_bit_factors.py",
         "--steps 300",

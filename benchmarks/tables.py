@@ -24,6 +24,12 @@ def low_bit_factors_table(result: dict) -> str:
     return table(result)
 
 
+def budget_table(result: dict) -> str:
+    from budget import table
+
+    return table(result)
+
+
 METHOD_LABELS = {"mobe": "mobe, paper settings", "default": "**mobe default** (`--target-ratio` alone)"}
 
 
@@ -685,6 +691,7 @@ BLOCKS = {
     "recipe": [("docs/results.md", "recipe", recipe_table)],
     "factor_rounding": [("docs/quantize.md", "factor_rounding", factor_rounding_table)],
     "low_bit_factors": [("docs/quantize.md", "low_bit_factors", low_bit_factors_table)],
+    "budget": [("docs/quantize.md", "budget", budget_table)],
     "equal_bytes_ridge": [("docs/quantize.md", "equal_bytes_ridge", equal_bytes_mobe_table)],
     "equal_bytes": [
         ("docs/quantize.md", "equal_bytes", equal_bytes_table),

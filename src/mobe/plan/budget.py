@@ -74,6 +74,10 @@ class Plan:
     options: list[Option] = field(default_factory=list)
     seconds: float = 0.0
 
+    def with_budget(self, budget_bytes: int) -> Plan:
+        """The same measurements under another budget (nothing is measured again)."""
+        return dataclasses.replace(self, budget_bytes=budget_bytes)
+
     @property
     def chosen(self) -> Option | None:
         within = [o for o in self.options if o.stored_bytes <= self.budget_bytes]

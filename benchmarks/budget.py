@@ -1,0 +1,215 @@
+"""What `mobe compress --target-bytes F` chooses at several budgets, and what the choice costs in perplexity.
+
+For each trained fixture the planner measures every candidate once (the original at 16/8/4/3/2 bits, MoBE at 25%,
+37% and 50% cuts with 16-bit, int8, int4, int3 and int2 factors; weight error on the middle MoE layer), then chooses
+at each budget F (a share of the original's stored bytes). Each chosen recipe is written (`execute_plan`: the
+original quantised, or the default recipe at `--steps` with integer factors), its stored bytes are checked against
+the prediction and its held-out perplexity is measured (the settings of `benchmarks/data_free.py`). Where
+benchmarks/results/low_bit_factors.json holds perplexities of other recipes within the same budget, the best of
+them is shown beside the choice.
+
+    OMP_NUM_THREADS=1 python benchmarks/budget.py [--fixtures coarse fine] [--budgets 0.25 0.3 0.35 0.4]
+
+Prints a table and verdicts, writes benchmarks/results/budget.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mobe import MobeConfig
+from mobe.evaluate.perplexity import sliding_window_perplexity
+from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
+from mobe.plan import execute_plan, plan_budget
+from mobe.quantize import stored_bytes
+from results_io import write_results
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
+
+
+def _perplexity(path: Path, ids: torch.Tensor, args: argparse.Namespace) -> float:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return sliding_window_perplexity(model, ids, context=args.context, stride=args.stride, progress=False).perplexity
+
+
+def _best_measured(name: str, budget: int) -> dict | None:
+    """The lowest-perplexity recipe within `budget` among those benchmarks/low_bit_factors.py measured."""
+    path = HERE / "results" / "low_bit_factors.json"
+    if not path.exists():
+        return None
+    rows = json.loads(path.read_text())["fixtures"].get(name, {}).get("rows", [])
+    within = [r for r in rows if r["stored_bytes"] <= budget]
+    if not within:
+        return None
+    best = min(within, key=lambda r: r["perplexity"])
+    bits = "16-bit" if best["bits"] == 16 else f"int{best['bits']}"
+    return {
+        "label": f"{best['variant']} {bits} {best['scheme']}",
+        "perplexity": best["perplexity"],
+        "stored_bytes": best["stored_bytes"],
+    }
+
+
+def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
+    fixture = trained_fixture_path(FIXTURES[name])
+    ids = AutoTokenizer.from_pretrained(fixture)((fixture / "heldout.txt").read_text(), return_tensors="pt").input_ids
+    ids = ids[0][: args.tokens]
+    original = _perplexity(fixture, ids, args)
+    measured = plan_budget(fixture, 1.0, steps=args.plan_steps)
+    print(measured.table(), flush=True)
+    rows, written = [], {}
+    for share in args.budgets:
+        plan = measured.with_budget(int(share * measured.original_bytes))
+        chosen = plan.chosen
+        row = {"budget": share, "budget_bytes": plan.budget_bytes}
+        if chosen is None:
+            rows.append({**row, "chosen": None})
+            continue
+        recipe = chosen.recipe
+        if recipe not in written:
+            out = tmp / f"{name}-{len(written)}"
+            start = time.perf_counter()
+            execute_plan(plan, fixture, out, MobeConfig(steps=args.steps, device="cpu"), progress=False)
+            seconds = time.perf_counter() - start
+            written[recipe] = (stored_bytes(out), _perplexity(out, ids, args), seconds)
+        size, ppl, seconds = written[recipe]
+        row.update(
+            chosen=recipe.label(),
+            predicted_bytes=chosen.stored_bytes,
+            stored_bytes=size,
+            weight_error=chosen.error,
+            perplexity=ppl,
+            perplexity_change=ppl - original,
+            seconds=seconds,
+            best_measured=_best_measured(name, plan.budget_bytes),
+        )
+        rows.append(row)
+        print(f"  F={share}: {recipe.label()} {size / 2**20:.2f} MiB ppl {ppl:.3f} ({ppl - original:+.3f})", flush=True)
+    return {
+        "fixture": FIXTURES[name],
+        "original_perplexity": original,
+        "original_bytes": measured.original_bytes,
+        "plan_seconds": measured.seconds,
+        "options": [
+            {"recipe": o.recipe.label(), "stored_bytes": o.stored_bytes, "weight_error": o.error}
+            for o in measured.options
+        ],
+        "rows": rows,
+    }
+
+
+def verdicts(result: dict) -> list[str]:
+    out = []
+    for name, fixture in result["fixtures"].items():
+        for row in fixture["rows"]:
+            if row.get("chosen") is None:
+                out.append(f"{name} F={row['budget']}: nothing fits")
+                continue
+            exact = row["predicted_bytes"] == row["stored_bytes"]
+            line = f"{name} F={row['budget']}: {row['chosen']}, bytes as predicted: {'yes' if exact else 'NO'}"
+            best = row.get("best_measured")
+            if best:
+                ok = row["perplexity"] <= best["perplexity"] + 1e-9
+                line += (
+                    f"; perplexity {row['perplexity']:.3f} against the best measured recipe within the budget "
+                    f"({best['label']}, {best['perplexity']:.3f}): {'no worse' if ok else 'WORSE'}"
+                )
+            out.append(line)
+    return out
+
+
+def table(result: dict) -> str:
+    lines = []
+    for name, fixture in result["fixtures"].items():
+        lines += [
+            f"**{name}** (`{fixture['fixture']}`, {fixture['original_bytes'] / 2**20:.2f} MiB, perplexity "
+            f"{fixture['original_perplexity']:.2f}; plan measured in {fixture['plan_seconds']:.0f} s)",
+            "",
+            "| budget | chosen | MiB stored | d ppl | best other measured within the budget |",
+            "|---:|---|---:|---:|---|",
+        ]
+        for r in fixture["rows"]:
+            if r.get("chosen") is None:
+                lines.append(f"| {100 * r['budget']:.0f}% | nothing fits | | | |")
+                continue
+            best = r.get("best_measured")
+            other = f"{best['label']}: {best['perplexity'] - fixture['original_perplexity']:+.3f}" if best else ""
+            lines.append(
+                f"| {100 * r['budget']:.0f}% | {r['chosen']} | {r['stored_bytes'] / 2**20:.2f} | "
+                f"{r['perplexity_change']:+.3f} | {other} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["fixtures"])
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), dpi=120, squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        fixture = result["fixtures"][name]
+        options = fixture["options"]
+        ax.scatter(
+            [o["stored_bytes"] / 2**20 for o in options],
+            [o["weight_error"] for o in options],
+            s=12,
+            color="grey",
+            label="candidates (weight error, sample layer)",
+        )
+        rows = [r for r in fixture["rows"] if r.get("chosen")]
+        ax.scatter(
+            [r["stored_bytes"] / 2**20 for r in rows],
+            [r["weight_error"] for r in rows],
+            s=40,
+            marker="o",
+            facecolors="none",
+            edgecolors="C3",
+            label="chosen at a budget",
+        )
+        for r in rows:
+            ax.axvline(r["budget_bytes"] / 2**20, color="C0", alpha=0.2)
+        ax.set_xlabel("MiB stored")
+        ax.set_ylabel("relative weight error")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.3, 0.35, 0.4])
+    parser.add_argument("--plan-steps", type=int, default=200, help="steps of the planner's sample fits")
+    parser.add_argument("--steps", type=int, default=300, help="steps of a chosen MoBE recipe's fits")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--stride", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(HERE / "results" / "budget"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"fixtures": {name: run_fixture(name, args, Path(tmp)) for name in args.fixtures}}
+    result["verdicts"] = verdicts(result)
+    print("\n" + table(result))
+    print("\n".join(result["verdicts"]))
+    write_results(result, args, start, plot, args.out)
+
+
+if __name__ == "__main__":
+    main()
