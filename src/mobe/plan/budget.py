@@ -85,24 +85,25 @@ class Plan:
 
     def table(self) -> str:
         """The options by size, the chosen one marked, and why."""
+        unit, scale = ("GiB", 2**30) if self.original_bytes >= 2**30 else ("MiB", 2**20)
         lines = [
-            f"budget {self.budget_bytes / 2**30:.3f} GiB = {100 * self.budget_bytes / self.original_bytes:.1f}% of "
-            f"the original's {self.original_bytes / 2**30:.3f} GiB; weight error measured on MoE layer(s) "
+            f"budget {self.budget_bytes / scale:.3f} {unit} = {100 * self.budget_bytes / self.original_bytes:.1f}% "
+            f"of the original's {self.original_bytes / scale:.3f} {unit}; weight error measured on MoE layer(s) "
             f"{self.sample_layers} ({self.seconds:.0f} s)",
-            f"{'recipe':<34} {'GiB':>8} {'of orig.':>9} {'rel. error':>11}",
+            f"{'recipe':<34} {unit:>9} {'of orig.':>9} {'rel. error':>11}",
         ]
         chosen = self.chosen
         for o in sorted(self.options, key=lambda o: o.stored_bytes):
             mark = "  <- chosen" if o is chosen else "" if o.stored_bytes <= self.budget_bytes else "  (too large)"
             lines.append(
-                f"{o.recipe.label():<34} {o.stored_bytes / 2**30:>8.3f} "
+                f"{o.recipe.label():<34} {o.stored_bytes / scale:>9.3f} "
                 f"{100 * o.stored_bytes / self.original_bytes:>8.1f}% {o.error:>11.4f}{mark}"
             )
         if chosen is None:
             smallest = min(self.options, key=lambda o: o.stored_bytes)
             lines.append(
                 f"nothing fits: the smallest option, {smallest.recipe.label()}, needs "
-                f"{smallest.stored_bytes / 2**30:.3f} GiB"
+                f"{smallest.stored_bytes / scale:.3f} {unit}"
             )
         else:
             lines.append(f"chosen: {chosen.recipe.label()}, the lowest weight error of the options within the budget")
