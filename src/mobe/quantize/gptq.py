@@ -47,8 +47,9 @@ def gptq_round(
     """Integer values (..., rows, cols) in [-2^(b-1), 2^(b-1) - 1] of `weight` rounded by GPTQ on `hessian`
     (..., cols, cols), with the per-entry `scales` (broadcastable to `weight`).
 
-    Columns whose Hessian diagonal is zero (inputs never seen) are rounded to 0. `order` (cols,) permutes the
-    columns before rounding (act-order: the columns with the largest diagonal first) and back after.
+    Columns whose Hessian diagonal is zero (inputs never seen) are rounded to 0. `order` (cols,) or (..., cols), one
+    per matrix, permutes the columns before rounding (act-order: the columns with the largest diagonal first) and
+    back after.
     """
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
@@ -56,7 +57,8 @@ def gptq_round(
     H = hessian.double().clone()
     S = torch.broadcast_to(scales.double(), W.shape).clone()
     if order is not None:
-        W, S, H = W[..., order], S[..., order], H[..., order, :][..., :, order]
+        W, S = _take_columns(W, order), _take_columns(S, order)
+        H = _take_columns(torch.take_along_dim(H, order.unsqueeze(-1), dim=-2), order)
     diag = H.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
@@ -79,8 +81,13 @@ def gptq_round(
             errors[..., i] = err
         W[..., i2:] -= errors @ Hinv[..., i1:i2, i2:]
     if order is not None:
-        Q = Q[..., torch.argsort(order)]
+        Q = _take_columns(Q, torch.argsort(order, dim=-1))
     return Q.to(torch.int8)
+
+
+def _take_columns(x: Tensor, order: Tensor) -> Tensor:
+    """x (..., n, cols) with its columns in `order` ((cols,) or one order per leading index)."""
+    return torch.take_along_dim(x, order.unsqueeze(-2), dim=-1)
 
 
 def gptq_quantize(
@@ -97,15 +104,14 @@ def gptq_quantize(
     """(int8 values (..., rows, cols), scales (..., rows, ceil(cols / group_size)) in `dtype`), stored like
     `groupwise.quantize`'s and read back by `groupwise.dequantize`; `hessian` is (cols, cols) or batched.
 
-    With `act_order`, columns are rounded in the order of decreasing Hessian diagonal (one order for a whole
-    batch: the diagonal summed over it); the scales stay those of the columns' own groups.
+    With `act_order`, each matrix's columns are rounded in the order of its Hessian's decreasing diagonal
+    (llm-compressor's `actorder="static"`, its default); the scales stay those of the columns' own groups.
     """
     scales = group_scales(weight, bits, group_size, dtype)
     entry_scales = scales.float().repeat_interleave(group_size, dim=-1)[..., : weight.shape[-1]]
     order = None
     if act_order:
-        diag = hessian.diagonal(dim1=-2, dim2=-1)
-        order = torch.argsort(diag.reshape(-1, diag.shape[-1]).sum(0), descending=True)
+        order = torch.argsort(hessian.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
     q = gptq_round(weight, hessian, entry_scales, bits, damping=damping, block_size=block_size, order=order)
     return q, scales
 
