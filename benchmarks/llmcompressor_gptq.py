@@ -12,10 +12,11 @@ Two modes:
         Linear modules only (lm_head, routers, attention and shared experts stay in 16 bits), calibrated on the
         token sequences in IDS.json; writes the compressed-tensors checkpoint to OUT.
 
-    python llmcompressor_gptq.py layer IN.safetensors OUT.safetensors --bits 4 --group-size 64 [--actorder static]
+    python llmcompressor_gptq.py layer IN.safetensors OUT.safetensors --bits 4 2 --group-size 128 [--actorder static]
         One weight matrix `weight` (rows, cols) and its Hessian `hessian` (cols, cols) from IN; the library's
         weight observer (memoryless min-max) and its `quantize_weight` (the maths GPTQModifier calls), with the
-        modifier's defaults; writes `q` (int8 values), `scale` and `dequantized` (bf16, as the module keeps it).
+        modifier's defaults; writes IN's tensors plus, per bit width B, `qB` (int8 values), `scaleB` and
+        `dequantizedB` (bf16, as the module keeps it).
 """
 
 from __future__ import annotations
@@ -41,11 +42,10 @@ def quant_args(bits: int, group_size: int, actorder: str | None):
 
 def checkpoint(args: argparse.Namespace) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from llmcompressor import oneshot
     from llmcompressor.modeling.moe.linearize import linearize_moe
     from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
     sequences = json.loads(Path(args.ids).read_text())
@@ -75,46 +75,42 @@ def checkpoint(args: argparse.Namespace) -> None:
 def layer(args: argparse.Namespace) -> None:
     from importlib.metadata import version
 
-    from safetensors.torch import load_file, save_file
-
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
     from llmcompressor.observers import Observer
+    from safetensors.torch import load_file, save_file
 
     tensors = load_file(args.input)
     weight, hessian = tensors["weight"], tensors["hessian"]
-    qargs = quant_args(args.bits, args.group_size, args.actorder)
-    observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=qargs)
-    observer(weight)
-    qparams = observer.get_qparams()
-    scale, zero_point = qparams["scale"], qparams["zero_point"]
-    # as GPTQModifier's prepare_batch: float32 working weights, the Hessian as accumulated (any scale: the damping
-    # is relative to its mean diagonal), the observer's scales stacked
-    out, _, fallback = quantize_weight(
-        weights=weight[None].float(),
-        hessians=hessian[None].float(),
-        scale=scale[None],
-        zero_point=zero_point[None],
-        global_scale=None,
-        quant_args=qargs,
-    )
-    dequantized = out[0].to(weight.dtype)  # update_batch_qparams: cast to the module's dtype
-    groups = scale.float().repeat_interleave(args.group_size, dim=-1)
-    q = torch.round(dequantized.float() / groups).to(torch.int8)
     metadata = {
-        "made_by": "benchmarks/llmcompressor_gptq.py layer",
+        "rounded_by": "benchmarks/llmcompressor_gptq.py layer",
         "llmcompressor": version("llmcompressor"),
         "compressed_tensors": version("compressed-tensors"),
         "torch": torch.__version__,
-        "bits": str(args.bits),
         "group_size": str(args.group_size),
         "actorder": str(args.actorder),
-        "rtn_fallback": str(bool(fallback[0])),
     }
-    save_file(
-        {**tensors, "q": q.contiguous(), "scale": scale.contiguous(), "dequantized": dequantized.contiguous()},
-        args.output,
-        metadata,
-    )
+    out = dict(tensors)
+    for bits in args.bits:
+        qargs = quant_args(bits, args.group_size, args.actorder)
+        observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=qargs)
+        observer(weight)
+        qparams = observer.get_qparams()
+        scale, zero_point = qparams["scale"], qparams["zero_point"]
+        # as GPTQModifier's prepare_batch: float32 working weights, the observer's scales stacked; the Hessian's
+        # scale does not matter (the damping is relative to its mean diagonal)
+        result, _, fallback = quantize_weight(
+            weights=weight[None].float(),
+            hessians=hessian[None].float().clone(),  # factorised in place
+            scale=scale[None],
+            zero_point=zero_point[None],
+            global_scale=None,
+            quant_args=qargs,
+        )
+        dequantized = result[0].to(weight.dtype)  # update_batch_qparams: cast to the module's dtype
+        q = torch.round(dequantized.float() / scale.float().repeat_interleave(args.group_size, dim=-1))
+        out |= {f"q{bits}": q.to(torch.int8), f"scale{bits}": scale, f"dequantized{bits}": dequantized}
+        metadata[f"rtn_fallback{bits}"] = str(bool(fallback[0]))
+    save_file({k: v.contiguous() for k, v in out.items()}, args.output, metadata)
 
 
 def main() -> None:
@@ -131,7 +127,7 @@ def main() -> None:
     p = sub.add_parser("layer")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--bits", type=int, nargs="+", default=[4])
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--actorder", default="static", help="static | weight | none")
     p.set_defaults(func=layer)
