@@ -20,7 +20,8 @@ text (as benchmarks/reap.py and equal_bytes.py use), cut into --context-token se
 
     OMP_NUM_THREADS=1 python benchmarks/gptq_baselines.py [--fixtures coarse fine] [--bits 8 4 3 2]
 
-Prints a table per fixture, writes benchmarks/results/gptq_baselines.json and .png.
+Prints a table per fixture, writes benchmarks/results/gptq_baselines.json and .png. Importing this file is cheap
+(benchmarks/tables.py uses its `table`): the heavy imports are inside the functions that run.
 """
 
 from __future__ import annotations
@@ -35,18 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from compare import _perplexity  # same directory: run as python benchmarks/gptq_baselines.py
-from data_free import FIXTURES, _calibration_text
-from mobe.config import QuantizeConfig
-from mobe.quantize import quantize_checkpoint, stored_bytes
-from results_io import write_results
-
 HERE = Path(__file__).resolve().parent
 VENV = Path.home() / ".cache" / "mobe" / "venv-llmcompressor"
 VENV_PACKAGES = ("torch==2.13.0", "llmcompressor==0.14.0.1", "transformers==5.17.0")
 METHODS = ("rtn", "llm-compressor GPTQ", "mobe GPTQ")
+FIXTURES = {"coarse": "qwen3-moe-trained", "fine": "qwen2-moe-fine-trained"}  # as benchmarks/data_free.py
 
 
 def ensure_venv(venv: Path) -> Path:
@@ -73,8 +67,12 @@ def group_size_for(p: int, d: int, largest: int = 128) -> int:
 def run_fixture(name: str, args: argparse.Namespace, python: Path, tmp: Path) -> dict:
     from transformers import AutoTokenizer
 
+    from compare import _perplexity  # same directory: run as python benchmarks/gptq_baselines.py
+    from data_free import _calibration_text
     from mobe.architectures import moe_layout
     from mobe.calibrate import calibration_ids
+    from mobe.config import QuantizeConfig
+    from mobe.quantize import quantize_checkpoint, stored_bytes
 
     fixture = HERE.parent / "fixtures" / FIXTURES[name]
     layout = moe_layout(json.loads((fixture / "config.json").read_text()))
@@ -257,6 +255,10 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=VENV, help="llm-compressor's venv (built if absent)")
     parser.add_argument("--out", default=str(HERE / "results" / "gptq_baselines"))
     args = parser.parse_args()
+    import torch
+
+    from results_io import write_results
+
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     python = ensure_venv(args.venv) if "llm-compressor GPTQ" in args.methods else Path(sys.executable)

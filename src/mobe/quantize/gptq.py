@@ -104,7 +104,6 @@ def _take_columns(x: Tensor, order: Tensor) -> Tensor:
     return torch.take_along_dim(x, order.unsqueeze(-2), dim=-1)
 
 
-
 def gptq_quantize(
     weight: Tensor,
     hessian: Tensor,
