@@ -13,7 +13,9 @@ the whole checkpoint, held-out perplexity with the settings of benchmarks/data_f
   virtual environment of its own (it pins transformers <= 5.17 and compressed-tensors 0.19; built at --venv on first
   use: `python -m venv` + `pip install torch==2.13.0 llmcompressor==0.14.0.1 transformers==5.17.0`); its time
   includes that interpreter's start-up and model load;
-- `mobe GPTQ`: `mobe quantize MODEL --bits B --calibration TEXT` (Hessians of the tokens routed to each expert).
+- `mobe GPTQ`: `mobe quantize MODEL --bits B --calibration TEXT` (Hessians of the tokens routed to each expert);
+- `llm-compressor GPTQ routed` (only with --methods): llm-compressor with `moe_calibrate_all_experts=False`, each
+  expert calibrated on its routed tokens as mobe's is.
 
 Both GPTQs calibrate on the same sequences: the first --calibration-tokens tokens of the fixture's training-side
 text (as benchmarks/reap.py and equal_bytes.py use), cut into --context-token sequences.
@@ -40,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 VENV = Path.home() / ".cache" / "mobe" / "venv-llmcompressor"
 VENV_PACKAGES = ("torch==2.13.0", "llmcompressor==0.14.0.1", "transformers==5.17.0")
 METHODS = ("rtn", "llm-compressor GPTQ", "mobe GPTQ")
+ROUTED = "llm-compressor GPTQ routed"  # ablation, not run by default: moe_calibrate_all_experts=False
 FIXTURES = {"coarse": "qwen3-moe-trained", "fine": "qwen2-moe-fine-trained"}  # as benchmarks/data_free.py
 
 
@@ -96,11 +99,11 @@ def run_fixture(name: str, args: argparse.Namespace, python: Path, tmp: Path) ->
         for method in args.methods:
             out = tmp / f"{name}-{method.replace(' ', '-')}-int{bits}"
             start = time.perf_counter()
-            if method == "llm-compressor GPTQ":
+            if method in ("llm-compressor GPTQ", ROUTED):
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
                 cmd = [str(python), str(HERE / "llmcompressor_gptq.py"), "checkpoint", str(fixture), str(out)]
                 cmd += ["--ids", str(ids_file), "--bits", str(bits), "--group-size", str(group)]
-                cmd += ["--threads", str(args.threads)]
+                cmd += ["--threads", str(args.threads), *(["--routed-only"] if method == ROUTED else [])]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if done.returncode:
                     raise SystemExit(f"llm-compressor failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
@@ -179,7 +182,7 @@ def table(result: dict) -> str:
             "calibration tokens)"
         )
         lines.append("")
-        methods = [m for m in METHODS if any(r["method"] == m for r in fixture["rows"])]
+        methods = [m for m in (*METHODS, ROUTED) if any(r["method"] == m for r in fixture["rows"])]
         lines.append("| bits | MiB (share) | " + " | ".join(f"{m}: ppl (change) | s" for m in methods) + " |")
         lines.append("|---|---:|" + "---:|---:|" * len(methods))
         for bits in sorted({r["bits"] for r in fixture["rows"] if r["method"] != "original"}, reverse=True):
@@ -207,7 +210,12 @@ def plot(result: dict, path: Path) -> None:
 
     fixtures = result["fixtures"]
     fig, axes = plt.subplots(1, len(fixtures), figsize=(6.2 * len(fixtures), 4.4), dpi=120, squeeze=False)
-    styles = {"rtn": ("tab:gray", "o"), "llm-compressor GPTQ": ("tab:orange", "s"), "mobe GPTQ": ("tab:blue", "^")}
+    styles = {
+        "rtn": ("tab:gray", "o"),
+        "llm-compressor GPTQ": ("tab:orange", "s"),
+        ROUTED: ("tab:red", "v"),
+        "mobe GPTQ": ("tab:blue", "^"),
+    }
     for ax, (name, fixture) in zip(axes[0], fixtures.items(), strict=True):
         for method, (color, marker) in styles.items():
             rows = sorted((r for r in fixture["rows"] if r["method"] == method), key=lambda r: r["bytes"])
@@ -246,7 +254,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2], choices=[8, 4, 3, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=[*METHODS, ROUTED],
+        help=f"'{ROUTED}': llm-compressor calibrating each expert on its routed tokens only, as mobe does",
+    )
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens of both GPTQs")
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256, help="also the calibration sequences' length")
@@ -261,7 +275,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    python = ensure_venv(args.venv) if "llm-compressor GPTQ" in args.methods else Path(sys.executable)
+    needs_venv = {"llm-compressor GPTQ", ROUTED} & set(args.methods)
+    python = ensure_venv(args.venv) if needs_venv else Path(sys.executable)
     with tempfile.TemporaryDirectory() as tmp:
         result = {"fixtures": {name: run_fixture(name, args, python, Path(tmp)) for name in args.fixtures}}
     print("\n" + table(result))

@@ -63,6 +63,7 @@ def checkpoint(args: argparse.Namespace) -> None:
         num_calibration_samples=len(sequences),
         max_seq_length=max(len(s) for s in sequences),
         shuffle_calibration_samples=False,
+        moe_calibrate_all_experts=not args.routed_only,
     )
     model.save_pretrained(args.out, save_compressed=True)
     tokenizer.save_pretrained(args.out)
@@ -123,6 +124,11 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--routed-only",
+        action="store_true",
+        help="each expert calibrated on its routed tokens only (moe_calibrate_all_experts=False), as mobe does",
+    )
     p.set_defaults(func=checkpoint)
     p = sub.add_parser("layer")
     p.add_argument("input")

@@ -98,3 +98,20 @@ def test_calibration_refusals(tmp_path, tiny_checkpoints):
         quantize_checkpoint(native, tmp_path / f"w{bits}", QuantizeConfig(bits=bits, group_size=8), progress=False)
     with pytest.raises(ValueError, match="damping"):
         QuantizeConfig(damping=-1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_integers_are_stored_as_they_are(bits):
+    """compressed-tensors' compressor re-rounds q * s against s: the packed values are GPTQ's integers exactly."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from mobe.quantize.checkpoint import _compress_ct
+    from mobe.quantize.gptq import gptq_quantize
+
+    torch.manual_seed(bits)
+    weight = (torch.randn(16, 128) * torch.logspace(-3, 0, 128)).bfloat16()
+    x = torch.randn(256, 128)
+    q, scales = gptq_quantize(weight, x.T @ x, bits, 64, act_order=True, dtype=torch.bfloat16)
+    out = _compress_ct("a.weight", q, scales, QuantizeConfig(bits=bits, group_size=64))
+    assert torch.equal(unpack_from_int32(out["a.weight_packed"], bits, torch.Size([16, 128])), q)
+    assert torch.equal(out["a.weight_scale"], scales)
