@@ -380,22 +380,26 @@ class _GptqExperts:
 
 def _gptq_experts(reader: CheckpointReader, config: QuantizeConfig, folder: Path, progress: bool) -> _GptqExperts:
     """Stream the model over the calibration text one layer at a time and round each MoE layer's routed experts by
-    GPTQ against the Grams of their routed inputs (gate, up) and intermediate activations (down)."""
-    from ..calibrate import calibration_ids, collect_statistics
+    GPTQ against the Grams of their routed inputs (gate, up) and intermediate activations (down); each layer then
+    runs again with its rounded experts, so the next layer's Grams are of the inputs the quantised model gives it."""
+    from ..calibrate import calibration_ids, collect_sequentially
 
     layout = moe_layout(reader.config)
     sequences = calibration_ids(reader.path, config.calibration, config.calibration_tokens, config.calibration_seq_len)
     folder.mkdir(parents=True)
     result = _GptqExperts(folder)
     result.summary["tokens"] = int(sum(s.numel() for s in sequences))
-    layers = collect_statistics(reader, layout, sequences, layout.moe_layers, progress=progress)
-    for layer, stats in tqdm(layers, desc="GPTQ", total=len(layout.moe_layers), disable=not progress):
+    bar = tqdm(desc="GPTQ", total=len(layout.moe_layers), disable=not progress)
+
+    def round_layer(layer: int, stats) -> dict[str, torch.Tensor]:
         counts = stats.counts
         result.summary["unrouted_experts"] += int((counts == 0).sum())
         out: dict[str, dict[str, torch.Tensor]] = {}
+        rounded: dict[str, torch.Tensor] = {}
         for matrix in ("gate", "up", "down"):
             stack = layout.read_experts(reader, layer, matrix)  # (E, rows, cols)
             factor = stats.factor(matrix)
+            rounded[matrix] = torch.empty_like(stack)
             for first in range(0, layout.num_experts, GPTQ_BATCH):
                 experts = list(range(first, min(first + GPTQ_BATCH, layout.num_experts)))
                 hessian = factor.gram(experts)
@@ -410,12 +414,19 @@ def _gptq_experts(reader: CheckpointReader, config: QuantizeConfig, folder: Path
                     act_order=config.act_order,
                     dtype=stack.dtype,
                 )
+                rounded[matrix][first : first + len(experts)] = groupwise.dequantize(
+                    q, scales, config.group_size, stack.dtype
+                )
                 for j, e in enumerate(experts):
                     name = layout.arch.tensor_name(layer, e, matrix)
                     out[name] = _compress_ct(name, q[j], scales[j], config)
-            del stack
         result.add_layer(layer, out)
         result.summary["layers"] += 1
+        bar.update()
+        return rounded
+
+    collect_sequentially(reader, layout, sequences, round_layer, progress=progress)
+    bar.close()
     return result
 
 
