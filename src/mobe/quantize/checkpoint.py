@@ -10,9 +10,10 @@ installed; tested); it is the format vLLM and SGLang serve llm-compressor's chec
 With a calibration text (`QuantizeConfig.calibration`), a dense checkpoint's routed experts are rounded by GPTQ
 (`gptq.py`) instead of to nearest: the model is streamed one decoder layer at a time over the text
 (`mobe.calibrate`), each layer's per-expert Grams of the routed inputs (gate, up) and of the intermediate
-activations (down) are the Hessians, and the layer's experts are rounded and compressed before the next layer runs
-(peak memory: about one layer, its statistics and the calibration tokens' hidden states). The result is stored
-exactly like a round-to-nearest one (same scales, same format).
+activations (down) are the Hessians, and the layer's experts are rounded and compressed, then the layer runs again
+with them so that the next layer is measured on the quantised model's hidden states (peak memory: about one layer,
+its statistics and two copies of the calibration tokens' hidden states). The result is stored exactly like a
+round-to-nearest one (same scales, same format).
 
 Native checkpoints keep their factors, each floating factor tensor but the mixing coefficients stored as
 `NAME.qweight` (int8, or two 4-bit values per uint8) and `NAME.scales`; the `mobe` section of config.json records
