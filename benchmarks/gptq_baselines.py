@@ -13,7 +13,10 @@ the whole checkpoint, held-out perplexity with the settings of benchmarks/data_f
   virtual environment of its own (it pins transformers <= 5.17 and compressed-tensors 0.19; built at --venv on first
   use: `python -m venv` + `pip install torch==2.13.0 llmcompressor==0.14.0.1 transformers==5.17.0`); its time
   includes that interpreter's start-up and model load;
-- `mobe GPTQ`: `mobe quantize MODEL --bits B --calibration TEXT` (Hessians of the tokens routed to each expert);
+- `mobe GPTQ`: `mobe quantize MODEL --bits B --calibration TEXT` (Hessians of the tokens routed to each expert,
+  every layer measured on the original model's hidden states);
+- `mobe GPTQ sequential`: the same with `--sequential` (each layer measured after the layers before it are
+  rounded, as llm-compressor's sequential pipeline does);
 - `llm-compressor GPTQ routed` (only with --methods): llm-compressor with `moe_calibrate_all_experts=False`, each
   expert calibrated on its routed tokens as mobe's is.
 
@@ -41,7 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VENV = Path.home() / ".cache" / "mobe" / "venv-llmcompressor"
 VENV_PACKAGES = ("torch==2.13.0", "llmcompressor==0.14.0.1", "transformers==5.17.0")
-METHODS = ("rtn", "llm-compressor GPTQ", "mobe GPTQ")
+METHODS = ("rtn", "llm-compressor GPTQ", "mobe GPTQ", "mobe GPTQ sequential")
 ROUTED = "llm-compressor GPTQ routed"  # ablation, not run by default: moe_calibrate_all_experts=False
 FIXTURES = {"coarse": "qwen3-moe-trained", "fine": "qwen2-moe-fine-trained"}  # as benchmarks/data_free.py
 
@@ -111,7 +114,8 @@ def run_fixture(name: str, args: argparse.Namespace, python: Path, tmp: Path) ->
                 config = QuantizeConfig(
                     bits=bits,
                     group_size=group,
-                    calibration=str(text) if method == "mobe GPTQ" else None,
+                    calibration=None if method == "rtn" else str(text),
+                    sequential=method == "mobe GPTQ sequential",
                     calibration_tokens=args.calibration_tokens,
                     calibration_seq_len=args.context,
                 )
@@ -149,13 +153,18 @@ def verdicts(result: dict) -> list[str]:
     for name, fixture in result["fixtures"].items():
         base = fixture["original_perplexity"]
         for bits in sorted({r["bits"] for r in fixture["rows"] if r["method"] != "original"}, reverse=True):
-            ours, theirs, rtn = (_row(fixture, m, bits) for m in METHODS[::-1])
+            rtn, theirs, ours, sequential = (_row(fixture, m, bits) for m in METHODS)
             if ours and theirs:
                 gap = 100 * (ours["perplexity"] / theirs["perplexity"] - 1)
                 lines.append(
                     f"{name} int{bits}: mobe GPTQ {ours['perplexity']:.3f} vs llm-compressor "
                     f"{theirs['perplexity']:.3f} ({gap:+.2f}%; original {base:.3f}), "
                     f"{ours['seconds']:.0f} s vs {theirs['seconds']:.0f} s"
+                )
+            if ours and sequential:
+                lines.append(
+                    f"{name} int{bits}: mobe GPTQ sequential {sequential['perplexity']:.3f} vs on the original's "
+                    f"hidden states {ours['perplexity']:.3f}"
                 )
             if ours and rtn:
                 rtn_cost = rtn["perplexity"] / base - 1
@@ -215,6 +224,7 @@ def plot(result: dict, path: Path) -> None:
         "llm-compressor GPTQ": ("tab:orange", "s"),
         ROUTED: ("tab:red", "v"),
         "mobe GPTQ": ("tab:blue", "^"),
+        "mobe GPTQ sequential": ("tab:cyan", "D"),
     }
     for ax, (name, fixture) in zip(axes[0], fixtures.items(), strict=True):
         for method, (color, marker) in styles.items():

@@ -258,6 +258,13 @@ class QuantizeConfig:
             "act-order, its default); scales stay per group, so storage is unchanged"
         },
     )
+    sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "GPTQ: run each layer again with its rounded experts, so later layers are calibrated on the "
+            "quantised model's hidden states (llm-compressor's default); off: on the original's"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.bits not in QUANTIZE_BITS:

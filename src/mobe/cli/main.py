@@ -274,6 +274,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         calibration_seq_len=args.calibration_seq_len,
         damping=args.damping,
         act_order=args.act_order,
+        sequential=args.sequential,
     )
     report = quantize_checkpoint(args.model, args.output, config, progress=not args.quiet)
     print(report.table())
@@ -530,12 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("calibration_tokens", int), ("calibration_seq_len", int), ("damping", float)):
         default = getattr(QuantizeConfig(), name)
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=quantize_helps[name])
-    p.add_argument(
-        "--act-order",
-        action=argparse.BooleanOptionalAction,
-        default=QuantizeConfig().act_order,
-        help=quantize_helps["act_order"],
-    )
+    for name in ("act_order", "sequential"):
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            action=argparse.BooleanOptionalAction,
+            default=getattr(QuantizeConfig(), name),
+            help=quantize_helps[name],
+        )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_quantize)
 

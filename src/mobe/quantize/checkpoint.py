@@ -10,10 +10,11 @@ installed; tested); it is the format vLLM and SGLang serve llm-compressor's chec
 With a calibration text (`QuantizeConfig.calibration`), a dense checkpoint's routed experts are rounded by GPTQ
 (`gptq.py`) instead of to nearest: the model is streamed one decoder layer at a time over the text
 (`mobe.calibrate`), each layer's per-expert Grams of the routed inputs (gate, up) and of the intermediate
-activations (down) are the Hessians, and the layer's experts are rounded and compressed, then the layer runs again
-with them so that the next layer is measured on the quantised model's hidden states (peak memory: about one layer,
-its statistics and two copies of the calibration tokens' hidden states). The result is stored exactly like a
-round-to-nearest one (same scales, same format).
+activations (down) are the Hessians, and the layer's experts are rounded and compressed before the next layer runs
+(with `sequential`, the layer first runs again with its rounded experts, so the next layer is measured on the
+quantised model's hidden states). Peak memory: about one layer, its statistics and the calibration tokens' hidden
+states (two copies with `sequential`). The result is stored exactly like a round-to-nearest one (same scales, same
+format).
 
 Native checkpoints keep their factors, each floating factor tensor but the mixing coefficients stored as
 `NAME.qweight` (int8, or two 4-bit values per uint8) and `NAME.scales`; the `mobe` section of config.json records
@@ -381,9 +382,10 @@ class _GptqExperts:
 
 def _gptq_experts(reader: CheckpointReader, config: QuantizeConfig, folder: Path, progress: bool) -> _GptqExperts:
     """Stream the model over the calibration text one layer at a time and round each MoE layer's routed experts by
-    GPTQ against the Grams of their routed inputs (gate, up) and intermediate activations (down); each layer then
-    runs again with its rounded experts, so the next layer's Grams are of the inputs the quantised model gives it."""
-    from ..calibrate import calibration_ids, collect_sequentially
+    GPTQ against the Grams of their routed inputs (gate, up) and intermediate activations (down). With
+    `config.sequential` each layer then runs again with its rounded experts, so the next layer's Grams are of the
+    inputs the quantised model gives it; otherwise every layer is measured on the original model's hidden states."""
+    from ..calibrate import calibration_ids, collect_sequentially, collect_statistics
 
     layout = moe_layout(reader.config)
     sequences = calibration_ids(reader.path, config.calibration, config.calibration_tokens, config.calibration_seq_len)
@@ -426,7 +428,11 @@ def _gptq_experts(reader: CheckpointReader, config: QuantizeConfig, folder: Path
         bar.update()
         return rounded
 
-    collect_sequentially(reader, layout, sequences, round_layer, progress=progress)
+    if config.sequential:
+        collect_sequentially(reader, layout, sequences, round_layer, progress=progress)
+    else:
+        for layer, stats in collect_statistics(reader, layout, sequences, layout.moe_layers, progress=progress):
+            round_layer(layer, stats)
     bar.close()
     return result
 
