@@ -169,8 +169,8 @@ def verdicts(result: dict) -> list[str]:
             if ours and rtn:
                 rtn_cost = rtn["perplexity"] / base - 1
                 ours_cost = ours["perplexity"] / base - 1
-                share = "no cost to recover"
-                if rtn_cost > 0:
+                share = "round-to-nearest within 0.1%: nothing to recover"
+                if rtn_cost > 0.001:
                     share = f"{100 * (1 - ours_cost / rtn_cost):.0f}% of round-to-nearest's cost recovered"
                 lines.append(
                     f"{name} int{bits}: round-to-nearest {100 * rtn_cost:+.2f}%, mobe GPTQ {100 * ours_cost:+.2f}% "
@@ -211,7 +211,8 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Perplexity against stored bytes per fixture, one line per method through its bit widths."""
+    """Perplexity against stored bytes per fixture, one line per method through its bit widths (redraw from the JSON:
+    `python -c` with gptq_baselines.plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,7 +240,7 @@ def plot(result: dict, path: Path) -> None:
                 label=method,
                 alpha=0.85,
             )
-            for r in rows:
+            for r in rows if method == "rtn" else []:  # one label per bit width
                 ax.annotate(
                     f"int{r['bits']}",
                     (r["bytes"] / 2**20, r["perplexity"]),
