@@ -30,7 +30,6 @@ LAYER, EXPERT, TOKENS, GROUP, BITS = 1, 3, 4096, 128, (4, 3, 2)
 def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gptq_baselines import VENV, ensure_venv
-
     from mobe.architectures import moe_layout
     from mobe.calibrate import calibration_ids, collect_statistics
     from mobe.checkpoint import CheckpointReader
