@@ -98,6 +98,13 @@ def test_calibration_refusals(tmp_path, tiny_checkpoints):
         quantize_checkpoint(native, tmp_path / f"w{bits}", QuantizeConfig(bits=bits, group_size=8), progress=False)
     with pytest.raises(ValueError, match="damping"):
         QuantizeConfig(damping=-1)
+    out = tmp_path / "c"
+    code = main(["quantize", str(model), "-o", str(out), "--group-size", "64", "--calibration", str(tmp_path / "no")])
+    assert code == 2 and not out.exists() and not (tmp_path / ".c.mobe-quantize-tmp").exists()
+    no_tokenizer = tiny_checkpoints["qwen3_moe"]
+    with pytest.raises(ValueError, match="no tokenizer"):
+        quantize_checkpoint(no_tokenizer, tmp_path / "d", QuantizeConfig(group_size=16, calibration=str(text)))
+    assert not (tmp_path / ".d.mobe-quantize-tmp").exists()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

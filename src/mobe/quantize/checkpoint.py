@@ -132,6 +132,12 @@ def quantize_checkpoint(
             "--calibration rounds the routed experts by GPTQ on their routed inputs (scope experts); the other "
             "linears have no Hessians here: use --scope experts"
         )
+    if config.calibration is not None:  # refused before any work: a missing text, no tokenizer, a fused layout
+        from ..calibrate.collect import check_streamable, read_calibration_text, require_tokenizer
+
+        read_calibration_text(config.calibration)
+        require_tokenizer(reader.path, config.calibration)
+        check_streamable(moe_layout(reader.config))
     report = QuantizeReport(
         str(model), str(output), config.to_dict(), "native" if native else "compressed-tensors", len(plan)
     )
