@@ -163,6 +163,13 @@ RUNS = (
         needs=BOTH_TEXTS,
     ),
     Run(
+        "gptq_baselines",
+        "gptq_baselines.py",
+        "",
+        "--fixtures coarse --bits 3 --tokens 1024 --calibration-tokens 1024",
+        needs=BOTH_TEXTS,
+    ),
+    Run(
         "recipe",
         "recipe.py",
         "--steps 1000 --threads 1",

@@ -667,6 +667,12 @@ def caption(stem: str, result: dict) -> str:
 
 
 # JSON stem -> the blocks written from it: (file, block name, generator)
+def gptq_baselines_table(result: dict) -> str:
+    from gptq_baselines import table  # the script's own formatter (same directory)
+
+    return table(result)
+
+
 BLOCKS = {
     "data_free": [("README.md", "data_free", data_free_table), ("docs/results.md", "data_free", data_free_table)],
     "data_free_coarse_2000": [("docs/results.md", "data_free_coarse_2000", data_free_table)],
@@ -693,6 +699,7 @@ BLOCKS = {
     "low_bit_factors": [("docs/quantize.md", "low_bit_factors", low_bit_factors_table)],
     "budget": [("docs/quantize.md", "budget", budget_table)],
     "equal_bytes_ridge": [("docs/quantize.md", "equal_bytes_ridge", equal_bytes_mobe_table)],
+    "gptq_baselines": [("docs/quantize.md", "gptq_baselines", gptq_baselines_table)],
     "equal_bytes": [
         ("docs/quantize.md", "equal_bytes", equal_bytes_table),
         ("README.md", "equal_bytes", equal_bytes_summary),

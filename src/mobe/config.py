@@ -225,7 +225,9 @@ class QuantizeConfig:
     """Weight-only, symmetric, group-wise integer quantisation of a checkpoint (after any compression, or alone).
 
     Dense checkpoints are written in compressed-tensors' format (what llm-compressor writes for W4A16 / W8A16:
-    pack-quantized); native MoBE checkpoints keep their factors, stored as integers plus scales.
+    pack-quantized); native MoBE checkpoints keep their factors, stored as integers plus scales. Without
+    `calibration` every weight is rounded to nearest; with it, a dense checkpoint's routed experts are rounded by
+    GPTQ on the Hessians of the tokens routed to each expert (`mobe.quantize.gptq`).
     """
 
     bits: int = field(default=4, metadata={"help": "2 | 3 | 4 | 8: bits per quantised weight"})
@@ -235,6 +237,32 @@ class QuantizeConfig:
         metadata={
             "help": "dense checkpoints: experts (the routed experts' linears) | linears (every linear layer but "
             "lm_head, the routers and the shared-expert gates); native ones always quantise their factors"
+        },
+    )
+    calibration: str | None = field(
+        default=None,
+        metadata={
+            "help": "calibration text file: round a dense checkpoint's routed experts by GPTQ on the inputs routed "
+            "to each expert (scope experts; needs the checkpoint's tokenizer) instead of to nearest"
+        },
+    )
+    calibration_tokens: int = field(default=32768, metadata={"help": "calibration tokens used (the text's first N)"})
+    calibration_seq_len: int = field(default=512, metadata={"help": "tokens per calibration sequence"})
+    damping: float = field(
+        default=0.01, metadata={"help": "GPTQ: damping added to each Hessian's diagonal, as a share of its mean"}
+    )
+    act_order: bool = field(
+        default=True,
+        metadata={
+            "help": "GPTQ: round each matrix's columns by decreasing Hessian diagonal (llm-compressor's static "
+            "act-order, its default); scales stay per group, so storage is unchanged"
+        },
+    )
+    sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "GPTQ: run each layer again with its rounded experts, so later layers are calibrated on the "
+            "quantised model's hidden states (llm-compressor's default); off: on the original's"
         },
     )
 
@@ -255,6 +283,11 @@ class QuantizeConfig:
             raise ValueError(f"quantize group_size must be >= 1, got {self.group_size}")
         if self.scope not in QUANTIZE_SCOPES:
             raise ValueError(f"quantize scope must be one of {QUANTIZE_SCOPES}, got {self.scope!r}")
+        if self.calibration_tokens < 2 or self.calibration_seq_len < 2 or self.damping < 0:
+            raise ValueError(
+                "need calibration_tokens >= 2, calibration_seq_len >= 2, damping >= 0; got "
+                f"{self.calibration_tokens}, {self.calibration_seq_len}, {self.damping}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

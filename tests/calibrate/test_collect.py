@@ -126,3 +126,35 @@ def test_kept_routing_and_routed_output_equal_a_transformers_forward(tiny_checkp
         }
         got = routed_output(stats.inputs, stats.top_k_index, stats.top_k_weights, dense, module.act_fn)
         torch.testing.assert_close(got, output.reshape(got.shape), rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_collection_measures_each_layer_after_the_replaced_ones(qwen3_checkpoint):
+    """`collect_sequentially`: handing back the original experts measures what `collect_statistics` does; handing
+    back other experts changes only the layers after the replaced one."""
+    from mobe.calibrate import collect_sequentially
+
+    reader = CheckpointReader(qwen3_checkpoint)
+    layout = moe_layout(reader.config)
+    sequences = [torch.arange(40) % 128]
+    plain = dict(collect_statistics(reader, layout, sequences, layout.moe_layers))
+    seen = {}
+
+    def same(layer, stats):
+        seen[layer] = stats
+        return {m: layout.read_experts(reader, layer, m) for m in ("gate", "up", "down")}
+
+    collect_sequentially(reader, layout, sequences, same)
+    assert sorted(seen) == list(layout.moe_layers)
+    for layer in layout.moe_layers:
+        torch.testing.assert_close(seen[layer].gram("down"), plain[layer].gram("down"))
+    first, later = layout.moe_layers[0], layout.moe_layers[1:]
+    changed = {}
+
+    def halve_first(layer, stats):
+        changed[layer] = stats
+        stacks = {m: layout.read_experts(reader, layer, m) for m in ("gate", "up", "down")}
+        return {m: s / 2 for m, s in stacks.items()} if layer == first else stacks
+
+    collect_sequentially(reader, layout, sequences, halve_first)
+    torch.testing.assert_close(changed[first].gram("up"), plain[first].gram("up"))
+    assert later and all(not torch.allclose(changed[layer].gram("up"), plain[layer].gram("up")) for layer in later)

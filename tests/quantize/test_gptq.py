@@ -20,7 +20,8 @@ def _reference(weight, hessian, entry_scales, bits, damping=0.01):
         s = entry_scales[:, j].double()
         q = torch.clamp(torch.round((W[:, j].float() / s.float()).double()), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         Q[:, j] = q
-        W[:, free] -= torch.outer((W[:, j] - q * s) / Hinv[0, 0], Hinv[0])
+        read_back = (q.float() * s.float()).double()  # the stored weight, as float32 scales read it back
+        W[:, free] -= torch.outer((W[:, j] - read_back) / Hinv[0, 0], Hinv[0])
     return Q
 
 
@@ -87,3 +88,31 @@ def test_pack_round_trip_and_density(bits, n):
 def test_four_bit_layout_is_two_nibbles_per_byte_even_entry_low():
     q = torch.tensor([[1, -2, 3, -8, 7]], dtype=torch.int8)
     assert pack(q, 4).tolist() == [[0x01 | 0xE0, 0x03 | 0x80, 0x07]]
+
+
+def test_act_order_is_per_matrix_in_a_batch():
+    torch.manual_seed(3)
+    weight = torch.randn(3, 4, 24)
+    hessian = torch.stack([_correlated_hessian(24, s) for s in range(3)])
+    q, scales = gptq_quantize(weight, hessian, 3, 8, act_order=True)
+    for i in range(3):
+        qi, si = gptq_quantize(weight[i], hessian[i], 3, 8, act_order=True)
+        assert torch.equal(q[i], qi) and torch.equal(scales[i], si)
+
+
+def test_error_feedback_reads_the_weight_back_in_the_scales_dtype():
+    """bf16 scales: each column's error is against bf16(q * s), the weight the stored checkpoint reads back."""
+    torch.manual_seed(4)
+    weight, hessian = torch.randn(8, 32).bfloat16(), _correlated_hessian(32, 4)
+    scales = group_scales(weight, 4, 16).repeat_interleave(16, dim=-1)
+    assert scales.dtype == torch.bfloat16
+    q = gptq_round(weight, hessian, scales, 4, block_size=7)
+    W = weight.double().clone()
+    H = hessian.double() + 0.01 * hessian.diagonal().double().mean() * torch.eye(32, dtype=torch.float64)
+    for j in range(32):  # the sequential form, with the bf16 read-back
+        free = torch.arange(j, 32)
+        Hinv = torch.linalg.inv(H[free][:, free])
+        qj = torch.clamp(torch.round(W[:, j].float() / scales[:, j].float()), -8, 7)
+        assert torch.equal(q[:, j].float(), qj)
+        read_back = (qj.bfloat16() * scales[:, j]).double()
+        W[:, free] -= torch.outer((W[:, j] - read_back) / Hinv[0, 0], Hinv[0])

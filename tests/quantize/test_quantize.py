@@ -86,7 +86,7 @@ def test_groupwise_agrees_with_compressed_tensors_and_packs_losslessly():
 
     torch.manual_seed(0)
     w = torch.randn(6, 64) * torch.logspace(-2, 1, 64)
-    for bits in (4, 8):
+    for bits in (2, 3, 4, 8):
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=16)
         scale, zp = compute_dynamic_scales_and_zp(w, args, module=None)
         assert torch.equal(groupwise.fake_quantize(w, bits, 16), fake_quantize(w, scale, zp, args))
@@ -94,15 +94,23 @@ def test_groupwise_agrees_with_compressed_tensors_and_packs_losslessly():
         q, _ = groupwise.quantize(w[:, :45], bits, 16)  # odd length, short last group
         assert int(q.min()) == -(2 ** (bits - 1)) or int(q.max()) == 2 ** (bits - 1) - 1
         packed = groupwise.pack(q, bits)
-        assert packed.shape[-1] == (45 if bits == 8 else 23)
+        assert packed.shape[-1] == (45 if bits == 8 else math.ceil(45 * bits / 8))
         assert torch.equal(groupwise.unpack(packed, bits, 45), q)
 
 
 @needs_ct
-@pytest.mark.parametrize(("arch", "scope"), [("qwen3_moe", "experts"), ("qwen2_moe", "linears")])
-def test_dense_int4_loads_in_transformers_and_equals_the_fake_quantised_reference(tiny, arch, scope, tmp_path):
-    out = tmp_path / "w4"
-    quantize_checkpoint(tiny[arch], out, QuantizeConfig(bits=4, group_size=16, scope=scope), progress=False)
+@pytest.mark.parametrize(
+    ("arch", "scope", "bits"),
+    [
+        ("qwen3_moe", "experts", 4),
+        ("qwen2_moe", "linears", 4),
+        ("qwen3_moe", "experts", 3),
+        ("qwen2_moe", "experts", 2),
+    ],
+)
+def test_dense_loads_in_transformers_and_equals_the_fake_quantised_reference(tiny, arch, scope, bits, tmp_path):
+    out = tmp_path / f"w{bits}"
+    quantize_checkpoint(tiny[arch], out, QuantizeConfig(bits=bits, group_size=16, scope=scope), progress=False)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     assert "lm_head" in config["ignore"]
@@ -111,7 +119,15 @@ def test_dense_int4_loads_in_transformers_and_equals_the_fake_quantised_referenc
     assert "model.layers.0.mlp.experts.0.down_proj.weight_packed" in names
     assert ("model.layers.0.self_attn.q_proj.weight_packed" in names) == (scope == "linears")
     assert "model.layers.0.mlp.gate.weight" in names and "lm_head.weight" in names  # routers, lm_head stay 16-bit
-    expected = fake_quantized_original(tiny[arch], 4, 16, scope)
+    with open(out / "model.safetensors.index.json") as f:  # packed densely: bits / 32 int32 words per weight
+        shard = json.load(f)["weight_map"]["model.layers.0.mlp.experts.0.down_proj.weight_packed"]
+    from safetensors import safe_open
+
+    with safe_open(out / shard, "pt") as f:
+        packed = f.get_slice("model.layers.0.mlp.experts.0.down_proj.weight_packed").get_shape()
+    cols = moe_layout(json.loads((tiny[arch] / "config.json").read_text())).intermediate_size
+    assert packed[-1] == math.ceil(cols * bits / 32)
+    expected = fake_quantized_original(tiny[arch], bits, 16, scope)
     torch.testing.assert_close(logits(out), expected, rtol=0, atol=1e-5)
     assert (logits(out) - logits(tiny[arch])).abs().max() > 1e-4  # the reference is not the original
 

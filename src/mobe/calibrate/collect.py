@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -129,13 +129,17 @@ class LayerStream:
         if hasattr(self.decoder, "rotary_emb"):  # non-persistent buffers: built anew on the CPU
             self.decoder.rotary_emb = type(self.decoder.rotary_emb)(config=self.config)
 
-    def _load(self, prefix: str, module: nn.Module, layer: int | None = None) -> None:
+    def _load(
+        self, prefix: str, module: nn.Module, layer: int | None = None, experts: dict[str, Tensor] | None = None
+    ) -> None:
         module.to_empty(device="cpu")
         names = [m for m in self.names if m.startswith(prefix)]
         tensors = self.reader.get_many([self.names[m] for m in names])
         state = {m[len(prefix) :]: tensors[self.names[m]] for m in names}
         if layer is not None and layer in self.layout.moe_layers:
-            stack = {matrix: self.layout.read_experts(self.reader, layer, matrix) for matrix in ("gate", "up", "down")}
+            stack = experts or {
+                matrix: self.layout.read_experts(self.reader, layer, matrix) for matrix in ("gate", "up", "down")
+            }
             rel = self.layout.arch.experts_module.format(layer=layer)[len(prefix) :]
             state[f"{rel}.gate_up_proj"] = torch.cat([stack["gate"], stack["up"]], dim=1)
             state[f"{rel}.down_proj"] = stack["down"]
@@ -174,12 +178,17 @@ class LayerStream:
             head.to("meta")
             self.decoder.embed_tokens.to("meta")
 
-    def run_layer(self, layer: int, hidden: list[Tensor], hook=None) -> list[Tensor]:
-        """Materialise decoder layer `layer`, run it over every sequence (in place of `hidden`), free it."""
+    def run_layer(
+        self, layer: int, hidden: list[Tensor], hook=None, experts: dict[str, Tensor] | None = None
+    ) -> list[Tensor]:
+        """Materialise decoder layer `layer`, run it over every sequence (in place of `hidden`), free it.
+
+        `experts`: the layer's routed experts as (E, rows, cols) stacks by matrix ("gate", "up", "down") to run in
+        place of the checkpoint's (a quantised copy, say)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         module = self.decoder.layers[layer]
-        self._load(f"model.layers.{layer}.", module, layer)
+        self._load(f"model.layers.{layer}.", module, layer, experts)
         handle = None
         if hook is not None:
             experts = self.model.get_submodule(self.layout.arch.experts_module.format(layer=layer))
@@ -275,3 +284,31 @@ def collect_statistics(
             yield layer, accumulator.finish()
         else:
             hidden = stream.run_layer(layer, hidden)
+
+
+def collect_sequentially(
+    reader: CheckpointReader,
+    layout: MoeLayout,
+    sequences: list[Tensor],
+    replace: Callable[[int, LayerStats], dict[str, Tensor]],
+    *,
+    progress: bool = False,
+) -> None:
+    """Stream the model as `collect_statistics` does, but hand each MoE layer's statistics to `replace(layer, stats)`,
+    which returns that layer's experts as they are to run from now on ((E, rows, cols) stacks by matrix: a quantised
+    copy); the layer is run again with them, so every later layer is measured on the hidden states the replaced
+    layers give (GPTQ's sequential calibration, llm-compressor's default). Costs one more pass of each MoE layer and
+    a copy of the hidden states."""
+    stream = LayerStream(reader, layout)
+    hidden = stream.embed(sequences)
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    last = max(layout.moe_layers)
+    for layer in tqdm(range(last + 1), desc="Calibration", disable=not progress, leave=False):
+        if layer not in layout.moe_layers:
+            hidden = stream.run_layer(layer, hidden)
+            continue
+        inputs = [h.clone() for h in hidden]
+        accumulator = _Accumulator(LayerStats.empty(E, p, d), keep_inputs=False)
+        stream.run_layer(layer, hidden, accumulator)
+        experts = replace(layer, accumulator.finish())
+        hidden = stream.run_layer(layer, inputs, experts=experts)

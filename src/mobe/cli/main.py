@@ -265,7 +265,17 @@ def _cmd_prune(args: argparse.Namespace) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from ..quantize import quantize_checkpoint
 
-    config = QuantizeConfig(bits=args.bits, group_size=args.group_size, scope=args.scope)
+    config = QuantizeConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        scope=args.scope,
+        calibration=args.calibration,
+        calibration_tokens=args.calibration_tokens,
+        calibration_seq_len=args.calibration_seq_len,
+        damping=args.damping,
+        act_order=args.act_order,
+        sequential=args.sequential,
+    )
     report = quantize_checkpoint(args.model, args.output, config, progress=not args.quiet)
     print(report.table())
     print(f"wrote {args.output} ({report.kind}); report: {args.output}/mobe_quantize.json")
@@ -507,12 +517,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compress)
 
     p = _command(
-        sub, "quantize", "weight-only int8/int4 quantisation of any checkpoint (original, pruned, dense, native)"
+        sub,
+        "quantize",
+        "weight-only int8/4/3/2 quantisation of any checkpoint (original, pruned, dense, native); GPTQ with "
+        "--calibration",
     )
     p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("-o", "--output", required=True, help="new output folder")
     p.add_argument("--bits", type=int, choices=QUANTIZE_BITS, default=QuantizeConfig().bits, help="bits per weight")
     _add_quantize_options(p, "")
+    quantize_helps = {f.name: f.metadata.get("help", "") for f in fields(QuantizeConfig)}
+    p.add_argument("--calibration", metavar="FILE", default=None, help=quantize_helps["calibration"])
+    for name, kind in (("calibration_tokens", int), ("calibration_seq_len", int), ("damping", float)):
+        default = getattr(QuantizeConfig(), name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=quantize_helps[name])
+    for name in ("act_order", "sequential"):
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            action=argparse.BooleanOptionalAction,
+            default=getattr(QuantizeConfig(), name),
+            help=quantize_helps[name],
+        )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_quantize)
 

@@ -7,6 +7,15 @@ eight 4-bit or four 8-bit values each), `X.weight_scale` and `X.weight_shape`, a
 `quantization_config` with `quant_method: compressed-tensors`. transformers loads it (with compressed-tensors
 installed; tested); it is the format vLLM and SGLang serve llm-compressor's checkpoints in (not tested here).
 
+With a calibration text (`QuantizeConfig.calibration`), a dense checkpoint's routed experts are rounded by GPTQ
+(`gptq.py`) instead of to nearest: the model is streamed one decoder layer at a time over the text
+(`mobe.calibrate`), each layer's per-expert Grams of the routed inputs (gate, up) and of the intermediate
+activations (down) are the Hessians, and the layer's experts are rounded and compressed before the next layer runs
+(with `sequential`, the layer first runs again with its rounded experts, so the next layer is measured on the
+quantised model's hidden states). Peak memory: about one layer, its statistics and the calibration tokens' hidden
+states (two copies with `sequential`). The result is stored exactly like a round-to-nearest one (same scales, same
+format).
+
 Native checkpoints keep their factors, each floating factor tensor but the mixing coefficients stored as
 `NAME.qweight` (int8, or 2-, 3- or 4-bit values packed into uint8) and `NAME.scales`; the `mobe` section of
 config.json records the scheme under `quantization`, and the runtime dequantises the experts it runs, when it runs
@@ -22,6 +31,7 @@ import logging
 import math
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +45,7 @@ from ..export import FACTOR_PREFIX, atomic_save_file, copy_side_files, factor_te
 from ..factorize import get_method
 from . import groupwise
 from .factors import StoredFactor, quantize_factor, quantize_mobe
+from .gptq import gptq_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +68,22 @@ class QuantizeReport:
     quantized: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
+    calibrated: dict | None = None  # GPTQ: tokens, experts rounded to nearest for want of tokens, seconds
 
     def table(self) -> str:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
-        return (
+        how = "" if self.calibrated is None else f", GPTQ on {self.calibrated['tokens']} calibration tokens"
+        line = (
             f"quantised {self.quantized} tensors to int{self.config['bits']} (group {self.config['group_size']}, "
-            f"{self.kind}); weights {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
+            f"{self.kind}{how}); weights {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
             f"({100 * ratio:.1f}%)"
         )
+        if self.calibrated and self.calibrated["unrouted_experts"]:
+            line += (
+                f"\n{self.calibrated['unrouted_experts']} expert(s) saw no calibration token and were rounded to "
+                "nearest (a longer text reaches more)"
+            )
+        return line
 
 
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
@@ -106,8 +125,24 @@ def quantize_checkpoint(
     refuse_quantized(reader, "quantise")
     section = reader.config.get("mobe") or {}
     native = section.get("format") == "native"
+    if native and config.calibration is not None:
+        raise QuantizeError(
+            f"{reader.path} holds MoBE factors: --calibration (GPTQ) quantises dense checkpoints; native factors are "
+            "rounded to nearest, so leave --calibration out"
+        )
     plan = _native_plan(reader) if native else _dense_plan(reader, config)
     rounder = _NativeRounder(reader, config) if native else None
+    if config.calibration is not None and config.scope != "experts":
+        raise QuantizeError(
+            "--calibration rounds the routed experts by GPTQ on their routed inputs (scope experts); the other "
+            "linears have no Hessians here: use --scope experts"
+        )
+    if config.calibration is not None:  # refused before any work: a missing text, no tokenizer, a fused layout
+        from ..calibrate.collect import check_streamable, read_calibration_text, require_tokenizer
+
+        read_calibration_text(config.calibration)
+        require_tokenizer(reader.path, config.calibration)
+        check_streamable(moe_layout(reader.config))
     report = QuantizeReport(
         str(model), str(output), config.to_dict(), "native" if native else "compressed-tensors", len(plan)
     )
@@ -115,6 +150,11 @@ def quantize_checkpoint(
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
+    gptq = None
+    if config.calibration is not None:
+        start = time.perf_counter()
+        gptq = _gptq_experts(reader, config, target / ".gptq", progress)
+        report.calibrated = {**gptq.summary, "seconds": time.perf_counter() - start}
     metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_quantize": f"int{config.bits}"}
     weight_map: dict[str, str] = {}
     by_shard = reader.tensors_by_shard()
@@ -124,7 +164,9 @@ def quantize_checkpoint(
         for name in names:
             tensor = tensors.pop(name)
             report.bytes_before += tensor.numel() * tensor.element_size()
-            if name in plan:
+            if gptq is not None and name in gptq:
+                out.update(gptq.compressed(name))
+            elif name in plan:
                 out.update(rounder.stored(name, tensor) if rounder else _quantize_ct(name, tensor, config))
             else:
                 out[name] = tensor
@@ -147,6 +189,8 @@ def quantize_checkpoint(
             new_config["mobe"] = {**section, "quantization": {**scheme, "format": _ct_format(config)}}
     write_json_atomic(new_config, target / "config.json")
     write_json_atomic(report.__dict__, target / "mobe_quantize.json")
+    if gptq is not None:
+        shutil.rmtree(target / ".gptq")
     if output.exists():
         output.rmdir()
     target.rename(output)
@@ -377,6 +421,104 @@ def _quantize_ct(name: str, tensor: torch.Tensor, config: QuantizeConfig) -> dic
     out = compressor.compress({"weight": tensor, "weight_scale": scale}, scheme)
     prefix = name.removesuffix(".weight")
     return {f"{prefix}.{key}": value for key, value in out.items()}
+
+
+def _compress_ct(name: str, q: torch.Tensor, scales: torch.Tensor, config: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """Integer values and scales decided elsewhere (GPTQ), written by compressed-tensors' own compressor: it
+    re-rounds q * s against s, which gives q back exactly (q * s is exact in float32)."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    fmt = _ct_format(config)
+    scheme = _scheme(config, ["Linear"], fmt)
+    weight = groupwise.dequantize(q, scales.float(), config.group_size)
+    out = BaseCompressor.get_value_from_registry(fmt).compress({"weight": weight, "weight_scale": scales}, scheme)
+    prefix = name.removesuffix(".weight")
+    return {f"{prefix}.{key}": value for key, value in out.items()}
+
+
+GPTQ_BATCH = 16  # experts rounded together (one batched GPTQ call): Hessians of GPTQ_BATCH * cols^2 float64
+
+
+class _GptqExperts:
+    """The routed experts' compressed tensors, rounded by GPTQ layer by layer and kept in one file per layer under
+    `folder` until the shard loop copies them into the output."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.where: dict[str, Path] = {}  # checkpoint tensor name -> its layer's file
+        self.summary = {"tokens": 0, "layers": 0, "unrouted_experts": 0}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def add_layer(self, layer: int, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        path = self.folder / f"layer{layer:05d}.safetensors"
+        atomic_save_file({k: v.contiguous() for out in tensors.values() for k, v in out.items()}, path)
+        self.where.update(dict.fromkeys(tensors, path))
+
+    def compressed(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        prefix = name.removesuffix(".weight") + "."
+        with safe_open(self.where[name], framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix) and "." not in k[len(prefix) :]}
+
+
+def _gptq_experts(reader: CheckpointReader, config: QuantizeConfig, folder: Path, progress: bool) -> _GptqExperts:
+    """Stream the model over the calibration text one layer at a time and round each MoE layer's routed experts by
+    GPTQ against the Grams of their routed inputs (gate, up) and intermediate activations (down). With
+    `config.sequential` each layer then runs again with its rounded experts, so the next layer's Grams are of the
+    inputs the quantised model gives it; otherwise every layer is measured on the original model's hidden states."""
+    from ..calibrate import calibration_ids, collect_sequentially, collect_statistics
+
+    layout = moe_layout(reader.config)
+    sequences = calibration_ids(reader.path, config.calibration, config.calibration_tokens, config.calibration_seq_len)
+    folder.mkdir(parents=True)
+    result = _GptqExperts(folder)
+    result.summary["tokens"] = int(sum(s.numel() for s in sequences))
+    bar = tqdm(desc="GPTQ", total=len(layout.moe_layers), disable=not progress)
+
+    def round_layer(layer: int, stats) -> dict[str, torch.Tensor]:
+        counts = stats.counts
+        result.summary["unrouted_experts"] += int((counts == 0).sum())
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        rounded: dict[str, torch.Tensor] = {}
+        for matrix in ("gate", "up", "down"):
+            stack = layout.read_experts(reader, layer, matrix)  # (E, rows, cols)
+            factor = stats.factor(matrix)
+            rounded[matrix] = torch.empty_like(stack)
+            for first in range(0, layout.num_experts, GPTQ_BATCH):
+                experts = list(range(first, min(first + GPTQ_BATCH, layout.num_experts)))
+                hessian = factor.gram(experts)
+                unrouted = counts[experts] == 0  # no token: rounded to nearest (identity Hessian)
+                hessian[unrouted] = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
+                q, scales = gptq_quantize(
+                    stack[experts],
+                    hessian,
+                    config.bits,
+                    config.group_size,
+                    damping=config.damping,
+                    act_order=config.act_order,
+                    dtype=stack.dtype,
+                )
+                rounded[matrix][first : first + len(experts)] = groupwise.dequantize(
+                    q, scales, config.group_size, stack.dtype
+                )
+                for j, e in enumerate(experts):
+                    name = layout.arch.tensor_name(layer, e, matrix)
+                    out[name] = _compress_ct(name, q[j], scales[j], config)
+        result.add_layer(layer, out)
+        result.summary["layers"] += 1
+        bar.update()
+        return rounded
+
+    if config.sequential:
+        collect_sequentially(reader, layout, sequences, round_layer, progress=progress)
+    else:
+        for layer, stats in collect_statistics(reader, layout, sequences, layout.moe_layers, progress=progress):
+            round_layer(layer, stats)
+    bar.close()
+    return result
 
 
 def _ct_config(reader: CheckpointReader, plan: set[str], config: QuantizeConfig) -> dict:

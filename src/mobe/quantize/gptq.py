@@ -12,6 +12,14 @@ factor A_i whose product with the mixed basis M_i is what matters.
 The scales are fixed before rounding from the unrounded weight (min-max, symmetric, one per `group_size` columns
 of a row, `groupwise.group_scales`), as llm-compressor's GPTQModifier fixes them with its observer, so the result
 stores exactly like a round-to-nearest one.
+
+Against llm-compressor 0.14 (`modifiers/gptq/gptq_quantize.py`): the same algorithm with the same defaults
+(memoryless min-max observer on the original weight, scales fixed up front; damping 0.01 of the mean diagonal;
+blocks of 128; the error of a column against its read-back value in the scales' dtype; dead columns zeroed), and
+`act_order=True` is its default `actorder="static"` (a per-matrix column order; the group scales stay put).
+Differences: float64 working precision here (float32 there; on a stored expert they round identically, see
+tests/quantize/test_gptq_reference.py), no fallback to round-to-nearest when the damped Hessian is not positive
+definite (Cholesky raises instead), and `actorder="weight"` / "group" are not offered.
 """
 
 from __future__ import annotations
@@ -47,16 +55,24 @@ def gptq_round(
     """Integer values (..., rows, cols) in [-2^(b-1), 2^(b-1) - 1] of `weight` rounded by GPTQ on `hessian`
     (..., cols, cols), with the per-entry `scales` (broadcastable to `weight`).
 
-    Columns whose Hessian diagonal is zero (inputs never seen) are rounded to 0. `order` (cols,) permutes the
-    columns before rounding (act-order: the columns with the largest diagonal first) and back after.
+    Each rounded column's error is taken against the weight as it is read back, q * s in the scales' dtype (what
+    `groupwise.dequantize` and compressed-tensors' decompression give: bf16 scales read back a bf16 product), as
+    llm-compressor's GPTQ takes it; with that, float64 here and its float32 round alike (tests/quantize/
+    test_gptq_reference.py).
+
+    Columns whose Hessian diagonal is zero (inputs never seen) are rounded to 0. `order` (cols,) or (..., cols), one
+    per matrix, permutes the columns before rounding (act-order: the columns with the largest diagonal first) and
+    back after.
     """
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     W = weight.double().clone()
     H = hessian.double().clone()
+    read = scales.dtype  # the dtype the stored weight is read back in
     S = torch.broadcast_to(scales.double(), W.shape).clone()
     if order is not None:
-        W, S, H = W[..., order], S[..., order], H[..., order, :][..., :, order]
+        W, S = _take_columns(W, order), _take_columns(S, order)
+        H = _take_columns(torch.take_along_dim(H, order.unsqueeze(-1), dim=-2), order)
     diag = H.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
@@ -74,13 +90,18 @@ def gptq_round(
             w, s = block[..., i], S[..., i1 + i]
             q = torch.clamp(torch.round((w.float() / s.float()).double()), qmin, qmax)  # float32 ratio: ties as RTN
             Q[..., i1 + i] = q
-            err = (w - q * s) / Hinv1[..., i, i].unsqueeze(-1)
+            err = (w - (q.to(read) * s.to(read)).double()) / Hinv1[..., i, i].unsqueeze(-1)
             block[..., i:] -= err.unsqueeze(-1) * Hinv1[..., i, i:].unsqueeze(-2)
             errors[..., i] = err
         W[..., i2:] -= errors @ Hinv[..., i1:i2, i2:]
     if order is not None:
-        Q = Q[..., torch.argsort(order)]
+        Q = _take_columns(Q, torch.argsort(order, dim=-1))
     return Q.to(torch.int8)
+
+
+def _take_columns(x: Tensor, order: Tensor) -> Tensor:
+    """x (..., n, cols) with its columns in `order` ((cols,) or one order per leading index)."""
+    return torch.take_along_dim(x, order.unsqueeze(-2), dim=-1)
 
 
 def gptq_quantize(
@@ -97,15 +118,14 @@ def gptq_quantize(
     """(int8 values (..., rows, cols), scales (..., rows, ceil(cols / group_size)) in `dtype`), stored like
     `groupwise.quantize`'s and read back by `groupwise.dequantize`; `hessian` is (cols, cols) or batched.
 
-    With `act_order`, columns are rounded in the order of decreasing Hessian diagonal (one order for a whole
-    batch: the diagonal summed over it); the scales stay those of the columns' own groups.
+    With `act_order`, each matrix's columns are rounded in the order of its Hessian's decreasing diagonal
+    (llm-compressor's `actorder="static"`, its default); the scales stay those of the columns' own groups.
     """
     scales = group_scales(weight, bits, group_size, dtype)
-    entry_scales = scales.float().repeat_interleave(group_size, dim=-1)[..., : weight.shape[-1]]
+    entry_scales = scales.repeat_interleave(group_size, dim=-1)[..., : weight.shape[-1]]
     order = None
     if act_order:
-        diag = hessian.diagonal(dim1=-2, dim2=-1)
-        order = torch.argsort(diag.reshape(-1, diag.shape[-1]).sum(0), descending=True)
+        order = torch.argsort(hessian.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
     q = gptq_round(weight, hessian, entry_scales, bits, damping=damping, block_size=block_size, order=order)
     return q, scales
 
