@@ -176,6 +176,7 @@ RUNS = (
         "--fixtures coarse --matrices gate --ratios 0.5 --steps 10",
     ),
     Run("compress_memory", "compress_memory.py", "", "--hidden 256 --experts 8 --intermediate 256 --layers 2 4"),
+    Run("startup", "startup.py", "", "--repeats 2"),
     Run(
         "inference_memory",
         "inference_memory.py",

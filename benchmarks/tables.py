@@ -710,6 +710,7 @@ BLOCKS = {
         ("docs/runtime.md", "inference_memory_summary", inference_memory_summary),
     ],
     "compress_memory": [("docs/results.md", "compress_memory", compress_memory_table)],
+    "startup": [("docs/cli.md", "startup", lambda r: __import__("startup").table(r))],
     "ray_scaling": [
         ("docs/results.md", "ray_scaling", ray_scaling_table),
         ("docs/scale-out.md", "ray_scaling_summary", ray_scaling_summary),

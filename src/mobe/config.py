@@ -1,4 +1,10 @@
-"""Typed, versioned settings of a compression run."""
+"""Typed, versioned settings of a compression run.
+
+Each field's metadata documents it for the command line, which builds its options from these dataclasses
+(cli/options.py): `help`, and where given `choices`, `metavar`, `flag` (the option's name when it is not the
+field's, `--bases` for num_bases) and `aliases` (`-m`). This module imports no torch: the command line answers
+`--help` without it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_VERSION = 1
+# The factorisation methods (factorize/registry.py registers them; a test keeps the two equal): a list that needs no
+# torch, for the command line's choices.
+METHODS = ("d2moe", "mobe", "molae", "slbf", "svd")
 ACTIVATIONS = ("tanh", "silu", "none")
 SCHEDULES = ("fast", "adam", "paper")
 BASIS_SIDES = ("wider", "hidden")
@@ -33,24 +42,36 @@ class MobeConfig:
     `schedule="adam"` (or `"paper"`, its script's quirks included), `basis_side="hidden"`, `matrices=("gate", "up")`.
     """
 
-    method: str = field(default="mobe", metadata={"help": "mobe | slbf | svd | d2moe | molae"})
+    method: str = field(default="mobe", metadata={"help": "mobe | slbf | svd | d2moe | molae", "choices": METHODS})
     num_bases: int = field(
-        default=0, metadata={"help": "m: shared bases per layer and matrix type; 0 = a quarter of the experts"}
+        default=0,
+        metadata={
+            "help": "m: shared bases per layer and matrix type; 0 = a quarter of the experts",
+            "flag": "--bases",
+            "aliases": ("-m",),
+        },
     )
     rank: int | None = field(
         default=None,
-        metadata={"help": "r: rank of A_i and B_j (slbf: k, the rank of each basis); None means min(p, d)"},
+        metadata={
+            "help": "r: rank of A_i and B_j (slbf: k, the rank of each basis); None means min(p, d)",
+            "aliases": ("-r",),
+        },
     )
     activation: str | None = field(
         default=None,
-        metadata={"help": "tanh | silu | none, on the mixed basis; None = the method's own (mobe tanh, slbf silu)"},
+        metadata={
+            "help": "tanh | silu | none, on the mixed basis; None = the method's own (mobe tanh, slbf silu)",
+            "choices": ACTIVATIONS,
+        },
     )
     basis_side: str | None = field(
         default=None,
         metadata={
             "help": "mobe: hidden = bases along the hidden size (the paper); wider = along the wider of p and d "
             "(a p > d stack is fitted transposed; the same fit where p <= d); None = hidden for the paper "
-            "schedule (the authors' script), else wider"
+            "schedule (the authors' script), else wider",
+            "choices": BASIS_SIDES,
         },
     )
     groups: int = field(default=1, metadata={"help": "expert groups, each with num_bases/groups bases"})
@@ -59,7 +80,8 @@ class MobeConfig:
         metadata={
             "help": "fast: joint Adam, then exact least-squares A every step with orthogonalised basis steps; "
             "adam: the paper's Algorithm 1; paper: the authors' train.py with its quirks (fp16 targets, SVD of "
-            "unscaled weights, best state one step late)"
+            "unscaled weights, best state one step late)",
+            "choices": SCHEDULES,
         },
     )
     target_ratio: float | None = field(
@@ -110,7 +132,8 @@ class MobeConfig:
         default=None,
         metadata={
             "help": "calibration text file: fit the output error on the tokens routed to each expert instead of "
-            "the weight error (needs the checkpoint's tokenizer)"
+            "the weight error (needs the checkpoint's tokenizer)",
+            "metavar": "FILE",
         },
     )
     calibration_tokens: int = field(default=32768, metadata={"help": "calibration tokens used (the text's first N)"})
@@ -230,20 +253,22 @@ class QuantizeConfig:
     GPTQ on the Hessians of the tokens routed to each expert (`mobe.quantize.gptq`).
     """
 
-    bits: int = field(default=4, metadata={"help": "2 | 3 | 4 | 8: bits per quantised weight"})
+    bits: int = field(default=4, metadata={"help": "bits per quantised weight", "choices": QUANTIZE_BITS})
     group_size: int = field(default=128, metadata={"help": "consecutive input-dimension weights sharing one scale"})
     scope: str = field(
         default="experts",
         metadata={
             "help": "dense checkpoints: experts (the routed experts' linears) | linears (every linear layer but "
-            "lm_head, the routers and the shared-expert gates); native ones always quantise their factors"
+            "lm_head, the routers and the shared-expert gates); native ones always quantise their factors",
+            "choices": QUANTIZE_SCOPES,
         },
     )
     calibration: str | None = field(
         default=None,
         metadata={
             "help": "calibration text file: round a dense checkpoint's routed experts by GPTQ on the inputs routed "
-            "to each expert (scope experts; needs the checkpoint's tokenizer) instead of to nearest"
+            "to each expert (scope experts; needs the checkpoint's tokenizer) instead of to nearest",
+            "metavar": "FILE",
         },
     )
     calibration_tokens: int = field(default=32768, metadata={"help": "calibration tokens used (the text's first N)"})
@@ -269,8 +294,9 @@ class QuantizeConfig:
     shared_bits: int = field(
         default=8,
         metadata={
-            "help": "8 | 16: bits of the factors a whole layer shares (MoBE's bases) when the expert factors take "
-            "fewer than 8; 16 keeps them in floating point"
+            "help": "bits of the factors a whole layer shares (MoBE's bases) when the expert factors take fewer than "
+            "8; 16 keeps them in floating point",
+            "choices": (8, 16),
         },
     )
 
@@ -309,7 +335,8 @@ class DistillConfig:
         default="router",
         metadata={
             "help": "router: the routers' weights; router+coef: plus each expert's basis coefficients; "
-            "all-small: plus each expert's own factor A_i (shared bases stay frozen)"
+            "all-small: plus each expert's own factor A_i (shared bases stay frozen)",
+            "choices": DISTILL_MODES,
         },
     )
     epochs: int = field(default=3, metadata={"help": "passes over the training part of the text"})
@@ -327,7 +354,8 @@ class DistillConfig:
         default="cosine",
         metadata={
             "help": "cosine: linear warmup then cosine decay of the learning rate; halve: constant, halved (from the "
-            "best state) at each held-out check that does not improve"
+            "best state) at each held-out check that does not improve",
+            "choices": DISTILL_SCHEDULES,
         },
     )
     warmup: float = field(default=0.05, metadata={"help": "cosine: share of the steps spent warming up"})

@@ -1,6 +1,7 @@
 """REAP expert pruning: scores against a brute-force count through the transformers model, and the smaller
 checkpoint against the original model with the removed experts masked out of its router."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -14,8 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mobe import MobeConfig, compress
 from mobe.architectures import get_arch
 from mobe.cli.main import main
+from mobe.config import QuantizeConfig
 from mobe.fixtures import build_tiny_moe, heldout_text, trained_fixture_path
 from mobe.prune import PruneError, experts_to_prune, prune_experts
+from mobe.quantize import QuantizeError, stored_bytes
 
 ARCHITECTURES = ["deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]  # the families pruning is tested on
 RATIO = 0.25  # 2 of the tiny models' 8 experts (one per routing group for DeepSeek-V3's two)
@@ -249,3 +252,24 @@ def test_cli_reap_and_its_bad_input(tiny, calibration, tmp_path, capsys):
     compress(tiny["olmoe"], tmp_path / "native", MobeConfig(num_bases=2, steps=2), progress=False)
     assert main(["compress", str(tmp_path / "native"), "-o", str(tmp_path / "z"), "--method", "reap", *bad]) == 2
     assert "holds MoBE factors" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None, reason="mobe[quant] missing")
+def test_prune_then_quantize_is_one_call(tiny, calibration, pruned, tmp_path):
+    """`prune_experts(quantize=)`: the same experts kept as without it, the weights then quantised, the stored bytes
+    in the report; a group size that does not divide the experts is refused before any scoring."""
+    out = tmp_path / "w4"
+    kwargs = {"target_ratio": RATIO, "calibration": calibration, "calibration_seq_len": 64, "calibration_tokens": 256}
+    report = prune_experts(tiny["olmoe"], out, quantize=QuantizeConfig(bits=4, group_size=16), progress=False, **kwargs)
+    assert [lay.kept for lay in report.layers] == [lay.kept for lay in pruned["olmoe"][0].layers]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized" and config["mobe"]["format"] == "pruned"
+    saved = json.loads((out / "mobe_report.json").read_text())
+    assert saved["quantize"]["bits"] == 4 and saved["stored_bytes"]["after"] == stored_bytes(out)
+    assert stored_bytes(out) < stored_bytes(pruned["olmoe"][1]) and "int4 weights" in report.table()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4"]  # no temporary folder left
+    with torch.no_grad():
+        AutoModelForCausalLM.from_pretrained(out).eval()(sample_ids())
+    with pytest.raises(QuantizeError, match="group-size 12"):
+        prune_experts(tiny["olmoe"], tmp_path / "bad", quantize=QuantizeConfig(group_size=12), **kwargs)
+    assert not (tmp_path / "bad").exists()

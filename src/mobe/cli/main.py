@@ -4,155 +4,53 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import (
-    ACTIVATIONS,
-    BASIS_SIDES,
-    DISTILL_MODES,
-    DISTILL_SCHEDULES,
-    QUANTIZE_BITS,
-    QUANTIZE_SCOPES,
-    SCHEDULES,
-    DistillConfig,
-    MobeConfig,
-    QuantizeConfig,
-)
-from ..devices import resolve_device
-from ..factorize import method_names
+from .. import __version__
+from ..config import METHODS, QUANTIZE_BITS, SCHEDULES, DistillConfig, MobeConfig, QuantizeConfig
+from .options import add_config_options, config_from_args
 
-
-def _int_list(text: str) -> tuple[int, ...]:
-    """'1,3-5' -> (1, 3, 4, 5)."""
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return tuple(out)
+# Commands import their stage inside their handler: `mobe --help`, `mobe --version` and `mobe COMMAND --help`
+# import neither torch nor transformers.
 
 
 def _add_mobe_options(p: argparse.ArgumentParser) -> None:
-    helps = {f.name: f.metadata.get("help", "") for f in fields(MobeConfig)}
-    default = MobeConfig()
-    p.add_argument(
-        "--method",
-        choices=[*method_names(), "reap"],
-        default=default.method,
-        help=helps["method"] + "; reap: remove whole experts by their REAP score (needs --calibration)",
-    )
-    p.add_argument("--bases", "-m", dest="num_bases", type=int, default=default.num_bases, help=helps["num_bases"])
-    p.add_argument("--target-ratio", type=float, default=None, help=helps["target_ratio"])
-    p.add_argument("--rank", "-r", type=int, default=None, help=helps["rank"])
-    p.add_argument("--activation", choices=ACTIVATIONS, default=default.activation, help=helps["activation"])
-    p.add_argument("--basis-side", choices=BASIS_SIDES, default=None, help=helps["basis_side"])
-    p.add_argument("--groups", type=int, default=default.groups, help=helps["groups"])
-    p.add_argument("--schedule", choices=SCHEDULES, default=default.schedule, help=helps["schedule"])
-    p.add_argument("--steps", type=int, default=None, help=helps["steps"])
-    p.add_argument("--lr", type=float, default=default.lr, help=helps["lr"])
-    p.add_argument("--eval-every", type=int, default=default.eval_every, help=helps["eval_every"])
-    p.add_argument("--stop-tol", type=float, default=default.stop_tol, help=helps["stop_tol"])
-    p.add_argument("--ridge", type=float, default=default.ridge, help=helps["ridge"])
-    p.add_argument("--batch-experts", type=int, default=default.batch_experts, help=helps["batch_experts"])
-    p.add_argument("--init-logit", type=float, default=default.init_logit, help=helps["init_logit"])
-    p.add_argument("--matrices", default=",".join(default.matrices), help="comma-separated subset of gate,up,down")
-    p.add_argument("--layers", type=_int_list, default=None, help="MoE layers to compress, e.g. 1,3-5 (default all)")
-    p.add_argument("--device", default=default.device, help=helps["device"])
-    p.add_argument("--threads", type=int, default=default.threads, help=helps["threads"])
-    p.add_argument("--dtype", default=default.dtype, help=helps["dtype"])
-    p.add_argument("--seed", type=int, default=default.seed, help=helps["seed"])
-    p.add_argument("--calibration", metavar="FILE", default=None, help=helps["calibration"])
-    p.add_argument(
-        "--calibration-tokens", type=int, default=default.calibration_tokens, help=helps["calibration_tokens"]
-    )
-    p.add_argument(
-        "--calibration-seq-len", type=int, default=default.calibration_seq_len, help=helps["calibration_seq_len"]
-    )
-    p.add_argument(
-        "--calibration-damping", type=float, default=default.calibration_damping, help=helps["calibration_damping"]
-    )
-    p.add_argument(
-        "--calibration-refine-steps",
-        type=int,
-        default=default.calibration_refine_steps,
-        help=helps["calibration_refine_steps"],
-    )
-    p.add_argument(
-        "--calibration-refine-lr",
-        type=float,
-        default=default.calibration_refine_lr,
-        help=helps["calibration_refine_lr"],
-    )
+    method_help = next(f.metadata["help"] for f in fields(MobeConfig) if f.name == "method")
+    reap = {
+        "choices": [*METHODS, "reap"],
+        "help": method_help + "; reap: remove whole experts by their REAP score (needs --calibration)",
+    }
+    add_config_options(p, MobeConfig, overrides={"method": reap})
 
 
-def _add_quantize_options(p: argparse.ArgumentParser, prefix: str = "quantize-") -> None:
-    """QuantizeConfig's group size and scope (`--quantize-group-size`, ...; without prefix, `--group-size`, ...)."""
-    helps = {f.name: f.metadata.get("help", "") for f in fields(QuantizeConfig)}
-    default = QuantizeConfig()
-    p.add_argument(f"--{prefix}group-size", type=int, default=default.group_size, help=helps["group_size"])
-    p.add_argument(f"--{prefix}scope", choices=QUANTIZE_SCOPES, default=default.scope, help=helps["scope"])
+def _mobe_config(args: argparse.Namespace) -> MobeConfig:
+    return config_from_args(MobeConfig, args)
+
+
+# --quantize on compress rounds its output to nearest (GPTQ's calibration is `mobe quantize --calibration`)
+COMPRESS_QUANTIZE_EXCLUDED = (
+    "bits",
+    "calibration",
+    "calibration_tokens",
+    "calibration_seq_len",
+    "damping",
+    "act_order",
+    "sequential",
+)
 
 
 def _quantize_config(args: argparse.Namespace) -> QuantizeConfig | None:
-    """--quantize int8|int4 on compress, or None."""
+    """--quantize int8|int4 on compress (with the --quantize-* options), or None."""
     if args.quantize is None:
         return None
-    return QuantizeConfig(
-        bits=int(args.quantize.removeprefix("int")), group_size=args.quantize_group_size, scope=args.quantize_scope
-    )
-
-
-def _config_from_args(args: argparse.Namespace) -> MobeConfig:
-    return MobeConfig(
-        method=args.method,
-        target_ratio=args.target_ratio,
-        num_bases=args.num_bases,
-        rank=args.rank,
-        activation=args.activation,
-        basis_side=args.basis_side,
-        groups=args.groups,
-        schedule=args.schedule,
-        steps=args.steps,
-        lr=args.lr,
-        eval_every=args.eval_every,
-        stop_tol=args.stop_tol,
-        ridge=args.ridge,
-        batch_experts=args.batch_experts,
-        init_logit=args.init_logit,
-        matrices=tuple(m for m in args.matrices.split(",") if m),
-        layers=args.layers,
-        device=args.device,
-        threads=args.threads,
-        dtype=args.dtype,
-        seed=args.seed,
-        calibration=args.calibration,
-        calibration_tokens=args.calibration_tokens,
-        calibration_seq_len=args.calibration_seq_len,
-        calibration_damping=args.calibration_damping,
-        calibration_refine_steps=args.calibration_refine_steps,
-        calibration_refine_lr=args.calibration_refine_lr,
-    )
-
-
-DISTILL_OPTIONS = tuple(f.name for f in fields(DistillConfig) if f.name != "device")  # "train" first
-
-
-def _add_distill_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """DistillConfig's fields as options (`--train`, ...; with `prefix`, `--distill-train`, ...)."""
-    helps = {f.name: f.metadata.get("help", "") for f in fields(DistillConfig)}
-    default = DistillConfig()
-    p.add_argument(f"--{prefix}train", choices=DISTILL_MODES, default=default.train, help=helps["train"])
-    for name in DISTILL_OPTIONS[1:]:
-        flag = f"--{prefix}{name.replace('_', '-')}"
-        choices = DISTILL_SCHEDULES if name == "schedule" else None
-        kind = type(getattr(default, name))
-        p.add_argument(flag, type=kind, choices=choices, default=getattr(default, name), help=helps[name])
+    bits = int(args.quantize.removeprefix("int"))
+    return config_from_args(QuantizeConfig, args, prefix="quantize-", exclude=COMPRESS_QUANTIZE_EXCLUDED, bits=bits)
 
 
 def _distill_config(args: argparse.Namespace, prefix: str = "", device: str = "auto") -> DistillConfig:
-    return DistillConfig(**{name: getattr(args, prefix + name) for name in DISTILL_OPTIONS}, device=device)
+    return config_from_args(DistillConfig, args, prefix=prefix, exclude=("device",), device=device)
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
@@ -162,11 +60,11 @@ def _cmd_compress(args: argparse.Namespace) -> None:
 
     distill = None
     if args.distill:
-        distill = _distill_config(args, "distill_", args.device.split(",")[0])  # the first of a device list
+        distill = _distill_config(args, "distill-", args.device.split(",")[0])  # the first of a device list
     report = compress(
         args.model,
         args.output,
-        _config_from_args(args),
+        _mobe_config(args),
         reconstruct=args.reconstruct,
         work_dir=args.work_dir,
         ray=True if args.ray == "" else (args.ray or False),
@@ -219,43 +117,18 @@ def _cmd_prune(args: argparse.Namespace) -> None:
         raise ValueError(
             "--method reap prunes every MoE layer alike and writes a plain checkpoint: drop --layers, --reconstruct"
         )
-    quantize = _quantize_config(args)
-    output = Path(args.output)
-    pruned = output.with_name(f".{output.name}.mobe-pruned") if quantize else output
-    if quantize is not None:  # checked before any scoring: the library, the group size
-        from ..architectures import moe_layout
-        from ..checkpoint import CheckpointReader
-        from ..quantize import QuantizeError, quantize_checkpoint
-        from ..quantize.checkpoint import check_dense_quantizable
-
-        source = CheckpointReader(args.model)
-        check_dense_quantizable(moe_layout(source.config), quantize, source.path)
-        if output.exists() and any(output.iterdir()):
-            raise QuantizeError(f"output folder {output} already exists and is not empty; choose another path")
-        if pruned.exists():
-            shutil.rmtree(pruned)
-    from ..checkpoint import CheckpointReader
-    from ..quantize.checkpoint import refuse_quantized
-
-    refuse_quantized(CheckpointReader(args.model), "prune")
     report = prune_experts(
         args.model,
-        pruned,
+        args.output,
         target_ratio=args.target_ratio,
         calibration=args.calibration,
         budget=args.reap_budget,
         calibration_tokens=args.calibration_tokens,
         calibration_seq_len=args.calibration_seq_len,
+        quantize=_quantize_config(args),
         progress=not args.quiet,
     )
     print(report.table())
-    if quantize is not None:
-        print(quantize_checkpoint(pruned, output, quantize, progress=not args.quiet).table())
-        shutil.rmtree(pruned)
-    from ..quantize import stored_bytes
-
-    before, after = stored_bytes(args.model), stored_bytes(output)
-    print(f"stored: {before / 2**20:,.2f} MiB -> {after / 2**20:,.2f} MiB ({100 * after / before:.1f}% of the source)")
     print(
         f"wrote {args.output} (pruned, {report.layers[0].experts_before} -> {len(report.layers[0].kept)} experts "
         f"per layer); report: {args.output}/mobe_report.json"
@@ -265,17 +138,7 @@ def _cmd_prune(args: argparse.Namespace) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from ..quantize import quantize_checkpoint
 
-    config = QuantizeConfig(
-        bits=args.bits,
-        group_size=args.group_size,
-        scope=args.scope,
-        calibration=args.calibration,
-        calibration_tokens=args.calibration_tokens,
-        calibration_seq_len=args.calibration_seq_len,
-        damping=args.damping,
-        act_order=args.act_order,
-        sequential=args.sequential,
-    )
+    config = config_from_args(QuantizeConfig, args)
     report = quantize_checkpoint(args.model, args.output, config, progress=not args.quiet)
     print(report.table())
     print(f"wrote {args.output} ({report.kind}); report: {args.output}/mobe_quantize.json")
@@ -289,6 +152,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
+    from ..devices import resolve_device
     from ..info import families_table, memory_estimate, model_info
 
     if args.list:
@@ -407,6 +271,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     import json
     from dataclasses import asdict
 
+    from ..devices import resolve_device
     from ..evaluate.sweep import plot_sweep, sweep, sweep_table
 
     points = sweep(
@@ -479,6 +344,7 @@ def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mobe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -505,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="then distil the result toward the original on this text (the --distill-* options; see mobe distill)",
     )
-    _add_distill_options(p, "distill-")
+    add_config_options(
+        p.add_argument_group("distillation (--distill)"), DistillConfig, prefix="distill-", exclude=("device",)
+    )
     _add_reap_options(p)
     p.add_argument(
         "--quantize",
@@ -513,7 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="then quantise the output's weights (weight-only, symmetric, group-wise; see mobe quantize)",
     )
-    _add_quantize_options(p)
+    add_config_options(
+        p.add_argument_group("quantisation (--quantize)"),
+        QuantizeConfig,
+        prefix="quantize-",
+        exclude=COMPRESS_QUANTIZE_EXCLUDED,
+    )
     p.set_defaults(func=_cmd_compress)
 
     p = _command(
@@ -524,20 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="checkpoint folder or Hugging Face hub id")
     p.add_argument("-o", "--output", required=True, help="new output folder")
-    p.add_argument("--bits", type=int, choices=QUANTIZE_BITS, default=QuantizeConfig().bits, help="bits per weight")
-    _add_quantize_options(p, "")
-    quantize_helps = {f.name: f.metadata.get("help", "") for f in fields(QuantizeConfig)}
-    p.add_argument("--calibration", metavar="FILE", default=None, help=quantize_helps["calibration"])
-    for name, kind in (("calibration_tokens", int), ("calibration_seq_len", int), ("damping", float)):
-        default = getattr(QuantizeConfig(), name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=quantize_helps[name])
-    for name in ("act_order", "sequential"):
-        p.add_argument(
-            f"--{name.replace('_', '-')}",
-            action=argparse.BooleanOptionalAction,
-            default=getattr(QuantizeConfig(), name),
-            help=quantize_helps[name],
-        )
+    add_config_options(p, QuantizeConfig)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_quantize)
 
@@ -546,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("compressed", help="its compression by mobe, native or dense: the student")
     p.add_argument("-o", "--output", required=True, help="new output folder (or the compressed folder itself)")
     p.add_argument("--text", required=True, help="UTF-8 text to distil on; its last tenth chooses the best state")
-    _add_distill_options(p)
+    add_config_options(p, DistillConfig, exclude=("device",))
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--work-dir", default=None, help="keep the teacher's targets here for further runs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

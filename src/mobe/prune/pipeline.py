@@ -21,8 +21,9 @@ from ..calibrate import calibration_ids, read_calibration_text
 from ..calibrate.collect import check_streamable, require_tokenizer
 from ..checkpoint import CheckpointReader
 from ..checkpoint.reader import INDEX_FILE
-from ..config import FORMAT_VERSION
+from ..config import FORMAT_VERSION, QuantizeConfig
 from ..export.files import atomic_save_file, copy_side_files, write_json_atomic
+from ..quantize.checkpoint import check_dense_quantizable, refuse_quantized, stored_bytes
 from .report import LayerPruning, PruneReport
 from .scores import ExpertScores, collect_reap_scores
 from .select import PruneError, experts_to_prune
@@ -41,6 +42,7 @@ def prune_experts(
     criterion: str = "reap",
     calibration_tokens: int = 32768,
     calibration_seq_len: int = 512,
+    quantize: QuantizeConfig | None = None,
     progress: bool = True,
 ) -> PruneReport:
     """Remove the routed experts with the lowest REAP scores on `calibration` text; write a smaller checkpoint.
@@ -55,6 +57,8 @@ def prune_experts(
             come out as the same count in every layer).
         criterion: `reap` (the score above), or `frequency` (the calibration tokens routed to each expert: the
             baseline REAP is compared with).
+        quantize: then quantise the pruned checkpoint's weights (`mobe.quantize`, compressed-tensors' format), as
+            `compress(..., quantize=)` does; its bits, group size and scope are checked before any scoring.
 
     Returns:
         The report, also saved as `mobe_report.json` in `output`.
@@ -70,10 +74,13 @@ def prune_experts(
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise PruneError(f"output folder {output} already exists and is not empty; choose another path")
     reader = CheckpointReader(model)
+    refuse_quantized(reader, "prune")
     if (reader.config.get("mobe") or {}).get("format") == "native":
         raise PruneError(f"{reader.path} holds MoBE factors, not experts: prune the original or a reconstructed one")
     layout = moe_layout(reader.config)
     check_streamable(layout)  # experts are scored by streaming the original one decoder layer at a time
+    if quantize is not None:  # the library, fused experts, the group size: refused now, not after the scoring
+        check_dense_quantizable(layout, quantize, reader.path)
     router = f"{layout.arch.router_prefix(layout.moe_layers[0])}.weight"
     if router not in reader.weight_map:
         raise PruneError(f"{reader.path}: no router tensor {router}; expert pruning cannot cut its rows")
@@ -146,11 +153,22 @@ def prune_experts(
         model_params_before=reader.num_parameters(),
         model_params_after=params_after,
     )
+    final = target
+    if quantize is not None:
+        from ..quantize import quantize_checkpoint
+
+        final = output.with_name(f".{output.name}.mobe-quantized")
+        if final.exists():
+            shutil.rmtree(final)
+        quantize_checkpoint(target, final, quantize, progress=progress)
+        shutil.rmtree(target)
+        report.quantize = quantize.to_dict()
+    report.bytes_before, report.bytes_after = stored_bytes(reader), stored_bytes(final)
     report.seconds = time.perf_counter() - start
-    report.save(target)
+    report.save(final)
     if output.exists():
         output.rmdir()  # checked empty above
-    target.rename(output)
+    final.rename(output)
     return report
 
 

@@ -32,6 +32,9 @@ class PruneReport:
     model_params_before: int = 0
     model_params_after: int = 0
     seconds: float = 0.0
+    bytes_before: int | None = None  # the weights of the source and of the output as stored (all tensors, any dtype)
+    bytes_after: int | None = None
+    quantize: dict[str, Any] | None = None  # the QuantizeConfig the output was quantised with, if it was
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -46,7 +49,7 @@ class PruneReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "source": self.source,
             "output": self.output,
             "format": "pruned",
@@ -56,6 +59,11 @@ class PruneReport:
             "summary": self.summary(),
             "layers": [asdict(layer) for layer in self.layers],
         }
+        if self.bytes_before is not None:
+            out["stored_bytes"] = {"before": self.bytes_before, "after": self.bytes_after}
+        if self.quantize is not None:
+            out["quantize"] = self.quantize
+        return out
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / REPORT_FILE
@@ -85,4 +93,10 @@ class PruneReport:
             f"({100 * s['expert_reduction']:.1f}% fewer); model: {s['model_params_before']:,} -> "
             f"{s['model_params_after']:,} ({100 * s['model_reduction']:.1f}% fewer)"
         )
+        if self.bytes_before and self.bytes_after is not None:
+            quant = f", int{self.quantize['bits']} weights" if self.quantize else ""
+            lines.append(
+                f"stored: {self.bytes_before / 2**20:,.2f} MiB -> {self.bytes_after / 2**20:,.2f} MiB "
+                f"({100 * self.bytes_after / self.bytes_before:.1f}% of the source{quant})"
+            )
         return "\n".join(lines)

@@ -1,12 +1,13 @@
 """Native checkpoints open with `AutoModelForCausalLM.from_pretrained`, as every model does.
 
-A native checkpoint declares `model_type: "mobe_<base>"` (for example `mobe_qwen3_moe`). Importing mobe registers,
-for each supported family that the installed transformers has, a config class and a causal-LM class under that
-name with transformers' Auto classes: the model is the family's own class with the compressed layers' experts
-modules replaced by `MobeExperts` before any weight is read, so transformers' loader (dtype, `device_map`,
-offload, its checkpoint-conversion rules) fills the factor tensors under their on-disk names and the dense experts
-are never built. Without mobe imported, transformers does not know the model type and refuses to open the
-checkpoint: a native checkpoint never loads as random experts.
+A native checkpoint declares `model_type: "mobe_<base>"` (for example `mobe_qwen3_moe`). Once mobe is imported,
+transformers' first lookup of such a type registers, for that family (if the installed transformers has it), a
+config class and a causal-LM class under that name with transformers' Auto classes (`mobe/_native_types.py` routes
+the lookup to `register_native_type`; `register_native_models` registers every family at once): the model is the
+family's own class with the compressed layers' experts modules replaced by `MobeExperts` before any weight is read,
+so transformers' loader (dtype, `device_map`, offload, its checkpoint-conversion rules) fills the factor tensors
+under their on-disk names and the dense experts are never built. Without mobe imported, transformers does not know
+the model type and refuses to open the checkpoint: a native checkpoint never loads as random experts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 from torch import nn
 
 from ..architectures import (
-    NATIVE_MODEL_TYPE_PREFIX,
     MoeLayout,
     base_model_type,
     canonical_model_types,
@@ -96,6 +96,7 @@ def _from_pretrained(cls, *args, **kwargs):
     return (model, info) if want_info else model
 
 
+@functools.cache
 def _native_classes(base: str) -> tuple[type, type] | None:
     """(config class, causal-LM class) of the native variant of family `base`, or None if transformers lacks it."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -173,7 +174,6 @@ def _register_conversions(base: str, *names: str) -> None:
         cm.register_checkpoint_conversion_mapping(name, kept + stacks, overwrite=True)
 
 
-@functools.cache
 def register_native_models() -> dict[str, tuple[type, type]]:
     """Register every supported family's native type with transformers (idempotent); returns what was registered."""
     out = {}
@@ -184,11 +184,27 @@ def register_native_models() -> dict[str, tuple[type, type]]:
     return out
 
 
+def register_native_type(model_type: str) -> bool:
+    """Register the native type `model_type` (`mobe_<family>`) with transformers, if mobe supports the family and
+    the installed transformers has it (idempotent); returns whether it is registered."""
+    base = base_model_type(model_type)
+    return base in canonical_model_types() and _native_classes(base) is not None
+
+
 def native_classes(model_type: str) -> tuple[type, type]:
-    """The registered (config, model) classes for a native or base model type."""
-    registered = register_native_models()
-    name = model_type if model_type.startswith(NATIVE_MODEL_TYPE_PREFIX) else native_model_type(model_type)
-    if name not in registered:
-        get_arch(base_model_type(name))  # unsupported family: the registry's own error
-        raise ValueError(f"the installed transformers has no model class for {base_model_type(name)!r}")
-    return registered[name]
+    """The registered (config, model) classes for a native or base model type (registered now if they were not)."""
+    base = base_model_type(model_type)
+    if not register_native_type(base):
+        get_arch(base)  # unsupported family: the registry's own error
+        raise ValueError(f"the installed transformers has no model class for {base!r}")
+    return _native_classes(base)
+
+
+def __getattr__(name: str) -> type:
+    """A native class by name (`MobeQwen3MoeConfig`), registering every family's: how pickles refer to them (Ray
+    workers, multiprocessing) in a process that has not opened a native checkpoint yet."""
+    if name.startswith("Mobe"):
+        register_native_models()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
