@@ -365,6 +365,10 @@ def tiny_config(
                 "original_max_position_embeddings": 128,
             },
         )
+    if model_type.endswith("_text"):  # a multimodal family's text-only form: the text part of its tiny config
+        sizes = dict(hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size, num_experts=num_experts)
+        sizes.update(num_layers=num_layers, vocab_size=vocab_size, top_k=top_k, initializer_range=initializer_range)
+        return tiny_config(model_type.removesuffix("_text"), **sizes).get_text_config()
     if model_type in _PLAIN_CONFIGS:
         return _plain_config(model_type, common, hidden_size, moe_intermediate_size, num_experts)
     raise ValueError(f"no tiny config for model_type {model_type!r}")
