@@ -8,6 +8,39 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_run_options(
+    parser: argparse.ArgumentParser, name: str, threads: int | None = None, fixtures: Sequence[str] | None = None
+) -> None:
+    """The options benchmarks share: `--fixtures` (which of `fixtures` to run; all by default), `--threads` (torch's
+    CPU threads, default `threads`) where given, and `--out` (the stem of the JSON and PNG, results/`name`)."""
+    if fixtures is not None:
+        parser.add_argument("--fixtures", nargs="+", default=list(fixtures), choices=list(fixtures))
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    parser.add_argument("--out", default=str(RESULTS / name), help="stem of the JSON and PNG")
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: float | None = None) -> None:
+    """The ending of every plot: lay out, write `path`, free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, **({"dpi": dpi} if dpi else {}))
+    plt.close(fig)
+
 
 def write_results(
     result: dict, args: argparse.Namespace, start: float, plot: Callable[[dict, Path], None], stem: str
@@ -42,3 +75,18 @@ def ratio_text(value: float, target: float, digits: int = 2) -> str:
     while digits < 8 and side(round(value, digits)) != side(value):
         digits += 1
     return f"{value:.{digits}f}"
+
+
+def bold(text: str, on: bool) -> str:
+    return f"**{text}**" if on else text
+
+
+def verdict_lines(result: dict) -> list[str]:
+    verdicts = result.get("verdicts")
+    if not verdicts:
+        return []
+    if isinstance(verdicts, dict):  # "name: line", or "name: yes/NO" where the value is a bare flag
+        items = [f"{k}: {v if isinstance(v, str) else 'yes' if v else 'NO'}" for k, v in verdicts.items()]
+    else:
+        items = [str(v) for v in verdicts]
+    return ["", "Verdicts:", "", *[f"- {v}" for v in items]]
