@@ -98,7 +98,7 @@ BLOCKS = {
         ("docs/results.md", "compare_all_matrices", functools.partial(compare.table, details=False)),
     ],
     "reap": [("docs/prune.md", "reap", reap.table)],
-    "distill": [("README.md", "distill", distill.table), ("docs/distill.md", "distill", distill.table)],
+    "distill": [("docs/distill.md", "distill", distill.table)],
     "distill_calibrated": [("docs/distill.md", "distill_calibrated", distill.table)],
     "distill_more_text": [("docs/distill.md", "distill_more_text", distill.table)],
     "distill_fine_all_small": [("docs/distill.md", "distill_fine_all_small", distill.table)],
@@ -113,7 +113,7 @@ BLOCKS = {
     "equal_bytes_ridge": [("docs/quantize.md", "equal_bytes_ridge", equal_bytes.mobe_table)],
     "equal_bytes": [
         ("docs/quantize.md", "equal_bytes", equal_bytes.table),
-        ("README.md", "equal_bytes", equal_bytes.summary),
+        ("docs/results.md", "equal_bytes_summary", equal_bytes.summary),
     ],
     "calibration_500_steps": [("docs/results.md", "calibration", calibration.table)],
     "inference_memory": [
