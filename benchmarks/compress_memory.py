@@ -231,7 +231,8 @@ def table(result: dict) -> str:
             f"{r['baseline_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['above_baseline_mib']:.0f} | "
             f"{r['above_baseline_mib'] / r['layer_experts_mib']:.2f} | {r['seconds']:.0f} |"
         )
-    lines += verdict_lines(result)
+    checks = result.get("verdicts") or {}  # name: "<output format>_<check>"
+    lines += verdict_lines({"verdicts": [f"{k.split('_')[0]} output: {v}" for k, v in checks.items()]})
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ import torch
 
 from mobe import MobeConfig, compress
 from mobe.fixtures import build_tiny_moe
-from results_io import add_run_options, verdict_lines
+from results_io import add_run_options, plain_statement, verdict_lines
 
 HERE = Path(__file__).resolve().parent
 
@@ -264,13 +264,13 @@ def summary(result: dict) -> str:
     """One sentence for docs/scale-out.md."""
     one, two = result["runs"][1], result["runs"][2]
     bits = (
-        result["verdicts"]["same_bits"]
+        plain_statement(result["verdicts"]["same_bits"])
         if isinstance(result.get("verdicts"), dict)
-        else "the bit-identity check is not in this JSON (it predates the check)"
+        else "The bit-identity check is not in this JSON (it predates the check)."
     )
     return (
         f"Measured by `benchmarks/ray_scaling.py` (`benchmarks/results/ray_scaling.json`): 2 one-CPU Ray workers "
-        f"finish in {two['compress_s'] / one['compress_s']:.2f}x the time of 1; {bits}.\n"
+        f"finish in {two['compress_s'] / one['compress_s']:.2f}x the time of 1. {bits}\n"
     )
 
 

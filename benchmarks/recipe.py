@@ -30,7 +30,7 @@ from mobe import CheckpointReader, MobeConfig
 from mobe.architectures import moe_layout
 from mobe.evaluate import weight_error
 from mobe.factorize import budget_for_ratio, get_method, oriented
-from results_io import add_run_options, pyplot, save_figure, write_results
+from results_io import add_run_options, plain_statement, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": "qwen3-moe-trained", "fine": "qwen2-moe-fine-trained"}
@@ -193,7 +193,8 @@ def table(result: dict) -> str:
     steps = result["args"]["steps"]
     lines.append("")
     lines.append(
-        f"Relative weight error after {steps} steps of each iterative fit; verdict: {result['summary']['verdict']}."
+        f"Relative weight error after {steps} steps of each iterative fit. "
+        + plain_statement(result["summary"]["verdict"])
     )
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -81,12 +82,31 @@ def bold(text: str, on: bool) -> str:
     return f"**{text}**" if on else text
 
 
-def verdict_lines(result: dict) -> list[str]:
-    verdicts = result.get("verdicts")
-    if not verdicts:
-        return []
-    if isinstance(verdicts, dict):  # "name: line", or "name: yes/NO" where the value is a bare flag
-        items = [f"{k}: {v if isinstance(v, str) else 'yes' if v else 'NO'}" for k, v in verdicts.items()]
+_CHECK = re.compile(r"^(?P<claim>.*?)(?: \((?P<target>[^()]*target[^()]*)\))?: (?P<flag>yes|no|NO)(?P<rest>, .*)?$")
+
+
+def plain_statement(check: str | bool, name: str = "") -> str:
+    """A benchmark's check as a plain statement of what was measured, for the docs: "2 workers vs 1 worker: 1.64x
+    faster (target >= 1.5x): yes" -> "2 workers vs 1 worker: 1.64x faster (target >= 1.5x, met)."; a check without
+    a target states its claim, or that it did not hold; a bare flag states its `name`."""
+    if isinstance(check, bool):
+        check = f"{name.replace('_', ' ')}: {'yes' if check else 'no'}"
+    m = _CHECK.match(check)
+    if m is None:
+        text = check
+    elif m["target"]:
+        met = "met" if m["flag"] == "yes" else "not met"
+        text = f"{m['claim']} ({m['target']}, {met}){m['rest'] or ''}"
     else:
-        items = [str(v) for v in verdicts]
-    return ["", "Verdicts:", "", *[f"- {v}" for v in items]]
+        text = f"{m['claim']}{m['rest'] or ''}" if m["flag"] == "yes" else f"not the case: {m['claim']}"
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith(".") else text + "."
+
+
+def verdict_lines(result: dict) -> list[str]:
+    """The JSON's checks (a list, or name -> line or flag) as a list of plain statements."""
+    checks = result.get("verdicts")
+    if not checks:
+        return []
+    items = checks.items() if isinstance(checks, dict) else (("", c) for c in checks)
+    return ["", "What was measured:", "", *[f"- {plain_statement(v, k)}" for k, v in items]]

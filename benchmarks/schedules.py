@@ -52,7 +52,7 @@ from mobe.factorize import budget_for_ratio, get_method
 from mobe.factorize.base import oriented
 from mobe.factorize.synthetic import realistic_stack
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
-from results_io import pyplot, save_figure, write_results
+from results_io import plain_statement, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 SCHEDULES = ("paper", "fast")
@@ -412,7 +412,10 @@ def table(result: dict) -> str:
             f"{fast['seconds']:.1f} | {errors[1]} | {reach} | {step} | {speedup} |"
         )
     summary = result["summary"]
-    lines += ["", f"Verdict: {summary['verdict']} (the default schedule is `{summary['default_schedule']}`)."]
+    lines += [
+        "",
+        f"{plain_statement(summary['verdict'])[:-1]} (the default schedule is `{summary['default_schedule']}`).",
+    ]
     for name, entry in result.get("perplexity", {}).items():
         cells = ", ".join(
             f"{s} {entry[s]['perplexity']:.3f} ({entry[s]['perplexity'] - entry['original']:+.3f}"
