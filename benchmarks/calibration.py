@@ -28,7 +28,7 @@ import torch
 
 from compare import _perplexity  # same directory: run as python benchmarks/calibration.py
 from mobe import MobeConfig, compress
-from results_io import grouped_bars, write_results
+from results_io import add_run_options, bold, grouped_bars, pyplot, save_figure, verdict_lines, write_results
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("plain", "calibrated", "refined")
@@ -171,10 +171,7 @@ def verdicts(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     settings = list(dict.fromkeys((r["target_ratio"], r["matrices"]) for r in result["rows"]))
     variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
@@ -186,8 +183,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"Calibration at the same budget (original {result['original_perplexity']:.2f})")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -208,8 +204,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(HERE / "results" / "calibration"))
+    add_run_options(parser, "calibration", threads=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model is None or args.text is None:
@@ -243,6 +238,41 @@ def main() -> None:
     result["verdicts"] = verdicts(result)
     print("\n" + "\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """calibration.py: plain, calibrated and refined fits per cut and matrix set; the best perplexity of each bold."""
+    rows = result["rows"]
+    best = {}
+    for r in rows:
+        key = (r["target_ratio"], r["matrices"])
+        best[key] = min(best.get(key, r["perplexity"]), r["perplexity"])
+    lines = [
+        f"Original held-out perplexity {result['original_perplexity']:.3f} ({result['tokens']} tokens).",
+        "",
+        "| variant | target | matrices | rank | rel. weight error | rel. output error | perplexity | change | cut "
+        "| s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        on = r["perplexity"] == best[(r["target_ratio"], r["matrices"])]
+        out = "" if r["mean_output_error"] is None else f"{r['mean_output_error']:.4f}"
+        cut = "" if r["variant"] == "plain" else bold(f"{100 * r['increase_cut']:.0f}%", on)
+        ppl, change = bold(f"{r['perplexity']:.3f}", on), bold(f"{r['perplexity_change']:+.3f}", on)
+        lines.append(
+            f"| {r['variant']} | {r['target_ratio']:.2f} | {r['matrices']} | {r['rank']} | "
+            f"{r['mean_relative_error']:.4f} | {out} | {ppl} | {change} | {cut} | {r['seconds']:.0f} |"
+        )
+    lines.append("")
+    for variant in dict.fromkeys(r["variant"] for r in rows if r["variant"] != "plain"):
+        cuts = [100 * r["increase_cut"] for r in rows if r["variant"] == variant]
+        lines.append(
+            f"{variant}: the increase is {min(cuts):.0f}% to {max(cuts):.0f}% smaller than the plain fit's "
+            f"({len(cuts)} settings)."
+        )
+    lines += [str(v) for v in verdict_lines(result)]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_io import write_results
+from results_io import add_run_options, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 SHAPES = {  # name: (E, d, p, top-k)
@@ -103,10 +103,7 @@ def _gib(mib: float) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     labels = [f"{r['shape']}\n{r['tokens']} tokens" for r in rows]
@@ -119,9 +116,7 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_ylabel("peak RSS of one layer's statistics (GiB, log)")
     ax.set_title("One MoE layer's calibration statistics (subsets of experts, extrapolated)", fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -132,7 +127,7 @@ def main() -> None:
     parser.add_argument("--factor-experts", type=int, default=16, help="experts measured with factored Grams")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(HERE / "results" / "calibration_memory"))
+    add_run_options(parser, "calibration_memory")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -191,6 +186,31 @@ def main() -> None:
     for name, ok in verdicts.items():
         print(f"{name}: {'PASS' if ok else 'FAIL' if ok is not None else 'not measured'}")
     write_results({"rows": rows, "verdicts": verdicts}, args, start, _plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """One layer's calibration statistics: dense Grams against factored Grams, measured and estimated."""
+    lines = [
+        "| model shape | tokens | rows per expert | dense Grams GiB (formula) | factored GiB (formula) | smaller by "
+        "| s Grams | s factored |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        counts = r["factor"]["runs"][-1]["counts"]
+        lines.append(
+            f"| {r['shape']} (E={r['E']}, d={r['d']}, p={r['p']}, top-{r['top_k']}) | {r['tokens']} "
+            f"| {sum(counts) / len(counts):.0f} | {r['gram_layer_gib']:.2f} ({r['gram_formula_gib']:.2f}) "
+            f"| {r['factor_layer_gib']:.2f} ({r['factor_formula_gib']:.2f}) | {r['reduction']:.1f}x "
+            f"| {r['gram_seconds_layer']:.0f} | {r['factor_seconds_layer']:.0f} |"
+        )
+    gram, factor = result["rows"][0]["gram"], result["rows"][0]["factor"]
+    lines.append("")
+    lines.append(
+        f"Measured on {' and '.join(map(str, gram['experts_measured']))} experts with dense Grams and "
+        f"{' and '.join(map(str, factor['experts_measured']))} with factors, extrapolated to all E experts."
+    )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

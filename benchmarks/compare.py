@@ -21,7 +21,7 @@ from mobe import MobeConfig, compress
 from mobe.evaluate import weight_error
 from mobe.evaluate.perplexity import sliding_window_perplexity
 from mobe.factorize import budget_for_ratio, get_method
-from results_io import write_results
+from results_io import add_run_options, bold, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("mobe", "svd", "d2moe", "molae")
@@ -152,10 +152,7 @@ def run_synthetic(args: argparse.Namespace) -> list[dict]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     for method in dict.fromkeys(r["method"] for r in result["rows"]):
@@ -168,8 +165,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("Perplexity at matched parameter budgets")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -188,7 +184,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
     parser.add_argument("--synthetic", type=int, nargs=3, default=[32, 128, 256], metavar=("E", "P", "D"))
-    parser.add_argument("--out", default=str(HERE / "results" / "compare"))
+    add_run_options(parser, "compare")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.model is None or args.text is None:
@@ -227,6 +223,50 @@ def main() -> None:
     result["verdicts"] = verdicts(result)
     print("\n" + "\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict, details: bool = True) -> str:
+    """compare.py on the trained model: one row per method and cut; the best error and perplexity of each cut bold."""
+    rows = result["rows"]
+    best = {
+        ratio: (
+            min(r["mean_relative_error"] for r in rows if r["target_ratio"] == ratio),
+            min(r["perplexity_change"] for r in rows if r["target_ratio"] == ratio),
+        )
+        for ratio in {r["target_ratio"] for r in rows}
+    }
+    original = f"Original held-out perplexity {result['original_perplexity']:.2f} ({result['tokens']} tokens).\n\n"
+    head = "| method | target | rank | expert params cut |" + (" model params |" if details else "")
+    head += " mean rel. error | perplexity | change |" + (" seconds |" if details else "")
+    lines = [head, "|---|" + "---:|" * (8 if details else 6)]
+    for r in rows:
+        err_min, ppl_min = best[r["target_ratio"]]
+        err_best, ppl_best = r["mean_relative_error"] == err_min, r["perplexity_change"] == ppl_min
+        cells = [r["method"], f"{r['target_ratio']:.2f}", str(r["rank"]), f"{100 * r['expert_reduction']:.1f}%"]
+        cells += [f"{r['model_params']:,}"] if details else []
+        cells += [
+            bold(f"{r['mean_relative_error']:.4f}", err_best),
+            bold(f"{r['perplexity']:.2f}", ppl_best),
+            bold(f"{r['perplexity_change']:+.2f}", ppl_best),
+        ]
+        cells += [f"{r['seconds']:.1f}"] if details else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return original + "\n".join(lines) + "\n"
+
+
+def synthetic_table(result: dict) -> str:
+    """compare.py on its synthetic layer: weight error per method and cut, the best of each cut bold."""
+    rows = result["synthetic"]
+    best = {
+        ratio: min(r["relative_error"] for r in rows if r["target_ratio"] == ratio)
+        for ratio in {r["target_ratio"] for r in rows}
+    }
+    lines = ["| method | target | rank | parameters | relative error |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        error = bold(f"{r['relative_error']:.4f}", r["relative_error"] == best[r["target_ratio"]])
+        lines.append(f"| {r['method']} | {r['target_ratio']:.2f} | {r['rank']} | {r['params']:,} | {error} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

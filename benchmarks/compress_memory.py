@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_io import write_results
+from results_io import add_run_options, pyplot, save_figure, verdict_lines, write_results
 
 HERE = Path(__file__).resolve().parent
 FORMATS = ("native", "dense")
@@ -93,10 +93,7 @@ def _dir_mib(path: Path) -> float:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = result["rows"]
@@ -120,9 +117,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(layers)
     ax.legend(fontsize=8)
     ax.set_title("mobe compress: peak RAM against model size")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -133,9 +128,8 @@ def main() -> None:
     parser.add_argument("--bases", type=int, default=8)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2, help="fitting steps (memory does not depend on them)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_options(parser, "compress_memory", threads=2)
     parser.add_argument("--layers", type=int, nargs=2, default=[2, 8])
-    parser.add_argument("--out", default=str(HERE / "results" / "compress_memory"), help="stem of the JSON and PNG")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -216,6 +210,30 @@ def main() -> None:
     for name, line in verdicts.items():
         print(f"{name}: {line}")
     write_results({"rows": rows, "peak_ratio": ratios, "verdicts": verdicts}, args, start, plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """compress_memory.py: peak RSS above each process's baseline against the number of layers; its verdicts."""
+    a = result["args"]
+    lines = [
+        f"qwen3_moe, hidden {a['hidden']}, {a['experts']} experts of {a['intermediate']} (float32), "
+        f"MoBE m={a['bases']}, r={a['rank']}, {a['steps']} steps, {a['threads']} threads; "
+        "each compression in a fresh process.",
+        "",
+        "| MoE layers | output | checkpoint MiB | one layer's experts MiB | baseline RSS MiB | peak RSS MiB "
+        "| peak above baseline MiB | in layers | s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['layers']} | {r['format']} | {r['checkpoint_mib']:.0f} | {r['layer_experts_mib']:.0f} | "
+            f"{r['baseline_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['above_baseline_mib']:.0f} | "
+            f"{r['above_baseline_mib'] / r['layer_experts_mib']:.2f} | {r['seconds']:.0f} |"
+        )
+    checks = result.get("verdicts") or {}  # name: "<output format>_<check>"
+    lines += verdict_lines({"verdicts": [f"{k.split('_')[0]} output: {v}" for k, v in checks.items()]})
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

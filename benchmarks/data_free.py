@@ -27,7 +27,7 @@ import torch
 from calibration import training_side_text  # same directory: run as python benchmarks/data_free.py
 from compare import _perplexity
 from mobe import CompressionError, MobeConfig, compress
-from results_io import write_results
+from results_io import add_run_options, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": "qwen3-moe-trained", "fine": "qwen2-moe-fine-trained"}
@@ -182,10 +182,7 @@ def verdicts(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fixtures = result["fixtures"]
     fig, axes = plt.subplots(1, len(fixtures), figsize=(6 * len(fixtures), 4.2), dpi=120, squeeze=False)
@@ -214,13 +211,12 @@ def plot(result: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    add_run_options(parser, "data_free", threads=2, fixtures=FIXTURES)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.37, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--matrices", nargs="+", default=["gate", "up", "down"], choices=["gate", "up", "down"])
@@ -237,8 +233,6 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(HERE / "results" / "data_free"))
     parser.add_argument(
         "--merge-into",
         metavar="JSON",
@@ -271,6 +265,49 @@ def main() -> None:
     result["verdicts"] = verdicts(result)
     print("\n" + "\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+METHOD_LABELS = {"mobe": "mobe, paper settings", "default": "**mobe default** (`--target-ratio` alone)"}
+
+
+def table(result: dict, calibrated: bool = False) -> str:
+    """Perplexity increase per method (rows) and cut (columns), one block per fixture; best of each column bold."""
+    lines = []
+    for name, fixture in result["fixtures"].items():
+        s = fixture["shape"]
+        rows = [r for r in fixture["rows"] if r["calibrated"] == calibrated]
+        ratios = sorted({r["target_ratio"] for r in rows})
+        order = ("svd", "d2moe", "molae", "mobe", "slbf", "default")  # merged runs list rows in run order
+        methods = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: order.index(m) if m in order else 99)
+        lines.append(
+            f"**{name}** (`{fixture['fixture']}`, E={s['E']} p={s['p']} d={s['d']}; original perplexity "
+            f"{fixture['original_perplexity']:.2f})"
+        )
+        lines.append("")
+        lines.append("| method | " + " | ".join(f"{100 * r:.0f}% cut: d ppl (rel. err) | s" for r in ratios) + " |")
+        lines.append("|---|" + "---:|---:|" * len(ratios))
+        best = {
+            ratio: min(
+                (r["perplexity_change"] for r in rows if r["target_ratio"] == ratio and "perplexity" in r),
+                default=None,
+            )
+            for ratio in ratios
+        }
+        for method in methods:
+            cells = []
+            for ratio in ratios:
+                row = next(r for r in rows if r["method"] == method and r["target_ratio"] == ratio)
+                if "perplexity" not in row:
+                    cells += ["out of reach", ""]
+                    continue
+                change = f"{row['perplexity_change']:+.3f}"
+                if row["perplexity_change"] == best[ratio]:
+                    change = f"**{change}**"
+                cells += [f"{change} ({row['mean_relative_error']:.3f})", f"{row['seconds']:.0f}"]
+            lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from compare import _perplexity  # same directory: run as python benchmarks/dist
 from data_free import FIXTURES
 from mobe import MobeConfig, compress
 from mobe.distill import DISTILL_MODES, DistillConfig, distill
-from results_io import grouped_bars, write_results
+from results_io import add_run_options, grouped_bars, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 FITS = ("data-free", "calibrated")
@@ -165,10 +165,7 @@ def verdicts(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fixtures = result["fixtures"]
     fig, axes = plt.subplots(1, len(fixtures), figsize=(6.5 * len(fixtures), 4.2), dpi=120, squeeze=False)
@@ -188,13 +185,12 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{name} ({f['fixture']})")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    add_run_options(parser, "distill", threads=2, fixtures=FIXTURES)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--fits", nargs="+", default=list(FITS), choices=FITS)
     parser.add_argument("--method", default="mobe", choices=("mobe", "slbf"), help="methods with basis coefficients")
@@ -209,8 +205,6 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(HERE / "results" / "distill"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -235,6 +229,32 @@ def main() -> None:
     result["verdicts"] = verdicts(result)
     print("\n" + "\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """Held-out perplexity above the original before and after each distillation mode, and the gap it closes."""
+    modes = list(dict.fromkeys(m for f in result["fixtures"].values() for r in f["rows"] for m in r["modes"]))
+    lines = [
+        "| fixture | cut | fit | compressed: d ppl | "
+        + " | ".join(f"{m}: d ppl (gap closed) | s" for m in modes)
+        + " |",
+        "|---|---:|---|---:|" + "---:|---:|" * len(modes),
+    ]
+    for name, f in result["fixtures"].items():
+        for r in f["rows"]:
+            cells = []
+            for mode in modes:
+                m = r["modes"][mode]
+                closed = "" if m["gap_closed"] is None else f" ({100 * m['gap_closed']:.0f}%)"
+                cells += [f"{m['perplexity'] - f['original_perplexity']:+.3f}{closed}", f"{m['seconds']:.0f}"]
+            lines.append(
+                f"| {name} (original {f['original_perplexity']:.2f}) | {100 * r['target_ratio']:.0f}% | "
+                f"{r['method']} {r['fit']} | {r['perplexity_before'] - f['original_perplexity']:+.3f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

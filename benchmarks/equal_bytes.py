@@ -40,7 +40,7 @@ from mobe import MobeConfig, compress, reconstruct
 from mobe.config import DEFAULT_RIDGE, QuantizeConfig
 from mobe.prune import prune_experts
 from mobe.quantize import quantize_checkpoint, stored_bytes
-from results_io import write_results
+from results_io import add_run_options, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 TASK = HERE.parent / "tests" / "data" / "eval" / "python_docs_mc.yaml"
@@ -241,10 +241,7 @@ def _precision(row: dict) -> str:
 def plot(result: dict, path: Path) -> None:
     """Perplexity against stored bytes per fixture: colour the family, marker the precision, hollow the dense
     reconstructions; the frontier as a step line. `python -c` with equal_bytes.plot redraws it from the JSON."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fixtures = result["fixtures"]
     fig, axes = plt.subplots(1, len(fixtures), figsize=(6.5 * len(fixtures), 4.6), dpi=120, squeeze=False)
@@ -282,13 +279,12 @@ def plot(result: dict, path: Path) -> None:
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))
         ax.legend(unique.values(), unique.keys(), fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    add_run_options(parser, "equal_bytes", threads=1, fixtures=FIXTURES)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4], choices=[8, 4])
     parser.add_argument(
@@ -301,10 +297,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-stack", dest="stack", action="store_false", help="skip REAP + MoBE")
     parser.add_argument("--no-lm-eval", dest="lm_eval", action="store_false", help="skip the local lm-eval task")
-    parser.add_argument("--out", default=str(HERE / "results" / "equal_bytes"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -327,6 +321,77 @@ def main() -> None:
     result["command"] = " ".join(["python", *sys.argv])
     print("\n" + "\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """Every variant of equal_bytes.py by stored bytes, one block per fixture; the frontier marked."""
+    lines = []
+    for name, fixture in result["fixtures"].items():
+        orig_ppl, orig_bytes = fixture["original_perplexity"], fixture["original_bytes"]
+        lines.append(
+            f"**{name}** (`{fixture['fixture']}`, {orig_bytes / 2**20:.2f} MiB of weights, perplexity {orig_ppl:.2f})"
+        )
+        lines.append("")
+        lines.append("| variant | MiB stored | of the original | MiB resident | perplexity | d ppl | acc (10 q.) |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in sorted(fixture["rows"], key=lambda r: (r["bytes"], r["perplexity"])):
+            label = f"**{r['label']}** *" if r["label"] in fixture["frontier"] else r["label"]
+            acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.1f}"
+            lines.append(
+                f"| {label} | {r['bytes'] / 2**20:.2f} | {100 * r['bytes'] / orig_bytes:.1f}% | "
+                f"{r['resident_bytes'] / 2**20:.2f} | "
+                f"{r['perplexity']:.3f} | {r['perplexity'] - orig_ppl:+.3f} | {acc} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def summary_sentence(name: str, fixture: dict) -> str:
+    """Where quantising the original alone stands against the factorised and pruned variants, in one sentence."""
+    rows = {r["label"]: r for r in fixture["rows"]}
+    quantised = [rows[f] for f in fixture["frontier"] if rows[f]["family"] == "original" and rows[f]["bits"] < 16]
+    if not quantised:
+        return f"On {name}, quantising the original alone is not on the frontier."
+    q = min(quantised, key=lambda r: r["bytes"])
+    others = [r for r in fixture["rows"] if r["family"] != "original" and r["bytes"] >= q["bytes"]]
+    beaten = sum(r["perplexity"] > q["perplexity"] for r in others)
+    below = [f for f in fixture["frontier"] if rows[f]["bytes"] < q["bytes"]]
+    pct = 100 * q["bytes"] / fixture["original_bytes"]
+    text = (
+        f"On {name}, the original in int{q['bits']} alone ({pct:.0f}% of the bytes, "
+        f"{q['perplexity'] - fixture['original_perplexity']:+.2f} perplexity) beats {beaten} of the {len(others)} "
+        "factorised or pruned variants as large or larger"
+    )
+    if below:
+        return text + f"; below its size the frontier is {', '.join(below)}."
+    return text + "; nothing smaller was measured."
+
+
+def summary(result: dict) -> str:
+    """The README's view: one sentence per fixture, then the frontier (the best variant at each size)."""
+    lines = [" ".join(summary_sentence(n, f) for n, f in result["fixtures"].items()), ""]
+    lines += ["| fixture | frontier variant | of the original bytes | d ppl |", "|---|---|---:|---:|"]
+    for name, fixture in result["fixtures"].items():
+        rows = {r["label"]: r for r in fixture["rows"]}
+        lines += [_bytes_row(name, fixture, rows[label]) for label in fixture["frontier"]]
+    return "\n".join(lines) + "\n"
+
+
+def _bytes_row(name: str, fixture: dict, row: dict) -> str:
+    """| fixture | variant | share of the original's bytes | perplexity increase |"""
+    return (
+        f"| {name} | {row['label']} | {100 * row['bytes'] / fixture['original_bytes']:.1f}% | "
+        f"{row['perplexity'] - fixture['original_perplexity']:+.3f} |"
+    )
+
+
+def mobe_table(result: dict) -> str:
+    """The MoBE rows of an equal_bytes.py run (e.g. with --ridge): size and perplexity increase per variant."""
+    lines = ["| fixture | variant | of the original bytes | d ppl |", "|---|---|---:|---:|"]
+    for name, fixture in result["fixtures"].items():
+        lines += [_bytes_row(name, fixture, r) for r in fixture["rows"] if r["family"] in ("mobe", "reap+mobe")]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from mobe.config import DEFAULT_RIDGE
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
 from mobe.pipeline import resolve_settings
 from mobe.quantize.groupwise import fake_quantize
-from results_io import grouped_bars, write_results
+from results_io import add_run_options, grouped_bars, pyplot, save_figure, verdict_lines, write_results
 from schedules import _fixture_stack
 
 HERE = Path(__file__).resolve().parent
@@ -100,10 +100,7 @@ def verdicts(rows: list[dict], default_label: str) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fixtures = list(dict.fromkeys(r["fixture"] for r in result["rows"]))
     fig, axes = plt.subplots(1, len(fixtures), figsize=(6.5 * len(fixtures), 4), dpi=120, squeeze=False)
@@ -114,20 +111,17 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{name}: layer {result['args']['layer']} {result['args']['matrix']}")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    add_run_options(parser, "factor_rounding", threads=1, fixtures=FIXTURES)
     parser.add_argument("--layer", type=int, default=1)
     parser.add_argument("--matrix", default="gate", choices=["gate", "up", "down"])
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=300, help="as equal_bytes.py")
     parser.add_argument("--ridges", type=float, nargs="+", default=[DEFAULT_RIDGE, 1e-3, 1e-2])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(HERE / "results" / "factor_rounding"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -135,6 +129,17 @@ def main() -> None:
     result = {"rows": rows, "verdicts": verdicts(rows, f"default, ridge {args.ridges[0]:g}")}
     print("\n" + "\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """factor_rounding.py: relative weight error of each fit (rows) with its factors rounded each way (columns)."""
+    head = "| fixture | fit | r | " + " | ".join(ROUNDINGS) + " | s |"
+    lines = [head, "|---|---|---:|" + "---:|" * (len(ROUNDINGS) + 1)]
+    for r in result["rows"]:
+        cells = " | ".join(f"{r['errors'][k]:.4f}" for k in ROUNDINGS)
+        lines.append(f"| {r['fixture']} | {r['variant']} | {r['rank']} | {cells} | {r['seconds']:.0f} |")
+    return "\n".join(lines + verdict_lines(result)) + "\n"
 
 
 if __name__ == "__main__":

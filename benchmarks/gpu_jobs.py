@@ -28,7 +28,7 @@ from mobe.config import SCHEDULES
 from mobe.devices import resolve_device
 from mobe.evaluate import weight_error
 from mobe.factorize.synthetic import realistic_stack
-from results_io import write_results
+from results_io import add_run_options, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 # model -> (experts E, intermediate p, hidden d, bases m as published)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paper-steps", type=int, default=10000, help="steps of paper and adam")
     parser.add_argument("--steps", type=int, default=None, help="steps of fast (default: its own)")
     parser.add_argument("--activation", default="tanh", choices=["tanh", "silu"])
-    parser.add_argument("--out", default=str(HERE / "results" / "gpu_jobs"), help="JSON/PNG path stem")
+    add_run_options(parser, "gpu_jobs")
     args = parser.parse_args(argv)
     if args.scale <= 0:
         parser.error(f"--scale must be > 0, got {args.scale}")
@@ -142,10 +142,7 @@ def _gib(value: int | None) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = result["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), dpi=120, squeeze=False)
@@ -161,8 +158,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{name} ({result['device_name']})")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_io import ratio_text
+from results_io import ratio_text, verdict_lines
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = (
@@ -265,6 +265,67 @@ def main() -> None:
         + "\n"
     )
     print(f"wrote {args.json}")
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """inference_memory.py: per variant, checkpoint size, peak RSS per phase and speed; then its verdicts."""
+    a = result["args"]
+    experts = a["layers"] * 3 * a["experts"] * a["intermediate"] * a["hidden"] * 4 / 2**20
+    names = {
+        "original": "original (transformers)",
+        "dense": "dense reconstruction of the same factors",
+        "native": "native MoBE",
+        "native+cache": f"native MoBE, {a['cache_mib']:g} MiB cache",
+        "materialising": "all-experts-materialising (authors' scheme)",
+    }
+    lines = [
+        f"qwen3_moe, {a['layers']} layers x {a['experts']} experts of {a['intermediate']}, hidden {a['hidden']} "
+        f"({experts:.0f} MiB of float32 experts); MoBE m={a['bases']}, r={a['rank']}; prefill {a['prefill']} tokens, "
+        f"then {a['decode']} greedy decoding steps; each variant in a fresh process, peak RSS (MiB) per phase.",
+        "",
+        f"| variant | checkpoint MiB | baseline RSS | peak RSS load | peak RSS prefill {a['prefill']} | "
+        "peak RSS decode | prefill tok/s | decode tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {names.get(r['variant'], r['variant'])} | {r['checkpoint_mib']:.0f} | {r['baseline_rss_mib']:.0f} | "
+            f"{r['peak_rss_after_load_mib']:.0f} | {r['peak_rss_prefill_mib']:.0f} | {r['peak_rss_decode_mib']:.0f} | "
+            f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Native peak RSS above its baseline: {result['checks']['native_peak_over_checkpoint']:.2f}x its "
+        "checkpoint (no target: activations and the workspace come on top).",
+    ]
+    checks = result["checks"]
+    if "decode_speed_int4_vs_int8" in checks:  # integer factors: what orthonormal coordinates cost at run time
+        lines += [
+            "",
+            f"Integer factors: int4 (orthonormal coordinates) decodes at {checks['decode_speed_int4_vs_int8']:.2f}x "
+            f"the tokens/s of int8 (as fitted) without a cache, "
+            f"{checks['decode_speed_int4_cache_vs_native_cache']:.2f}x native float factors' with the cache; "
+            f"prefill {checks['prefill_speed_int4_vs_native']:.2f}x native's.",
+        ]
+    lines += verdict_lines(result)
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> str:
+    """One sentence for docs/runtime.md: decoding speed against the original, never rounded across its target."""
+    checks, cache = result["checks"], result["args"]["cache_mib"]
+    peak = {
+        r["variant"]: max(r[k] for k in ("peak_rss_after_load_mib", "peak_rss_prefill_mib", "peak_rss_decode_mib"))
+        for r in result["rows"]
+    }
+    return (
+        f"Measured by `benchmarks/inference_memory.py` (`benchmarks/results/inference_memory.json`): native MoBE "
+        f"peaks at {peak['native']:.0f} MiB of RSS against the original's {peak['original']:.0f} MiB; without a "
+        f"cache it decodes at {ratio_text(checks['decode_speed_native_vs_original'], 0.5)}x the original's speed, "
+        f"with a {cache:g} MiB cache at {ratio_text(checks['decode_speed_native_cache_vs_original'], 0.5)}x "
+        f"([results.md](results.md#inference-keeps-the-memory-it-saved)).\n"
+    )
 
 
 if __name__ == "__main__":

@@ -154,5 +154,26 @@ def main() -> None:
     print(f"wrote {args.json}")
 
 
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """Final relative error of the authors' train.py and of `--schedule paper` on the same layer, side by side."""
+    threads = result.get("args", {}).get("threads")
+    lines = [
+        f"E={result['E']}, p={result['p']}, d={result['d']}, m={result['m']}, r={result['r']}, {result['steps']} steps"
+        + (f", {threads} CPU threads each" if threads else "")
+        + ":",
+        "",
+        "| activation | matrix | authors' relative error | ours | relative difference | gap between reconstructions |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        diff = abs(r["ours_relative_error"] / r["authors_relative_error"] - 1)
+        lines.append(
+            f"| {r['activation']} | {r['matrix']} | {r['authors_relative_error']:.8f} | {r['ours_relative_error']:.8f} "
+            f"| {diff:.1e} | {r['reconstructions_relative_gap']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     main()

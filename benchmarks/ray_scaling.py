@@ -24,6 +24,7 @@ import torch
 
 from mobe import MobeConfig, compress
 from mobe.fixtures import build_tiny_moe
+from results_io import add_run_options, plain_statement, verdict_lines
 
 HERE = Path(__file__).resolve().parent
 
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--gpu-tflops", type=float, default=40.0, help="sustained fp32 TFLOP/s of one GPU (assumed)")
-    parser.add_argument("--out", default=str(HERE / "results" / "ray_scaling"))
+    add_run_options(parser, "ray_scaling")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -194,6 +195,83 @@ def main() -> None:
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out.with_suffix('.json')}")
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """ray_scaling.py: wall time per runner, the bit-identity verdict (if the JSON has it), and the projections."""
+    a = result["args"]
+    runs = result["runs"]
+    lines = [
+        f"{runs[0]['jobs']} jobs (gate and up of {a['layers']} MoE layers), E={a['experts']}, p={a['intermediate']}, "
+        f"d={a['hidden']}, m={a['bases']}, r={a['rank']}, {a['steps']} Adam steps, one thread per job.",
+        "",
+        "| runner | cluster start | wall time | vs single process | summed job time | Ray overhead per job |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        start = "-" if r["workers"] == 1 and r["runner"] == "single process" else f"{r['cluster_start_s']:.1f} s"
+        lines.append(
+            f"| {r['runner']} | {start} | {r['compress_s']:.1f} s | {r['speedup_vs_single_process']:.2f}x | "
+            f"{sum(r['job_seconds']):.1f} s | {r['overhead_per_job_s']:.2f} s |"
+        )
+    one, two = runs[1], runs[2]
+    lines += [
+        "",
+        f"2 workers against 1: {one['compress_s'] / two['compress_s']:.2f}x faster "
+        f"({two['compress_s'] / one['compress_s']:.2f}x the time); "
+        f"the summed fitting time of the jobs goes from {sum(one['job_seconds']):.1f} s to "
+        f"{sum(two['job_seconds']):.1f} s (two jobs share the memory bandwidth).",
+    ]
+    if "tensors_sha256" not in runs[0]:
+        lines.append(
+            "This JSON predates the bit-identity check: it holds no digest of the written tensors (rerun "
+            "`python benchmarks/ray_scaling.py` to check it)."
+        )
+    lines += verdict_lines(result)
+    proj = result["projections"]
+    gpus = sorted({p["gpus"] for p in proj})
+    lines += [
+        "",
+        f"On paper, at an **assumed** sustained {proj[0]['gpu_tflops_assumed']:g} TFLOP/s fp32 per GPU (this CPU "
+        f"sustained {result['cpu_gflop_s_per_job']:.1f} GFLOP/s per one-thread job): wall time = ceil(jobs / GPUs) x "
+        "one job's FLOP count / that rate.",
+        "",
+        "| model | jobs | hours per job | " + " | ".join(f"{g} GPUs" for g in gpus) + " |",
+        "|---|---:|---:|" + "---:|" * len(gpus),
+    ]
+    models = result.get("models", {})
+    for model in dict.fromkeys(p["model"] for p in proj):
+        rows = {p["gpus"]: p for p in proj if p["model"] == model}
+        first = rows[gpus[0]]
+        m = models.get(model)
+        name = (
+            f"{model} ({m['moe_layers']} MoE layers, E={m['E']}, m={m['m']}"
+            + (f" in {m['groups']} groups" if m["groups"] > 1 else "")
+            + f", {m['steps']:,} steps)"
+            if m
+            else model
+        )
+        lines.append(
+            f"| {name} | {first['jobs']} | {first['job_hours']:.1f} | "
+            + " | ".join(f"{rows[g]['wall_hours']:.1f} h" for g in gpus)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> str:
+    """One sentence for docs/scale-out.md."""
+    one, two = result["runs"][1], result["runs"][2]
+    bits = (
+        plain_statement(result["verdicts"]["same_bits"])
+        if isinstance(result.get("verdicts"), dict)
+        else "The bit-identity check is not in this JSON (it predates the check)."
+    )
+    return (
+        f"Measured by `benchmarks/ray_scaling.py` (`benchmarks/results/ray_scaling.json`): 2 one-CPU Ray workers "
+        f"finish in {two['compress_s'] / one['compress_s']:.2f}x the time of 1. {bits}\n"
+    )
 
 
 if __name__ == "__main__":

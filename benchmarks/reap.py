@@ -24,7 +24,7 @@ import torch
 from compare import _perplexity  # same directory: run as python benchmarks/reap.py
 from data_free import FIXTURES, _calibration_text
 from mobe.prune import prune_experts
-from results_io import write_results
+from results_io import add_run_options, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 CRITERIA = ("reap", "frequency")
@@ -137,10 +137,7 @@ def verdicts(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(result["fixtures"])
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), dpi=120, squeeze=False)
@@ -166,21 +163,18 @@ def plot(result: dict, path: Path) -> None:
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))
         ax.legend(unique.values(), unique.keys(), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    add_run_options(parser, "reap", threads=2, fixtures=FIXTURES)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(HERE / "results" / "reap"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -207,6 +201,33 @@ def main() -> None:
     for line in result["verdicts"]:
         print(line)
     write_results(result, args, start, plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """Held-out perplexity after expert pruning, per fixture and cut, beside data_free.py's best factorisation."""
+    lines = [
+        "| fixture (original ppl) | cut | experts kept | model smaller | REAP: d ppl | frequency: d ppl | "
+        "best factorisation: d ppl |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for fixture in result["fixtures"].values():
+        for ratio in sorted({r["target_ratio"] for r in fixture["rows"]}):
+            rows = {r["criterion"]: r for r in fixture["rows"] if r["target_ratio"] == ratio}
+            first = next(iter(rows.values()))
+            before, after = first["experts_per_layer"]
+            cells = {c: f"{rows[c]['perplexity_change']:+.3f}" if c in rows else "-" for c in ("reap", "frequency")}
+            best = [f for f in fixture["factorisations"] if f["target_ratio"] == ratio]
+            fact = "; ".join(
+                f"{f['method']}{' (calibrated)' if f.get('calibrated') else ''} {f['perplexity_change']:+.3f}"
+                for f in best
+            )
+            lines.append(
+                f"| `{fixture['fixture']}` ({fixture['original_perplexity']:.2f}) | {100 * ratio:.0f}% | "
+                f"{after}/{before} | {100 * first['model_reduction']:.1f}% | {cells['reap']} | {cells['frequency']} | "
+                f"{fact or '-'} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from mobe import CheckpointReader, MobeConfig
 from mobe.architectures import moe_layout
 from mobe.evaluate import weight_error
 from mobe.factorize import budget_for_ratio, get_method, oriented
-from results_io import write_results
+from results_io import add_run_options, plain_statement, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": "qwen3-moe-trained", "fine": "qwen2-moe-fine-trained"}
@@ -128,10 +128,7 @@ def summary(rows: list[dict]) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in result["rows"] if "relative_error" in r]
     stacks = list(dict.fromkeys((r["fixture"], r["matrix"]) for r in rows))
@@ -151,19 +148,16 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("relative weight error")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    add_run_options(parser, "recipe", threads=1, fixtures=FIXTURES)
     parser.add_argument("--layer", type=int, default=1, help="index among each fixture's MoE layers")
     parser.add_argument("--matrices", nargs="+", default=["gate", "down"], choices=["gate", "up", "down"])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(HERE / "results" / "recipe"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -174,6 +168,35 @@ def main() -> None:
         print(f"  {variant:>18}: {ratio:.3f}")
     print(result["summary"]["verdict"])
     write_results(result, args, start, plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """recipe.py: relative weight error of each variant (rows) on each stack and cut (columns); best bold."""
+    rows = [r for r in result["rows"] if "relative_error" in r]
+    cases = list(dict.fromkeys((r["fixture"], r["layer"], r["matrix"], r["ratio"]) for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by = {(r["fixture"], r["layer"], r["matrix"], r["ratio"], r["variant"]): r for r in rows}
+    head = [f"{f} L{layer} {m} {100 * ratio:.0f}%" for f, layer, m, ratio in cases]
+    lines = ["| variant | " + " | ".join(head) + " | mean vs paper | s (total) |", "|---|" + "---:|" * (len(cases) + 2)]
+    best = {c: min(by[(*c, v)]["relative_error"] for v in variants if (*c, v) in by) for c in cases}
+    mean = result["summary"]["mean_error_vs_paper"]
+    for v in variants:
+        cells = []
+        for c in cases:
+            r = by.get((*c, v))
+            cell = "" if r is None else f"{r['relative_error']:.4f}"
+            cells.append(f"**{cell}**" if r is not None and r["relative_error"] == best[c] else cell)
+        seconds = sum(by[(*c, v)]["seconds"] for c in cases if (*c, v) in by)
+        ratio = f"{mean[v]:.3f}" if v in mean else ""
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {ratio} | {seconds:.0f} |")
+    steps = result["args"]["steps"]
+    lines.append("")
+    lines.append(
+        f"Relative weight error after {steps} steps of each iterative fit. "
+        + plain_statement(result["summary"]["verdict"])
+    )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

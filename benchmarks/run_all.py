@@ -341,5 +341,48 @@ def main() -> None:
         sys.exit(1)
 
 
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(results: Path) -> str:
+    """Every run of run_all.py: its command and the seconds its JSON recorded, and their sum."""
+    lines = ["| benchmark | command (`python benchmarks/...`) | seconds recorded |", "|---|---|---:|"]
+    total, missing = 0.0, []
+    for run in RUNS:
+        path = results / f"{run.name}.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        seconds, merged = result.get("seconds"), result.get("args", {}).get("merge")
+        if seconds is None or merged:
+            missing.append(run.name)
+            cell = "no JSON: not run" if not result else "merged from separate runs" if merged else "not recorded"
+        else:
+            total += seconds
+            cell = f"{seconds:.0f}"
+        lines.append(f"| {run.name} | `{f'{run.script} {run.full}'.strip()}` | {cell} |")
+    lines += [
+        "",
+        f"Recorded total: {total:.0f} s ({total / 3600:.1f} h)"
+        + (f", plus {', '.join(missing)}, which record no single run time" if missing else "")
+        + ". The runs happened at different times on a shared 2-core machine: the sum is a guide, not a measurement.",
+    ]
+    full = results / "run_all.json"
+    if full.exists():
+        f = json.loads(full.read_text())
+        lines.append("")
+        lines.append(
+            f"Last full `python benchmarks/run_all.py`: {f['seconds']:.0f} s wall ({f['seconds'] / 3600:.1f} h), load "
+            f"average (1 min) {f['load_before'][0]:.1f} before and {f['load_after'][0]:.1f} after ({f['finished']})."
+        )
+    quick = results / "run_all_quick.json"
+    if quick.exists():
+        q = json.loads(quick.read_text())
+        lines.append("")
+        lines.append(
+            f"`python benchmarks/run_all.py --quick`: {q['seconds']:.0f} s wall ({q['seconds'] / 60:.1f} min) and "
+            f"{q['cpu_seconds']:.0f} s of CPU time on {q['cpus']} cores, load average (1 min) "
+            f"{q['load_before'][0]:.1f} before and {q['load_after'][0]:.1f} after "
+            f"(OMP_NUM_THREADS={q['omp_num_threads']}; {q['finished']})."
+        )
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     main()

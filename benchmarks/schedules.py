@@ -52,7 +52,7 @@ from mobe.factorize import budget_for_ratio, get_method
 from mobe.factorize.base import oriented
 from mobe.factorize.synthetic import realistic_stack
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
-from results_io import write_results
+from results_io import plain_statement, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 SCHEDULES = ("paper", "fast")
@@ -284,10 +284,7 @@ def summarise(rows: list[dict], args: argparse.Namespace) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     panels = [
@@ -309,8 +306,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("relative error (log scale)")
         ax.set_title(f"{title}\npaper dotted, fast solid", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -391,6 +387,53 @@ def main() -> None:
     ]
     print("\n".join(result["verdicts"]))
     write_results(result, args, start, plot, args.out)
+
+
+# --- tables for README.md and docs/ (written by benchmarks/tables.py from this script's JSON) ---
+def table(result: dict) -> str:
+    """Per stack: each schedule's steps, seconds and final error, and when `fast` reached the paper's final error."""
+    lines = [
+        "| stack | E x p x d | r | m | paper steps | paper s | paper error | fast steps | fast s | fast error "
+        "| fast reaches paper's error at | (step) | speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        paper, fast = row["paper"], row["fast"]
+        best = min(paper["relative_error"], fast["relative_error"])
+        errors = [
+            f"**{e:.5f}**" if e == best else f"{e:.5f}" for e in (paper["relative_error"], fast["relative_error"])
+        ]
+        reach = "never" if fast["reaches_paper_at"] is None else f"{fast['reaches_paper_at']:.1f} s"
+        step = "" if fast["reaches_paper_step"] is None else str(fast["reaches_paper_step"])
+        speedup = "" if fast["speedup"] is None else f"{fast['speedup']:.1f}x"
+        lines.append(
+            f"| {row['label']} ({row['kind']}) | {' x '.join(map(str, row['shape']))} | {row['rank']} | "
+            f"{row['num_bases']} | {paper['steps']} | {paper['seconds']:.1f} | {errors[0]} | {fast['steps']} | "
+            f"{fast['seconds']:.1f} | {errors[1]} | {reach} | {step} | {speedup} |"
+        )
+    summary = result["summary"]
+    lines += [
+        "",
+        f"{plain_statement(summary['verdict'])[:-1]} (the default schedule is `{summary['default_schedule']}`).",
+    ]
+    for name, entry in result.get("perplexity", {}).items():
+        cells = ", ".join(
+            f"{s} {entry[s]['perplexity']:.3f} ({entry[s]['perplexity'] - entry['original']:+.3f}"
+            + (
+                f", mean relative error {entry[s]['mean_relative_error']:.4f}"
+                if "mean_relative_error" in entry[s]
+                else ""
+            )
+            + f", compress {entry[s]['compress_seconds']:.0f} s)"
+            for s in ("paper", "fast")
+        )
+        tokens = f"{entry['tokens']} tokens" if "tokens" in entry else f"at most {entry['tokens_at_most']} tokens"
+        source = f"; read from the printed lines of `{entry['from_log']}`" if "from_log" in entry else ""
+        lines.append(
+            f"Held-out perplexity of `{name}` with MoE layer(s) {', '.join(map(str, entry['layers']))} compressed "
+            f"(gate and up, {tokens}{source}): original {entry['original']:.3f}; {cells}."
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -110,3 +110,54 @@ def test_fp8_experts_without_block_scales_are_refused(qwen3_checkpoint, tmp_path
     save_file(tensors, shard, metadata={"format": "pt"})
     err = _run(capsys, model, tmp_path / "out")
     assert name in err and "F8_E4M3" in err and "dequantise" in err
+
+
+def test_compressing_a_native_checkpoint_says_what_it_is(qwen3_checkpoint, tmp_path, capsys):
+    assert main(["compress", str(qwen3_checkpoint), "-o", str(tmp_path / "native"), *FAST]) == 0
+    capsys.readouterr()
+    err = _run(capsys, tmp_path / "native", tmp_path / "again")
+    assert "is a mobe native checkpoint (compressed by mobe: mobe, 2 bases, rank 8)" in err
+    assert "compress its original checkpoint" in err and f"mobe reconstruct {tmp_path / 'native'}" in err
+    assert "not in the checkpoint index" not in err
+
+
+# (method, --target-ratio): beyond what rank 1 reaches on the tiny Qwen3-MoE (E=8, p=16, d=32)
+OUT_OF_REACH_CASES = [("mobe", "0.99"), ("svd", "0.95"), ("d2moe", "0.99")]
+
+
+@pytest.mark.parametrize(("method", "ratio"), OUT_OF_REACH_CASES)
+def test_target_ratio_out_of_reach_names_the_largest_reachable(method, ratio, qwen3_checkpoint, tmp_path, capsys):
+    """Refused up front, naming the option, its value and the largest reachable cut; that cut then compresses (at
+    rank 1) and a hundredth more does not."""
+    import re
+
+    fit = ["--method", method, "--steps", "3", "--quiet"]
+    assert main(["compress", str(qwen3_checkpoint), "-o", str(tmp_path / "a"), *fit, "--target-ratio", ratio]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mobe: error: --target-ratio {ratio} is out of reach for --method {method}"), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "a").exists()
+    most = re.search(r"the largest reachable is (0\.\d\d) \(rank 1\)$", err).group(1)
+    over = f"{float(most) + 0.01:.2f}"
+    assert main(["compress", str(qwen3_checkpoint), "-o", str(tmp_path / "b"), *fit, "--target-ratio", over]) == 2
+    assert main(["compress", str(qwen3_checkpoint), "-o", str(tmp_path / "c"), *fit, "--target-ratio", most]) == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["mobe"]["rank"] == 1
+
+
+def test_target_ratio_that_leaves_almost_nothing_warns(qwen3_checkpoint, caplog):
+    from mobe import MobeConfig
+    from mobe.architectures import moe_layout
+    from mobe.checkpoint import CheckpointReader
+    from mobe.pipeline import resolve_settings
+
+    layout = moe_layout(CheckpointReader(qwen3_checkpoint).config)
+    with caplog.at_level("WARNING", logger="mobe.pipeline"):
+        assert resolve_settings(layout, MobeConfig(method="svd", target_ratio=0.5)).rank == 5
+        assert not caplog.records
+        assert resolve_settings(layout, MobeConfig(method="svd", target_ratio=0.9)).rank == 1  # a tenth: no warning
+        assert not caplog.records
+        assert resolve_settings(layout, MobeConfig(method="svd", target_ratio=0.905)).rank == 1
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "--target-ratio 0.905 keeps 9% of the expert parameters (rank 1 of 16): little of what the experts compute "
+        "survives such a cut (reachable up to 0.90)"
+    )

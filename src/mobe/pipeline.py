@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from .architectures import MoeLayout, base_model_type, moe_layout, native_model_
 from .calibrate import calibration_ids, collect_statistics, read_calibration_text
 from .calibrate.collect import check_streamable, require_tokenizer
 from .calibrate.stats import stats_path
-from .checkpoint import CheckpointError, CheckpointReader
+from .checkpoint import CheckpointError, CheckpointReader, refuse_native
 from .checkpoint.fp8 import SCALE_SUFFIX, block_size
 from .checkpoint.mxfp4 import without_quantization
 from .config import FORMAT_VERSION, DistillConfig, MobeConfig, QuantizeConfig
@@ -44,6 +45,7 @@ from .quantize.checkpoint import refuse_quantized, stored_bytes
 logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")
+MOST_USEFUL_RATIO = 0.9  # --target-ratio above this warns: under a tenth of the expert parameters left
 
 
 class CompressionError(ValueError):
@@ -63,11 +65,21 @@ def resolve_settings(layout: MoeLayout, config: MobeConfig) -> MobeConfig:
     if config.target_ratio is not None:
         budget = budget_for_ratio(E, p, d, config.target_ratio, len(config.matrices))
         rank = min(method.rank_for_budget(E, p, d, config, budget), method.max_rank(E, p, d, config))
+        k = len(config.matrices)  # the largest cut: rank 1
+        most = 1 - ((3 - k) * E * p * d + k * method.parameters(E, p, d, config, 1)) / (3 * E * p * d)
+        most = math.floor(100 * most) / 100  # as given on the command line: two decimals, never above the limit
         if rank < 1:
+            reach = f"the largest reachable is {most:.2f} (rank 1)" if most > 0 else "none is"
             raise CompressionError(
                 f"--target-ratio {config.target_ratio} is out of reach for --method {method.name} "
-                f"(compressing {','.join(config.matrices)} of E={E}, p={p}, d={d})"
+                f"(compressing {','.join(config.matrices)} of E={E}, p={p}, d={d}): {reach}"
             )
+        if config.target_ratio > MOST_USEFUL_RATIO:
+            logger.warning(
+                "--target-ratio %s keeps %.0f%% of the expert parameters (rank %d of %d): little of what the experts "
+                "compute survives such a cut (reachable up to %.2f)",
+                config.target_ratio, 100 * (1 - config.target_ratio), rank, method.max_rank(E, p, d, config), most,
+            )  # fmt: skip
     elif rank is None and method.name != "mobe":
         raise CompressionError(f"--method {method.name} needs --rank or --target-ratio")
     rank = rank or min(p, d)  # the paper's r = p, capped where experts are wider than the hidden size
@@ -320,6 +332,7 @@ def compress(
     _check_output(output)
     reader = CheckpointReader(model)
     refuse_quantized(reader, "compress")
+    refuse_native(reader, "compress")
     layout = moe_layout(reader.config)
     config = resolve_settings(layout, config)
     check_calibration(reader, config)

@@ -83,7 +83,14 @@ def test_fused_tensors_are_rebuilt_in_place(arch, tiny_checkpoints, tmp_path):
         assert torch.equal(native.get(stack), layout.read_experts(source, layer, "up"))
 
 
-@pytest.mark.parametrize(("model_type", "needle"), [("nemotron_h", "not gated"), ("bailing_moe", "no bailing_moe")])
+UNSUPPORTED_CASES = [
+    ("nemotron_h", "not gated"),
+    ("bailing_moe", "no bailing_moe"),
+    ("qwen3_vl_moe_text", "no causal-LM class"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "needle"), UNSUPPORTED_CASES)
 def test_known_unsupported_families_say_why(model_type, needle):
     with pytest.raises(UnsupportedArchitectureError, match=needle) as err:
         moe_layout({"model_type": model_type, "num_hidden_layers": 2})
@@ -142,3 +149,44 @@ def test_qwen3_vl_moe_saved_by_transformers_is_refused_by_shape(tmp_path):
         "tensor model.language_model.layers.0.mlp.experts.gate_up_proj has shape [8, 48, 32], expected [8, 32, 48] "
         "from config.json"
     )
+
+
+# (text-only model type, its transformers config class, the published family it is the text part of)
+TEXT_ONLY_CASES = [
+    ("qwen3_5_moe_text", "Qwen3_5MoeTextConfig", "qwen3_5_moe"),
+    ("gemma4_text", "Gemma4TextConfig", "gemma4"),
+    ("llama4_text", "Llama4TextConfig", "llama4"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "config_class", "family"), TEXT_ONLY_CASES)
+def test_text_only_checkpoint_saved_by_transformers(model_type, config_class, family, tmp_path):
+    """A family's text-only model, built by AutoModelForCausalLM from its text config and saved by transformers,
+    compresses from the command line, and its native checkpoint opens with AutoModelForCausalLM like the dense one
+    `mobe reconstruct` rebuilds; the experts are the published family's, without the `language_model` wrapper."""
+    from transformers import AutoModelForCausalLM
+
+    from mobe.fixtures import tiny_config
+
+    config = tiny_config(model_type)
+    assert type(config).__name__ == config_class
+    assert config.to_dict() == tiny_config(family).get_text_config().to_dict()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "src")
+    layout = moe_layout(CheckpointReader(tmp_path / "src").config)
+    assert layout.arch.model_type == model_type and "language_model" not in layout.arch.experts
+    published = moe_layout(tiny_config(family).to_dict())
+    assert (layout.num_experts, layout.intermediate_size, layout.hidden_size) == (
+        published.num_experts, published.intermediate_size, published.hidden_size,
+    )  # fmt: skip
+
+    argv = [str(tmp_path / "src"), "-q", "--bases", "2", "--rank", "8", "--steps", "5"]
+    assert main(["compress", *argv, "-o", str(tmp_path / "n")]) == 0
+    assert main(["reconstruct", str(tmp_path / "n"), "-o", str(tmp_path / "d"), "-q"]) == 0
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "n", dtype=torch.float32).eval()
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d", dtype=torch.float32).eval()
+    assert type(native).__name__ == "Mobe" + type(model).__name__ and type(dense) is type(model)
+    ids = torch.randint(2, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)

@@ -48,3 +48,21 @@ def test_mixtral_names_w1_gate_w3_up():
 def test_missing_expert_count_is_named():
     with pytest.raises(ValueError, match="n_routed_experts"):
         moe_layout({"model_type": "deepseek_v3", "num_hidden_layers": 2, "moe_intermediate_size": 8, "hidden_size": 8})
+
+
+def test_every_family_has_a_tiny_config_of_its_own_class():
+    """Each registered family is built by the tests from an entry of TINY_CONFIGS (its text-only form from its
+    family's), whose class is the one transformers maps the model type to."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from mobe.architectures import canonical_model_types
+    from mobe.fixtures import tiny_config
+    from mobe.tiny_configs import TINY_CONFIGS
+
+    for model_type in canonical_model_types():
+        assert model_type in TINY_CONFIGS or model_type.removesuffix("_text") in TINY_CONFIGS, model_type
+        if model_type in TINY_CONFIGS:
+            assert TINY_CONFIGS[model_type].config_class == CONFIG_MAPPING[model_type].__name__, model_type
+        assert type(tiny_config(model_type)) is CONFIG_MAPPING[model_type], model_type
+    with pytest.raises(ValueError, match="no tiny config for model_type 'llama'"):
+        tiny_config("llama")

@@ -47,3 +47,23 @@ def test_ratio_text_never_rounds_onto_or_across_its_target(monkeypatch, value, t
     assert results_io.ratio_text(value, target) == text
     shown = float(text)
     assert (shown > target) == (value > target) and (shown < target) == (value < target)
+
+
+# (a benchmark's check as its JSON holds it, its name, the statement the docs show)
+STATEMENT_CASES = [
+    ("2 workers vs 1: 1.64x faster (target >= 1.5x): yes", "", "2 workers vs 1: 1.64x faster (target >= 1.5x, met)."),
+    ("a / b: 0.37x (target >= 0.5x): NO", "", "A / b: 0.37x (target >= 0.5x, not met)."),
+    ("distillation never made perplexity worse: yes", "", "Distillation never made perplexity worse."),
+    ("closes 29% of the gap (target >= 50%): no", "", "Closes 29% of the gap (target >= 50%, not met)."),
+    ("same error (difference <= 1e-5): yes, largest 1e-8", "", "Same error (difference <= 1e-5), largest 1e-8."),
+    ("bits identical: no", "", "Not the case: bits identical."),
+    (True, "factored_at_least_10x_smaller", "Factored at least 10x smaller."),
+    ("coarse @ 0.25: best slbf (+0.291)", "", "Coarse @ 0.25: best slbf (+0.291)."),
+]
+
+
+@pytest.mark.parametrize(("check", "name", "statement"), STATEMENT_CASES)
+def test_checks_read_as_plain_statements(monkeypatch, check, name, statement):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    results_io = importlib.import_module("results_io")
+    assert results_io.plain_statement(check, name) == statement

@@ -77,3 +77,23 @@ def test_perplexity_runs_in_float32_and_equals_one_forward(tmp_path, capsys):
         logits = model(ids).logits[0, :-1]
     expected = math.exp(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item())
     assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+# (words of held-out text, whether the perplexity warns that the text is too short)
+SHORT_TEXT_CASES = [(2, True), (20, True), (200, False)]
+
+
+@pytest.mark.parametrize(("words", "warns"), SHORT_TEXT_CASES)
+def test_perplexity_of_a_short_text_warns_and_still_answers(words, warns, tmp_path, capsys, caplog):
+    from mobe.evaluate.perplexity import MIN_MEANINGFUL_TOKENS
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join((trained_fixture_path() / "heldout.txt").read_text().split()[:words]))
+    out = tmp_path / "p.json"
+    with caplog.at_level("WARNING", logger="mobe.evaluate.perplexity"):
+        assert main(["perplexity", str(trained_fixture_path()), "--text", str(text), "--json", str(out), "-q"]) == 0
+    tokens = json.loads(out.read_text())["tokens"]
+    assert "perplexity" in capsys.readouterr().out and (tokens < MIN_MEANINGFUL_TOKENS) == warns
+    messages = [r.getMessage() for r in caplog.records]
+    expected = f"perplexity over only {tokens} tokens (fewer than 64) is not meaningful: use a longer text"
+    assert [m.startswith(expected) for m in messages] == ([True] if warns else [])

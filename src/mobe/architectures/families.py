@@ -148,6 +148,12 @@ FAMILIES = (
         model_class="Llama4ForConditionalGeneration",
         text_model="language_model",  # its multimodal forward fails on every input in transformers 5.24
     ),
+    # Text-only forms of the multimodal families above (`AutoModelForCausalLM.from_config(<Family>TextConfig(...))`,
+    # saved by transformers): the same experts without the `language_model` wrapper in their names. Qwen3.5-MoE's are
+    # saved one tensor per expert (transformers' `qwen2_moe` rules); Gemma 4's and Llama 4's as the module holds them.
+    _per_expert("qwen3_5_moe_text"),
+    _fused_gate_up("gemma4_text", "model.layers.{layer}.experts"),
+    _fused_gate_up("llama4_text", _FEED_FORWARD, transposed=True),
     # DBRX: per layer three (E * p, d) tensors, w1 (gate) and v1 (up) as (p, d) per expert, w2 the transpose of
     # down, (p, d) per expert; the experts module holds them as they are and calls its activation `mlp.activation_fn`.
     ArchSpec(
@@ -168,6 +174,8 @@ FAMILIES = (
 UNSUPPORTED = {
     "bailing_moe": "Ling / Ring 2.0 (bailing_moe) ships only as remote code; the installed transformers has no "
     "bailing_moe class (bailing_hybrid is supported)",
+    "qwen3_vl_moe_text": "the installed transformers has no causal-LM class for the text-only Qwen3-VL-MoE (its text "
+    "model has no lm_head): compress the published qwen3_vl_moe checkpoint",
     "nemotron_h": "Nemotron-H experts are not gated (relu2(up x), then down): there is no gate matrix to factorise "
     "beside up, and the factorised experts compute act(gate x) * (up x)",
 }

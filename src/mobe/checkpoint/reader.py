@@ -50,6 +50,19 @@ def resolve_checkpoint(model: str | os.PathLike) -> Path:
         raise CheckpointError(f"could not get {model} from the Hugging Face hub: {first_line}") from None
 
 
+def refuse_native(reader: CheckpointReader, what: str) -> None:
+    """One line for a native mobe checkpoint (factors, not dense experts) where dense experts are read."""
+    section = reader.config.get("mobe") or {}
+    if section.get("format") != "native":
+        return
+    how = f"{section.get('method', 'mobe')}, {section.get('num_bases')} bases, rank {section.get('rank')}"
+    raise CheckpointError(
+        f"{reader.path} is a mobe native checkpoint (compressed by mobe: {how}), which holds factors, not the dense "
+        f"experts to {what}: {what} its original checkpoint, or run `mobe reconstruct {reader.path} -o DENSE` "
+        f"first and {what} DENSE"
+    )
+
+
 class CheckpointReader:
     """Index of a checkpoint's tensors with lazy, per-tensor reads.
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Fewer scored tokens than this: the perplexity is reported with a warning (a handful of tokens says little about a
+# model, and two compressions' perplexities on them differ by noise).
+MIN_MEANINGFUL_TOKENS = 64
 
 
 @dataclass
@@ -29,13 +36,20 @@ def sliding_window_perplexity(
 
     Every token after the first is scored exactly once; the chunk of targets [t, t + stride) is scored by one
     forward pass over the `context` tokens that end at its last target, so each target sees at least
-    `context - stride` tokens of history (fewer only near the start).
+    `context - stride` tokens of history (fewer only near the start). Fewer than `MIN_MEANINGFUL_TOKENS` scored
+    tokens are still scored, with a warning.
     """
     if stride < 1 or context < 2 or stride >= context:
         raise ValueError(f"need 1 <= stride < context, got context={context}, stride={stride}")
     ids = input_ids.reshape(-1)
     if ids.numel() < 2:
         raise ValueError("need at least 2 tokens to measure perplexity")
+    if ids.numel() - 1 < MIN_MEANINGFUL_TOKENS:
+        logger.warning(
+            "perplexity over only %d tokens (fewer than %d) is not meaningful: use a longer text (thousands of tokens)",
+            ids.numel() - 1,
+            MIN_MEANINGFUL_TOKENS,
+        )
     device = next(model.parameters()).device
     total_nll = 0.0
     chunk_starts = range(1, ids.numel(), stride)
