@@ -56,3 +56,18 @@ def test_bad_budgets_are_refused(tiny):
     with pytest.raises(ValueError, match="one of"):
         plan_budget(tiny)
     assert Option(Recipe("mobe", 4, 0.25), 1, 0.0).recipe.label() == "MoBE 25% cut, int4 factors"
+
+
+def test_cli_compress_to_a_byte_budget(tiny, tmp_path, capsys):
+    from mobe.cli.main import main
+
+    out = tmp_path / "budget"
+    assert main(["compress", str(tiny), "-o", str(out), "--target-bytes", "0.45", "--steps", "5", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "<- chosen" in printed and f"wrote {out}" in printed
+    assert stored_bytes(out) <= 0.45 * stored_bytes(tiny)
+    assert main(["compress", str(tiny), "-o", str(tmp_path / "none"), "--target-bytes", "0.01", "-q"]) == 2
+    assert "nothing fits" in capsys.readouterr().err
+    both = ["--target-bytes", "0.4", "--target-ratio", "0.3"]
+    assert main(["compress", str(tiny), "-o", str(tmp_path / "both"), *both]) == 2
+    assert not (tmp_path / "none").exists() and not (tmp_path / "both").exists()

@@ -53,9 +53,21 @@ def _distill_config(args: argparse.Namespace, prefix: str = "", device: str = "a
     return config_from_args(DistillConfig, args, prefix=prefix, exclude=("device",), device=device)
 
 
+def _budget(args: argparse.Namespace) -> dict[str, float] | None:
+    """--target-bytes F or --target-gib G as plan_budget's keyword, or None."""
+    if args.target_bytes is not None and args.target_gib is not None:
+        raise ValueError("give one of --target-bytes and --target-gib")
+    if args.target_bytes is not None:
+        return {"target_bytes": args.target_bytes}
+    return None if args.target_gib is None else {"target_gib": args.target_gib}
+
+
 def _cmd_compress(args: argparse.Namespace) -> None:
     if args.method == "reap":
         return _cmd_prune(args)
+    budget = _budget(args)
+    if budget is not None:
+        return _cmd_compress_to_budget(args, budget)
     from ..pipeline import compress
 
     distill = None
@@ -79,6 +91,20 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} ({report.format}); report: {args.output}/mobe_report.json")
 
 
+def _cmd_compress_to_budget(args: argparse.Namespace, budget: dict[str, float]) -> None:
+    """--target-bytes: measure every candidate recipe on a sample layer, write the best that fits."""
+    from ..plan import execute_plan, plan_budget
+
+    if args.target_ratio is not None or args.quantize is not None or args.reconstruct:
+        raise ValueError("--target-bytes chooses the cut and the bits itself: leave out --target-ratio and --quantize")
+    config = _mobe_config(args)
+    device = args.device.split(",")[0]
+    plan = plan_budget(args.model, **budget, device="cpu" if device == "auto" else device)
+    print(plan.table())
+    recipe = execute_plan(plan, args.model, args.output, config, progress=not args.quiet)
+    print(f"wrote {args.output}: {recipe.label()}")
+
+
 def _cmd_distill(args: argparse.Namespace) -> None:
     from ..distill import distill
 
@@ -93,6 +119,18 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     )
     print(report.table())
     print(f"wrote {args.output}; report: {args.output}/mobe_distill.json, plot: {args.output}/mobe_distill.png")
+
+
+def _add_budget_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target-bytes",
+        type=float,
+        metavar="F",
+        default=None,
+        help="a byte budget, as a share of the original checkpoint's stored bytes: measure every recipe (the original "
+        "or MoBE at a cut, at 16/8/4/3/2 bits) on a sample layer and write the best that fits",
+    )
+    p.add_argument("--target-gib", type=float, metavar="G", default=None, help="the byte budget in GiB")
 
 
 # --- --method reap: expert pruning (a stage of its own: the output is a smaller model, not factors) ---------------
@@ -365,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_mobe_options(p)
+    _add_budget_options(p)
     p.add_argument(
         "--distill",
         metavar="FILE",
