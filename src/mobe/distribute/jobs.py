@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ..architectures import MoeLayout, moe_layout
+from ..calibrate.collect import release_memory
 from ..calibrate.stats import LayerStats, stats_path
 from ..checkpoint import CheckpointReader
 from ..config import MobeConfig
@@ -146,5 +147,6 @@ def run_job(spec: JobSpec, device: str, progress: bool = False) -> dict[str, Any
         factors, result = fit_job(reader, layout, config, spec.layer, spec.matrix, device, progress, calibration)
     finally:
         torch.set_num_threads(threads)
+        release_memory()  # the stack's per-expert reads: not kept in this process beside the next job
     JobStore(spec.work).save(spec.layer, spec.matrix, factors, result)
     return result.__dict__
