@@ -279,7 +279,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from ..info import families_table, memory_estimate, model_info
+    from ..estimate import memory_estimate
+    from ..info import families_table, model_info
 
     if args.list:
         print(families_table())

@@ -1,4 +1,5 @@
-"""What a distillation will hold in memory, from the checkpoints' headers and the settings (no weights read)."""
+"""What a distillation (`mobe.distill`) will hold in memory, from the checkpoints' headers and the settings (no
+weights read)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from dataclasses import dataclass
 from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
 from ..config import DistillConfig
+from ..distill.trainable import FACTOR_FIELDS
 from ..export import FACTOR_PREFIX
-from .trainable import FACTOR_FIELDS
 
 FLOAT32 = 4
 
@@ -51,7 +52,7 @@ def _trained_params(reader: CheckpointReader, layout: MoeLayout, mode: str) -> i
     )
 
 
-def estimate(compressed: CheckpointReader, config: DistillConfig) -> DistillMemory:
+def distill_memory(compressed: CheckpointReader, config: DistillConfig) -> DistillMemory:
     """Memory of a distillation of `compressed` with `config`.
 
     Activations: with checkpointing, each decoder layer's input for one sequence is kept (layers x L x d), one
