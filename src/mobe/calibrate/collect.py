@@ -7,7 +7,8 @@ freed again. Peak memory: one decoder layer in the source's dtype, the hidden st
 and one layer's statistics (factored Grams: min(n_i, d) rows per expert, see `mobe.factorize.gram`); never the
 whole checkpoint. The experts are read straight into the stacked tensors the module holds, a few experts at a time
 (no per-expert copies beside the stacks), and kept in the source's dtype: the module computes each routed expert in
-float32 from its own slice, which gives the same numbers as converting the whole stack first. What a layer no longer
+float32 from its own slice (the values of converting the whole stack first; one matmul per expert instead of
+transformers' grouped one, so later layers differ from a converted run by float32 rounding only). What a layer no longer
 needs is handed back to the operating system before the next one is read (`release_memory`).
 """
 
@@ -147,9 +148,9 @@ def _float32_forward(experts: nn.Module) -> bool:
     """Let a fused experts module holding lower-precision stacks compute in float32, one routed expert at a time.
 
     Only for the layout transformers' default experts forward computes (`gate_up_proj` [gate; up] (E, 2p, d),
-    `down_proj` (E, d, p), no biases, `act_fn(gate) * up`): each expert's slice is converted as it is used, which
-    gives the numbers the module would give after a whole `.float()`, without a float32 copy of the layer. Returns
-    False (nothing changed) for any other module.
+    `down_proj` (E, d, p), no biases, `act_fn(gate) * up`): each expert's slice is converted as it is used (the
+    values a whole `.float()` would give, computed one expert at a time), without a float32 copy of the layer.
+    Returns False (nothing changed) for any other module.
     """
     standard = (
         getattr(experts, "has_gate", False)
@@ -171,10 +172,10 @@ def _experts_forward_float32(self: nn.Module, hidden: Tensor, top_k_index: Tenso
     for e in top_k_index.unique().tolist():
         if e >= self.gate_up_proj.shape[0]:
             continue
-        token, pos = torch.where(top_k_index == e)
-        gate_up = hidden[token] @ self.gate_up_proj[e].float().T
+        pos, token = torch.where((top_k_index == e).T)  # ordered as transformers' eager forward orders them
+        gate_up = nn.functional.linear(hidden[token], self.gate_up_proj[e].float())
         mid = self.act_fn(gate_up[:, :p]) * gate_up[:, p:]
-        y = (mid @ self.down_proj[e].float().T) * top_k_weights[token, pos, None]
+        y = nn.functional.linear(mid, self.down_proj[e].float()) * top_k_weights[token, pos, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
 
