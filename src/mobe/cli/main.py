@@ -174,6 +174,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         distill=distill,
         distill_text=args.distill,
         quantize=_quantize_config(args),
+        force=args.force,
     )
     print(report.table())
     if report.distill is not None:
@@ -489,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
         "node sees",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--force", action="store_true", help="run even where the memory estimate exceeds what the device has free"
+    )
     _add_mobe_options(p)
     p.add_argument(
         "--distill",
