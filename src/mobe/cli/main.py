@@ -304,6 +304,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
             "cpu" if device.type == "cpu" else "cuda",
             args.context,
             args.cache_mib,
+            schedule=args.schedule,
         )
         print(estimate.summary())
     if info.num_bases is not None and info.stored is None and info.quantization is None:

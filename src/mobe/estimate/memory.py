@@ -19,6 +19,9 @@ from ..evaluate import mobe_parameters
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 GiB = 2**30
+# What a command allocates above an idle interpreter whatever the model's size: torch's first kernels and thread pools,
+# transformers building a model, the tokenizer (measured on the trained fixtures, benchmarks/memory_estimates.py).
+RUNTIME_BYTES = 48 * 2**20
 
 
 def gib(n: float) -> str:
@@ -80,16 +83,20 @@ def compression_job_bytes(
     stats_bytes: int = 0,
     weighting_rows: int = 0,
     device: str = "cpu",
+    schedule: str = "fast",
 ) -> tuple[int, int]:
-    """(host, device) peak bytes of one MoBE (layer, matrix) job, Adam schedule.
+    """(host, device) peak bytes of one MoBE (layer, matrix) job.
 
     Held throughout: the expert stack in the source dtype, the layer's Gram factor (`stats_bytes`) and the
     weighting built from it (`weighting_rows` directions of d float32 numbers). On top, the largest of: reading
     (the per-expert tensors before they are stacked), fitting (the float32 target, the parameters with their
     gradients, two Adam moments and the best state, and the larger of one chunk's activations (`auto_chunk`) and
     one SVD group's initialisation, with calibration also the weighted loss's transients and the whitened stack),
-    and the error report (a float32 copy and the reconstruction). On a GPU the
-    fit and a copy of the weighting are there, the rest in host RAM.
+    and the error report (a float32 copy and the reconstruction). The fast schedule also holds the row-space
+    targets C (a float32 stack) with their bases U (E k^2, k = min(p, d)) and the factorisation's transient (a
+    stack); with calibration the whitened stack, the plain row space its start is mapped from, and the mean metric
+    of each SVD group (`weighting_rows / m` directions each, at most d). On a GPU the fit and a copy of the
+    weighting are there, the rest in host RAM.
     """
     from ..factorize.mobe import auto_chunk
 
@@ -103,8 +110,13 @@ def compression_job_bytes(
     init = 4 * (2 * group + min(group, rank * d))
     if weighting_rows:  # the weighted loss's two (chunk, p, d) transients; the whitened stack for the init
         activations += chunk * 4 * 2 * p * d
-        init += 4 * stack
+        init += 4 * stack + 4 * num_bases * min(-(-weighting_rows // num_bases), d) * d
     fit = 4 * stack + 5 * 4 * params + max(activations, init)
+    if schedule == "fast":
+        k = min(p, d)
+        fit += 4 * stack + 4 * num_experts * k * k + 4 * stack
+        if weighting_rows:  # the whitened stack and the plain row space beside the weighted one
+            fit += 4 * stack + 4 * stack + 4 * num_experts * k * k
     report = 8 * stack + 4 * params
     if device == "cpu":
         return held + max(source_bytes * stack, fit, report), 0
@@ -143,6 +155,22 @@ def inference_bytes(
         per_token = 2 * config.get("num_key_value_heads", heads) * head_dim
     kv = layout.num_layers * per_token * context * dtype_bytes
     return weights, mixed + int(cache_mib * 2**20) * len(layout.moe_layers) + kv
+
+
+def export_bytes(reader: CheckpointReader, layout: MoeLayout, jobs: list[tuple[int, str]], native: bool = True) -> int:
+    """Peak bytes of writing the output (`mobe.export.write_checkpoint`), one shard at a time: the largest source
+    shard's tensors that are written again (native: all but the replaced experts; dense: every one, the rebuilt
+    ones in place of the source's) as read, and their serialised copy."""
+    from ..export import replaced_tensor_names
+
+    replaced = set(replaced_tensor_names(layout, jobs)) if native else set()
+    largest = 0
+    for names in reader.tensors_by_shard().values():
+        kept = sum(
+            math.prod(reader.shape(n)) * DTYPE_BYTES.get(reader.dtype_name(n), 4) for n in names if n not in replaced
+        )
+        largest = max(largest, kept)
+    return 2 * largest
 
 
 def source_bytes(reader: CheckpointReader, layout: MoeLayout) -> int:
@@ -233,6 +261,7 @@ class MemoryEstimate:
     calibrated_job_host: int  # ... with --calibration
     calibrated_job_device: int
     calibration_pass: int  # the calibration pass: one decoder layer streamed at a time, with its statistics
+    export: int  # writing the output, one shard at a time
     stats_gram: int  # one layer's calibration statistics as dense float64 Grams (before)
     stats_factor: int  # ... factored, balanced routing, while collecting (peak)
     stats_factor_bound: int  # ... factored, any routing
@@ -243,10 +272,13 @@ class MemoryEstimate:
     device: str = "cpu"
 
     def compress_host(self, calibrated: bool = False, workers: int = 1) -> int:
-        """`mobe compress`'s host peak: `workers` jobs at once, and with calibration the pass before them."""
-        if not calibrated:
-            return workers * self.job_host
-        return max(self.calibration_pass, workers * self.calibrated_job_host)
+        """`mobe compress`'s host peak: the largest of `workers` jobs at once (each worker process its own runtime),
+        with calibration the pass before them, and writing the output; plus the runtime's own allocations."""
+        job = self.calibrated_job_host if calibrated else self.job_host
+        stages = [workers * (job + RUNTIME_BYTES) if workers > 1 else job, self.export]
+        if calibrated:
+            stages.append(self.calibration_pass)
+        return max(stages) + RUNTIME_BYTES
 
     def compress_device(self, calibrated: bool = False) -> int:
         """Peak bytes on one accelerator (each device of a pool runs one job at a time)."""
@@ -261,8 +293,10 @@ class MemoryEstimate:
                 "memory (estimates from the config's shapes):",
                 f"  compression job (one layer, one matrix type): {job(self.job_host, self.job_device)}, "
                 f"with --calibration {job(self.calibrated_job_host, self.calibrated_job_device)}",
-                f"  calibration pass (one decoder layer at a time, {self.calibration_tokens} tokens): "
-                f"{gib(self.calibration_pass)} RAM",
+                f"  compress: {gib(self.compress_host())} RAM (the largest of a job and writing the output, "
+                f"{gib(self.export)}), with --calibration {gib(self.compress_host(True))} (the calibration pass, "
+                f"one decoder layer at a time: {gib(self.calibration_pass)}); each includes "
+                f"{gib(RUNTIME_BYTES)} for torch and transformers themselves",
                 f"  calibration statistics of one layer ({self.calibration_tokens} tokens x top-{self.top_k}): "
                 f"factored {gib(self.stats_factor)} (balanced routing; at most {gib(self.stats_factor_bound)}), "
                 f"dense Grams {gib(self.stats_gram)}",
@@ -284,6 +318,7 @@ def memory_estimate(
     cache_mib: float = 0.0,
     calibration_seq_len: int = 512,
     keep_inputs: bool = False,
+    schedule: str = "fast",
 ) -> MemoryEstimate:
     """Peak memory of compressing `model` (one job, the calibration pass and statistics) and of running the result
     natively. `device`: "cpu" or "cuda" (where a job's fit runs)."""
@@ -297,10 +332,9 @@ def memory_estimate(
     counts = balanced_counts(E, calibration_tokens, top_k)
     stats = factor_stats_bytes(counts, p, d, collecting=True)
     job_stats = factor_bytes(counts, d)  # a gate/up job reads the inputs' factor (the larger one)
-    host, gpu = compression_job_bytes(E, p, d, num_bases, rank, groups, nbytes, device=device)
-    calibrated = compression_job_bytes(
-        E, p, d, num_bases, rank, groups, nbytes, job_stats, sum(min(n, d) for n in counts), device
-    )
+    host, gpu = compression_job_bytes(E, p, d, num_bases, rank, groups, nbytes, device=device, schedule=schedule)
+    rows = sum(min(n, d) for n in counts)
+    calibrated = compression_job_bytes(E, p, d, num_bases, rank, groups, nbytes, job_stats, rows, device, schedule)
     weights, workspace = inference_bytes(
         layout,
         reader.num_parameters(),
@@ -321,6 +355,7 @@ def memory_estimate(
         calibration_pass=calibration_pass_bytes(
             reader, layout, calibration_tokens, calibration_seq_len, keep_inputs, stats
         ),
+        export=export_bytes(reader, layout, [(layer, m) for layer in layout.moe_layers for m in matrices]),
         stats_gram=gram_stats_bytes(E, p, d),
         stats_factor=stats,
         stats_factor_bound=factor_stats_bound(E, p, d, calibration_tokens, top_k, collecting=True),
@@ -344,6 +379,7 @@ def compress_memory_estimate(reader: CheckpointReader, config: MobeConfig, devic
         device,
         calibration_seq_len=config.calibration_seq_len,
         keep_inputs=config.calibration_refine_steps > 0,
+        schedule=config.schedule,
     )
 
 
