@@ -463,6 +463,13 @@ def compress_memory_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_estimates_table(result: dict) -> str:
+    """memory_estimates.py: its own `table` (estimate against measured peak per model and command), its verdicts."""
+    from memory_estimates import table
+
+    return "\n".join([table(result), *_verdict_lines(result)]) + "\n"
+
+
 def ray_scaling_table(result: dict) -> str:
     """ray_scaling.py: wall time per runner, the bit-identity verdict (if the JSON has it), and the projections."""
     a = result["args"]
@@ -680,6 +687,7 @@ BLOCKS = {
         ("docs/runtime.md", "inference_memory_summary", inference_memory_summary),
     ],
     "compress_memory": [("docs/results.md", "compress_memory", compress_memory_table)],
+    "memory_estimates": [("docs/results.md", "memory_estimates", memory_estimates_table)],
     "ray_scaling": [
         ("docs/results.md", "ray_scaling", ray_scaling_table),
         ("docs/scale-out.md", "ray_scaling_summary", ray_scaling_summary),
