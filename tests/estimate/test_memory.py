@@ -51,7 +51,7 @@ def test_quantize_estimate_is_the_largest_shard_read_and_written(tiny):
         matrices = [n for n, name in zip(numels, names, strict=True) if len(reader.shape(name)) > 1]
         held = 4 * sum(numels) + sum(1.5 * n + 4 * n / 16 for n in matrices) + 12 * max(matrices, default=0)
         expected = max(expected, int(held))
-    assert memory.quantize_bytes(reader, config) == expected
+    assert memory.quantize_bytes(reader, config) == expected + memory.RUNTIME_BYTES["quantize"]
 
 
 def test_calibration_pass_is_one_layer_plus_the_hidden_states_and_statistics(tiny):

@@ -198,6 +198,11 @@ class LayerStream:
             self.decoder.rotary_emb = type(self.decoder.rotary_emb)(config=self.config)
 
     def _load(self, prefix: str, module: nn.Module, layer: int | None = None) -> None:
+        experts = None
+        if layer is not None and layer in self.layout.moe_layers:  # not allocated here: read in the stored dtype below
+            experts = self.model.get_submodule(self.layout.arch.experts_module.format(layer=layer))
+            for name in ("gate_up_proj", "down_proj"):
+                setattr(experts, name, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
         module.to_empty(device="cpu")
         names = [m for m in self.names if m.startswith(prefix)]
         tensors = self.reader.get_many([self.names[m] for m in names])
@@ -207,10 +212,10 @@ class LayerStream:
             raise CalibrationError(f"{self.reader.path}: tensors the model does not have: {result.unexpected_keys[:5]}")
         _rebuild_meta_buffers(module)
         module.float().eval()
-        if layer is not None and layer in self.layout.moe_layers:  # after `.float()`: kept in the stored dtype
-            experts = self.model.get_submodule(self.layout.arch.experts_module.format(layer=layer))
+        if experts is not None:  # after `.float()`: kept in the stored dtype
             gate_up, down = self._read_stacks(layer)
-            experts.load_state_dict({"gate_up_proj": gate_up, "down_proj": down}, strict=False, assign=True)
+            experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+            experts.down_proj = nn.Parameter(down, requires_grad=False)
             if gate_up.dtype != torch.float32 and not _float32_forward(experts):
                 experts.float()  # a family whose experts module computes otherwise: converted whole
         still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
