@@ -19,9 +19,16 @@ from ..evaluate import mobe_parameters
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 GiB = 2**30
-# What a command allocates above an idle interpreter whatever the model's size: torch's first kernels and thread pools,
-# transformers building a model, the tokenizer (measured on the trained fixtures, benchmarks/memory_estimates.py).
-RUNTIME_BYTES = 48 * 2**20
+# What each command allocates above an idle interpreter whatever the model's size: torch's first kernels and thread
+# pools, transformers building a model, the tokenizer, matplotlib for distill's plot (measured on the smallest
+# trained fixture, where the model's own tensors are a few MiB: benchmarks/memory_estimates.py).
+RUNTIME_BYTES = {
+    "compress": 48 * 2**20,
+    "calibration": 16 * 2**20,
+    "inference": 88 * 2**20,
+    "quantize": 16 * 2**20,
+    "distill": 160 * 2**20,
+}
 
 
 def gib(n: float) -> str:
@@ -115,8 +122,8 @@ def compression_job_bytes(
     if schedule == "fast":
         k = min(p, d)
         fit += 4 * stack + 4 * num_experts * k * k + 4 * stack
-        if weighting_rows:  # the whitened stack and the plain row space beside the weighted one
-            fit += 4 * stack + 4 * stack + 4 * num_experts * k * k
+        if weighting_rows:  # the whitened stack and the plain row space beside the weighted one, and the metric's
+            fit += 4 * 4 * stack + 4 * num_experts * k * k  # application (a scaled copy and its result)
     report = 8 * stack + 4 * params
     if device == "cpu":
         return held + max(source_bytes * stack, fit, report), 0
@@ -234,7 +241,8 @@ def _dtype_of(reader: CheckpointReader, name: str) -> str:
 def quantize_bytes(reader: CheckpointReader, config: QuantizeConfig | None = None) -> int:
     """Peak bytes of `mobe quantize` on a native checkpoint (its factors; a dense one: every float weight): one shard
     at a time, its tensors as read beside their quantised form (int8 before packing, packed, and the scales), plus
-    the float32 transients of the largest tensor (the grouped copy, its quotient by the scales, the rounded values)."""
+    the float32 transients of the largest tensor (the grouped copy, its quotient by the scales, the rounded values),
+    and the libraries' own allocations."""
     config = config or QuantizeConfig()
     native = (reader.config.get("mobe") or {}).get("format") == "native"
     peak = 0
@@ -249,7 +257,7 @@ def quantize_bytes(reader: CheckpointReader, config: QuantizeConfig | None = Non
                 quantised += numel * (1 + config.bits / 8) + 4 * numel / config.group_size
                 largest = max(largest, numel)
         peak = max(peak, int(read + quantised + 3 * 4 * largest))
-    return peak
+    return peak + RUNTIME_BYTES["quantize"]
 
 
 @dataclass
@@ -275,10 +283,16 @@ class MemoryEstimate:
         """`mobe compress`'s host peak: the largest of `workers` jobs at once (each worker process its own runtime),
         with calibration the pass before them, and writing the output; plus the runtime's own allocations."""
         job = self.calibrated_job_host if calibrated else self.job_host
-        stages = [workers * (job + RUNTIME_BYTES) if workers > 1 else job, self.export]
+        runtime = RUNTIME_BYTES["compress"]
+        stages = [workers * (job + runtime) if workers > 1 else job, self.export]
         if calibrated:
             stages.append(self.calibration_pass)
-        return max(stages) + RUNTIME_BYTES
+        return max(stages) + runtime
+
+    @property
+    def inference_total(self) -> int:
+        """`mobe generate`'s peak: the weights, the workspace and caches, and the libraries' own."""
+        return self.inference_weights + self.inference_workspace + RUNTIME_BYTES["inference"]
 
     def compress_device(self, calibrated: bool = False) -> int:
         """Peak bytes on one accelerator (each device of a pool runs one job at a time)."""
@@ -296,11 +310,11 @@ class MemoryEstimate:
                 f"  compress: {gib(self.compress_host())} RAM (the largest of a job and writing the output, "
                 f"{gib(self.export)}), with --calibration {gib(self.compress_host(True))} (the calibration pass, "
                 f"one decoder layer at a time: {gib(self.calibration_pass)}); each includes "
-                f"{gib(RUNTIME_BYTES)} for torch and transformers themselves",
+                f"{gib(RUNTIME_BYTES['compress'])} for torch and transformers themselves",
                 f"  calibration statistics of one layer ({self.calibration_tokens} tokens x top-{self.top_k}): "
                 f"factored {gib(self.stats_factor)} (balanced routing; at most {gib(self.stats_factor_bound)}), "
                 f"dense Grams {gib(self.stats_gram)}",
-                f"  native inference: {gib(self.inference_weights + self.inference_workspace)} "
+                f"  native inference: {gib(self.inference_total)} "
                 f"(weights {gib(self.inference_weights)}, workspace and caches {gib(self.inference_workspace)})",
             ]
         )
