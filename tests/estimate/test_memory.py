@@ -91,8 +91,10 @@ def test_refusal_names_the_calibration_setting(tiny, tmp_path, monkeypatch):
     _refuse_below(monkeypatch, free)  # exactly enough: runs
     memory.check_compress_memory(reader, config, ["cpu"])
     plain = MobeConfig(num_bases=2, rank=8)
-    job = memory.compress_memory_estimate(reader, plain).job_host
-    _refuse_below(monkeypatch, 2 * job - 1)  # two local workers hold two jobs at once
+    estimate = memory.compress_memory_estimate(reader, plain)
+    two = estimate.compress_host(workers=2)  # two local workers: two jobs at once, each in its own process
+    assert two == 2 * (estimate.job_host + memory.RUNTIME_BYTES["compress"]) + memory.RUNTIME_BYTES["compress"]
+    _refuse_below(monkeypatch, two - 1)
     memory.check_compress_memory(reader, plain, ["cpu"])
     with pytest.raises(memory.MemoryRefusal, match="2 jobs at once"):
         memory.check_compress_memory(reader, plain, ["cpu", "cpu"])
