@@ -152,7 +152,7 @@ def _estimates(args: argparse.Namespace, src: Path, native: Path | None) -> dict
     from mobe.architectures import moe_layout
     from mobe.checkpoint import CheckpointReader
     from mobe.estimate import compress_memory_estimate, distill_memory, quantize_bytes
-    from mobe.estimate.memory import balanced_counts, factor_stats_bytes
+    from mobe.estimate.memory import RUNTIME_BYTES, balanced_counts, factor_stats_bytes
     from mobe.pipeline import resolve_settings
 
     reader = CheckpointReader(src)
@@ -162,7 +162,7 @@ def _estimates(args: argparse.Namespace, src: Path, native: Path | None) -> dict
         config = resolve_settings(layout, _config(args, calibrated))
         estimate = compress_memory_estimate(reader, config)
         out[command] = estimate.compress_host(calibrated)
-    out["calibration pass"] = estimate.calibration_pass
+    out["calibration pass"] = estimate.calibration_pass + RUNTIME_BYTES["calibration"]
     counts = balanced_counts(layout.num_experts, args.tokens, estimate.top_k)  # held once compacted
     out["statistics"] = factor_stats_bytes(counts, layout.intermediate_size, layout.hidden_size)
     context = args.prompt + args.new_tokens
@@ -172,11 +172,11 @@ def _estimates(args: argparse.Namespace, src: Path, native: Path | None) -> dict
     inference = memory_estimate(
         reader, config.num_bases, config.rank, config.groups, tuple(config.matrices), args.tokens, context=context
     )
-    out["inference"] = inference.inference_weights + inference.inference_workspace
+    out["inference"] = inference.inference_total
     if native is not None:
         compressed = CheckpointReader(native)
         out["quantize"] = quantize_bytes(compressed)
-        out["distill"] = distill_memory(compressed, _distill_config(args)).total
+        out["distill"] = distill_memory(compressed, _distill_config(args), reader).total
     return {k: v / 2**20 for k, v in out.items()}
 
 
@@ -280,7 +280,9 @@ def main() -> None:
     earlier: dict[str, dict[str, dict]] = {}
     for path in args.measured or []:
         for row in json.loads(path.read_text())["rows"]:
-            keep = ("baseline_mib", "measured_mib", "seconds", "statistics_bytes", "error")
+            if "error" in row:  # stopped or failed there: not a measurement
+                continue
+            keep = ("baseline_mib", "measured_mib", "seconds", "statistics_bytes")
             earlier.setdefault(row["model"], {})[row["command"]] = {k: row[k] for k in keep if k in row}
     if args.measured:
         args.models = [m for m in MODELS if m in earlier]
@@ -290,7 +292,7 @@ def main() -> None:
             shape = _shape(src)
             native = Path(tmp) / f"{name}-native"
             measured = earlier.get(name, {})
-            if measured and any(c in measured for c in ("quantize", "inference", "distill")):
+            if measured and any(c in measured for c in ("quantize", "distill")):
                 quick = argparse.Namespace(**{**vars(args), "steps": 1})  # the same shapes, whatever the steps
                 _run(quick, "compress", str(src), str(native))  # the native output the estimates read
             for command in args.commands if not args.measured else ():

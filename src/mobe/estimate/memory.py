@@ -167,7 +167,7 @@ def inference_bytes(
 def export_bytes(reader: CheckpointReader, layout: MoeLayout, jobs: list[tuple[int, str]], native: bool = True) -> int:
     """Peak bytes of writing the output (`mobe.export.write_checkpoint`), one shard at a time: the largest source
     shard's tensors that are written again (native: all but the replaced experts; dense: every one, the rebuilt
-    ones in place of the source's) as read, and their serialised copy."""
+    ones in place of the source's) as read, the file's pages mapped while they are read, and their serialised copy."""
     from ..export import replaced_tensor_names
 
     replaced = set(replaced_tensor_names(layout, jobs)) if native else set()
@@ -177,7 +177,7 @@ def export_bytes(reader: CheckpointReader, layout: MoeLayout, jobs: list[tuple[i
             math.prod(reader.shape(n)) * DTYPE_BYTES.get(reader.dtype_name(n), 4) for n in names if n not in replaced
         )
         largest = max(largest, kept)
-    return 2 * largest
+    return 3 * largest
 
 
 def source_bytes(reader: CheckpointReader, layout: MoeLayout) -> int:
