@@ -265,7 +265,6 @@ def main() -> None:
     parser.add_argument(
         "--measured",
         nargs="+",
-        type=Path,
         default=None,
         help="JSON of earlier runs: keep their measurements, rebuild the models and compute the estimates again",
     )
@@ -279,7 +278,7 @@ def main() -> None:
     rows = []
     earlier: dict[str, dict[str, dict]] = {}
     for path in args.measured or []:
-        for row in json.loads(path.read_text())["rows"]:
+        for row in json.loads(Path(path).read_text())["rows"]:
             if "error" in row:  # stopped or failed there: not a measurement
                 continue
             keep = ("baseline_mib", "measured_mib", "seconds", "statistics_bytes")
@@ -352,7 +351,10 @@ def main() -> None:
     print()
     for name, line in verdicts.items():
         print(f"{name}: {line}")
-    write_results({"rows": rows, "verdicts": verdicts}, args, start, plot, args.out)
+    result = {"rows": rows, "verdicts": verdicts}
+    if args.measured:  # the measurements of those runs, the estimates of this code
+        result["merged_from"] = args.measured
+    write_results(result, args, start, plot, args.out)
 
 
 if __name__ == "__main__":
