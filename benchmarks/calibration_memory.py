@@ -13,8 +13,8 @@ are 114 GB): the peak RSS (resource.getrusage ru_maxrss) minus the same process'
 and 2n experts. Statistics are per expert, so the peak is linear in the experts kept: the difference of the two
 runs gives the cost of one expert, what is left the fixed part (the streamed batch, the transient of one update),
 and the layer's figure is fixed + E * per expert. The table says which subsets were measured. The formula column
-is `mobe.info`'s estimate for the whole layer with balanced routing (what `mobe info` prints); the seconds are the
-statistics updates alone (one thread), scaled the same way.
+is `mobe.estimate.memory`'s estimate for the whole layer with balanced routing (what `mobe info` prints); the
+seconds are the statistics updates alone (one thread), scaled the same way.
 
     python benchmarks/calibration_memory.py [--tokens 4096 32768] [--gram-experts 2 --factor-experts 16]
 
@@ -135,7 +135,7 @@ def main() -> None:
         print(json.dumps(_child(variant, shape, int(tokens), int(subset), args.seq_len, args.seed)))
         return
 
-    from mobe.info import balanced_counts, factor_stats_bytes, gram_stats_bytes
+    from mobe.estimate.memory import balanced_counts, factor_stats_bytes, gram_stats_bytes
 
     start = time.perf_counter()
     rows = []

@@ -178,6 +178,9 @@ RUNS = (
     Run("compress_memory", "compress_memory.py", "", "--hidden 256 --experts 8 --intermediate 256 --layers 2 4"),
     Run("startup", "startup.py", "", "--repeats 2"),
     Run(
+        "memory_estimates", "memory_estimates.py", "", "--models coarse-fixture --commands compress quantize --steps 1"
+    ),
+    Run(
         "inference_memory",
         "inference_memory.py",
         "",

@@ -29,6 +29,7 @@ import factor_rounding
 import gptq_baselines
 import inference_memory
 import low_bit_factors
+import memory_estimates
 import paper_parity
 import ray_scaling
 import reap
@@ -118,6 +119,7 @@ BLOCKS = {
     "budget": [("docs/quantize.md", "budget", budget.table)],
     "gptq_baselines": [("docs/quantize.md", "gptq_baselines", gptq_baselines.table)],
     "startup": [("docs/cli.md", "startup", startup.table)],
+    "memory_estimates": [("docs/results.md", "memory_estimates", memory_estimates.table)],
     "equal_bytes_ridge": [("docs/quantize.md", "equal_bytes_ridge", equal_bytes.mobe_table)],
     "equal_bytes": [
         ("docs/quantize.md", "equal_bytes", equal_bytes.table),

@@ -186,6 +186,7 @@ def collect_calibration(
         reader, layout, sequences, layers, keep_inputs=keep_inputs, skip=done, progress=progress
     ):
         stats.save(stats_path(work, layer), meta)
+        del stats  # not held while the next layer's are collected
 
 
 def refine_layers(
@@ -291,6 +292,7 @@ def compress(
     distill: DistillConfig | None = None,
     distill_text: str | Path | None = None,
     quantize: QuantizeConfig | None = None,
+    force: bool = False,
 ) -> CompressionReport:
     """Compress the MoE checkpoint `model` (folder or hub id) into `output`.
 
@@ -312,6 +314,8 @@ def compress(
             is moved into `output`; the teacher's targets are kept in the work folder until the end.
         quantize: then quantise the result's weights (`mobe.quantize`): a dense output in compressed-tensors'
             format, a native one factor by factor.
+        force: run even where the memory estimate (`mobe.estimate.check_compress_memory`) exceeds the memory the
+            chosen devices have free; without it such a run is refused before anything is written.
 
     Returns:
         The report, also saved as `mobe_report.json` inside `output` (with a `distill` section when distilled).
@@ -340,6 +344,10 @@ def compress(
         read_calibration_text(distill_text)
         require_tokenizer(reader.path, "--distill text")
     jobs = plan_jobs(reader, layout, config)
+    if not force and ray is False:  # a Ray cluster's nodes are not this machine
+        from .estimate import check_compress_memory
+
+        check_compress_memory(reader, config, local_devices(config.device))
     fmt = "dense" if reconstruct else "native"
     if quantize is not None and reconstruct:  # refused now (library missing, group size), not after the fits
         from .quantize.checkpoint import check_dense_quantizable

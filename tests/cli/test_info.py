@@ -118,7 +118,7 @@ def test_statistics_estimates_are_the_bytes_of_the_collected_statistics(tiny_che
     from mobe.architectures import moe_layout
     from mobe.calibrate import collect_statistics
     from mobe.checkpoint import CheckpointReader
-    from mobe.info import factor_stats_bound, factor_stats_bytes, gram_stats_bytes
+    from mobe.estimate.memory import factor_stats_bound, factor_stats_bytes, gram_stats_bytes
 
     reader = CheckpointReader(tiny_checkpoints["qwen3_moe"])
     layout = moe_layout(reader.config)

@@ -283,8 +283,8 @@ def test_cli_distill_and_its_errors(text_models, compressed, tmp_path, capsys):
 
 
 def test_memory_estimate_counts_what_a_distillation_holds(text_models, compressed, targets_work, tmp_path):
-    from mobe.distill.memory import estimate
     from mobe.distill.run import _targets
+    from mobe.estimate import distill_memory as estimate
 
     native = compressed["qwen3_moe"][0]
     reader = CheckpointReader(native)

@@ -3,14 +3,23 @@
 The model is built on the meta device (nothing allocated). The calibration tokens are embedded, then each
 decoder layer in turn is materialised from the shards, run over the hidden states of every calibration
 sequence (a forward pre-hook on its routed-experts module accumulates the statistics of `LayerStats`), and
-freed again. Peak memory: one decoder layer, the hidden states of the calibration tokens, and one layer's
-statistics (factored Grams: min(n_i, d) rows per expert, see `mobe.factorize.gram`); never the whole checkpoint.
+freed again. Peak memory: one decoder layer in the source's dtype, the hidden states of the calibration tokens,
+and one layer's statistics (factored Grams: min(n_i, d) rows per expert, see `mobe.factorize.gram`); never the
+whole checkpoint. The experts are read straight into the stacked tensors the module holds, a few experts at a time
+(no per-expert copies beside the stacks), and kept in the source's dtype: the module computes each routed expert in
+float32 from its own slice (the values of converting the whole stack first; one matmul per expert instead of
+transformers' grouped one, so later layers differ from a converted run by float32 rounding only). What a layer no longer
+needs is handed back to the operating system before the next one is read (`release_memory`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import re
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +36,29 @@ logger = logging.getLogger(__name__)
 
 EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+READ_BYTES = 16 * 2**20  # experts read per call into the stacks: about this many bytes (gate, up and down)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the operating system (glibc's `malloc_trim`; nothing elsewhere).
+
+    A layer's tensors are read as many allocations of about one expert each; glibc keeps such freed chunks in the
+    process (they stay in its resident memory), so without this the next stage's peak would stack on top of them.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class CalibrationError(ValueError):
@@ -112,6 +144,42 @@ def module_names(model: nn.Module, checkpoint_names: list[str]) -> dict[str, str
     return out
 
 
+def _float32_forward(experts: nn.Module) -> bool:
+    """Let a fused experts module holding lower-precision stacks compute in float32, one routed expert at a time.
+
+    Only for the layout transformers' default experts forward computes (`gate_up_proj` [gate; up] (E, 2p, d),
+    `down_proj` (E, d, p), no biases, `act_fn(gate) * up`): each expert's slice is converted as it is used (the
+    values a whole `.float()` would give, computed one expert at a time), without a float32 copy of the layer.
+    Returns False (nothing changed) for any other module.
+    """
+    standard = (
+        getattr(experts, "has_gate", False)
+        and getattr(experts, "is_concatenated", False)
+        and not getattr(experts, "has_bias", True)
+        and not getattr(experts, "is_transposed", True)
+        and not getattr(experts, "has_post_expert_norm", True)
+        and hasattr(experts, "act_fn")
+    )
+    if not standard:
+        return False
+    experts.forward = types.MethodType(_experts_forward_float32, experts)
+    return True
+
+
+def _experts_forward_float32(self: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    out = torch.zeros_like(hidden)
+    p = self.down_proj.shape[-1]
+    for e in top_k_index.unique().tolist():
+        if e >= self.gate_up_proj.shape[0]:
+            continue
+        pos, token = torch.where((top_k_index == e).T)  # ordered as transformers' eager forward orders them
+        gate_up = nn.functional.linear(hidden[token], self.gate_up_proj[e].float())
+        mid = self.act_fn(gate_up[:, :p]) * gate_up[:, p:]
+        y = nn.functional.linear(mid, self.down_proj[e].float()) * top_k_weights[token, pos, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
 class LayerStream:
     """The original model on the meta device, materialised one piece at a time from the checkpoint's shards."""
 
@@ -130,27 +198,56 @@ class LayerStream:
             self.decoder.rotary_emb = type(self.decoder.rotary_emb)(config=self.config)
 
     def _load(
-        self, prefix: str, module: nn.Module, layer: int | None = None, experts: dict[str, Tensor] | None = None
+        self, prefix: str, module: nn.Module, layer: int | None = None, stacks: dict[str, Tensor] | None = None
     ) -> None:
+        """Materialise `module` from the checkpoint; a MoE layer's experts from `stacks` (by matrix, (E, rows, cols))
+        where given, else read in their stored dtype."""
+        experts = None
+        if layer is not None and layer in self.layout.moe_layers:  # not allocated here: read in the stored dtype below
+            experts = self.model.get_submodule(self.layout.arch.experts_module.format(layer=layer))
+            for name in ("gate_up_proj", "down_proj"):
+                setattr(experts, name, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
         module.to_empty(device="cpu")
         names = [m for m in self.names if m.startswith(prefix)]
         tensors = self.reader.get_many([self.names[m] for m in names])
         state = {m[len(prefix) :]: tensors[self.names[m]] for m in names}
-        if layer is not None and layer in self.layout.moe_layers:
-            stack = experts or {
-                matrix: self.layout.read_experts(self.reader, layer, matrix) for matrix in ("gate", "up", "down")
-            }
-            rel = self.layout.arch.experts_module.format(layer=layer)[len(prefix) :]
-            state[f"{rel}.gate_up_proj"] = torch.cat([stack["gate"], stack["up"]], dim=1)
-            state[f"{rel}.down_proj"] = stack["down"]
         result = module.load_state_dict(state, strict=False, assign=True)
         if result.unexpected_keys:
             raise CalibrationError(f"{self.reader.path}: tensors the model does not have: {result.unexpected_keys[:5]}")
         _rebuild_meta_buffers(module)
+        module.float().eval()
+        if experts is not None:  # after `.float()`: kept in the stored dtype
+            if stacks is not None:
+                gate_up, down = torch.cat([stacks["gate"], stacks["up"]], dim=1), stacks["down"]
+            else:
+                gate_up, down = self._read_stacks(layer)
+            experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+            experts.down_proj = nn.Parameter(down, requires_grad=False)
+            if gate_up.dtype != torch.float32 and not _float32_forward(experts):
+                experts.float()  # a family whose experts module computes otherwise: converted whole
         still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         if still_meta:
             raise CalibrationError(f"{self.reader.path}: no tensor in the checkpoint for {prefix}{still_meta[0]}")
-        module.float().eval()
+
+    def _read_stacks(self, layer: int) -> tuple[Tensor, Tensor]:
+        """One MoE layer's experts as the module holds them, `gate_up_proj` (E, 2p, d) and `down_proj` (E, d, p),
+        filled a few experts at a time (block-FP8 experts dequantised to float32, others in their stored dtype)."""
+        layout, reader = self.layout, self.reader
+        E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+        names = {matrix: layout.stored_names(layer, matrix) for matrix in ("gate", "up", "down")}
+        first = names["gate"][0]
+        dtype = torch.float32 if reader.is_block_fp8(first) else STORED_DTYPES[reader.dtype_name(first)]
+        gate_up, down = torch.empty(E, 2 * p, d, dtype=dtype), torch.empty(E, d, p, dtype=dtype)
+        step = max(1, READ_BYTES // (3 * p * d * dtype.itemsize))
+        for start in range(0, E, step):
+            part = slice(start, min(E, start + step))
+            read = reader.get_many([n for m in ("gate", "up", "down") for n in names[m][part]], dequantize=True)
+            for e in range(part.start, part.stop):
+                gate_up[e, :p] = read.pop(names["gate"][e])
+                gate_up[e, p:] = read.pop(names["up"][e])
+                down[e] = read.pop(names["down"][e])
+            del read
+        return gate_up, down
 
     def embed(self, sequences: list[Tensor]) -> list[Tensor]:
         embed = self.decoder.embed_tokens
@@ -217,6 +314,7 @@ class LayerStream:
             if handle is not None:
                 handle.remove()
             module.to("meta")
+            release_memory()
         return hidden
 
 
@@ -281,7 +379,11 @@ def collect_statistics(
         if layer in wanted:
             accumulator = _Accumulator(LayerStats.empty(E, p, d), keep_inputs)
             hidden = stream.run_layer(layer, hidden, accumulator)
-            yield layer, accumulator.finish()
+            stats = accumulator.finish()
+            del accumulator
+            yield layer, stats
+            del stats  # the caller has saved them: not held beside the next layer's
+            release_memory()
         else:
             hidden = stream.run_layer(layer, hidden)
 

@@ -84,6 +84,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         distill=distill,
         distill_text=args.distill,
         quantize=_quantize_config(args),
+        force=args.force,
     )
     print(report.table())
     if report.distill is not None:
@@ -191,7 +192,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> None:
     from ..devices import resolve_device
-    from ..info import families_table, memory_estimate, model_info
+    from ..estimate import memory_estimate
+    from ..info import families_table, model_info
 
     if args.list:
         print(families_table())
@@ -214,6 +216,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
             "cpu" if device.type == "cpu" else "cuda",
             args.context,
             args.cache_mib,
+            schedule=args.schedule,
         )
         print(estimate.summary())
     if info.num_bases is not None and info.stored is None and info.quantization is None:
@@ -402,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
         "node sees",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--force", action="store_true", help="run even where the memory estimate exceeds what the device has free"
+    )
     _add_mobe_options(p)
     _add_budget_options(p)
     p.add_argument(

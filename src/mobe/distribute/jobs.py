@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ..architectures import MoeLayout, moe_layout
+from ..calibrate.collect import release_memory
 from ..calibrate.stats import LayerStats, stats_path
 from ..checkpoint import CheckpointReader
 from ..config import MobeConfig
@@ -103,11 +104,10 @@ def fit_job(
                 f"layer {layer} {matrix}: factor {field} is not finite after fitting "
                 f"(lower --lr or check the source weights)"
             )
-    rel, mse = weight_error(weights.float(), factors.reconstruct())
-    if weighting is None:
-        mean_square = weights.double().pow(2).mean().item()
-    else:  # the fit's losses are in its output metric
-        mean_square = weighting.apply(weights.float()).double().pow(2).mean().item()
+    weights, approx = weights.float(), factors.reconstruct()  # each once: the report's stacks are the job's peak
+    rel, mse = weight_error(weights, approx)
+    # the fit's losses are in its output metric; squares summed in float64 a few experts at a time
+    mean_square = _mean_square(weights if weighting is None else weighting.apply(weights))
     E, p, d = weights.shape
     result = MatrixResult(
         layer=layer,
@@ -120,11 +120,15 @@ def fit_job(
         seconds=stats.seconds,
         params_before=E * p * d,
         params_after=factors.num_parameters(),
-        output_error=None
-        if calibration is None
-        else output_error(calibration.factor(matrix), weights.float(), factors.reconstruct(), side),
+        output_error=None if calibration is None else output_error(calibration.factor(matrix), weights, approx, side),
     )
     return factors, result
+
+
+def _mean_square(stack: torch.Tensor) -> float:
+    """Mean of the squares of `stack` in float64, one chunk of matrices at a time."""
+    rows = max(1, (1 << 22) // max(1, stack[0].numel()))
+    return sum(chunk.double().pow(2).sum().item() for chunk in stack.split(rows)) / stack.numel()
 
 
 def run_job(spec: JobSpec, device: str, progress: bool = False) -> dict[str, Any]:
@@ -146,5 +150,6 @@ def run_job(spec: JobSpec, device: str, progress: bool = False) -> dict[str, Any
         factors, result = fit_job(reader, layout, config, spec.layer, spec.matrix, device, progress, calibration)
     finally:
         torch.set_num_threads(threads)
+        release_memory()  # the stack's per-expert reads: not kept in this process beside the next job
     JobStore(spec.work).save(spec.layer, spec.matrix, factors, result)
     return result.__dict__

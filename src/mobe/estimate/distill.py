@@ -1,4 +1,5 @@
-"""What a distillation will hold in memory, from the checkpoints' headers and the settings (no weights read)."""
+"""What a distillation (`mobe.distill`) will hold in memory, from the checkpoints' headers and the settings (no
+weights read)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from dataclasses import dataclass
 from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
 from ..config import DistillConfig
+from ..distill.trainable import FACTOR_FIELDS
 from ..export import FACTOR_PREFIX
-from .trainable import FACTOR_FIELDS
 
 FLOAT32 = 4
 
@@ -23,10 +24,19 @@ class DistillMemory:
     optimizer: int  # AdamW: two float32 moments per trained parameter, plus its gradient
     targets: int  # the teacher's top-k per token (and routing per MoE layer), on disk and in memory in training
     activations: int  # one sequence with activation checkpointing
+    teacher: int = 0  # computing the targets: the original streamed one decoder layer at a time (0: not given)
+
+    @property
+    def training(self) -> int:
+        return self.student + self.optimizer + self.targets + self.activations
 
     @property
     def total(self) -> int:
-        return self.student + self.optimizer + self.targets + self.activations
+        """The larger of the teacher's pass and the training, plus what torch, transformers and matplotlib (the
+        report's plot) allocate whatever the model's size."""
+        from .memory import RUNTIME_BYTES
+
+        return max(self.teacher, self.training) + RUNTIME_BYTES["distill"]
 
     def summary(self, config: DistillConfig) -> str:
         gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
@@ -34,7 +44,9 @@ class DistillMemory:
             f"distill --train {config.train} (seq {config.seq_len}, top-k {config.top_k}, {config.tokens:,} tokens): "
             f"{self.trained_params:,} trained parameters; student {gib(self.student)} + optimiser "
             f"{gib(self.optimizer)} + targets {gib(self.targets)} + activations ~{gib(self.activations)} = "
-            f"~{gib(self.total)}"
+            f"~{gib(self.training)}"
+            + (f"; the teacher's pass {gib(self.teacher)}" if self.teacher else "")
+            + f"; peak ~{gib(self.total)} with the libraries' own"
         )
 
 
@@ -51,12 +63,16 @@ def _trained_params(reader: CheckpointReader, layout: MoeLayout, mode: str) -> i
     )
 
 
-def estimate(compressed: CheckpointReader, config: DistillConfig) -> DistillMemory:
+def distill_memory(
+    compressed: CheckpointReader, config: DistillConfig, original: CheckpointReader | None = None
+) -> DistillMemory:
     """Memory of a distillation of `compressed` with `config`.
 
     Activations: with checkpointing, each decoder layer's input for one sequence is kept (layers x L x d), one
     layer is recomputed at a time (about 16 L x d for attention and norms plus the routed tokens' expert
-    intermediates, L x top_k x p x 3), and the logits, their log-softmax and gradient (3 x L x vocab).
+    intermediates, L x top_k x p x 3), and the logits, their log-softmax and gradient (3 x L x vocab). With the
+    `original`, the teacher's pass that computes the targets (`calibration_pass_bytes`, then the logits of one
+    sequence and every token's top-k).
     """
     layout = moe_layout(compressed.config)
     cfg = compressed.config
@@ -70,7 +86,14 @@ def estimate(compressed: CheckpointReader, config: DistillConfig) -> DistillMemo
     if config.routing_top_k:  # per MoE layer: the routing's log-probs, int16 expert ids, tail
         k = min(config.routing_top_k, layout.num_experts)
         per_token += len(layout.moe_layers) * (k * (FLOAT32 + 2) + FLOAT32)
+    teacher = 0
+    if original is not None:  # the streamed pass, then each sequence's logits and their top-k
+        from .memory import calibration_pass_bytes
+
+        teacher = calibration_pass_bytes(original, moe_layout(original.config), config.tokens, length)
+        teacher += 2 * FLOAT32 * length * vocab + per_token * config.tokens
     return DistillMemory(
+        teacher=teacher,
         trained_params=trained,
         student=FLOAT32 * compressed.num_parameters(),
         optimizer=3 * FLOAT32 * trained,

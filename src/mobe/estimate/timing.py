@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .architectures import MoeLayout
-from .config import DEFAULT_MATRICES, MobeConfig
-from .factorize import fit_mobe
-from .factorize.mobe import fitted_shape
-from .factorize.schedule import WARM_FRACTION
-from .factorize.synthetic import realistic_stack
+from ..architectures import MoeLayout
+from ..config import DEFAULT_MATRICES, MobeConfig
+from ..factorize import fit_mobe
+from ..factorize.mobe import fitted_shape
+from ..factorize.schedule import WARM_FRACTION
+from ..factorize.synthetic import realistic_stack
 
 NEWTON_SCHULZ_STEPS = 5
 CALIBRATION_FLOPS = {"cpu": 2e8, "cuda": 2e10, "mps": 2e9}  # per step: tens of ms at the device's usual rate

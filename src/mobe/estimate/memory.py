@@ -1,0 +1,472 @@
+"""Memory estimates: peak bytes of each stage from a checkpoint's headers and the settings, nothing allocated.
+
+What `mobe info` prints and what `mobe compress` checks against the chosen device before it starts
+(`check_compress_memory`). Every figure is the big tensors a stage holds above the process's own baseline (the
+interpreter and the libraries, about 0.5 GiB, not included); benchmarks/memory_estimates.py compares each with the
+peak resident memory of the real command.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..architectures import MoeLayout, moe_layout
+from ..checkpoint import CheckpointReader
+from ..config import DistillConfig, MobeConfig, QuantizeConfig
+from ..evaluate import mobe_parameters
+
+DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+GiB = 2**30
+# What each command allocates above an idle interpreter whatever the model's size: torch's first kernels and thread
+# pools, transformers building a model, the tokenizer, matplotlib for distill's plot (measured on the smallest
+# trained fixture, where the model's own tensors are a few MiB: benchmarks/memory_estimates.py).
+RUNTIME_BYTES = {
+    "compress": 48 * 2**20,
+    "calibration": 16 * 2**20,
+    "inference": 88 * 2**20,
+    "quantize": 16 * 2**20,
+    "distill": 160 * 2**20,
+}
+
+
+def gib(n: float) -> str:
+    """Bytes in the largest unit that keeps the number above 1 (TiB, GiB, MiB, KiB)."""
+    for unit, size in (("TiB", 2**40), ("GiB", GiB), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 2**10:,.1f} KiB"
+
+
+def balanced_counts(num_experts: int, tokens: int, top_k: int) -> list[int]:
+    """Tokens routed to each expert when the router spreads tokens * top_k routings evenly."""
+    total = tokens * top_k
+    return [total // num_experts + (e < total % num_experts) for e in range(num_experts)]
+
+
+def gram_stats_bytes(num_experts: int, p: int, d: int) -> int:
+    """Dense float64 Grams of one layer (what mobe kept before factoring them): E (d^2 + p^2) * 8, plus counts."""
+    return 8 * num_experts * (d * d + p * p) + 8 * num_experts
+
+
+def factor_bytes(counts: list[int], dim: int, collecting: bool = False) -> int:
+    """Bytes of a `GramFactor` holding `counts[i]` rows of `dim` numbers for expert i, counts included.
+
+    Stored: float32 rows while n_i < dim, a float64 dim x dim R factor from then on. While `collecting`, an expert
+    past dim also buffers up to dim/2 - 1 float32 rows, and one QR of [R; rows] at a time needs its (1.5 dim x dim)
+    float64 input and output.
+    """
+    held = sum(4 * n * dim if n < dim else 8 * dim * dim for n in counts) + 8 * len(counts)
+    if collecting and any(n >= dim for n in counts):
+        held += sum(4 * dim * (max(1, dim // 2) - 1) for n in counts if n >= dim) + 2 * 8 * (dim + dim // 2) * dim
+    return held
+
+
+def factor_stats_bytes(counts: list[int], p: int, d: int, collecting: bool = False) -> int:
+    """One layer's factored statistics: the inputs' factor (dim d) and the intermediate activations' (dim p)."""
+    return factor_bytes(counts, d, collecting) + factor_bytes(counts, p, collecting)
+
+
+def factor_stats_bound(num_experts: int, p: int, d: int, tokens: int, top_k: int, collecting: bool = False) -> int:
+    """At most, whatever the routing: a factor holds no more than min(T k, E dim) rows of at most 8 * dim bytes."""
+    total = 0
+    for dim in (d, p):
+        rows = min(tokens * top_k, num_experts * dim)
+        total += 8 * dim * rows + 8 * num_experts
+        if collecting:  # folding buffers of the experts that can reach dim rows
+            total += factor_bytes([dim] * min(num_experts, rows // dim), dim, True) - 8 * dim * dim * (rows // dim)
+    return total
+
+
+def compression_job_bytes(
+    num_experts: int,
+    p: int,
+    d: int,
+    num_bases: int,
+    rank: int,
+    groups: int,
+    source_bytes: int,
+    stats_bytes: int = 0,
+    weighting_rows: int = 0,
+    device: str = "cpu",
+    schedule: str = "fast",
+) -> tuple[int, int]:
+    """(host, device) peak bytes of one MoBE (layer, matrix) job.
+
+    Held throughout: the expert stack in the source dtype, the layer's Gram factor (`stats_bytes`) and the
+    weighting built from it (`weighting_rows` directions of d float32 numbers). On top, the largest of: reading
+    (the per-expert tensors before they are stacked), fitting (the float32 target, the parameters with their
+    gradients, two Adam moments and the best state, and the larger of one chunk's activations (`auto_chunk`) and
+    one SVD group's initialisation, with calibration also the weighted loss's transients and the whitened stack),
+    and the error report (a float32 copy and the reconstruction). The fast schedule also holds the row-space
+    targets C (a float32 stack) with their bases U (E k^2, k = min(p, d)) and the factorisation's transient (a
+    stack); with calibration the whitened stack, the plain row space its start is mapped from, and the mean metric
+    of each SVD group (`weighting_rows / m` directions each, at most d). On a GPU the fit and a copy of the
+    weighting are there, the rest in host RAM.
+    """
+    from ..factorize.mobe import auto_chunk
+
+    stack = num_experts * p * d
+    params = mobe_parameters(num_experts, p, d, num_bases, rank, groups)
+    weighting = 4 * weighting_rows * d
+    held = source_bytes * stack + stats_bytes + weighting
+    chunk = min(num_experts, auto_chunk(rank, p, d))
+    activations = chunk * 4 * (3 * rank * d + 2 * p * d)
+    group = -(-num_experts // num_bases) * p * d  # the experts of one SVD group, stacked
+    init = 4 * (2 * group + min(group, rank * d))
+    if weighting_rows:  # the weighted loss's two (chunk, p, d) transients; the whitened stack for the init
+        activations += chunk * 4 * 2 * p * d
+        init += 4 * stack + 4 * num_bases * min(-(-weighting_rows // num_bases), d) * d
+    fit = 4 * stack + 5 * 4 * params + max(activations, init)
+    if schedule == "fast":
+        k = min(p, d)
+        fit += 4 * stack + 4 * num_experts * k * k + 4 * stack
+        if weighting_rows:  # the whitened stack and the plain row space beside the weighted one, and the metric's
+            fit += 4 * 4 * stack + 4 * num_experts * k * k  # application (a scaled copy and its result)
+    report = 8 * stack + 4 * params
+    if device == "cpu":
+        return held + max(source_bytes * stack, fit, report), 0
+    return held + max(source_bytes * stack, report), fit + weighting
+
+
+def inference_bytes(
+    layout: MoeLayout,
+    model_params: int,
+    num_bases: int,
+    rank: int,
+    groups: int,
+    matrices: tuple[str, ...],
+    dtype_bytes: int,
+    config: dict,
+    workspace_experts: int = 16,
+    cache_mib: float = 0.0,
+    context: int = 4096,
+) -> tuple[int, int]:
+    """(weights, workspace) bytes of `mobe generate` on the native checkpoint at batch 1 and `context` tokens.
+
+    Weights: the model's parameters with the routed experts' compressed matrices as MoBE factors. Workspace: the
+    mixed bases act(sum_j alpha_ij B_j) (r x d) of `workspace_experts` experts per compressed matrix type (one layer
+    at a time), the LRU cache of each MoE layer, and the KV cache (full keys and values per head, as transformers
+    keeps them, MLA models included).
+    """
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    saved = len(layout.moe_layers) * len(matrices) * (E * p * d - mobe_parameters(E, p, d, num_bases, rank, groups))
+    weights = (model_params - saved) * dtype_bytes
+    mixed = workspace_experts * len(matrices) * rank * d * dtype_bytes
+    heads = config.get("num_attention_heads", 1)
+    if "kv_lora_rank" in config:  # DeepSeek MLA: keys of qk_nope + qk_rope, values of v_head_dim, per head
+        per_token = heads * (config["qk_nope_head_dim"] + config["qk_rope_head_dim"] + config["v_head_dim"])
+    else:
+        head_dim = config.get("head_dim") or d // heads
+        per_token = 2 * config.get("num_key_value_heads", heads) * head_dim
+    kv = layout.num_layers * per_token * context * dtype_bytes
+    return weights, mixed + int(cache_mib * 2**20) * len(layout.moe_layers) + kv
+
+
+def export_bytes(reader: CheckpointReader, layout: MoeLayout, jobs: list[tuple[int, str]], native: bool = True) -> int:
+    """Peak bytes of writing the output (`mobe.export.write_checkpoint`), one shard at a time: the largest source
+    shard's tensors that are written again (native: all but the replaced experts; dense: every one, the rebuilt
+    ones in place of the source's) as read, the file's pages mapped while they are read, and their serialised copy."""
+    from ..export import replaced_tensor_names
+
+    replaced = set(replaced_tensor_names(layout, jobs)) if native else set()
+    largest = 0
+    for names in reader.tensors_by_shard().values():
+        kept = sum(
+            math.prod(reader.shape(n)) * DTYPE_BYTES.get(reader.dtype_name(n), 4) for n in names if n not in replaced
+        )
+        largest = max(largest, kept)
+    return 3 * largest
+
+
+def source_bytes(reader: CheckpointReader, layout: MoeLayout) -> int:
+    """Bytes per expert weight as a job reads it: the stored dtype's, 4 for block-FP8 (read dequantised)."""
+    first = layout.stored_names(layout.moe_layers[0], "gate")[0]  # per expert: expert 0; fused: the one tensor
+    return 4 if reader.is_block_fp8(first) else DTYPE_BYTES.get(reader.dtype_name(first), 4)
+
+
+def decoder_layer_bytes(reader: CheckpointReader, layout: MoeLayout, layer: int) -> int:
+    """One decoder layer as calibration holds it: its routed experts in the source's dtype (block-FP8: float32),
+    everything else (attention, norms, router, shared expert) in float32."""
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    prefix = f"model.layers.{layer}."
+    experts = layout.arch.experts_prefix(layer) + "."
+    rest = sum(
+        math.prod(reader.shape(n))
+        for n in reader.weight_map
+        if n.startswith(prefix) and not n.startswith(experts) and not n.endswith("_scale_inv")
+    )
+    routed = 3 * E * p * d * source_bytes(reader, layout) if layer in layout.moe_layers else 0
+    return 4 * rest + routed
+
+
+def calibration_pass_bytes(
+    reader: CheckpointReader,
+    layout: MoeLayout,
+    tokens: int,
+    seq_len: int,
+    keep_inputs: bool = False,
+    stats: int = 0,
+) -> int:
+    """Peak bytes of the calibration pass (`mobe.calibrate.collect`): the larger of the embedding step and one
+    decoder layer's step.
+
+    Embedding: the table in float32 beside the source's copy, and the hidden states. A layer: its weights
+    (`decoder_layer_bytes`, largest layer), the hidden states of every calibration token (float32, T x d) plus one
+    sequence's replacement, one sequence's transients (attention scores, heads x L^2, and the MoE forward's routed
+    copies, top-k x L x (d + 3p) float32), the experts read at a time (`READ_BYTES`), the layer's statistics while
+    collected (`stats`), and with `keep_inputs` the experts' inputs of every token and their routing.
+    """
+    from ..calibrate.collect import READ_BYTES
+
+    cfg = reader.config
+    d, p = layout.hidden_size, layout.intermediate_size
+    top_k = int(cfg.get("num_experts_per_tok") or 1)
+    heads = int(cfg.get("num_attention_heads") or 1)
+    length = min(seq_len, tokens)
+    hidden = 4 * d * (tokens + length)
+    vocab = int(cfg.get("vocab_size") or 0)
+    embed = (4 + DTYPE_BYTES.get(_dtype_of(reader, "model.embed_tokens.weight"), 4)) * vocab * d + hidden
+    sequence = 4 * heads * length * length + 4 * top_k * length * (d + 3 * p)
+    layer = max(decoder_layer_bytes(reader, layout, i) for i in layout.moe_layers)
+    inputs = (4 * d + 12 * top_k) * tokens if keep_inputs else 0
+    return max(embed, layer + hidden + sequence + READ_BYTES + stats + inputs)
+
+
+def _dtype_of(reader: CheckpointReader, name: str) -> str:
+    return reader.dtype_name(name) if name in reader.weight_map else "F32"
+
+
+def quantize_bytes(reader: CheckpointReader, config: QuantizeConfig | None = None) -> int:
+    """Peak bytes of `mobe quantize` on a native checkpoint (its factors; a dense one: every float weight): one shard
+    at a time, its tensors as read beside their quantised form (int8 before packing, packed, and the scales), plus
+    the float32 transients of the largest tensor (the grouped copy, its quotient by the scales, the rounded values),
+    and the libraries' own allocations."""
+    config = config or QuantizeConfig()
+    native = (reader.config.get("mobe") or {}).get("format") == "native"
+    peak = 0
+    for names in reader.tensors_by_shard().values():
+        read = quantised = largest = 0
+        for name in names:
+            numel, dtype = math.prod(reader.shape(name)), reader.dtype_name(name)
+            read += numel * DTYPE_BYTES.get(dtype, 4)
+            floating = dtype in ("F32", "BF16", "F16") and len(reader.shape(name)) > 1
+            planned = floating and (not native or ".mobe_" in name)
+            if planned:
+                quantised += numel * (1 + config.bits / 8) + 4 * numel / config.group_size
+                largest = max(largest, numel)
+        peak = max(peak, int(read + quantised + 3 * 4 * largest))
+    return peak + RUNTIME_BYTES["quantize"]
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes of the big tensors of each stage (the interpreter and libraries, about 0.5 GB, not included)."""
+
+    job_host: int  # one (layer, matrix) compression job, data-free: host RAM
+    job_device: int  # ... on the accelerator (0 when it runs on the CPU)
+    calibrated_job_host: int  # ... with --calibration
+    calibrated_job_device: int
+    calibration_pass: int  # the calibration pass: one decoder layer streamed at a time, with its statistics
+    export: int  # writing the output, one shard at a time
+    stats_gram: int  # one layer's calibration statistics as dense float64 Grams (before)
+    stats_factor: int  # ... factored, balanced routing, while collecting (peak)
+    stats_factor_bound: int  # ... factored, any routing
+    inference_weights: int  # native MoBE checkpoint's parameters in its dtype
+    inference_workspace: int  # materialised mixed bases of one forward + the LRU caches + KV cache
+    calibration_tokens: int
+    top_k: int
+    device: str = "cpu"
+
+    def compress_host(self, calibrated: bool = False, workers: int = 1) -> int:
+        """`mobe compress`'s host peak: the largest of `workers` jobs at once (each worker process its own runtime),
+        with calibration the pass before them, and writing the output; plus the runtime's own allocations."""
+        job = self.calibrated_job_host if calibrated else self.job_host
+        runtime = RUNTIME_BYTES["compress"]
+        stages = [workers * (job + runtime) if workers > 1 else job, self.export]
+        if calibrated:
+            stages.append(self.calibration_pass)
+        return max(stages) + runtime
+
+    @property
+    def inference_total(self) -> int:
+        """`mobe generate`'s peak: the weights, the workspace and caches, and the libraries' own."""
+        return self.inference_weights + self.inference_workspace + RUNTIME_BYTES["inference"]
+
+    def compress_device(self, calibrated: bool = False) -> int:
+        """Peak bytes on one accelerator (each device of a pool runs one job at a time)."""
+        return self.calibrated_job_device if calibrated else self.job_device
+
+    def summary(self) -> str:
+        def job(host: int, device: int) -> str:
+            return f"{gib(host)} RAM" + (f" + {gib(device)} GPU" if device else "")
+
+        return "\n".join(
+            [
+                "memory (estimates from the config's shapes):",
+                f"  compression job (one layer, one matrix type): {job(self.job_host, self.job_device)}, "
+                f"with --calibration {job(self.calibrated_job_host, self.calibrated_job_device)}",
+                f"  compress: {gib(self.compress_host())} RAM (the largest of a job and writing the output, "
+                f"{gib(self.export)}), with --calibration {gib(self.compress_host(True))} (the calibration pass, "
+                f"one decoder layer at a time: {gib(self.calibration_pass)}); each includes "
+                f"{gib(RUNTIME_BYTES['compress'])} for torch and transformers themselves",
+                f"  calibration statistics of one layer ({self.calibration_tokens} tokens x top-{self.top_k}): "
+                f"factored {gib(self.stats_factor)} (balanced routing; at most {gib(self.stats_factor_bound)}), "
+                f"dense Grams {gib(self.stats_gram)}",
+                f"  native inference: {gib(self.inference_total)} "
+                f"(weights {gib(self.inference_weights)}, workspace and caches {gib(self.inference_workspace)})",
+            ]
+        )
+
+
+def memory_estimate(
+    model: str | Path | CheckpointReader,
+    num_bases: int,
+    rank: int | None = None,
+    groups: int = 1,
+    matrices: tuple[str, ...] = ("gate", "up"),
+    calibration_tokens: int = 32768,
+    device: str = "cpu",
+    context: int = 4096,
+    cache_mib: float = 0.0,
+    calibration_seq_len: int = 512,
+    keep_inputs: bool = False,
+    schedule: str = "fast",
+) -> MemoryEstimate:
+    """Peak memory of compressing `model` (one job, the calibration pass and statistics) and of running the result
+    natively. `device`: "cpu" or "cuda" (where a job's fit runs)."""
+    reader = model if isinstance(model, CheckpointReader) else CheckpointReader(model)
+    layout = moe_layout(reader.config)
+    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
+    rank = rank or min(p, d)
+    top_k = int(reader.config.get("num_experts_per_tok") or 1)
+    first = layout.stored_names(layout.moe_layers[0], "gate")[0]
+    nbytes = source_bytes(reader, layout)
+    counts = balanced_counts(E, calibration_tokens, top_k)
+    stats = factor_stats_bytes(counts, p, d, collecting=True)
+    job_stats = factor_bytes(counts, d)  # a gate/up job reads the inputs' factor (the larger one)
+    host, gpu = compression_job_bytes(E, p, d, num_bases, rank, groups, nbytes, device=device, schedule=schedule)
+    rows = sum(min(n, d) for n in counts)
+    calibrated = compression_job_bytes(E, p, d, num_bases, rank, groups, nbytes, job_stats, rows, device, schedule)
+    weights, workspace = inference_bytes(
+        layout,
+        reader.num_parameters(),
+        num_bases,
+        rank,
+        groups,
+        matrices,
+        2 if reader.is_block_fp8(first) else nbytes,
+        reader.config,
+        cache_mib=cache_mib,
+        context=context,
+    )
+    return MemoryEstimate(
+        job_host=host,
+        job_device=gpu,
+        calibrated_job_host=calibrated[0],
+        calibrated_job_device=calibrated[1],
+        calibration_pass=calibration_pass_bytes(
+            reader, layout, calibration_tokens, calibration_seq_len, keep_inputs, stats
+        ),
+        export=export_bytes(reader, layout, [(layer, m) for layer in layout.moe_layers for m in matrices]),
+        stats_gram=gram_stats_bytes(E, p, d),
+        stats_factor=stats,
+        stats_factor_bound=factor_stats_bound(E, p, d, calibration_tokens, top_k, collecting=True),
+        inference_weights=weights,
+        inference_workspace=workspace,
+        calibration_tokens=calibration_tokens,
+        top_k=top_k,
+        device=device,
+    )
+
+
+def compress_memory_estimate(reader: CheckpointReader, config: MobeConfig, device: str = "cpu") -> MemoryEstimate:
+    """`memory_estimate` for the settings of a `mobe compress` run (`config` resolved: bases and rank set)."""
+    return memory_estimate(
+        reader,
+        config.num_bases,
+        config.rank,
+        config.groups,
+        tuple(config.matrices),
+        config.calibration_tokens,
+        device,
+        calibration_seq_len=config.calibration_seq_len,
+        keep_inputs=config.calibration_refine_steps > 0,
+        schedule=config.schedule,
+    )
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory free for a new allocation on `device` now: CUDA's free memory (`torch.cuda.mem_get_info`), the host's
+    MemAvailable (psutil when installed, else /proc/meminfo); None where it cannot be told (mps, other systems)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    if device != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+class MemoryRefusal(ValueError):
+    """A run whose estimated peak exceeds what the device has free (`--force` runs it anyway)."""
+
+
+def check_compress_memory(reader: CheckpointReader, config: MobeConfig, devices: list[str]) -> MemoryEstimate:
+    """Refuse, before anything is written, a compression whose estimated peak exceeds the memory the chosen devices
+    have free: the host RAM (every local job at once, or the calibration pass) and each accelerator's. One line
+    names the estimate, what is free, and what to change."""
+    kinds = ["cuda" if dev.startswith("cuda") or dev == "auto" and _cuda() else "cpu" for dev in devices]
+    gpu = "cuda" in kinds
+    estimate = compress_memory_estimate(reader, config, "cuda" if gpu else "cpu")
+    calibrated = config.calibration is not None
+    what = "with --calibration " if calibrated else ""
+    fixes = "lower --batch-experts" + (", lower --calibration-tokens" if calibrated else "")
+    need = estimate.compress_host(calibrated, workers=len(devices) if not gpu else 1)
+    free = available_bytes("cpu")
+    if free is not None and need > free:
+        workers = f" ({len(devices)} jobs at once)" if len(devices) > 1 and not gpu else ""
+        raise MemoryRefusal(
+            f"compress {what}needs about {gib(need)} of RAM{workers} by mobe's estimate, {gib(free)} is available: "
+            f"{fixes}, use fewer devices or {'a GPU' if not gpu else 'a machine with more RAM'}, or pass --force"
+        )
+    for dev, kind in zip(devices, kinds, strict=True):
+        if kind != "cuda":
+            continue
+        dev = "cuda" if dev == "auto" else dev
+        need, free = estimate.compress_device(calibrated), available_bytes(dev)
+        if free is not None and need > free:
+            raise MemoryRefusal(
+                f"compress {what}needs about {gib(need)} on {dev} by mobe's estimate, {gib(free)} is free there: "
+                f"{fixes}, use a device with more memory or --device cpu, or pass --force"
+            )
+    return estimate
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def distill_memory_estimate(compressed: str | Path, config: DistillConfig | None = None):
+    """`mobe.estimate.distill.distill_memory` from a path (the default distillation of a native checkpoint)."""
+    from .distill import distill_memory
+
+    reader = CheckpointReader(compressed)
+    section = reader.config.get("mobe") or {}
+    config = config or DistillConfig(train="router+coef" if section.get("format") == "native" else "router")
+    return distill_memory(reader, config)
