@@ -111,3 +111,20 @@ def test_lower_stages_import_no_other_stage(stage):
     start = {m for m in graph if m == stage or m.startswith(stage + ".")}
     above = sorted(m for m in _closure(graph, start) if not _in_lower_stage(m))
     assert not above, f"{stage} reaches {above}"
+
+
+@pytest.mark.parametrize("stage", LOWER_STAGES)
+def test_lower_stages_import_at_the_top_only(stage):
+    """Every import of config.py and factorize/ stands at module level: what a module needs is in its header."""
+    late = []
+    for name, path in _modules().items():
+        if not (name == stage or name.startswith(stage + ".")):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        top = {id(node) for node in tree.body}
+        late += [
+            f"{name}:{node.lineno}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in top
+        ]
+    assert not late, f"imports inside functions or blocks: {late}"
