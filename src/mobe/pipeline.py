@@ -32,6 +32,7 @@ from .export import (
     dense_shard_plan,
     native_section,
     read_native_factors,
+    run_section,
     write_checkpoint,
     write_json_atomic,
     write_output,
@@ -108,21 +109,6 @@ def plan_jobs(reader: CheckpointReader, layout: MoeLayout, config: MobeConfig) -
 def _check_output(output: Path) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise CompressionError(f"output folder {output} already exists and is not empty; choose another path")
-
-
-def _mobe_section(config: MobeConfig, layout: MoeLayout, jobs: list[tuple[int, str]], fmt: str) -> dict:
-    section = {
-        "version": FORMAT_VERSION,
-        "format": fmt,
-        "method": config.method,
-        "num_bases": config.num_bases,
-        "rank": config.rank,
-        "activation": config.activation,
-        "groups": config.groups,
-        "layers": sorted({layer for layer, _ in jobs}),
-        "matrices": list(config.matrices),
-    }
-    return section
 
 
 def _open_work_folder(work: Path, fingerprint: dict) -> None:
@@ -283,7 +269,7 @@ def compress(
     assemble = work / "assemble"
     assemble.mkdir()
     factors_of = functools.lru_cache(maxsize=len(config.matrices))(lambda layer, m: store.load(layer, m)[0])
-    write_output(reader, layout, jobs, factors_of, assemble, _mobe_section(config, layout, jobs, fmt), progress)
+    write_output(reader, layout, jobs, factors_of, assemble, run_section(config, jobs, fmt), progress)
     report.save(assemble)
     if distill_text is not None:
         from .distill import distill as run_distill

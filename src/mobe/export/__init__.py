@@ -13,6 +13,7 @@ from .native import (
     native_section,
     output_config,
     read_native_factors,
+    run_section,
 )
 from .writer import (
     dense_shard_plan,
@@ -39,6 +40,7 @@ __all__ = [
     "output_config",
     "read_native_factors",
     "replaced_tensor_names",
+    "run_section",
     "write_checkpoint",
     "write_json_atomic",
     "write_output",

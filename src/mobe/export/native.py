@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from ..architectures import MoeLayout, base_model_type, native_model_type
 from ..checkpoint import CheckpointError, CheckpointReader
 from ..checkpoint.mxfp4 import without_quantization
+from ..config import FORMAT_VERSION, MobeConfig
 from ..factorize import ExpertFactors, MobeFactors, get_method
 
 FACTOR_PREFIX = "mobe_"
@@ -61,6 +62,21 @@ def factor_shapes(section: Mapping[str, Any], layout: MoeLayout, matrix: str) ->
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
     g, m, r = section.get("groups", 1), section["num_bases"], section["rank"]
     return {"A": [E, p, r], "bases": [g, m // g, r, d], "coef": [E, m // g]}
+
+
+def run_section(config: MobeConfig, jobs: list[tuple[int, str]], fmt: str) -> dict:
+    """The `mobe` section of an output's config.json as the run sets it (`output_config` adds the native fields)."""
+    return {
+        "version": FORMAT_VERSION,
+        "format": fmt,
+        "method": config.method,
+        "num_bases": config.num_bases,
+        "rank": config.rank,
+        "activation": config.activation,
+        "groups": config.groups,
+        "layers": sorted({layer for layer, _ in jobs}),
+        "matrices": list(config.matrices),
+    }
 
 
 def output_config(source: dict, section: dict, jobs: list[tuple[int, str]], factors_of: FactorSource) -> dict:
