@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .base import FitStats
+
 
 @dataclass
 class KeptState:
@@ -21,6 +23,19 @@ class KeptState:
     best_step: int
     init_loss: float
     trace: list[tuple[float, int, float]] = field(default_factory=list)
+
+    def fit_stats(self, steps: int, start: float, scale: float) -> FitStats:
+        """The fit's statistics, its losses back in the original units (a fit of W / scale), timed from `start`."""
+        unit = scale**2
+        return FitStats(
+            self.init_loss * unit,
+            self.best_loss * unit,
+            self.best_step,
+            steps,
+            time.perf_counter() - start,
+            scale,
+            self.trace,
+        )
 
 
 def keep_best(

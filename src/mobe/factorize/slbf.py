@@ -187,13 +187,4 @@ def fit_slbf(
         activation=activation,
         transposed="1" if transposed else "0",
     )
-    stats = FitStats(
-        kept.init_loss * scale**2,
-        kept.best_loss * scale**2,
-        kept.best_step,
-        config.steps,
-        time.perf_counter() - start,
-        scale,
-        kept.trace,
-    )
-    return factors, stats
+    return factors, kept.fit_stats(config.steps, start, scale)
