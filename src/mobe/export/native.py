@@ -129,15 +129,6 @@ def native_section(reader: CheckpointReader) -> dict:
     return section
 
 
-def stored_factor_names(reader: CheckpointReader, layout: MoeLayout, layer: int, matrix: str) -> dict[str, str]:
-    """One (layer, matrix)'s factor field -> the name of the first tensor it is stored as (`.qweight` if quantised)."""
-    section = reader.config["mobe"]
-    fields = get_method(section.get("method", "mobe")).factors_cls.tensor_fields
-    quantized = set((section.get("quantization") or {}).get("fields", ()))
-    names = factor_tensor_names(layout, layer, matrix, fields)
-    return {f: f"{n}.{QUANTIZED_PARTS[0]}" if f in quantized else n for f, n in names.items()}
-
-
 def read_native_factors(reader: CheckpointReader, layout: MoeLayout, layer: int, matrix: str) -> ExpertFactors:
     """Load one layer's factors of one matrix type from a native checkpoint (any method, quantised or not)."""
     section = native_section(reader)
