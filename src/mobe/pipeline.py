@@ -16,30 +16,29 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from .architectures import MoeLayout, base_model_type, moe_layout, native_model_type
-from .calibrate import calibration_ids, collect_statistics, read_calibration_text
+from .architectures import MoeLayout, moe_layout
+from .calibrate import read_calibration_text
 from .calibrate.collect import check_streamable, require_tokenizer
-from .calibrate.stats import stats_path
+from .calibrate.run import collect_calibration, refine_layers
 from .checkpoint import CheckpointError, CheckpointReader, refuse_native
-from .checkpoint.fp8 import SCALE_SUFFIX, block_size
-from .checkpoint.mxfp4 import without_quantization
 from .config import FORMAT_VERSION, DistillConfig, MobeConfig, QuantizeConfig
 from .devices import resolve_device
 from .distribute import JobSpec, JobStore, local_devices, require_ray, run_device_pool, run_ray, run_serial
 from .evaluate import CompressionReport, MatrixResult
 from .export import (
-    FACTOR_PREFIX,
     copy_side_files,
-    dense_stacks,
-    factor_tensor_names,
-    replaced_tensor_names,
+    dense_config,
+    dense_shard_plan,
+    native_section,
+    read_native_factors,
+    run_section,
     write_checkpoint,
     write_json_atomic,
+    write_output,
 )
-from .factorize import ExpertFactors, budget_for_ratio, get_method
+from .factorize import budget_for_ratio, get_method
 from .quantize.checkpoint import refuse_quantized, stored_bytes
 
 logger = logging.getLogger(__name__)
@@ -124,24 +123,6 @@ def _check_output(output: Path) -> None:
         raise CompressionError(f"output folder {output} already exists and is not empty; choose another path")
 
 
-def _mobe_section(config: MobeConfig, layout: MoeLayout, jobs: list[tuple[int, str]], fmt: str) -> dict:
-    section = {
-        "version": FORMAT_VERSION,
-        "format": fmt,
-        "method": config.method,
-        "num_bases": config.num_bases,
-        "rank": config.rank,
-        "activation": config.activation,
-        "groups": config.groups,
-        "layers": sorted({layer for layer, _ in jobs}),
-        "matrices": list(config.matrices),
-    }
-    if fmt == "native":
-        fields = get_method(config.method).factors_cls.tensor_fields
-        section["factor_suffixes"] = {field: FACTOR_PREFIX + field for field in fields}
-    return section
-
-
 def _open_work_folder(work: Path, fingerprint: dict) -> None:
     state = work / "work.json"
     if state.exists():
@@ -169,98 +150,6 @@ def check_calibration(reader: CheckpointReader, config: MobeConfig) -> None:
     require_tokenizer(reader.path, "--calibration text")
     if not get_method(config.method).weighted:
         raise CompressionError(f"--method {config.method} does not support --calibration")
-
-
-def collect_calibration(
-    reader: CheckpointReader, layout: MoeLayout, config: MobeConfig, work: Path, layers: list[int], progress: bool
-) -> None:
-    """Save each layer's calibration statistics in the work folder (layers already there are not measured again)."""
-    done = {layer for layer in layers if stats_path(work, layer).exists()}
-    if config.calibration is None or done == set(layers):
-        return
-    sequences = calibration_ids(reader.path, config.calibration, config.calibration_tokens, config.calibration_seq_len)
-    stats_path(work, 0).parent.mkdir(exist_ok=True)
-    meta = {"tokens": str(sum(s.numel() for s in sequences)), "seq_len": str(config.calibration_seq_len)}
-    keep_inputs = config.calibration_refine_steps > 0
-    for layer, stats in collect_statistics(
-        reader, layout, sequences, layers, keep_inputs=keep_inputs, skip=done, progress=progress
-    ):
-        stats.save(stats_path(work, layer), meta)
-        del stats  # not held while the next layer's are collected
-
-
-def refine_layers(
-    reader: CheckpointReader,
-    layout: MoeLayout,
-    config: MobeConfig,
-    work: Path,
-    jobs: list[tuple[int, str]],
-    results: dict[tuple[int, str], MatrixResult],
-    progress: bool,
-) -> JobStore:
-    """Layer-local distillation of every compressed layer (in this process, one layer at a time).
-
-    The refined factors go to `WORK/refined/` (the fitted ones stay), a layer counting as done when all its matrix
-    types are there, so an interrupted run redoes at most one layer, from the same start. Returns that store and
-    updates `results` in place.
-    """
-    from transformers.activations import ACT2FN
-
-    from .calibrate.refine import refine_layer
-    from .calibrate.stats import LayerStats
-    from .evaluate import weight_error
-    from .factorize import oriented
-    from .factorize.weighted import output_error
-
-    fitted, refined = JobStore(work), JobStore(work / "refined")
-    refined.folder.mkdir(exist_ok=True)
-    act = ACT2FN[reader.config.get("hidden_act", "silu")]
-    device = resolve_device(local_devices(config.device)[0])
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        for layer in tqdm(sorted({layer for layer, _ in jobs}), desc="Refining", disable=not progress, leave=False):
-            matrices = [m for lay, m in jobs if lay == layer]
-            if all(refined.done(layer, m) for m in matrices):
-                for m in matrices:
-                    results[layer, m] = dataclasses.replace(refined.load(layer, m)[1], resumed=True)
-                continue
-            originals = {m: layout.read_experts(reader, layer, m) for m in ("gate", "up", "down")}
-            stats = LayerStats.load(stats_path(work, layer), with_inputs=True)
-            factors = {m: fitted.load(layer, m)[0] for m in matrices}
-            torch.manual_seed(config.seed)
-            new, info = refine_layer(
-                factors,
-                originals,
-                stats,
-                act,
-                config.calibration_refine_steps,
-                config.calibration_refine_lr,
-                seed=config.seed,
-                device=device,
-            )
-            for m in matrices:
-                if not all(torch.isfinite(t).all() for t in new[m].tensors().values()):
-                    raise CompressionError(f"layer {layer} {m}: factors not finite after refinement (lower the lr)")
-                weights = oriented(m, originals[m]).float()
-                rel, mse = weight_error(weights, new[m].reconstruct())
-                side = "left" if m == "down" else "right"
-                result = dataclasses.replace(
-                    results[layer, m],
-                    relative_error=rel,
-                    mse=mse,
-                    output_error=output_error(stats.factor(m), weights, new[m].reconstruct(), side),
-                    layer_error_before=info.before,
-                    layer_error=info.after,
-                    seconds=results[layer, m].seconds + info.seconds / len(matrices),
-                    resumed=False,
-                )
-                refined.save(layer, m, new[m], result)
-                results[layer, m] = result
-    finally:
-        torch.set_num_threads(threads)
-    return refined
 
 
 def _run_jobs(
@@ -400,7 +289,7 @@ def compress(
     assemble = work / "assemble"
     assemble.mkdir()
     factors_of = functools.lru_cache(maxsize=len(config.matrices))(lambda layer, m: store.load(layer, m)[0])
-    _assemble(reader, layout, jobs, factors_of, assemble, _mobe_section(config, layout, jobs, fmt), progress)
+    write_output(reader, layout, jobs, factors_of, assemble, run_section(config, jobs, fmt), progress)
     report.save(assemble)
     if distill_text is not None:
         from .distill import distill as run_distill
@@ -422,86 +311,10 @@ def compress(
     return report
 
 
-def _assemble(
-    reader: CheckpointReader,
-    layout: MoeLayout,
-    jobs: list[tuple[int, str]],
-    factors_of: Callable[[int, str], ExpertFactors],
-    target: Path,
-    section: dict,
-    progress: bool,
-) -> None:
-    metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_format": section["format"]}
-    write_checkpoint(reader, layout, jobs, factors_of, target, section["format"], metadata, progress)
-    copy_side_files(reader.path, target)
-    write_json_atomic(_output_config(reader.config, section, jobs, factors_of), target / "config.json")
-
-
-def _output_config(
-    source: dict, section: dict, jobs: list[tuple[int, str]], factors_of: Callable[[int, str], ExpertFactors]
-) -> dict:
-    """config.json of an output: the source's, plus the mobe section; a native output declares `mobe_<family>`,
-    which transformers opens only through mobe (never as the plain family with random experts)."""
-    config = without_quantization({k: v for k, v in source.items() if k != "mobe"})  # MXFP4 experts written bf16
-    if section["format"] == "native":
-        family = base_model_type(config["model_type"])
-        first_layer = jobs[0][0]
-        section = {
-            **section,
-            "base_model_type": family,
-            "base_architectures": config.get("architectures"),
-            "factor_shapes": {
-                m: {f: list(t.shape) for f, t in factors_of(first_layer, m).tensors().items()}
-                for layer, m in jobs
-                if layer == first_layer
-            },
-            "factor_meta": {m: factors_of(first_layer, m).meta() for layer, m in jobs if layer == first_layer},
-        }
-        config["model_type"] = native_model_type(family)
-        config["architectures"] = [f"Mobe{name}" for name in config.get("architectures") or []] or None
-    config["mobe"] = section
-    return config
-
-
 def _move_into_place(folder: Path, output: Path) -> None:
     if output.exists():
         output.rmdir()  # checked empty before any work was done
     folder.rename(output)
-
-
-def read_native_factors(reader: CheckpointReader, layout: MoeLayout, layer: int, matrix: str) -> ExpertFactors:
-    """Load one layer's factors of one matrix type from a native checkpoint (any method)."""
-    section = reader.config["mobe"]
-    factors_cls = get_method(section.get("method", "mobe")).factors_cls
-    names = factor_tensor_names(layout, layer, matrix, factors_cls.tensor_fields)
-    quantization = section.get("quantization") or {}
-    quantized = {f for f in names if f in quantization.get("fields", ())}
-    stored = [n for f, n in names.items() if f not in quantized]
-    stored += [f"{names[f]}.{part}" for f in quantized for part in ("qweight", "scales")]
-    tensors = reader.get_many(stored)
-    if quantized:  # stored as integers (`mobe quantize`): read back as the float factors they stand for
-        from .quantize import dequantize_native
-
-        shapes = section["factor_shapes"][matrix]
-        for f in quantized:
-            n = names[f]
-            tensors[n] = dequantize_native(
-                tensors.pop(f"{n}.qweight"), tensors.pop(f"{n}.scales"), shapes[f], quantization, f
-            )
-    return factors_cls.from_tensors(
-        {field: tensors[name] for field, name in names.items()}, factor_meta(section, matrix)
-    )
-
-
-def _is_factor_tensor(name: str) -> bool:
-    """A native factor tensor, `...mobe_A`, or one of its quantised parts, `...mobe_A.qweight`."""
-    parts = name.rsplit(".", 2)
-    return parts[-1].startswith(FACTOR_PREFIX) or (len(parts) > 1 and parts[-2].startswith(FACTOR_PREFIX))
-
-
-def factor_meta(section: dict, matrix: str) -> dict:
-    """The settings a matrix type's factors need (the run's, plus what its fit decided, e.g. SLBF's orientation)."""
-    return {**section, **section.get("factor_meta", {}).get(matrix, {})}
 
 
 def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True) -> Path:
@@ -512,16 +325,9 @@ def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True
     output = Path(output)
     _check_output(output)
     reader = CheckpointReader(native)
-    section = reader.config.get("mobe")
-    if not section or section.get("format") != "native":
-        raise CompressionError(
-            f"{reader.path} is not a native MoBE checkpoint (config.json has no mobe section with format 'native')"
-        )
+    section = native_section(reader)
     layout = moe_layout(reader.config)
-    factors_cls = get_method(section.get("method", "mobe")).factors_cls
     jobs = [(layer, matrix) for layer in section["layers"] for matrix in section["matrices"]]
-    original_names = replaced_tensor_names(layout, jobs)  # name -> layer
-    stacks = dense_stacks(layout, jobs)  # fused layouts: the matrix types left dense, which go back in place
     factors_of = functools.lru_cache(maxsize=len(section["matrices"]))(
         lambda layer, m: read_native_factors(reader, layout, layer, m)
     )
@@ -529,31 +335,10 @@ def reconstruct(native: str | Path, output: str | Path, *, progress: bool = True
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    # Dense shard layout: each rebuilt matrix goes to the shard that holds its layer's factors.
-    plan: dict[str, list[str]] = {}
-    for name, shard in reader.weight_map.items():
-        if not _is_factor_tensor(name) and name not in stacks:
-            plan.setdefault(shard, []).append(name)
-    first_matrix = {layer: m for layer, m in reversed(jobs)}
-    for name, layer in original_names.items():
-        m = first_matrix[layer]
-        first_factor = next(iter(factor_tensor_names(layout, layer, m, factors_cls.tensor_fields).values()))
-        if first_factor not in reader.weight_map:  # stored quantised
-            first_factor += ".qweight"
-        plan.setdefault(reader.weight_map[first_factor], []).append(name)
-        if block_size(reader.config):  # block-FP8 model: the rebuilt matrix is written in FP8 with its scales
-            plan[reader.weight_map[first_factor]].append(name + SCALE_SUFFIX)
-    plan = {shard: sorted(names) for shard, names in sorted(plan.items())}
+    plan = dense_shard_plan(reader, layout, jobs, get_method(section.get("method", "mobe")).factors_cls.tensor_fields)
     metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_format": "dense"}
     write_checkpoint(reader, layout, jobs, factors_of, target, "dense", metadata, progress, shard_plan=plan)
     copy_side_files(reader.path, target)
-    native_only = {"factor_suffixes", "factor_shapes", "factor_meta", "base_model_type", "base_architectures"}
-    native_only.add("quantization")  # the dense matrices are rebuilt in floating point
-    dense_section = {k: v for k, v in section.items() if k not in native_only} | {"format": "dense"}
-    family = section.get("base_model_type") or base_model_type(reader.config["model_type"])
-    dense_config = {**reader.config, "model_type": family, "mobe": dense_section}
-    if "base_architectures" in section:
-        dense_config["architectures"] = section["base_architectures"]
-    write_json_atomic(dense_config, target / "config.json")
+    write_json_atomic(dense_config(reader.config), target / "config.json")
     _move_into_place(target, output)
     return output

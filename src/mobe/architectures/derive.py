@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .registry import get_arch
 from .spec import ArchSpec, UnsupportedArchitectureError
 
 
@@ -116,8 +117,6 @@ def _sizes_from_fused_tensors(module: torch.nn.Module, arch: ArchSpec, layer: in
 
 @functools.lru_cache(maxsize=32)
 def _derive(arch_key: str, config_json: str) -> DerivedLayout:
-    from . import get_arch
-
     config = json.loads(config_json)
     arch = get_arch(arch_key)
     experts_module = arch.experts_module

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .derive import derive_layout
+from .registry import base_model_type, get_arch
 from .spec import ArchSpec, first_config_value
 
 if TYPE_CHECKING:
@@ -86,12 +88,8 @@ def moe_layout(config: Mapping[str, Any]) -> MoeLayout:
     Families with explicit config rules need no transformers import; the others are read from the model that
     transformers builds from the config on the meta device (`derive.py`).
     """
-    from . import base_model_type, get_arch
-
     arch = get_arch(config.get("model_type"))
     if arch.is_moe_layer is None:
-        from .derive import derive_layout
-
         derived = derive_layout(arch, {**config, "model_type": base_model_type(config.get("model_type"))})
         return MoeLayout(
             arch=arch,

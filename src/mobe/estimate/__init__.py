@@ -5,7 +5,7 @@
 from steps measured on small stacks. `mobe info` prints them.
 """
 
-from .distill import DistillMemory, distill_memory
+from .distill import DistillMemory, distill_memory, distill_memory_estimate
 from .memory import (
     MemoryEstimate,
     MemoryRefusal,
@@ -14,7 +14,6 @@ from .memory import (
     check_compress_memory,
     compress_memory_estimate,
     compression_job_bytes,
-    distill_memory_estimate,
     inference_bytes,
     memory_estimate,
     quantize_bytes,

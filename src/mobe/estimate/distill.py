@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
 from ..config import DistillConfig
 from ..distill.trainable import FACTOR_FIELDS
 from ..export import FACTOR_PREFIX
+from .memory import RUNTIME_BYTES, calibration_pass_bytes
 
 FLOAT32 = 4
 
@@ -34,7 +36,6 @@ class DistillMemory:
     def total(self) -> int:
         """The larger of the teacher's pass and the training, plus what torch, transformers and matplotlib (the
         report's plot) allocate whatever the model's size."""
-        from .memory import RUNTIME_BYTES
 
         return max(self.teacher, self.training) + RUNTIME_BYTES["distill"]
 
@@ -88,7 +89,6 @@ def distill_memory(
         per_token += len(layout.moe_layers) * (k * (FLOAT32 + 2) + FLOAT32)
     teacher = 0
     if original is not None:  # the streamed pass, then each sequence's logits and their top-k
-        from .memory import calibration_pass_bytes
 
         teacher = calibration_pass_bytes(original, moe_layout(original.config), config.tokens, length)
         teacher += 2 * FLOAT32 * length * vocab + per_token * config.tokens
@@ -100,3 +100,11 @@ def distill_memory(
         targets=per_token * config.tokens,
         activations=activations,
     )
+
+
+def distill_memory_estimate(compressed: str | Path, config: DistillConfig | None = None) -> DistillMemory:
+    """`distill_memory` from a path (the default distillation of a native checkpoint)."""
+    reader = CheckpointReader(compressed)
+    section = reader.config.get("mobe") or {}
+    config = config or DistillConfig(train="router+coef" if section.get("format") == "native" else "router")
+    return distill_memory(reader, config)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
-from ..config import DistillConfig, MobeConfig, QuantizeConfig
+from ..config import MobeConfig, QuantizeConfig
 from ..evaluate import mobe_parameters
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -460,13 +460,3 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def distill_memory_estimate(compressed: str | Path, config: DistillConfig | None = None):
-    """`mobe.estimate.distill.distill_memory` from a path (the default distillation of a native checkpoint)."""
-    from .distill import distill_memory
-
-    reader = CheckpointReader(compressed)
-    section = reader.config.get("mobe") or {}
-    config = config or DistillConfig(train="router+coef" if section.get("format") == "native" else "router")
-    return distill_memory(reader, config)

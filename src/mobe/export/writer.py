@@ -14,7 +14,6 @@ MXFP4 sources, which the reader shows dequantised, are written in bf16 under the
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,20 +22,10 @@ from tqdm.auto import tqdm
 from ..architectures import MoeLayout
 from ..checkpoint import CheckpointReader
 from ..checkpoint.fp8 import SCALE_SUFFIX, block_size, quantize_blockwise
-from ..factorize import ExpertFactors, MobeFactors, oriented
-from .files import atomic_save_file, write_json_atomic
-
-FACTOR_PREFIX = "mobe_"
-FACTOR_SUFFIXES = {field: FACTOR_PREFIX + field for field in MobeFactors.tensor_fields}
-FactorSource = Callable[[int, str], ExpertFactors]
-
-
-def factor_tensor_names(
-    layout: MoeLayout, layer: int, matrix: str, fields: tuple[str, ...] = MobeFactors.tensor_fields
-) -> dict[str, str]:
-    """Checkpoint names of one (layer, matrix)'s factor tensors: `{experts}.{gate_proj}.mobe_{field}`."""
-    base = f"{layout.arch.experts_prefix(layer)}.{layout.arch.matrices[matrix]}"
-    return {field: f"{base}.{FACTOR_PREFIX}{field}" for field in fields}
+from ..config import FORMAT_VERSION
+from ..factorize import oriented
+from .files import atomic_save_file, copy_side_files, write_json_atomic
+from .native import FactorSource, factor_tensor_names, is_factor_tensor, output_config
 
 
 def _replaced_tensors(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[str, tuple[int, str, int]]:
@@ -76,6 +65,27 @@ def dense_stacks(layout: MoeLayout, jobs: list[tuple[int, str]]) -> dict[str, tu
         for m in matrices
         if (layer, m) not in compressed
     }
+
+
+def dense_shard_plan(
+    reader: CheckpointReader, layout: MoeLayout, jobs: list[tuple[int, str]], fields: tuple[str, ...]
+) -> dict[str, list[str]]:
+    """Shard layout of dense experts rebuilt from the native checkpoint `reader` (factor `fields`): its other tensors
+    where they are, each rebuilt matrix (and its FP8 block scales) in the shard that holds its layer's factors."""
+    stacks = dense_stacks(layout, jobs)  # fused layouts: the matrix types left dense, which go back in place
+    plan: dict[str, list[str]] = {}
+    for name, shard in reader.weight_map.items():
+        if not is_factor_tensor(name) and name not in stacks:
+            plan.setdefault(shard, []).append(name)
+    first_matrix = {layer: m for layer, m in reversed(jobs)}
+    for name, layer in replaced_tensor_names(layout, jobs).items():
+        first_factor = next(iter(factor_tensor_names(layout, layer, first_matrix[layer], fields).values()))
+        if first_factor not in reader.weight_map:  # stored quantised
+            first_factor += ".qweight"
+        plan.setdefault(reader.weight_map[first_factor], []).append(name)
+        if block_size(reader.config):  # block-FP8 model: the rebuilt matrix is written in FP8 with its scales
+            plan[reader.weight_map[first_factor]].append(name + SCALE_SUFFIX)
+    return {shard: sorted(names) for shard, names in sorted(plan.items())}
 
 
 def write_checkpoint(
@@ -178,3 +188,19 @@ def write_checkpoint(
         target / "model.safetensors.index.json",
     )
     return weight_map
+
+
+def write_output(
+    reader: CheckpointReader,
+    layout: MoeLayout,
+    jobs: list[tuple[int, str]],
+    factors_of: FactorSource,
+    target: Path,
+    section: dict,
+    progress: bool = True,
+) -> None:
+    """A whole output checkpoint in `target`: the shards (`section["format"]`), the side files and config.json."""
+    metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_format": section["format"]}
+    write_checkpoint(reader, layout, jobs, factors_of, target, section["format"], metadata, progress)
+    copy_side_files(reader.path, target)
+    write_json_atomic(output_config(reader.config, section, jobs, factors_of), target / "config.json")

@@ -2,8 +2,9 @@
 
 from .base import ExpertFactors, FitStats, oriented
 from .d2moe import D2moeFactors, fit_d2moe
-from .mobe import MobeFactors, activation_fn, fit_mobe, init_svd_groups, mix_bases, split_groups
+from .mobe import MobeFactors, fit_mobe
 from .molae import MolaeFactors, fit_molae
+from .primitives import activation_fn, init_svd_groups, mix_bases, split_groups
 from .registry import Method, budget_for_ratio, get_method, method_names, register_method
 from .slbf import SlbfFactors, fit_slbf
 from .svd import SvdFactors, fit_svd

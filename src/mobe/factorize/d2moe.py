@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .base import ExpertFactors, FitStats
-from .svd import low_rank
+from .primitives import low_rank
 from .weighted import OutputWeighting, whitened_low_rank
 
 

@@ -19,7 +19,6 @@ rounding error of A_i is exactly the error it adds to W_i. Integer factors are s
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,24 +26,15 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..config import MobeConfig
 from .base import ExpertFactors, FitStats
-from .weighted import OutputWeighting
+from .keep_best import keep_best
+from .primitives import activation_fn, auto_chunk, expert_chunks, init_svd_groups, mix_bases, softmax_mix
+from .schedule import fit_fast
+from .weighted import OutputWeighting, init_svd_groups_weighted
 
 DEFAULT_ACTIVATION = "tanh"  # the paper's DeepSeek-V3 setting
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "tanh": torch.tanh,
-    "silu": torch.nn.functional.silu,
-    "none": lambda x: x,
-}
-
-
-def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
-    return _ACTIVATIONS[name]
 
 
 @dataclass
@@ -133,56 +123,6 @@ def mobe_parameters(
     return num_experts * rows * rank + num_bases * rank * cols + num_experts * (num_bases // groups)
 
 
-def split_groups(num_items: int, num_parts: int) -> list[range]:
-    """Contiguous, near-equal split of range(num_items) into num_parts ranges (sizes differ by <= 1)."""
-    bounds = [i * num_items // num_parts for i in range(num_parts + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(num_parts)]
-
-
-def init_svd_groups(
-    weights: Tensor, num_bases: int, rank: int, groups: int, init_logit: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The paper's initialisation: experts split into m contiguous groups, one truncated SVD per group.
-
-    The top-r right singular vectors of a group's vertically stacked experts become its basis B_j;
-    each expert's rows of U*S become A_i; its logits are `init_logit` on its own basis, 0 elsewhere.
-    Returns (A, bases, logits) for `weights` of shape (E, p, d).
-    """
-    num_experts, p, d = weights.shape
-    per_group, bases_per_group = num_experts // groups, num_bases // groups
-    A = weights.new_zeros(num_experts, p, rank)
-    bases = weights.new_zeros(groups, bases_per_group, rank, d)
-    logits = weights.new_zeros(num_experts, bases_per_group)
-    for g in range(groups):
-        for j, members in enumerate(split_groups(per_group, bases_per_group)):
-            experts = [g * per_group + i for i in members]
-            stacked = weights[experts].reshape(len(experts) * p, d)
-            U, S, Vh = torch.linalg.svd(stacked, full_matrices=False)
-            k = min(rank, S.numel())
-            bases[g, j, :k] = Vh[:k]
-            A[experts, :, :k] = (U[:, :k] * S[:k]).reshape(len(experts), p, k)
-            logits[experts, j] = init_logit
-    return A, bases, logits
-
-
-def mix_bases(coef: Tensor, bases: Tensor, group_of: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
-    """act(coef_i @ bases[group_of[i]]) for each row i, as one matmul per group (never an (n, m, r, d) copy)."""
-    groups, per_group, r, d = bases.shape
-    if groups == 1:  # the common case: one matmul, no group bookkeeping (it dominates decoding on small layers)
-        return act((coef @ bases[0].reshape(per_group, r * d)).view(-1, r, d))
-    mixed = coef.new_empty(coef.shape[0], r * d)
-    for g in group_of.unique().tolist():
-        rows = group_of == g
-        mixed[rows] = coef[rows] @ bases[g].reshape(per_group, r * d)
-    return act(mixed.view(-1, r, d))
-
-
-def auto_chunk(rank: int, p: int, d: int, budget_bytes: int = 1 << 30) -> int:
-    """Experts per gradient-accumulation chunk so that a chunk's float32 activations stay near `budget_bytes`."""
-    per_expert = 4 * (3 * rank * d + 2 * p * d)
-    return max(1, budget_bytes // per_expert)
-
-
 def _sum_squared_error(
     A: Tensor,
     bases: Tensor,
@@ -196,15 +136,9 @@ def _sum_squared_error(
 
     With a `weighting`, the error of expert i is measured in its output metric (||(W_i - What_i) L_i||^2).
     """
-    num_experts, groups = A.shape[0], bases.shape[0]
-    per_group = num_experts // groups
-    for g in range(groups):
-        for start in range(g * per_group, (g + 1) * per_group, chunk):
-            idx = torch.arange(start, min(start + chunk, (g + 1) * per_group), device=A.device)
-            coef = torch.softmax(logits[idx], dim=-1)
-            mixed = act((coef @ bases[g].flatten(1)).view(len(idx), *bases.shape[2:]))
-            diff = torch.bmm(A[idx], mixed) - target[idx]
-            yield (diff if weighting is None else weighting.apply(diff, idx)).pow(2).sum()
+    for g, idx in expert_chunks(A.shape[0], bases.shape[0], chunk):
+        diff = torch.bmm(A[idx], softmax_mix(bases[g], logits[idx], act)) - target[idx]
+        yield (diff if weighting is None else weighting.apply(diff, idx)).pow(2).sum()
 
 
 def fit_mobe(
@@ -253,8 +187,6 @@ def fit_mobe(
         factors, stats = _fit_fast(target, scale, rank, config, act, chunk, desc, start, weighting)
         return dataclasses.replace(factors, transposed="1" if transposed else "0"), stats
     if weighting is not None:
-        from .weighted import init_svd_groups_weighted
-
         weighting = weighting.to(device)
         init = init_svd_groups_weighted(
             init_source, weighting, config.num_bases, rank, config.groups, config.start_logit
@@ -263,43 +195,31 @@ def fit_mobe(
         init = init_svd_groups(init_source, config.num_bases, rank, config.groups, config.start_logit)
     A, bases, logits = (t.requires_grad_() for t in init)
     numel = target.numel()
-    optimizer = torch.optim.Adam([A, bases, logits], lr=config.lr)
 
-    def snapshot() -> tuple[Tensor, ...]:
-        return tuple(t.detach().clone() for t in (A, bases, logits))
-
-    best_state, best_loss, best_step, init_loss = snapshot(), math.inf, 0, math.nan
-    trace: list[tuple[float, int, float]] = []
-    bar = tqdm(range(config.steps + 1), desc=desc, leave=False, disable=desc is None)
-    for step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        final = step == config.steps
+    def loss_and_backward(train: bool) -> float:
         loss = 0.0
-        with torch.set_grad_enabled(not final):
+        with torch.set_grad_enabled(train):
             for part in _sum_squared_error(A, bases, logits, target, act, chunk, weighting):
                 part = part / numel
-                if not final:
+                if train:
                     part.backward()
                 loss += part.item()
-        if step == 0:
-            init_loss = loss
-        trace.append((time.perf_counter() - start, step, loss * scale**2))
-        if not paper and (step % config.eval_every == 0 or final) and loss < best_loss:
-            best_state, best_loss, best_step = snapshot(), loss, step
-        if final:
-            if paper and best_step == 0:  # never checked (steps < eval_every): keep the last state
-                best_state, best_loss, best_step = snapshot(), loss, step
-            break
-        optimizer.step()
-        # The authors check every eval_every-th step the loss measured before that step, but keep the state
-        # after it; `paper` reproduces that bookkeeping exactly.
-        if paper and (step + 1) % config.eval_every == 0 and loss < best_loss:
-            best_state, best_loss, best_step = snapshot(), loss, step + 1
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss:.3e}", best=f"{best_loss:.3e}")
-    bar.close()
+        return loss
 
-    A_best, bases_best, logits_best = best_state
+    # The authors check every eval_every-th step the loss measured before that step, but keep the state after it;
+    # `paper` reproduces that bookkeeping exactly (`late`).
+    kept = keep_best(
+        loss_and_backward,
+        (A, bases, logits),
+        torch.optim.Adam([A, bases, logits], lr=config.lr),
+        config.steps,
+        config.eval_every,
+        start=start,
+        unit=scale**2,
+        late=paper,
+        desc=desc,
+    )
+    A_best, bases_best, logits_best = kept.state
     factors = MobeFactors(
         A=(A_best * scale).cpu(),
         bases=bases_best.cpu(),
@@ -307,16 +227,7 @@ def fit_mobe(
         activation=config.activation or DEFAULT_ACTIVATION,
         transposed="1" if transposed else "0",
     )
-    stats = FitStats(
-        init_loss * scale**2,
-        best_loss * scale**2,
-        best_step,
-        config.steps,
-        time.perf_counter() - start,
-        scale,
-        trace,
-    )
-    return factors, stats
+    return factors, kept.fit_stats(config.steps, start, scale)
 
 
 def _fit_fast(
@@ -331,8 +242,6 @@ def _fit_fast(
     weighting: OutputWeighting | None = None,
 ) -> tuple[MobeFactors, FitStats]:
     """The `fast` schedule on the scaled stack; losses and trace back in the original units."""
-    from .schedule import fit_fast
-
     offset = time.perf_counter() - start  # the trace counts from fit_mobe's start, as the other schedules' do
     A, bases, logits, stats = fit_fast(target, rank, config, act, chunk, desc, weighting)
     factors = MobeFactors(

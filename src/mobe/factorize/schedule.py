@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from ..config import DEFAULT_RIDGE, MobeConfig
 from .base import FitStats
-from .weighted import OutputWeighting
+from .primitives import expert_chunks, init_svd_groups, softmax_mix
+from .weighted import OutputWeighting, init_svd_groups_weighted
 
 WARM_FRACTION = 0.15  # share of the steps spent in the joint Adam phase
 BASES_LR = 0.3  # step of the orthogonalised basis update (the bases' entries are O(1) after the warm phase)
@@ -45,17 +46,6 @@ def row_space_targets(target: Tensor) -> tuple[Tensor, Tensor]:
     """T_i = U_i C_i with U_i orthonormal (E, p, k) and C_i = S_i V_i^T (E, k, d), k = min(p, d)."""
     U, S, Vh = torch.linalg.svd(target, full_matrices=False)
     return U, S.unsqueeze(-1) * Vh
-
-
-def expert_chunks(num_experts: int, groups: int, chunk: int) -> Iterator[tuple[int, slice]]:
-    """(group, experts) in contiguous chunks of at most `chunk` experts that never straddle an expert group.
-
-    Slices, not index tensors: a slice is a view, so neither the forward nor the backward copies the stack.
-    """
-    per_group = num_experts // groups
-    for g in range(groups):
-        for start in range(g * per_group, (g + 1) * per_group, chunk):
-            yield g, slice(start, min(start + chunk, (g + 1) * per_group))
 
 
 def joint_loss_backward(
@@ -80,17 +70,11 @@ def joint_loss_backward(
     return total
 
 
-def chunk_mixed(bases: Tensor, logits: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
-    """act(softmax(logits_i) @ bases) for experts of one group: (n, r, d); bases is (m/g, r, d)."""
-    coef = torch.softmax(logits, dim=-1)
-    return act((coef @ bases.flatten(1)).view(len(logits), *bases.shape[1:]))
-
-
 def whitened_mixed(
     bases: Tensor, logits: Tensor, act: Callable[[Tensor], Tensor], metric: OutputWeighting | None, idx: slice
 ) -> Tensor:
     """The mixed bases of experts `idx`, times their right metric L_i where there is one: (n, r, d)."""
-    mixed = chunk_mixed(bases, logits, act)
+    mixed = softmax_mix(bases, logits, act)
     return mixed if metric is None else metric.apply(mixed, idx)
 
 
@@ -204,8 +188,6 @@ def fit_fast(
     same bases; in the output metric where there is one). The kept state is the best reduced loss seen, its A
     solved exactly, so the returned loss is never above that of any state the projected phase visited.
     """
-    from .mobe import init_svd_groups  # mobe.py imports this module lazily
-
     if weighting is not None and weighting.side == "left":  # a change of variables: fit L^T W, unwhiten A
         weighting = weighting.to(target.device)
         A, bases, logits, stats = fit_fast(weighting.apply(target), rank, config, act, chunk, desc)
@@ -219,8 +201,6 @@ def fit_fast(
     if metric is None:
         init = init_svd_groups(C, config.num_bases, rank, config.groups, config.start_logit)
     else:
-        from .weighted import init_svd_groups_weighted
-
         # The start of the plain fit (SVD groups of the row-space factors of W), in the metric: with identity Grams
         # it is the plain fit's start. Its A_i = U'_i A0_i is then expressed in the whitened row space, U_i^T A_i.
         U_plain, C_plain = row_space_targets(target)

@@ -17,18 +17,17 @@ leaves every product unchanged (checked in float64 before it is kept).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..config import MobeConfig
 from .base import ExpertFactors, FitStats
-from .mobe import activation_fn, auto_chunk
+from .keep_best import keep_best
+from .primitives import activation_fn, auto_chunk, expert_chunks, mix_bases, softmax_mix
 from .weighted import OutputWeighting
 
 DEFAULT_ACTIVATION = "silu"
@@ -60,9 +59,7 @@ class SlbfFactors(ExpertFactors):
 
     def reconstruct(self, experts: Tensor | None = None) -> Tensor:
         experts = self._experts(experts)
-        bases = self.bases()
-        m, r, c = bases.shape
-        mixed = activation_fn(self.activation)((self.coef.float()[experts] @ bases.reshape(m, r * c)).view(-1, r, c))
+        mixed = mix_bases(self.coef.float()[experts], self.bases()[None], experts, activation_fn(self.activation))
         out = torch.bmm(self.A.float()[experts], mixed)
         return out.transpose(1, 2) if self.transposed == "1" else out
 
@@ -153,44 +150,30 @@ def fit_slbf(
 
     def loss_and_backward(train: bool) -> float:
         total = 0.0
-        for s in range(0, E, chunk):
-            idx = slice(s, min(E, s + chunk))
+        for _, idx in expert_chunks(E, 1, chunk):
             with torch.set_grad_enabled(train):
-                bases = (U @ Vt).reshape(E, -1)
-                mixed = act((torch.softmax(logits[idx], dim=-1) @ bases).view(-1, r, max(p, d)))
+                mixed = softmax_mix(U @ Vt, logits[idx], act)
                 diff = rows_view(torch.bmm(A[idx], mixed)) - target[idx]
                 if weighting is not None:
-                    diff = weighting.apply(diff, torch.arange(E, device=diff.device)[idx])
+                    diff = weighting.apply(diff, idx)
                 part = diff.pow(2).sum() / numel
                 if train:
                     part.backward()
             total += part.item()
         return total
 
-    def snapshot() -> tuple[Tensor, ...]:
-        return tuple(t.detach().clone() for t in (A, U, Vt, logits))
-
-    best_state, best_loss, best_step, init_loss = snapshot(), math.inf, 0, math.nan
-    trace: list[tuple[float, int, float]] = []
-    bar = tqdm(range(config.steps + 1), desc=desc, leave=False, disable=desc is None)
-    for step in bar:
-        final = step == config.steps
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_and_backward(train=not final)
-        if step == 0:
-            init_loss = loss
-        trace.append((time.perf_counter() - start, step, loss * scale**2))
-        if (step % config.eval_every == 0 or final) and loss < best_loss:  # the state that gave this loss
-            best_state, best_loss, best_step = snapshot(), loss, step
-        if final:
-            break
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss:.3e}", best=f"{best_loss:.3e}")
-    bar.close()
-
-    A_best, U_best, Vt_best, logits_best = best_state
+    kept = keep_best(
+        loss_and_backward,
+        (A, U, Vt, logits),
+        optimizer,
+        config.steps,
+        config.eval_every,
+        start=start,
+        unit=scale**2,
+        scheduler=schedule,
+        desc=desc,
+    )
+    A_best, U_best, Vt_best, logits_best = kept.state
     free, V_fixed, pivots = gauge_fix(U_best, Vt_best)
     gap = (expand_gauge(free, pivots, r) @ V_fixed - U_best.double() @ Vt_best.double()).norm()
     if not torch.isfinite(gap) or gap > 1e-6 * (U_best.double() @ Vt_best.double()).norm():
@@ -204,7 +187,4 @@ def fit_slbf(
         activation=activation,
         transposed="1" if transposed else "0",
     )
-    stats = FitStats(
-        init_loss * scale**2, best_loss * scale**2, best_step, config.steps, time.perf_counter() - start, scale, trace
-    )
-    return factors, stats
+    return factors, kept.fit_stats(config.steps, start, scale)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .base import ExpertFactors, FitStats
+from .primitives import low_rank
 from .weighted import OutputWeighting, whitened_low_rank
 
 
@@ -24,17 +25,6 @@ class SvdFactors(ExpertFactors):
     def reconstruct(self, experts: Tensor | None = None) -> Tensor:
         experts = self._experts(experts)
         return torch.bmm(self.U.float()[experts], self.V.float()[experts])
-
-
-def low_rank(matrices: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Best rank-k factors (U S, Vh) of each matrix in a (n, p, d) stack, zero-padded if k > min(p, d)."""
-    U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
-    k = min(rank, S.shape[-1])
-    left = matrices.new_zeros(*matrices.shape[:-1], rank)
-    right = matrices.new_zeros(matrices.shape[0], rank, matrices.shape[-1])
-    left[..., :k] = U[..., :k] * S[:, None, :k]
-    right[:, :k] = Vh[:, :k]
-    return left, right
 
 
 def fit_svd(

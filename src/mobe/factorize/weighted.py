@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from .gram import GramFactor
+from .primitives import init_svd_groups, low_rank, split_groups
 
 SIDES = ("right", "left")
 CHUNK_ELEMENTS = 1 << 26  # padded directions held at once when a metric is applied to many experts
@@ -280,8 +281,6 @@ def whitened_low_rank(W: Tensor, weighting: OutputWeighting, rank: int) -> tuple
     Eckart-Young in whitened space: the truncated SVD of W_i L_i (right) or L_i^T W_i (left), mapped back. Its
     weighted error is the tail of the whitened spectrum.
     """
-    from .svd import low_rank
-
     left, right = low_rank(weighting.apply(W), rank)
     if weighting.side == "right":
         return left, weighting.unwhiten(right)
@@ -297,8 +296,6 @@ def init_svd_groups_weighted(
     as usual, and A_i = L_i^{-T} (U S)_i. Right metric (gate, up): the basis is shared by the group, so the group
     is whitened with the square root of its mean metric, B_j = Vh L_g^{-1}, A_i = (U S)_i.
     """
-    from .mobe import init_svd_groups, split_groups
-
     if weighting.side == "left":
         A, bases, logits = init_svd_groups(weighting.apply(weights), num_bases, rank, groups, init_logit)
         return weighting.unwhiten(A), bases, logits

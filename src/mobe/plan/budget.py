@@ -29,7 +29,7 @@ from ..config import MobeConfig, QuantizeConfig
 from ..factorize import MobeFactors, fit_mobe, oriented
 from ..pipeline import compress, resolve_settings
 from ..quantize import groupwise
-from ..quantize.checkpoint import _quantize_ct, quantize_checkpoint, stored_bytes, stored_shape
+from ..quantize.checkpoint import _quantize_ct, quantize_checkpoint, stored_bytes
 from ..quantize.factors import SHARED_BITS, quantize_mobe
 
 MATRICES = ("gate", "up", "down")
@@ -156,7 +156,7 @@ def _factor_bytes(factors: MobeFactors, bits: int, group: int, element: int) -> 
         return (math.prod(A) + math.prod(bases)) * element + coef_bytes
     if bits == 8:  # as fitted: both factors int8, groups along their rows
         return packed(A, 8) + packed(bases, 8) + coef_bytes
-    return packed(stored_shape(A, True), bits) + packed(bases, SHARED_BITS) + coef_bytes
+    return packed(groupwise.stored_shape(A, True), bits) + packed(bases, SHARED_BITS) + coef_bytes
 
 
 def _rounded(factors: MobeFactors, bits: int, group: int) -> MobeFactors:

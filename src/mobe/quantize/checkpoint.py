@@ -42,6 +42,7 @@ from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
 from ..config import FORMAT_VERSION, QuantizeConfig
 from ..export import FACTOR_PREFIX, atomic_save_file, copy_side_files, factor_tensor_names, write_json_atomic
+from ..export.native import field_scheme
 from ..factorize import get_method
 from . import groupwise
 from .factors import StoredFactor, quantize_factor, quantize_mobe
@@ -292,25 +293,11 @@ def _stored(name: str, factor: StoredFactor | torch.Tensor) -> dict[str, torch.T
     return {f"{name}.{QWEIGHT}": factor.packed(), f"{name}.{SCALES}": factor.scales}
 
 
-def field_scheme(quantization: dict, field: str) -> tuple[int, int, bool]:
-    """(bits, group size, groups down the columns) of one quantised factor field."""
-    bits = quantization.get("field_bits", {}).get(field, quantization["bits"])
-    return bits, quantization["group_size"], field in quantization.get("column_groups", ())
-
-
-def stored_shape(shape: list[int], column_groups: bool) -> list[int]:
-    """Logical shape of the stored integers: the factor's, or its transpose where groups run down the columns."""
-    return [*shape[:-2], shape[-1], shape[-2]] if column_groups else list(shape)
-
-
 def dequantize_native(
     qweight: torch.Tensor, scales: torch.Tensor, shape: list[int], quantization: dict, field: str = ""
 ) -> torch.Tensor:
     """A native factor tensor of logical `shape` from its stored `qweight` and `scales` (dtype: the scales')."""
-    bits, group_size, columns = field_scheme(quantization, field)
-    q = groupwise.unpack(qweight, bits, stored_shape(shape, columns)[-1])
-    out = groupwise.dequantize(q, scales, group_size)
-    return out.transpose(-2, -1) if columns else out
+    return groupwise.dequantize_stored(qweight, scales, shape, *field_scheme(quantization, field))
 
 
 # --- dense checkpoints: compressed-tensors ---------------------------------------------------------------------------

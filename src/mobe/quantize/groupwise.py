@@ -99,3 +99,19 @@ def packed_shape(shape: tuple[int, ...] | list[int], bits: int) -> tuple[int, ..
 def scales_shape(shape: tuple[int, ...] | list[int], group_size: int) -> tuple[int, ...]:
     *lead, n = shape
     return (*lead, math.ceil(n / group_size))
+
+
+def stored_shape(shape: tuple[int, ...] | list[int], column_groups: bool) -> list[int]:
+    """Logical shape of a factor's stored integers: its own, or its transpose where the groups run down its columns
+    (the stored values are then the transpose, grouped along their last dimension)."""
+    shape = list(shape)
+    return [*shape[:-2], shape[-1], shape[-2]] if column_groups else shape
+
+
+def dequantize_stored(
+    packed: Tensor, scales: Tensor, shape: tuple[int, ...] | list[int], bits: int, group_size: int, column_groups: bool
+) -> Tensor:
+    """A factor of logical `shape` from its packed values and scales, in the scales' dtype."""
+    q = unpack(packed, bits, stored_shape(shape, column_groups)[-1])
+    out = dequantize(q, scales, group_size)
+    return out.transpose(-2, -1) if column_groups else out

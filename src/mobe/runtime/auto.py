@@ -14,33 +14,20 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 from ..architectures import (
-    MoeLayout,
     base_model_type,
     canonical_model_types,
     get_arch,
     moe_layout,
     native_model_type,
 )
+from ..export.native import factor_meta, factor_shapes
 from ..factorize import get_method
 from .experts import FactoredMatrix, MobeExperts
-
-
-def factor_shapes(section: Mapping[str, Any], layout: MoeLayout, matrix: str) -> dict[str, list[int]]:
-    """Shapes of one compressed matrix type's factor tensors (the same in every compressed layer)."""
-    shapes = section.get("factor_shapes", {}).get(matrix)
-    if shapes:
-        return shapes
-    if section.get("method", "mobe") != "mobe":  # only MoBE checkpoints predate the recorded shapes
-        raise ValueError(f"config.json mobe section has no factor_shapes for {matrix!r}")
-    E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
-    g, m, r = section.get("groups", 1), section["num_bases"], section["rank"]
-    return {"A": [E, p, r], "bases": [g, m // g, r, d], "coef": [E, m // g]}
 
 
 def install_compressed_experts(model: nn.Module, config: Any) -> None:
@@ -49,7 +36,6 @@ def install_compressed_experts(model: nn.Module, config: Any) -> None:
     layout = moe_layout(config.to_dict())
     method = section.get("method", "mobe")
     get_method(method)  # an unknown method fails here, by name
-    meta = section.get("factor_meta", {})
     fused = layout.arch.fused is not None
     for layer in layout.moe_layers:
         # Per-expert layouts: uncompressed MoE layers too, their experts load unfused, as on disk. Fused layouts:
@@ -61,7 +47,7 @@ def install_compressed_experts(model: nn.Module, config: Any) -> None:
         compressed = section["matrices"] if layer in section["layers"] else ()
         factored = {
             m: FactoredMatrix(
-                method, factor_shapes(section, layout, m), {**section, **meta.get(m, {})}, section.get("quantization")
+                method, factor_shapes(section, layout, m), factor_meta(section, m), section.get("quantization")
             )
             for m in compressed
         }

@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 from ..architectures import ExpertsQuirk, FusedTensor
 from ..export import FACTOR_PREFIX
+from ..export.native import field_scheme
 from ..factorize import ExpertFactors, MobeFactors, activation_fn, get_method, mix_bases
 from ..factorize.mobe import orthonormal_rows
 from ..quantize import groupwise
-from ..quantize.checkpoint import field_scheme, stored_shape
 
 
 class QuantizedFactor(nn.Module):
@@ -42,7 +42,7 @@ class QuantizedFactor(nn.Module):
     def __init__(self, shape: Sequence[int], bits: int, group_size: int, column_groups: bool = False):
         super().__init__()
         self.shape, self.bits, self.group_size, self.column_groups = list(shape), bits, group_size, column_groups
-        stored = stored_shape(self.shape, column_groups)
+        stored = groupwise.stored_shape(self.shape, column_groups)
         qdtype = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("qweight", torch.zeros(groupwise.packed_shape(stored, bits), dtype=qdtype))
         self.register_buffer("scales", torch.ones(groupwise.scales_shape(stored, group_size)))
@@ -50,7 +50,7 @@ class QuantizedFactor(nn.Module):
     def dequantize(self, index: Tensor | int | None = None) -> Tensor:
         """The factor (or its rows `index` along the first dimension) in the scales' dtype."""
         q, s = (self.qweight, self.scales) if index is None else (self.qweight[index], self.scales[index])
-        n = stored_shape(self.shape, self.column_groups)[-1]
+        n = groupwise.stored_shape(self.shape, self.column_groups)[-1]
         out = groupwise.dequantize(groupwise.unpack(q, self.bits, n), s, self.group_size)
         return out.transpose(-2, -1) if self.column_groups else out
 
