@@ -143,7 +143,9 @@ def _original_rows(fixture: Path, ids: torch.Tensor, args: argparse.Namespace, s
                 "perplexity": ppl,
                 "stored_bytes": rest + expert_bytes,
                 "seconds": time.perf_counter() - start,
-                "relative_error": _relative_error([(fake_quantize(w, bits, GROUP), w) for w in stacks.values()])
+                "relative_error": _relative_error(
+                    [(oriented(m, fake_quantize(oriented(m, w), bits, GROUP)), w) for (_, m), w in stacks.items()]
+                )
                 if bits < 16
                 else 0.0,
             }
@@ -259,7 +261,7 @@ def verdicts(result: dict) -> list[str]:
                 if row is None:
                     continue
                 base, source = orig[bits], "round-to-nearest"
-                reference = _gptq_loss(gptq, name, bits)
+                reference = _gptq_loss(gptq, name, bits) if bits == 3 else None  # the int3 bar is GPTQ's
                 if reference is not None:
                     base, source = reference, "GPTQ (llm-compressor)"
                 bar = 1.25 * (loss16 + base) + 0.001
@@ -273,12 +275,13 @@ def verdicts(result: dict) -> list[str]:
 
 
 def _gptq_loss(gptq: dict, name: str, bits: int) -> float | None:
+    """The original's relative perplexity change by llm-compressor's GPTQ at `bits` (gptq_baselines.py)."""
     fixture = gptq.get("fixtures", {}).get(name)
     if not fixture:
         return None
     for row in fixture.get("rows", []):
-        if row.get("bits") == bits and "llm-compressor" in str(row.get("method", row.get("variant", ""))).lower():
-            return row.get("relative_change")
+        if row.get("bits") == bits and row.get("method") == "llm-compressor GPTQ":
+            return row["perplexity"] / fixture["original_perplexity"] - 1
     return None
 
 
@@ -354,7 +357,19 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(HERE / "results" / "low_bit_factors"))
+    parser.add_argument(
+        "--reverdict",
+        action="store_true",
+        help="recompute the verdicts of the JSON at --out from its rows (after benchmarks/gptq_baselines.py ran)",
+    )
     args = parser.parse_args()
+    if args.reverdict:
+        path = Path(args.out).with_suffix(".json")
+        result = json.loads(path.read_text())
+        result["verdicts"] = verdicts(result)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print("\n".join(result["verdicts"]))
+        return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
