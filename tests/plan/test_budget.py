@@ -71,3 +71,13 @@ def test_cli_compress_to_a_byte_budget(tiny, tmp_path, capsys):
     both = ["--target-bytes", "0.4", "--target-ratio", "0.3"]
     assert main(["compress", str(tiny), "-o", str(tmp_path / "both"), *both]) == 2
     assert not (tmp_path / "none").exists() and not (tmp_path / "both").exists()
+
+
+def test_cli_info_prints_the_plan_and_writes_nothing(tiny, tmp_path, capsys):
+    from mobe.cli.main import main
+
+    before = sorted(p.name for p in tiny.iterdir())
+    assert main(["info", str(tiny), "--target-gib", str(0.5 * stored_bytes(tiny) / 2**30)]) == 0
+    printed = capsys.readouterr().out
+    assert "<- chosen" in printed and "original int4" in printed
+    assert sorted(p.name for p in tiny.iterdir()) == before

@@ -201,6 +201,12 @@ def _cmd_info(args: argparse.Namespace) -> None:
     if args.model is None:
         raise ValueError("mobe info needs a checkpoint folder or hub id (or --list)")
     device = resolve_device(args.device)  # checked before anything is read
+    budget = _budget(args)
+    if budget is not None:  # the plan and its measured candidates, nothing written
+        from ..plan import plan_budget
+
+        print(plan_budget(args.model, **budget, device=str(device)).table())
+        return
     matrices = tuple(m for m in args.matrices.split(",") if m)
     info = model_info(args.model, args.num_bases, args.rank, args.groups, matrices, args.target_ratio, args.schedule)
     print(info.summary())
@@ -492,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="device of the estimates: where a job's memory is costed, and whose step time is measured",
     )
+    _add_budget_options(p)
     p.set_defaults(func=_cmd_info)
 
     p = _command(sub, "generate", "greedy generation from any checkpoint, native MoBE included")
