@@ -29,7 +29,7 @@ from mobe.evaluate.perplexity import sliding_window_perplexity
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
 from mobe.plan import execute_plan, plan_budget
 from mobe.quantize import stored_bytes
-from results_io import write_results
+from results_io import add_run_options, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
@@ -151,11 +151,7 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(result["fixtures"])
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), dpi=120, squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
@@ -185,21 +181,18 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.3, 0.35, 0.4])
     parser.add_argument("--plan-steps", type=int, default=200, help="steps of the planner's sample fits")
     parser.add_argument("--steps", type=int, default=300, help="steps of a chosen MoBE recipe's fits")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(HERE / "results" / "budget"))
+    add_run_options(parser, "budget", threads=1, fixtures=list(FIXTURES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -47,7 +47,7 @@ from mobe.quantize import fake_quantize, stored_bytes
 from mobe.quantize.factors import quantize_factor, quantize_mobe
 from mobe.quantize.gptq import gptq_quantize
 from mobe.quantize.groupwise import dequantize
-from results_io import write_results
+from results_io import add_run_options, pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
@@ -314,49 +314,40 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Perplexity increase against stored bytes: one colour per variant and scheme, the bits written beside."""
+    plt = pyplot()
     names = list(result["fixtures"])
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), dpi=120, squeeze=False)
-    markers = {"round to nearest": "s", "as fitted": "x", "GPTQ, mixed basis": "^", "orthonormal": "o"}
+    markers = {"round to nearest": "s", "as fitted": "x", "GPTQ, mixed basis": "^", "orthonormal": "o", "16-bit": "*"}
     for ax, name in zip(axes[0], names, strict=True):
-        fixture = result["fixtures"][name]
-        for r in fixture["rows"]:
-            label = f"{r['variant']} {r['scheme']}" if r["bits"] != 16 else f"{r['variant']} 16-bit"
-            ax.scatter(
-                r["stored_bytes"] / 2**20,
-                max(r["relative_change"], 1e-5) * 100,
-                marker=markers.get(r["scheme"], "*"),
-                label=label,
-                s=30,
-            )
-            ax.annotate(str(r["bits"]), (r["stored_bytes"] / 2**20, max(r["relative_change"], 1e-5) * 100), fontsize=6)
+        colours: dict[str, str] = {}
+        for r in result["fixtures"][name]["rows"]:
+            scheme = "16-bit" if r["bits"] == 16 and r["variant"] != "original" else r["scheme"]
+            label = f"{r['variant']}, {scheme}"
+            colour = colours.setdefault(label, f"C{len(colours) % 10}")
+            x, y = r["stored_bytes"] / 2**20, max(r["relative_change"], 1e-5) * 100
+            ax.scatter(x, y, marker=markers.get(scheme, "*"), color=colour, s=30, label=label)
+            ax.annotate(str(r["bits"]), (x, y), fontsize=6)
         ax.set_yscale("log")
         ax.set_xlabel("MiB stored (whole checkpoint)")
-        ax.set_ylabel("held-out perplexity increase, %")
+        ax.set_ylabel("held-out perplexity increase, % (bits beside each point)")
         ax.set_title(name)
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))
         ax.legend(unique.values(), unique.keys(), fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixtures", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3], choices=[2, 3, 4, 8])
     parser.add_argument("--steps", type=int, default=300, help="steps of the default recipe's fit")
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(HERE / "results" / "low_bit_factors"))
+    add_run_options(parser, "low_bit_factors", threads=1, fixtures=list(FIXTURES))
     parser.add_argument(
         "--reverdict",
         action="store_true",
