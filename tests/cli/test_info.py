@@ -135,3 +135,17 @@ def test_statistics_estimates_are_the_bytes_of_the_collected_statistics(tiny_che
     assert main(["info", str(tiny_checkpoints["qwen3_moe"]), "--bases", "2", "--calibration-tokens", "61"]) == 0
     out = capsys.readouterr().out
     assert f"dense Grams {gram_stats_bytes(E, p, d) / 2**10:.1f} KiB" in out and "compression job" in out
+
+
+def test_list_says_tested_from_the_data_table_as_the_fixtures_builder_does():
+    """`mobe info --list` reads the tiny-config table, not the test helpers; both agree on every family."""
+    from mobe.fixtures import tiny_config
+    from mobe.info import supported_families
+
+    for row in supported_families():
+        try:
+            tiny_config(row.model_type)
+            builds = True
+        except ValueError:
+            builds = False
+        assert row.tested == builds, row.model_type
