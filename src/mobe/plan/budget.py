@@ -46,9 +46,12 @@ class Recipe:
     technique: str  # "original" or "mobe"
     bits: int
     cut: float = 0.0
+    group_size: int | None = None  # of the integers' scales; None: the plan's (the largest that tiles)
 
     def label(self) -> str:
         precision = "16-bit" if self.bits == 16 else f"int{self.bits}"
+        if self.group_size is not None and self.bits < 16:
+            precision += f" g{self.group_size}"
         if self.technique == "original":
             return f"original {precision}"
         return f"MoBE {100 * self.cut:.0f}% cut, {precision} factors"
@@ -261,7 +264,8 @@ def execute_plan(
     if chosen is None:
         raise ValueError(plan.table().splitlines()[-1])
     recipe = chosen.recipe
-    quantize = None if recipe.bits == 16 else QuantizeConfig(bits=recipe.bits, group_size=plan.group_size)
+    group = recipe.group_size or plan.group_size
+    quantize = None if recipe.bits == 16 else QuantizeConfig(bits=recipe.bits, group_size=group)
     if recipe.technique == "original":
         if quantize is None:
             raise ValueError("the budget holds the original as it is: nothing to write")
