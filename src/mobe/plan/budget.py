@@ -222,14 +222,17 @@ def plan_budget(
     def error(rebuilt: dict) -> float:
         return math.sqrt(sum((rebuilt[k] - w).pow(2).sum().item() for k, w in stacks.items())) / norm
 
-    for b in bits:  # groups along each matrix's own input dimension, as the checkpoint stores it
+    # The original: every bit width at the plan's group size, and below 8 bits at half and a quarter of it too (more
+    # scales, less error). Groups run along each matrix's own input dimension, as the checkpoint stores them.
+    dense = [(b, None) for b in bits] + [(b, group // k) for b in bits if 1 < b < 8 for k in (2, 4) if group // k >= 16]
+    for b, g in dense:
+        size = g or group
         rebuilt = {
-            (layer, m): w if b == 16 else oriented(m, groupwise.fake_quantize(oriented(m, w), b, group))
+            (layer, m): w if b == 16 else oriented(m, groupwise.fake_quantize(oriented(m, w), b, size))
             for (layer, m), w in stacks.items()
         }
-        plan.options.append(
-            Option(Recipe("original", b), rest + _dense_bytes(layout, reader, b, group), error(rebuilt))
-        )
+        bytes_ = rest + _dense_bytes(layout, reader, b, size)
+        plan.options.append(Option(Recipe("original", b, group_size=g), bytes_, error(rebuilt)))
     for cut in cuts:
         config = resolve_settings(layout, MobeConfig(target_ratio=cut, steps=steps, device=device))
         fits = {}
