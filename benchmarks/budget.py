@@ -29,7 +29,7 @@ from mobe.evaluate.perplexity import sliding_window_perplexity
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
 from mobe.plan import execute_plan, plan_budget
 from mobe.quantize import stored_bytes
-from results_io import add_run_options, pyplot, save_figure, write_results
+from results_io import add_run_options, pyplot, save_figure, verdict_lines, write_results
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
@@ -41,21 +41,25 @@ def _perplexity(path: Path, ids: torch.Tensor, args: argparse.Namespace) -> floa
 
 
 def _best_measured(name: str, budget: int) -> dict | None:
-    """The lowest-perplexity recipe within `budget` among those benchmarks/low_bit_factors.py measured."""
+    """The lowest-perplexity recipe within `budget` among those other benchmarks measured on the same fixture:
+    benchmarks/low_bit_factors.py (MoBE and the original rounded to nearest, groups of 64) and
+    benchmarks/gptq_baselines.py (the original by round-to-nearest, llm-compressor's GPTQ and mobe's)."""
+    candidates = []
     path = HERE / "results" / "low_bit_factors.json"
-    if not path.exists():
-        return None
-    rows = json.loads(path.read_text())["fixtures"].get(name, {}).get("rows", [])
-    within = [r for r in rows if r["stored_bytes"] <= budget]
-    if not within:
-        return None
-    best = min(within, key=lambda r: r["perplexity"])
-    bits = "16-bit" if best["bits"] == 16 else f"int{best['bits']}"
-    return {
-        "label": f"{best['variant']} {bits} {best['scheme']}",
-        "perplexity": best["perplexity"],
-        "stored_bytes": best["stored_bytes"],
-    }
+    if path.exists():
+        for r in json.loads(path.read_text())["fixtures"].get(name, {}).get("rows", []):
+            bits = "16-bit" if r["bits"] == 16 else f"int{r['bits']}"
+            label = f"{r['variant']} {bits} {r['scheme']} g64"
+            candidates.append({"label": label, "perplexity": r["perplexity"], "stored_bytes": r["stored_bytes"]})
+    path = HERE / "results" / "gptq_baselines.json"
+    if path.exists():
+        fixture = json.loads(path.read_text())["fixtures"].get(name, {})
+        for r in fixture.get("rows", []):
+            if r["method"] != "original":
+                label = f"original int{r['bits']} {r['method']} g{r['group_size']}"
+                candidates.append({"label": label, "perplexity": r["perplexity"], "stored_bytes": r["bytes"]})
+    within = [c for c in candidates if c["stored_bytes"] <= budget]
+    return min(within, key=lambda c: c["perplexity"]) if within else None
 
 
 def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
@@ -159,7 +163,7 @@ def table(result: dict) -> str:
                 f"{r['perplexity_change']:+.3f} | {other} |"
             )
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines + verdict_lines(result)).rstrip() + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -206,12 +210,18 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=128)
     add_run_options(parser, "budget", threads=1, fixtures=list(FIXTURES))
     parser.add_argument(
-        "--reverdict", action="store_true", help="recompute the verdicts of the JSON at --out from its rows"
+        "--reverdict",
+        action="store_true",
+        help="recompute the comparison with the other benchmarks' recipes and the verdicts of the JSON at --out",
     )
     args = parser.parse_args()
     if args.reverdict:
         path = Path(args.out).with_suffix(".json")
         result = json.loads(path.read_text())
+        for name, fixture in result["fixtures"].items():  # the other benchmarks' recipes, as they stand now
+            for row in fixture["rows"]:
+                if row.get("chosen"):
+                    row["best_measured"] = _best_measured(name, row["budget_bytes"])
         result["verdicts"] = verdicts(result)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print("\n".join(result["verdicts"]))
