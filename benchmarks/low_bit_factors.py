@@ -285,6 +285,29 @@ def _gptq_loss(gptq: dict, name: str, bits: int) -> float | None:
     return None
 
 
+def summary(result: dict) -> str:
+    """One sentence for the README: int4 factors of each fixture's 25% cut against its 16-bit factors and the
+    original in int4."""
+    parts = []
+    for name, fixture in result["fixtures"].items():
+        rows = fixture["rows"]
+        mobe = {r["bits"]: r for r in rows if r.get("ratio") == 0.25 and r["scheme"] in ("16-bit", "orthonormal")}
+        orig4 = next((r for r in rows if r["variant"] == "original" and r["bits"] == 4), None)
+        if 4 not in mobe or 16 not in mobe or orig4 is None:
+            continue
+        parts.append(
+            f"{name} {100 * mobe[4]['relative_change']:+.2f}% at {mobe[4]['stored_bytes'] / 2**20:.1f} MiB (16-bit "
+            f"factors {100 * mobe[16]['relative_change']:+.2f}%, the original in int4 "
+            f"{100 * orig4['relative_change']:+.2f}% at {orig4['stored_bytes'] / 2**20:.1f} MiB)"
+        )
+    return (
+        "Integer MoBE factors (`--quantize int4` on a 25% cut, data-free; "
+        "[docs/quantize.md](docs/quantize.md#integer-mobe-factors-below-8-bits)), held-out perplexity change: "
+        + "; ".join(parts)
+        + ".\n"
+    )
+
+
 def table(result: dict) -> str:
     """Markdown: per fixture, perplexity change and weight error of each variant, with stored bytes."""
     lines = []

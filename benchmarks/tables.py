@@ -115,7 +115,10 @@ BLOCKS = {
     "paper_parity": [("docs/results.md", "paper_parity", paper_parity.table)],
     "recipe": [("docs/results.md", "recipe", recipe.table)],
     "factor_rounding": [("docs/quantize.md", "factor_rounding", factor_rounding.table)],
-    "low_bit_factors": [("docs/quantize.md", "low_bit_factors", low_bit_factors.table)],
+    "low_bit_factors": [
+        ("docs/quantize.md", "low_bit_factors", low_bit_factors.table),
+        ("README.md", "low_bit_summary", low_bit_factors.summary),
+    ],
     "budget": [("docs/quantize.md", "budget", budget.table)],
     "gptq_baselines": [("docs/quantize.md", "gptq_baselines", gptq_baselines.table)],
     "startup": [("docs/cli.md", "startup", startup.table)],
@@ -136,7 +139,7 @@ BLOCKS = {
         ("docs/scale-out.md", "ray_scaling_summary", ray_scaling.summary),
     ],
 }
-SENTENCES = {"inference_memory_summary", "ray_scaling_summary"}  # one line of prose: no caption
+SENTENCES = {"inference_memory_summary", "ray_scaling_summary", "low_bit_summary"}  # one line of prose: no caption
 
 
 def replace_block(path: Path, name: str, body: str, mode: str = "write") -> bool:
