@@ -38,12 +38,14 @@ def _ill_conditioned_factors(seed: int = 0, E: int = 8, p: int = 48, r: int = 24
     return dataclasses.replace(factors, A=A)
 
 
-def _reference_rounding(factors: MobeFactors, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference_rounding(
+    factors: MobeFactors, bits: int, group: int, shared_bits: int | None = 8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rounded coordinates A', the entries that sit on a half step of the grid, orthonormal rows Q) of the integer
     factors, by Cholesky orthonormalisation and a per-group RTN loop. The grid puts each group's largest entry on a
     half step (scale = max|w| / ((2^b - 1) / 2)), so 1e-7 of difference between two computations may round it
     either way: those entries are compared apart."""
-    bases = reference_fake_quantize(factors.bases, 8, group)
+    bases = factors.bases if shared_bits is None else reference_fake_quantize(factors.bases, shared_bits, group)
     M = dataclasses.replace(factors, bases=bases).mixed_bases().double()
     L = torch.linalg.cholesky(M @ M.transpose(1, 2))
     Q = torch.linalg.solve_triangular(L, M, upper=False)  # orthonormal rows, same span, diag(L) > 0
@@ -55,8 +57,10 @@ def _reference_rounding(factors: MobeFactors, bits: int, group: int) -> tuple[to
     return rounded.transpose(1, 2), ties.transpose(1, 2), Q
 
 
-def _assert_same_rounding(got: MobeFactors, factors: MobeFactors, bits: int, group: int) -> None:
-    expected, ties, Q = _reference_rounding(factors, bits, group)
+def _assert_same_rounding(
+    got: MobeFactors, factors: MobeFactors, bits: int, group: int, shared_bits: int | None = 8
+) -> None:
+    expected, ties, Q = _reference_rounding(factors, bits, group, shared_bits)
     assert ties.float().mean() < 0.25  # about one entry a group: the comparison covers the rest
     torch.testing.assert_close(got.A[~ties], expected[~ties], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.row_bases().double(), Q, rtol=0, atol=1e-5)
@@ -144,3 +148,22 @@ def test_native_low_bit_checkpoint_runs_and_reads_back_as_its_integer_factors(na
         for module in (m for m in quantized.modules() if isinstance(m, MobeExperts)):
             module.configure(workspace_experts=2, cache_mib=1)  # the decoding path and the cache
         torch.testing.assert_close(quantized(IDS[:, :1]).logits, logits(dense)[:, :1], rtol=0, atol=1e-4)
+
+
+def test_bases_kept_in_floating_point_with_shared_bits_16(native, tmp_path):
+    out, group = tmp_path / "int3-float-bases", 6
+    quantize_checkpoint(native, out, QuantizeConfig(bits=3, group_size=group, shared_bits=16), progress=False)
+    section = json.loads((out / "config.json").read_text())["mobe"]
+    assert section["quantization"]["fields"] == ["A"] and "field_bits" not in section["quantization"]
+    source, reader = CheckpointReader(native), CheckpointReader(out)
+    layout = moe_layout(source.config)
+    for layer in section["layers"]:
+        for matrix in section["matrices"]:
+            fitted, got = (read_native_factors(r, layout, layer, matrix) for r in (source, reader))
+            assert torch.equal(got.bases, fitted.bases)
+            _assert_same_rounding(got, fitted, 3, group, shared_bits=None)
+    dense = tmp_path / "dense"
+    assert main(["reconstruct", str(out), "-o", str(dense), "-q"]) == 0
+    with torch.no_grad():
+        quantized = AutoModelForCausalLM.from_pretrained(out).eval()
+        torch.testing.assert_close(quantized(IDS).logits, logits(dense), rtol=0, atol=1e-4)
