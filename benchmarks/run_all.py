@@ -78,6 +78,13 @@ RUNS = (
     ),
     Run("factor_rounding", "factor_rounding.py", "", "--fixtures coarse --steps 20"),
     Run(
+        "calibrated_rounding",
+        "calibrated_rounding.py",
+        "",
+        "--fixtures fine --steps 10 --calibration-tokens 1024",
+        needs=BOTH_TEXTS,
+    ),
+    Run(
         "budget",
         "budget.py",
         "",

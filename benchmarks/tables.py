@@ -18,6 +18,7 @@ from pathlib import Path
 
 # The benchmark scripts beside this one (run as python benchmarks/tables.py): each formats its own tables.
 import budget
+import calibrated_rounding
 import calibration
 import calibration_memory
 import compare
@@ -120,6 +121,7 @@ BLOCKS = {
         ("README.md", "low_bit_summary", low_bit_factors.summary),
     ],
     "budget": [("docs/quantize.md", "budget", budget.table)],
+    "calibrated_rounding": [("docs/quantize.md", "calibrated_rounding", calibrated_rounding.table)],
     "gptq_baselines": [("docs/quantize.md", "gptq_baselines", gptq_baselines.table)],
     "startup": [("docs/cli.md", "startup", startup.table)],
     "memory_estimates": [("docs/results.md", "memory_estimates", memory_estimates.table)],
