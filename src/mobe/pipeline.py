@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .architectures import MoeLayout, moe_layout
 from .calibrate import read_calibration_text
 from .calibrate.collect import check_streamable, require_tokenizer
-from .calibrate.run import collect_calibration, refine_layers
+from .calibrate.run import calibration_grams, collect_calibration, refine_layers
 from .checkpoint import CheckpointError, CheckpointReader, refuse_native
 from .config import FORMAT_VERSION, DistillConfig, MobeConfig, QuantizeConfig
 from .devices import resolve_device
@@ -302,7 +302,10 @@ def compress(
         from .quantize import quantize_checkpoint
 
         final = work / "quantized"
-        quantize_checkpoint(assemble, final, quantize, progress=progress)
+        grams = None
+        if config.calibration is not None and not reconstruct:  # integer factors rounded on the routed inputs
+            grams = calibration_grams(work)
+        quantize_checkpoint(assemble, final, quantize, progress=progress, grams=grams)
         report.quantize = quantize.to_dict()
     report.bytes_before, report.bytes_after = stored_bytes(reader), stored_bytes(final)
     report.save(final)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..architectures import MoeLayout
@@ -105,3 +108,15 @@ def refine_layers(
     finally:
         torch.set_num_threads(threads)
     return refined
+
+
+def calibration_grams(work: Path) -> Callable[[int, str], Tensor]:
+    """(layer, matrix) -> the second moments (E, k, k) float32 of each expert's inputs to `matrix` (of the routed
+    hidden states for gate and up, of the intermediate activations for down), from the statistics a calibrated run
+    saved in its work folder; one layer's statistics held at a time."""
+
+    @functools.lru_cache(maxsize=1)
+    def layer_stats(layer: int) -> LayerStats:
+        return LayerStats.load(stats_path(work, layer))
+
+    return lambda layer, matrix: layer_stats(layer).gram(matrix).float()

@@ -32,6 +32,7 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,12 @@ def stored_bytes(path: str | Path | CheckpointReader) -> int:
 
 
 def quantize_checkpoint(
-    model: str | Path, output: str | Path, config: QuantizeConfig | None = None, *, progress: bool = True
+    model: str | Path,
+    output: str | Path,
+    config: QuantizeConfig | None = None,
+    *,
+    progress: bool = True,
+    grams: Callable[[int, str], torch.Tensor | None] | None = None,
 ) -> QuantizeReport:
     """Quantise the weights of `model` (any checkpoint mobe reads: original, pruned, dense or native) into `output`.
 
@@ -106,6 +112,8 @@ def quantize_checkpoint(
         output: new folder; must not exist or be empty.
         config: bits, group size and (dense checkpoints) which linears (`QuantizeConfig()`: int4, 128, experts).
         progress: show a progress bar.
+        grams: native MoBE factors below 8 bits: (layer, matrix) -> the second moments (E, k, k) of each expert's
+            inputs (`mobe.calibrate` statistics), to round the expert factors by GPTQ on them; None: data-free.
 
     Returns:
         The report (also saved in `output/mobe_quantize.json`).
@@ -132,7 +140,7 @@ def quantize_checkpoint(
             "rounded to nearest, so leave --calibration out"
         )
     plan = _native_plan(reader) if native else _dense_plan(reader, config)
-    rounder = _NativeRounder(reader, config) if native else None
+    rounder = _NativeRounder(reader, config, grams) if native else None
     if config.calibration is not None and config.scope != "experts":
         raise QuantizeError(
             "--calibration rounds the routed experts by GPTQ on their routed inputs (scope experts); the other "
@@ -230,8 +238,13 @@ class _NativeRounder:
     8 bits by `quantize_mobe` (which needs A, bases and coef together, wherever they are stored), every other
     factor tensor round-to-nearest on its own."""
 
-    def __init__(self, reader: CheckpointReader, config: QuantizeConfig):
-        self.reader, self.config = reader, config
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        config: QuantizeConfig,
+        grams: Callable[[int, str], torch.Tensor | None] | None = None,
+    ):
+        self.reader, self.config, self.grams = reader, config, grams
         self.source = reader.config["mobe"]
         self.method = self.source.get("method", "mobe")
         self.joint = self.method == "mobe" and config.bits < 8
@@ -264,7 +277,16 @@ class _NativeRounder:
         factors_cls = get_method(self.method).factors_cls
         factors = factors_cls.from_tensors({f: tensors[n] for f, n in names.items()}, meta)
         shared_bits = self.config.shared_bits if self.config.shared_bits < 16 else None
-        _, stored = quantize_mobe(factors, self.config.bits, self.config.group_size, shared_bits=shared_bits)
+        grams = None if self.grams is None else self.grams(*key)
+        inputs_on_rows = (key[1] == "down") != (factors.transposed == "1")  # in the fitted orientation
+        _, stored = quantize_mobe(
+            factors,
+            self.config.bits,
+            self.config.group_size,
+            shared_bits=shared_bits,
+            grams=grams,
+            inputs_on_rows=inputs_on_rows,
+        )
         dtype = factors.A.dtype
         for field in factors_cls.tensor_fields:  # unquantised factors pass through
             if field not in stored:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..factorize import MobeFactors
 from . import groupwise
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, gptq_round
 
 SHARED_BITS = 8  # the bases: shared by a layer's experts, so their bytes are few and their errors reach every expert
 
@@ -74,13 +74,16 @@ def quantize_mobe(
     group_size: int,
     *,
     shared_bits: int | None = SHARED_BITS,
-    hessians: Tensor | None = None,
+    grams: Tensor | None = None,
+    inputs_on_rows: bool | None = None,
 ) -> tuple[MobeFactors, dict[str, StoredFactor]]:
     """Integer MoBE factors (module docstring): the factors the integers stand for (A in orthonormal coordinates,
     dequantised) and the stored form of A and, unless `shared_bits` is None (kept in floating point), the bases.
 
-    `hessians` (E, rows, rows), optional: second moments of each expert's inputs on the side of A's rows (the hidden
-    size of a transposed fit, else unused: a calibrated right metric would act on the columns of the products).
+    `grams` (E, k, k), optional: second moments S_i of each expert's inputs (calibration). A' is then rounded by
+    GPTQ on them in its own coordinates: over its rows with H = S_i where the inputs meet the rows of the fitted
+    products (`inputs_on_rows`: down, or gate/up fitted transposed), else over its columns with H = Q_i S_i Q_i^T.
+    The stored form is the same as without.
     """
     stored: dict[str, StoredFactor] = {}
     bases = factors.bases
@@ -88,6 +91,22 @@ def quantize_mobe(
         stored["bases"] = quantize_factor(bases, shared_bits, group_size)
         bases = stored["bases"].dequantize(bases.dtype)
     orthonormal = factors.in_orthonormal_coordinates(bases)
-    stored["A"] = quantize_factor(orthonormal.A, bits, group_size, column_groups=True, hessian=hessians)
+    if grams is None or inputs_on_rows:
+        stored["A"] = quantize_factor(orthonormal.A, bits, group_size, column_groups=True, hessian=grams)
+    else:
+        if inputs_on_rows is None:
+            raise ValueError("grams need inputs_on_rows: on which side of the fitted products the inputs are")
+        stored["A"] = _gptq_down_columns(orthonormal, grams, bits, group_size)
     rounded = dataclasses.replace(orthonormal, A=stored["A"].dequantize(factors.A.dtype), bases=bases)
     return rounded, stored
+
+
+def _gptq_down_columns(orthonormal: MobeFactors, grams: Tensor, bits: int, group_size: int) -> StoredFactor:
+    """A' (E, rows, r) rounded by GPTQ over its columns on H = Q S Q^T, with the scales of its column groups (one per
+    `group_size` entries down each column, fixed from the unrounded A')."""
+    A = orthonormal.A
+    Q = orthonormal.row_bases().to(grams.dtype)
+    scales = groupwise.group_scales(A.transpose(-2, -1), bits, group_size, A.dtype)  # (E, r, ceil(rows / g))
+    entry = scales.float().repeat_interleave(group_size, dim=-1)[..., : A.shape[-2]].transpose(-2, -1)
+    values = gptq_round(A, Q @ grams @ Q.transpose(-2, -1), entry, bits)
+    return StoredFactor(values.transpose(-2, -1).contiguous(), scales, bits, group_size, column_groups=True)
