@@ -35,8 +35,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from data_free import _calibration_text
 from mobe import CheckpointReader, MobeConfig, QuantizeConfig, compress, quantize_checkpoint
 from mobe.architectures import moe_layout
+from mobe.calibrate.collect import calibration_ids, collect_statistics
 from mobe.evaluate.perplexity import sliding_window_perplexity
 from mobe.export import factor_tensor_names
 from mobe.factorize import MobeFactors, oriented
@@ -52,6 +54,7 @@ from results_io import add_run_options, pyplot, save_figure, write_results
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
 SCHEMES = ("as fitted", "GPTQ, mixed basis", "orthonormal")
+CALIBRATED = "orthonormal, GPTQ on the inputs"  # --calibrated: fits and rounding on the training-side text
 GROUP = 64
 SCALE_BYTES = 2  # 16-bit scales, as the bf16 fixtures store them
 
@@ -62,16 +65,21 @@ def _packed_bytes(shape: tuple[int, ...] | list[int], bits: int) -> int:
     return rows * (math.ceil(n * bits / 8) + SCALE_BYTES * math.ceil(n / GROUP))
 
 
-def round_factors(factors: MobeFactors, scheme: str, bits: int) -> tuple[MobeFactors, int]:
-    """The factors a rounding scheme stores, read back in float, and the bytes of A and the bases as stored."""
+def round_factors(
+    factors: MobeFactors, scheme: str, bits: int, grams: torch.Tensor | None = None, matrix: str = ""
+) -> tuple[MobeFactors, int]:
+    """The factors a rounding scheme stores, read back in float, and the bytes of A and the bases as stored
+    (`grams`: the routed inputs' second moments of `matrix`, for the calibrated scheme)."""
     if scheme == "as fitted":
         rounded = dataclasses.replace(
             factors, A=fake_quantize(factors.A, bits, GROUP), bases=fake_quantize(factors.bases, bits, GROUP)
         )
         return rounded, _packed_bytes(factors.A.shape, bits) + _packed_bytes(factors.bases.shape, bits)
     shared = 8
-    if scheme == "orthonormal":
-        rounded, _ = quantize_mobe(factors, bits, GROUP, shared_bits=shared)
+    if scheme in ("orthonormal", CALIBRATED):
+        on_rows = (matrix == "down") != (factors.transposed == "1")
+        extra = {"grams": grams, "inputs_on_rows": on_rows} if scheme == CALIBRATED else {}
+        rounded, _ = quantize_mobe(factors, bits, GROUP, shared_bits=shared, **extra)
         # A stored down its columns: groups along its rows
         a_shape = (*factors.A.shape[:-2], factors.A.shape[-1], factors.A.shape[-2])
         return rounded, _packed_bytes(a_shape, bits) + _packed_bytes(factors.bases.shape, shared)
@@ -175,10 +183,17 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     print(f"{name}: E={layout.num_experts} p={layout.intermediate_size} d={layout.hidden_size}", flush=True)
     rows = _original_rows(fixture, ids, args, stacks)
     original = rows[0]["perplexity"]
+    calibration, stats = {}, {}
+    if args.calibrated:  # the calibrated fit's text, and the Grams the rounding uses (what compress collects)
+        text = _calibration_text(fixture, tmp)
+        calibration = dict(calibration=str(text), calibration_tokens=args.calibration_tokens, calibration_seq_len=512)
+        sequences = calibration_ids(fixture, text, args.calibration_tokens, 512)
+        stats = dict(collect_statistics(reader, layout, sequences, layout.moe_layers))
     for ratio in args.ratios:
         native = tmp / f"{name}-{ratio}"
         start = time.perf_counter()
-        compress(fixture, native, MobeConfig(target_ratio=ratio, steps=args.steps, device="cpu"), progress=False)
+        settings = MobeConfig(target_ratio=ratio, steps=args.steps, device="cpu", **calibration)
+        compress(fixture, native, settings, progress=False)
         fit_seconds = time.perf_counter() - start
         nreader = CheckpointReader(native)
         nlayout = moe_layout(nreader.config)
@@ -190,7 +205,8 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
             math.prod(nreader.shape(n)) * 2 for job in jobs for f, n in names[job].items() if f != "coef"
         )
         evaluator = Evaluator(native, ids, args)
-        variants = [("16-bit", 16)] + [(s, b) for b in args.bits for s in SCHEMES]
+        schemes = ("orthonormal", CALIBRATED) if args.calibrated else SCHEMES
+        variants = [("16-bit", 16)] + [(s, b) for b in args.bits for s in schemes]
         for scheme, bits in variants:
             start = time.perf_counter()
             pairs, factor_bytes = [], 0
@@ -202,7 +218,8 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                         sum(math.prod(nreader.shape(n)) * 2 for f, n in names[job].items() if f != "coef"),
                     )
                 else:
-                    rounded, size = round_factors(factors, scheme, bits)
+                    grams = stats[job[0]].gram(job[1]).float() if scheme == CALIBRATED else None
+                    rounded, size = round_factors(factors, scheme, bits, grams, job[1])
                 factor_bytes += size
                 evaluator.set_factors(names[job], rounded)
                 pairs.append((rounded.reconstruct(), stacks[job]))
@@ -218,7 +235,7 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                 "seconds": time.perf_counter() - start,
                 "fit_seconds": fit_seconds,
             }
-            if scheme == "orthonormal" and bits < 8:  # the checkpoint `mobe quantize` writes (8 bits: as fitted)
+            if scheme == "orthonormal" and bits < 8 and not args.calibrated:  # what `mobe quantize` writes
                 out = tmp / f"{name}-{ratio}-int{bits}"
                 quantize_checkpoint(native, out, QuantizeConfig(bits=bits, group_size=GROUP), progress=False)
                 written = Evaluator(out, ids, args)
@@ -256,8 +273,8 @@ def verdicts(result: dict) -> list[str]:
         for ratio in sorted({r["ratio"] for r in rows if "ratio" in r}):
             mine = [r for r in rows if r.get("ratio") == ratio]
             loss16 = next(r["relative_change"] for r in mine if r["bits"] == 16)
-            for bits in (4, 3):
-                row = next((r for r in mine if r["bits"] == bits and r["scheme"] == "orthonormal"), None)
+            for bits, scheme in ((b, s) for b in (4, 3) for s in ("orthonormal", CALIBRATED)):
+                row = next((r for r in mine if r["bits"] == bits and r["scheme"] == scheme), None)
                 if row is None:
                     continue
                 base, source = orig[bits], "round-to-nearest"
@@ -267,7 +284,8 @@ def verdicts(result: dict) -> list[str]:
                 bar = 1.25 * (loss16 + base) + 0.001
                 ok = row["relative_change"] <= bar
                 out.append(
-                    f"{name} {100 * ratio:.0f}% int{bits} factors: {100 * row['relative_change']:+.2f}% perplexity "
+                    f"{name} {100 * ratio:.0f}% int{bits} factors ({scheme}): {100 * row['relative_change']:+.2f}% "
+                    "perplexity "
                     f"against at most {100 * bar:.2f}% (1.25 x ({100 * loss16:+.2f}% 16-bit + {100 * base:+.2f}% "
                     f"original int{bits} by {source}) + 0.1%): {'yes' if ok else 'NO'}"
                 )
@@ -367,6 +385,13 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3], choices=[2, 3, 4, 8])
     parser.add_argument("--steps", type=int, default=300, help="steps of the default recipe's fit")
+    parser.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="fit on the fixture's training-side text and round the factors also by GPTQ on its routed inputs "
+        "(what compress --calibration --quantize writes), beside the data-free rounding",
+    )
+    parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--stride", type=int, default=128)

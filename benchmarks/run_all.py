@@ -91,6 +91,13 @@ RUNS = (
         "--fixtures coarse --budgets 0.3 --plan-steps 5 --steps 5 --tokens 1024",
     ),
     Run(
+        "low_bit_factors_calibrated",
+        "low_bit_factors.py",
+        "--fixtures fine --ratios 0.25 0.5 --bits 4 3 --steps 300 --calibrated --threads 2",
+        "--fixtures fine --ratios 0.5 --bits 4 --steps 5 --tokens 1024 --calibrated --calibration-tokens 2048",
+        needs=BOTH_TEXTS,
+    ),
+    Run(
         "low_bit_factors",
         "low_bit_factors.py",
         "--steps 300",

@@ -120,6 +120,7 @@ BLOCKS = {
         ("docs/quantize.md", "low_bit_factors", low_bit_factors.table),
         ("README.md", "low_bit_summary", low_bit_factors.summary),
     ],
+    "low_bit_factors_calibrated": [("docs/quantize.md", "low_bit_factors_calibrated", low_bit_factors.table)],
     "budget": [("docs/quantize.md", "budget", budget.table)],
     "calibrated_rounding": [("docs/quantize.md", "calibrated_rounding", calibrated_rounding.table)],
     "gptq_baselines": [("docs/quantize.md", "gptq_baselines", gptq_baselines.table)],
