@@ -22,22 +22,17 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from compare import _perplexity
 from mobe import MobeConfig
-from mobe.evaluate.perplexity import sliding_window_perplexity
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
 from mobe.plan import execute_plan, plan_budget
 from mobe.quantize import stored_bytes
-from results_io import add_run_options, pyplot, save_figure, verdict_lines, write_results
+from results_io import add_run_options, pyplot, rewrite_verdicts, save_figure, verdict_lines, write_results
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
-
-
-def _perplexity(path: Path, ids: torch.Tensor, args: argparse.Namespace) -> float:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return sliding_window_perplexity(model, ids, context=args.context, stride=args.stride, progress=False).perplexity
 
 
 def _best_measured(name: str, budget: int) -> dict | None:
@@ -62,11 +57,19 @@ def _best_measured(name: str, budget: int) -> dict | None:
     return min(within, key=lambda c: c["perplexity"]) if within else None
 
 
+def _refresh_best_measured(result: dict) -> None:
+    """Each choice's comparison with the other benchmarks' recipes, as their JSON stands now."""
+    for name, fixture in result["fixtures"].items():
+        for row in fixture["rows"]:
+            if row.get("chosen"):
+                row["best_measured"] = _best_measured(name, row["budget_bytes"])
+
+
 def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     fixture = trained_fixture_path(FIXTURES[name])
     ids = AutoTokenizer.from_pretrained(fixture)((fixture / "heldout.txt").read_text(), return_tensors="pt").input_ids
     ids = ids[0][: args.tokens]
-    original = _perplexity(fixture, ids, args)
+    original = _perplexity(fixture, ids, args.context, args.stride)
     measured = plan_budget(fixture, 1.0, steps=args.plan_steps)
     print(measured.table(), flush=True)
     rows, written = [], {}
@@ -83,7 +86,7 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
             start = time.perf_counter()
             execute_plan(plan, fixture, out, MobeConfig(steps=args.steps, device="cpu"), progress=False)
             seconds = time.perf_counter() - start
-            written[recipe] = (stored_bytes(out), _perplexity(out, ids, args), seconds)
+            written[recipe] = (stored_bytes(out), _perplexity(out, ids, args.context, args.stride), seconds)
         size, ppl, seconds = written[recipe]
         row.update(
             chosen=recipe.label(),
@@ -216,16 +219,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.reverdict:
-        path = Path(args.out).with_suffix(".json")
-        result = json.loads(path.read_text())
-        for name, fixture in result["fixtures"].items():  # the other benchmarks' recipes, as they stand now
-            for row in fixture["rows"]:
-                if row.get("chosen"):
-                    row["best_measured"] = _best_measured(name, row["budget_bytes"])
-        result["verdicts"] = verdicts(result)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print("\n".join(result["verdicts"]))
-        return
+        return rewrite_verdicts(args.out, verdicts, _refresh_best_measured)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

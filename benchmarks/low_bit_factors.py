@@ -49,7 +49,7 @@ from mobe.quantize import fake_quantize, stored_bytes
 from mobe.quantize.factors import quantize_factor, quantize_mobe
 from mobe.quantize.gptq import gptq_quantize
 from mobe.quantize.groupwise import dequantize
-from results_io import add_run_options, pyplot, save_figure, write_results
+from results_io import add_run_options, pyplot, rewrite_verdicts, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
@@ -169,14 +169,7 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     ids = AutoTokenizer.from_pretrained(fixture)((fixture / "heldout.txt").read_text(), return_tensors="pt").input_ids
     ids = ids[0][: args.tokens]
     stacks = {
-        (layer, m): oriented(
-            m,
-            torch.stack(
-                list(
-                    reader.get_many([layout.arch.tensor_name(layer, e, m) for e in range(layout.num_experts)]).values()
-                )
-            ).float(),
-        )
+        (layer, m): oriented(m, layout.read_experts(reader, layer, m).float())
         for layer in layout.moe_layers
         for m in ("gate", "up", "down")
     }
@@ -403,12 +396,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.reverdict:
-        path = Path(args.out).with_suffix(".json")
-        result = json.loads(path.read_text())
-        result["verdicts"] = verdicts(result)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print("\n".join(result["verdicts"]))
-        return
+        return rewrite_verdicts(args.out, verdicts)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -56,6 +56,18 @@ def write_results(
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {result['seconds']:.0f} s")
 
 
+def rewrite_verdicts(stem: str, verdicts: Callable[[dict], list[str]], update: Callable[[dict], None] | None = None):
+    """Recompute the verdicts of the JSON `stem`.json from its rows (after `update`, which refreshes what they are
+    compared with), write it back and print them: a re-derivation, nothing measured again."""
+    path = Path(stem).with_suffix(".json")
+    result = json.loads(path.read_text())
+    if update is not None:
+        update(result)
+    result["verdicts"] = verdicts(result)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(result["verdicts"]))
+
+
 def grouped_bars(
     ax, categories: Sequence[str], series: Mapping[str, Sequence[float]], fontsize: float | None = None
 ) -> None:

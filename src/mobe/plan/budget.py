@@ -126,10 +126,6 @@ def _expert_names(layout: MoeLayout, layer: int, matrix: str) -> list[str]:
     return [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
 
 
-def _stack(reader: CheckpointReader, layout: MoeLayout, layer: int, matrix: str) -> torch.Tensor:
-    return oriented(matrix, torch.stack(list(reader.get_many(_expert_names(layout, layer, matrix)).values())).float())
-
-
 def _dense_bytes(layout: MoeLayout, reader: CheckpointReader, bits: int, group: int) -> int:
     """Bytes of every routed expert matrix stored at `bits` as `mobe quantize` writes a dense checkpoint."""
     total = 0
@@ -216,7 +212,9 @@ def plan_budget(
     element = DTYPE_SIZE[reader.dtype_name(_expert_names(layout, layout.moe_layers[0], "gate")[0])]
     layers = sample_layers or [layout.moe_layers[len(layout.moe_layers) // 2]]
     plan = Plan(budget, original, group, layers)
-    stacks = {(layer, m): _stack(reader, layout, layer, m) for layer in layers for m in MATRICES}
+    stacks = {
+        (layer, m): oriented(m, layout.read_experts(reader, layer, m).float()) for layer in layers for m in MATRICES
+    }
     norm = math.sqrt(sum(w.pow(2).sum().item() for w in stacks.values()))
 
     def error(rebuilt: dict) -> float:
