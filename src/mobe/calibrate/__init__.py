@@ -3,6 +3,7 @@
 from .collect import (
     CalibrationError,
     LayerStream,
+    StatsAccumulator,
     calibration_ids,
     collect_sequentially,
     collect_statistics,
@@ -15,6 +16,7 @@ __all__ = [
     "CalibrationError",
     "LayerStats",
     "LayerStream",
+    "StatsAccumulator",
     "calibration_ids",
     "collect_sequentially",
     "collect_statistics",

@@ -38,6 +38,10 @@ EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 READ_BYTES = 16 * 2**20  # experts read per call into the stacks: about this many bytes (gate, up and down)
+# transformers' experts forward for the streamed layers: its per-expert loop. The default on torch >= 2.9,
+# grouped_mm, runs on the CPU about 10x slower than the loop on these small per-expert batches (measured on the
+# tiny test models: 63 ms a call against a few ms).
+EXPERTS_IMPLEMENTATION = "eager"
 
 
 @functools.cache
@@ -191,7 +195,9 @@ class LayerStream:
         self.config = AutoConfig.from_pretrained(reader.path)
         self.config._attn_implementation = "sdpa"
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa")
+            self.model = AutoModelForCausalLM.from_config(
+                self.config, attn_implementation="sdpa", experts_implementation=EXPERTS_IMPLEMENTATION
+            )
         self.names = module_names(self.model, [n for n in reader.weight_map if not EXPERT_TENSOR.search(n)])
         self.decoder = self.model.get_submodule("model")
         if hasattr(self.decoder, "rotary_emb"):  # non-persistent buffers: built anew on the CPU
@@ -318,7 +324,7 @@ class LayerStream:
         return hidden
 
 
-class _Accumulator:
+class StatsAccumulator:
     """Forward pre-hook on a fused experts module: accumulates `LayerStats` from (hidden, top_k_index, weights)."""
 
     def __init__(self, stats: LayerStats, keep_inputs: bool):
@@ -377,7 +383,7 @@ def collect_statistics(
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
     for layer in tqdm(range(wanted[-1] + 1), desc="Calibration", disable=not progress, leave=False):
         if layer in wanted:
-            accumulator = _Accumulator(LayerStats.empty(E, p, d), keep_inputs)
+            accumulator = StatsAccumulator(LayerStats.empty(E, p, d), keep_inputs)
             hidden = stream.run_layer(layer, hidden, accumulator)
             stats = accumulator.finish()
             del accumulator
@@ -410,7 +416,7 @@ def collect_sequentially(
             hidden = stream.run_layer(layer, hidden)
             continue
         inputs = [h.clone() for h in hidden]
-        accumulator = _Accumulator(LayerStats.empty(E, p, d), keep_inputs=False)
+        accumulator = StatsAccumulator(LayerStats.empty(E, p, d), keep_inputs=False)
         stream.run_layer(layer, hidden, accumulator)
         experts = replace(layer, accumulator.finish())
         hidden = stream.run_layer(layer, inputs, experts=experts)

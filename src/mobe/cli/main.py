@@ -99,6 +99,19 @@ def _cmd_compress_to_budget(args: argparse.Namespace, budget: dict[str, float]) 
     if args.target_ratio is not None or args.quantize is not None or args.reconstruct:
         raise ValueError("--target-bytes chooses the cut and the bits itself: leave out --target-ratio and --quantize")
     config = _mobe_config(args)
+    if config.calibration is not None:  # measured on the text: REAP shares and GPTQ bits of every layer and matrix
+        from ..plan.mixed import execute_mixed, plan_mixed
+
+        quantize = QuantizeConfig(
+            calibration_tokens=config.calibration_tokens, calibration_seq_len=config.calibration_seq_len
+        )
+        mixed = plan_mixed(
+            args.model, **budget, calibration=config.calibration, quantize=quantize, progress=not args.quiet
+        )
+        print(mixed.table())
+        chosen = execute_mixed(mixed, args.model, args.output, quantize, progress=not args.quiet)
+        print(f"wrote {args.output}: {chosen.label()}")
+        return
     device = args.device.split(",")[0]
     plan = plan_budget(args.model, **budget, device="cpu" if device == "auto" else device)
     print(plan.table())

@@ -29,13 +29,12 @@ from ..config import MobeConfig, QuantizeConfig
 from ..factorize import MobeFactors, fit_mobe, oriented
 from ..pipeline import compress, resolve_settings
 from ..quantize import groupwise
-from ..quantize.checkpoint import _quantize_ct, quantize_checkpoint, stored_bytes
+from ..quantize.checkpoint import quantize_checkpoint, stored_bytes
 from ..quantize.factors import SHARED_BITS, quantize_mobe
+from .sizes import DTYPE_SIZE, MATRICES, expert_bytes, group_size_for
 
-MATRICES = ("gate", "up", "down")
 BITS = (16, 8, 4, 3, 2)
 CUTS = (0.25, 0.37, 0.5)
-DTYPE_SIZE = {"F32": 4, "BF16": 2, "F16": 2}
 
 
 @dataclass(frozen=True)
@@ -113,34 +112,14 @@ class Plan:
         return "\n".join(lines)
 
 
-def group_size_for(layout: MoeLayout, largest: int = 128) -> int:
-    """The largest power of two up to `largest` that tiles both the experts' input sizes (compressed-tensors'
-    groups must tile each row of a dense weight)."""
-    size = largest
-    while size > 1 and (layout.hidden_size % size or layout.intermediate_size % size):
-        size //= 2
-    return size
-
-
 def _expert_names(layout: MoeLayout, layer: int, matrix: str) -> list[str]:
     return [layout.arch.tensor_name(layer, e, matrix) for e in range(layout.num_experts)]
 
 
 def _dense_bytes(layout: MoeLayout, reader: CheckpointReader, bits: int, group: int) -> int:
     """Bytes of every routed expert matrix stored at `bits` as `mobe quantize` writes a dense checkpoint."""
-    total = 0
-    layer = layout.moe_layers[0]
-    for matrix in MATRICES:
-        name = _expert_names(layout, layer, matrix)[0]
-        shape = reader.shape(name)
-        if bits == 16:
-            one = math.prod(shape) * DTYPE_SIZE[reader.dtype_name(name)]
-        else:
-            dtype = {"F32": torch.float32, "F16": torch.float16}.get(reader.dtype_name(name), torch.bfloat16)
-            stored = _quantize_ct(name, torch.zeros(*shape, dtype=dtype), QuantizeConfig(bits=bits, group_size=group))
-            one = sum(t.numel() * t.element_size() for t in stored.values())
-        total += one * layout.num_experts
-    return total * len(layout.moe_layers)
+    per_layer = sum(expert_bytes(reader, layout, matrix, bits, group) for matrix in MATRICES)
+    return per_layer * layout.num_experts * len(layout.moe_layers)
 
 
 def _factor_bytes(factors: MobeFactors, bits: int, group: int, element: int) -> int:

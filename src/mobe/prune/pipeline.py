@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ def prune_experts(
     calibration_tokens: int = 32768,
     calibration_seq_len: int = 512,
     quantize: QuantizeConfig | None = None,
+    allocation: Mapping[tuple[int, str], int] | None = None,
     progress: bool = True,
 ) -> PruneReport:
     """Remove the routed experts with the lowest REAP scores on `calibration` text; write a smaller checkpoint.
@@ -59,6 +61,7 @@ def prune_experts(
             baseline REAP is compared with).
         quantize: then quantise the pruned checkpoint's weights (`mobe.quantize`, compressed-tensors' format), as
             `compress(..., quantize=)` does; its bits, group size and scope are checked before any scoring.
+        allocation: with `quantize`, per-(layer, matrix) bits of the kept experts (`quantize_checkpoint`'s).
 
     Returns:
         The report, also saved as `mobe_report.json` in `output`.
@@ -160,7 +163,7 @@ def prune_experts(
         final = output.with_name(f".{output.name}.mobe-quantized")
         if final.exists():
             shutil.rmtree(final)
-        quantize_checkpoint(target, final, quantize, progress=progress)
+        quantize_checkpoint(target, final, quantize, progress=progress, allocation=allocation)
         shutil.rmtree(target)
         report.quantize = quantize.to_dict()
     report.bytes_before, report.bytes_after = stored_bytes(reader), stored_bytes(final)

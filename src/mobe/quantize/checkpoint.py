@@ -27,12 +27,13 @@ One source shard is held in memory at a time; the result is written to a tempora
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,12 @@ class QuantizeReport:
     def table(self) -> str:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
         how = "" if self.calibrated is None else f", GPTQ on {self.calibrated['tokens']} calibration tokens"
+        precision = f"int{self.config['bits']}"
+        if self.config.get("allocation"):
+            precision = "/".join(f"int{b}" for b in sorted(set(self.config["allocation"].values()), reverse=True))
+            precision = f"mixed {precision}"
         line = (
-            f"quantised {self.quantized} tensors to int{self.config['bits']} (group {self.config['group_size']}, "
+            f"quantised {self.quantized} tensors to {precision} (group {self.config['group_size']}, "
             f"{self.kind}{how}); weights {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
             f"({100 * ratio:.1f}%)"
         )
@@ -104,6 +109,7 @@ def quantize_checkpoint(
     *,
     progress: bool = True,
     grams: Callable[[int, str], torch.Tensor | None] | None = None,
+    allocation: Mapping[tuple[int, str], int] | None = None,
 ) -> QuantizeReport:
     """Quantise the weights of `model` (any checkpoint mobe reads: original, pruned, dense or native) into `output`.
 
@@ -114,6 +120,9 @@ def quantize_checkpoint(
         progress: show a progress bar.
         grams: native MoBE factors below 8 bits: (layer, matrix) -> the second moments (E, k, k) of each expert's
             inputs (`mobe.calibrate` statistics), to round the expert factors by GPTQ on them; None: data-free.
+        allocation: dense checkpoints, mixed precision: (MoE layer, matrix) -> bits of that layer's routed experts'
+            `matrix` ("gate", "up", "down"; 2, 3, 4 or 8 bits); units not named take `config.bits`. Each
+            bit width becomes one compressed-tensors config group (`mobe.plan.mixed` chooses such allocations).
 
     Returns:
         The report (also saved in `output/mobe_quantize.json`).
@@ -139,7 +148,10 @@ def quantize_checkpoint(
             f"{reader.path} holds MoBE factors: --calibration (GPTQ) quantises dense checkpoints; native factors are "
             "rounded to nearest, so leave --calibration out"
         )
+    if native and allocation:
+        raise QuantizeError(f"{reader.path} holds MoBE factors: a per-matrix bit allocation applies to dense experts")
     plan = _native_plan(reader) if native else _dense_plan(reader, config)
+    bits_of = _bits_of(reader, config, allocation) if allocation else {}
     rounder = _NativeRounder(reader, config, grams) if native else None
     if config.calibration is not None and config.scope != "experts":
         raise QuantizeError(
@@ -155,6 +167,10 @@ def quantize_checkpoint(
     report = QuantizeReport(
         str(model), str(output), config.to_dict(), "native" if native else "compressed-tensors", len(plan)
     )
+    if allocation:
+        report.config["allocation"] = {
+            f"{layer}.{matrix}": bits for (layer, matrix), bits in sorted(allocation.items())
+        }
     target = output.with_name(f".{output.name}.mobe-quantize-tmp")
     if target.exists():
         shutil.rmtree(target)
@@ -162,12 +178,13 @@ def quantize_checkpoint(
     gptq = None
     if config.calibration is not None:
         start = time.perf_counter()
-        gptq = _gptq_experts(reader, config, target / ".gptq", progress)
+        gptq = _gptq_experts(reader, config, target / ".gptq", progress, allocation or {})
         report.calibrated = {**gptq.summary, "seconds": time.perf_counter() - start}
-    metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_quantize": f"int{config.bits}"}
+    precision = "mixed" if len(set(bits_of.values()) | {config.bits}) > 1 else f"int{config.bits}"
+    metadata = {"format": "pt", "mobe_version": str(FORMAT_VERSION), "mobe_quantize": precision}
     weight_map: dict[str, str] = {}
     by_shard = reader.tensors_by_shard()
-    for shard, names in tqdm(by_shard.items(), desc=f"Quantising to int{config.bits}", disable=not progress):
+    for shard, names in tqdm(by_shard.items(), desc=f"Quantising ({precision})", disable=not progress):
         tensors = reader.get_many(names)
         out: dict[str, torch.Tensor] = {}
         for name in names:
@@ -176,7 +193,9 @@ def quantize_checkpoint(
             if gptq is not None and name in gptq:
                 out.update(gptq.compressed(name))
             elif name in plan:
-                out.update(rounder.stored(name, tensor) if rounder else _quantize_ct(name, tensor, config))
+                bits = bits_of.get(name, config.bits)
+                own = config if bits == config.bits else dataclasses.replace(config, bits=bits)
+                out.update(rounder.stored(name, tensor) if rounder else _quantize_ct(name, tensor, own))
             else:
                 out[name] = tensor
         atomic_save_file(out, target / shard, metadata)
@@ -193,9 +212,12 @@ def quantize_checkpoint(
     if native:
         new_config["mobe"] = rounder.section({**scheme, "format": "mobe-groupwise", "fields": plan_fields(plan)})
     else:
-        new_config["quantization_config"] = _ct_config(reader, plan, config)
-        if section:
-            new_config["mobe"] = {**section, "quantization": {**scheme, "format": _ct_format(config)}}
+        new_config["quantization_config"] = _ct_config(reader, plan, config, allocation or {})
+        if section or allocation:
+            quantization = {**scheme, "format": _ct_format(config)}
+            if allocation:  # transformers alone reads these experts wrongly: mobe.load_model puts them right
+                quantization["allocation"] = report.config["allocation"]
+            new_config["mobe"] = {**section, "quantization": quantization}
     write_json_atomic(new_config, target / "config.json")
     write_json_atomic(report.__dict__, target / "mobe_quantize.json")
     if gptq is not None:
@@ -445,6 +467,39 @@ def _compress_ct(name: str, q: torch.Tensor, scales: torch.Tensor, config: Quant
     return {f"{prefix}.{key}": value for key, value in out.items()}
 
 
+def read_ct_weight(reader: CheckpointReader, name: str, bits: int, group_size: int) -> torch.Tensor:
+    """A dense weight `name` written here at `bits` (`X.weight_packed`, `X.weight_scale`, `X.weight_shape`), read
+    back by compressed-tensors' own decompressor (dtype: the scales')."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    config = QuantizeConfig(bits=bits, group_size=group_size)
+    fmt = _ct_format(config)
+    prefix = name.removesuffix(".weight")
+    keys = ("weight_packed", "weight_scale", "weight_shape")
+    tensors = reader.get_many([f"{prefix}.{k}" for k in keys])
+    state = {k: tensors[f"{prefix}.{k}"] for k in keys}
+    return BaseCompressor.get_value_from_registry(fmt).decompress(state, _scheme(config, ["Linear"], fmt))["weight"]
+
+
+def load_mixed_experts(model: torch.nn.Module, reader: CheckpointReader) -> None:
+    """Put each routed expert of a mixed-precision checkpoint (`allocation` in its mobe section) into `model` as
+    its own bit width reads back. transformers (5.x) decompresses every expert with one config group's scheme,
+    which reads the other widths' integers wrongly; `mobe.load_model` calls this after loading."""
+    quantization = reader.config["mobe"]["quantization"]
+    layout = moe_layout(reader.config)
+    p = layout.intermediate_size
+    with torch.no_grad():
+        for unit, bits in quantization["allocation"].items():
+            layer, matrix = int(unit.split(".")[0]), unit.split(".")[1]
+            experts = model.get_submodule(layout.arch.experts_module.format(layer=layer))
+            for e in range(layout.num_experts):
+                weight = read_ct_weight(
+                    reader, layout.arch.tensor_name(layer, e, matrix), bits, quantization["group_size"]
+                )
+                rows = slice(None) if matrix == "down" else slice(0, p) if matrix == "gate" else slice(p, None)
+                (experts.down_proj[e] if matrix == "down" else experts.gate_up_proj[e, rows]).copy_(weight)
+
+
 GPTQ_BATCH = 16  # experts rounded together (one batched GPTQ call): Hessians of GPTQ_BATCH * cols^2 float64
 
 
@@ -473,7 +528,46 @@ class _GptqExperts:
             return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix) and "." not in k[len(prefix) :]}
 
 
-def _gptq_experts(reader: CheckpointReader, config: QuantizeConfig, folder: Path, progress: bool) -> _GptqExperts:
+def gptq_stack(
+    stack: torch.Tensor, factor, counts: torch.Tensor, config: QuantizeConfig, bits: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One MoE layer's experts of one matrix, `stack` (E, rows, cols), rounded by GPTQ on the Grams `factor`
+    (`LayerStats.factor(matrix)`) at `bits` (default `config.bits`), GPTQ_BATCH experts at a time. Experts no
+    calibration token reached (`counts` 0) are rounded to nearest (identity Hessian).
+
+    Returns the integers (E, rows, cols), their scales and the rounded stack as read back (stack's dtype)."""
+    bits = bits or config.bits
+    E = stack.shape[0]
+    q_all = torch.empty(stack.shape, dtype=torch.int8)
+    scales_all, rounded = None, torch.empty_like(stack)
+    for first in range(0, E, GPTQ_BATCH):
+        experts = list(range(first, min(first + GPTQ_BATCH, E)))
+        hessian = factor.gram(experts)
+        hessian[counts[experts] == 0] = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
+        q, scales = gptq_quantize(
+            stack[experts],
+            hessian,
+            bits,
+            config.group_size,
+            damping=config.damping,
+            act_order=config.act_order,
+            dtype=stack.dtype,
+        )
+        if scales_all is None:
+            scales_all = torch.empty(E, *scales.shape[1:], dtype=scales.dtype)
+        q_all[first : first + len(experts)] = q
+        scales_all[first : first + len(experts)] = scales
+        rounded[first : first + len(experts)] = groupwise.dequantize(q, scales, config.group_size, stack.dtype)
+    return q_all, scales_all, rounded
+
+
+def _gptq_experts(
+    reader: CheckpointReader,
+    config: QuantizeConfig,
+    folder: Path,
+    progress: bool,
+    allocation: Mapping[tuple[int, str], int],
+) -> _GptqExperts:
     """Stream the model over the calibration text one layer at a time and round each MoE layer's routed experts by
     GPTQ against the Grams of their routed inputs (gate, up) and intermediate activations (down). With
     `config.sequential` each layer then runs again with its rounded experts, so the next layer's Grams are of the
@@ -494,28 +588,12 @@ def _gptq_experts(reader: CheckpointReader, config: QuantizeConfig, folder: Path
         rounded: dict[str, torch.Tensor] = {}
         for matrix in ("gate", "up", "down"):
             stack = layout.read_experts(reader, layer, matrix)  # (E, rows, cols)
-            factor = stats.factor(matrix)
-            rounded[matrix] = torch.empty_like(stack)
-            for first in range(0, layout.num_experts, GPTQ_BATCH):
-                experts = list(range(first, min(first + GPTQ_BATCH, layout.num_experts)))
-                hessian = factor.gram(experts)
-                unrouted = counts[experts] == 0  # no token: rounded to nearest (identity Hessian)
-                hessian[unrouted] = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
-                q, scales = gptq_quantize(
-                    stack[experts],
-                    hessian,
-                    config.bits,
-                    config.group_size,
-                    damping=config.damping,
-                    act_order=config.act_order,
-                    dtype=stack.dtype,
-                )
-                rounded[matrix][first : first + len(experts)] = groupwise.dequantize(
-                    q, scales, config.group_size, stack.dtype
-                )
-                for j, e in enumerate(experts):
-                    name = layout.arch.tensor_name(layer, e, matrix)
-                    out[name] = _compress_ct(name, q[j], scales[j], config)
+            bits = allocation.get((layer, matrix), config.bits)
+            own = config if bits == config.bits else dataclasses.replace(config, bits=bits)
+            q, scales, rounded[matrix] = gptq_stack(stack, stats.factor(matrix), counts, own)
+            for e in range(layout.num_experts):
+                name = layout.arch.tensor_name(layer, e, matrix)
+                out[name] = _compress_ct(name, q[e], scales[e], own)
         result.add_layer(layer, out)
         result.summary["layers"] += 1
         bar.update()
@@ -530,25 +608,61 @@ def _gptq_experts(reader: CheckpointReader, config: QuantizeConfig, folder: Path
     return result
 
 
-def _ct_config(reader: CheckpointReader, plan: set[str], config: QuantizeConfig) -> dict:
-    """config.json's `quantization_config`, as llm-compressor writes it (compressed-tensors' own model)."""
+def _ct_config(
+    reader: CheckpointReader, plan: set[str], config: QuantizeConfig, allocation: Mapping[tuple[int, str], int]
+) -> dict:
+    """config.json's `quantization_config`, as llm-compressor writes it (compressed-tensors' own model). With an
+    allocation, one config group per bit width, each naming its (layer, matrix) units by regex."""
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.quantization import QuantizationConfig
 
     layout = moe_layout(reader.config)
-    experts = re.escape(layout.arch.experts.replace("{layer}", "@")).replace("@", r"\d+")
-    names = "|".join(re.escape(layout.arch.matrices[m]) for m in ("gate", "up", "down"))
-    targets = [f"re:{experts}\\.\\d+\\.({names})$"]
-    ignore = ["lm_head"]
-    if config.scope == "linears":
-        targets.append("Linear")
-        quantised = {name.removesuffix(".weight") for name in plan}
-        ignore = sorted({n for n in _linear_modules(reader) if n not in quantised})
+
+    def experts_regex(layers: str, matrices: list[str]) -> str:
+        experts = re.escape(layout.arch.experts.replace("{layer}", "@")).replace("@", layers)
+        names = "|".join(re.escape(layout.arch.matrices[m]) for m in matrices)
+        return f"re:{experts}\\.\\d+\\.({names})$"
+
     fmt = _ct_format(config)
-    qc = QuantizationConfig(
-        config_groups={"group_0": _scheme(config, targets, fmt)},
-        format=fmt,
-        quantization_status="compressed",
-        ignore=ignore,
-    )
+    if allocation:
+        by_bits: dict[int, list[str]] = {}
+        for layer in layout.moe_layers:
+            for matrix in ("gate", "up", "down"):
+                bits = allocation.get((layer, matrix), config.bits)
+                by_bits.setdefault(bits, []).append(experts_regex(str(layer), [matrix]))
+        groups = {
+            f"group_{i}": _scheme(dataclasses.replace(config, bits=bits), targets, fmt)
+            for i, (bits, targets) in enumerate(sorted(by_bits.items(), reverse=True))
+        }
+        ignore = ["lm_head"]
+    else:
+        targets = [experts_regex(r"\d+", ["gate", "up", "down"])]
+        ignore = ["lm_head"]
+        if config.scope == "linears":
+            targets.append("Linear")
+            quantised = {name.removesuffix(".weight") for name in plan}
+            ignore = sorted({n for n in _linear_modules(reader) if n not in quantised})
+        groups = {"group_0": _scheme(config, targets, fmt)}
+    qc = QuantizationConfig(config_groups=groups, format=fmt, quantization_status="compressed", ignore=ignore)
     return {**qc.model_dump(), "version": ct_version}
+
+
+def _bits_of(
+    reader: CheckpointReader, config: QuantizeConfig, allocation: Mapping[tuple[int, str], int]
+) -> dict[str, int]:
+    """Each routed expert tensor's bits under `allocation`, checked: MoE layers, known matrices, bits we write,
+    scope experts."""
+    layout = moe_layout(reader.config)
+    if config.scope != "experts":
+        raise QuantizeError("a per-matrix bit allocation covers the routed experts: use scope experts")
+    for (layer, matrix), bits in allocation.items():
+        if layer not in layout.moe_layers or matrix not in ("gate", "up", "down"):
+            raise QuantizeError(f"allocation names ({layer}, {matrix!r}): not a MoE layer's gate, up or down")
+        if bits not in groupwise.BITS:  # a 16-bit unit beside packed ones does not load in transformers
+            raise QuantizeError(f"allocation gives ({layer}, {matrix!r}) {bits} bits; choose from {groupwise.BITS}")
+    return {
+        layout.arch.tensor_name(layer, e, matrix): allocation.get((layer, matrix), config.bits)
+        for layer in layout.moe_layers
+        for matrix in ("gate", "up", "down")
+        for e in range(layout.num_experts)
+    }

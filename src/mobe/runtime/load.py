@@ -63,5 +63,9 @@ def load_model(
         config_cls, _ = native_classes(reader.config["model_type"])  # written before native types existed
         kwargs["config"] = config_cls.from_dict({k: v for k, v in reader.config.items() if k != "model_type"})
     model = _causal_lm_class(reader.config, AutoModelForCausalLM).from_pretrained(reader.path, **kwargs)
+    if (section.get("quantization") or {}).get("allocation"):  # experts at several bit widths
+        from ..quantize.checkpoint import load_mixed_experts
+
+        load_mixed_experts(model, reader)
     configure_experts(model, workspace_experts=workspace_experts, cache_mib=cache_mib)
     return model.to(device).eval()
