@@ -183,3 +183,22 @@ def test_cli_compress_to_a_budget_with_calibration(tiny, tmp_path, capsys):
     assert "<- chosen" in printed and "bits by layer" in printed and f"wrote {out}" in printed
     original = stored_bytes(path)
     assert stored_bytes(out) <= 0.97 * original
+
+
+def test_cli_info_prints_the_calibrated_plan_and_writes_nothing(tiny, tmp_path, capsys):
+    path, text = tiny
+    before = sorted(p.name for p in path.parent.iterdir())
+    args = [
+        "info",
+        str(path),
+        "--target-bytes",
+        "0.97",
+        "--calibration",
+        str(text),
+        "--calibration-tokens",
+        str(TOKENS),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "<- chosen" in printed and "REAP 25%" in printed
+    assert sorted(p.name for p in path.parent.iterdir()) == before

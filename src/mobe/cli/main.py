@@ -142,7 +142,8 @@ def _add_budget_options(p: argparse.ArgumentParser) -> None:
         metavar="F",
         default=None,
         help="a byte budget, as a share of the original checkpoint's stored bytes: measure every recipe (the original "
-        "or MoBE at a cut, at 16/8/4/3/2 bits) on a sample layer and write the best that fits",
+        "or MoBE at a cut, at 16/8/4/3/2 bits) on a sample layer and write the best that fits; with --calibration, "
+        "choose the REAP share and the GPTQ bits of every layer's gate, up and down by their error on the text",
     )
     p.add_argument("--target-gib", type=float, metavar="G", default=None, help="the byte budget in GiB")
 
@@ -215,6 +216,13 @@ def _cmd_info(args: argparse.Namespace) -> None:
         raise ValueError("mobe info needs a checkpoint folder or hub id (or --list)")
     device = resolve_device(args.device)  # checked before anything is read
     budget = _budget(args)
+    if budget is not None and args.calibration is not None:  # measured on the text, nothing written
+        from ..config import QuantizeConfig
+        from ..plan.mixed import plan_mixed
+
+        quantize = QuantizeConfig(calibration_tokens=args.calibration_tokens)
+        print(plan_mixed(args.model, **budget, calibration=args.calibration, quantize=quantize).table())
+        return
     if budget is not None:  # the plan and its measured candidates, nothing written
         from ..plan import plan_budget
 
@@ -512,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="device of the estimates: where a job's memory is costed, and whose step time is measured",
     )
     _add_budget_options(p)
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        default=None,
+        help="with --target-bytes: measure the plan on this text (REAP share and GPTQ bits per layer and matrix)",
+    )
     p.set_defaults(func=_cmd_info)
 
     p = _command(sub, "generate", "greedy generation from any checkpoint, native MoBE included")
