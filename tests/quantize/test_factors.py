@@ -110,7 +110,8 @@ def native(tmp_path_factory):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_native_low_bit_checkpoint_runs_and_reads_back_as_its_integer_factors(native, bits, tmp_path):
     out, group = tmp_path / f"int{bits}", 6  # divides neither r = 16 nor the rows: short last groups
-    quantize_checkpoint(native, out, QuantizeConfig(bits=bits, group_size=group), progress=False)
+    config = QuantizeConfig(bits=bits, group_size=group, weight_gram=False)  # to nearest, as the reference
+    quantize_checkpoint(native, out, config, progress=False)
     section = json.loads((out / "config.json").read_text())["mobe"]
     quantization = section["quantization"]
     assert quantization["field_bits"] == {"bases": 8} and quantization["column_groups"] == ["A"]
@@ -152,7 +153,8 @@ def test_native_low_bit_checkpoint_runs_and_reads_back_as_its_integer_factors(na
 
 def test_bases_kept_in_floating_point_with_shared_bits_16(native, tmp_path):
     out, group = tmp_path / "int3-float-bases", 6
-    quantize_checkpoint(native, out, QuantizeConfig(bits=3, group_size=group, shared_bits=16), progress=False)
+    config = QuantizeConfig(bits=3, group_size=group, shared_bits=16, weight_gram=False)
+    quantize_checkpoint(native, out, config, progress=False)
     section = json.loads((out / "config.json").read_text())["mobe"]
     assert section["quantization"]["fields"] == ["A"] and "field_bits" not in section["quantization"]
     source, reader = CheckpointReader(native), CheckpointReader(out)
@@ -186,7 +188,7 @@ def test_calibrated_rounding_lowers_the_output_error_and_compress_uses_it(tmp_pa
     reader = CheckpointReader(source)
     layout = moe_layout(reader.config)
     stats = dict(collect_statistics(reader, layout, calibration_ids(source, text, 600, 128), [0, 3]))
-    quantize = QuantizeConfig(bits=3, group_size=16)
+    quantize = QuantizeConfig(bits=3, group_size=16, weight_gram=False)  # without grams: to nearest
     plain, calibrated = tmp_path / "rtn", tmp_path / "gptq"
     quantize_checkpoint(native, plain, quantize, progress=False)
     quantize_checkpoint(
