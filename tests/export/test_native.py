@@ -100,10 +100,7 @@ def test_quantised_factors_read_back_as_their_dequantised_values(natives, method
         names = factor_tensor_names(layout, layer, matrix, factors.tensor_fields)
         read = read_native_factors(reader, layout, layer, matrix)
         # MoBE below 8 bits: bases at 8 bits, A in orthonormal coordinates (mobe.quantize.factors); else each factor
-        inputs_on_rows = (matrix == "down") != (getattr(factors, "transposed", "0") == "1")
-        expected = None
-        if method == "mobe" and bits < 8:  # gate and up by GPTQ on their own input-side Gram (weight_gram)
-            expected = quantize_mobe(factors, bits, 8, inputs_on_rows=inputs_on_rows, weight_gram=True)[0]
+        expected = quantize_mobe(factors, bits, 8)[0] if method == "mobe" and bits < 8 else None
         for field in factors.tensor_fields:
             original = getattr(factors, field)
             if field in fields:

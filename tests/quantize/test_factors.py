@@ -110,8 +110,7 @@ def native(tmp_path_factory):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_native_low_bit_checkpoint_runs_and_reads_back_as_its_integer_factors(native, bits, tmp_path):
     out, group = tmp_path / f"int{bits}", 6  # divides neither r = 16 nor the rows: short last groups
-    config = QuantizeConfig(bits=bits, group_size=group, weight_gram=False)  # to nearest, as the reference
-    quantize_checkpoint(native, out, config, progress=False)
+    quantize_checkpoint(native, out, QuantizeConfig(bits=bits, group_size=group), progress=False)
     section = json.loads((out / "config.json").read_text())["mobe"]
     quantization = section["quantization"]
     assert quantization["field_bits"] == {"bases": 8} and quantization["column_groups"] == ["A"]
@@ -153,8 +152,7 @@ def test_native_low_bit_checkpoint_runs_and_reads_back_as_its_integer_factors(na
 
 def test_bases_kept_in_floating_point_with_shared_bits_16(native, tmp_path):
     out, group = tmp_path / "int3-float-bases", 6
-    config = QuantizeConfig(bits=3, group_size=group, shared_bits=16, weight_gram=False)
-    quantize_checkpoint(native, out, config, progress=False)
+    quantize_checkpoint(native, out, QuantizeConfig(bits=3, group_size=group, shared_bits=16), progress=False)
     section = json.loads((out / "config.json").read_text())["mobe"]
     assert section["quantization"]["fields"] == ["A"] and "field_bits" not in section["quantization"]
     source, reader = CheckpointReader(native), CheckpointReader(out)
@@ -188,7 +186,7 @@ def test_calibrated_rounding_lowers_the_output_error_and_compress_uses_it(tmp_pa
     reader = CheckpointReader(source)
     layout = moe_layout(reader.config)
     stats = dict(collect_statistics(reader, layout, calibration_ids(source, text, 600, 128), [0, 3]))
-    quantize = QuantizeConfig(bits=3, group_size=16, weight_gram=False)  # without grams: to nearest
+    quantize = QuantizeConfig(bits=3, group_size=16)
     plain, calibrated = tmp_path / "rtn", tmp_path / "gptq"
     quantize_checkpoint(native, plain, quantize, progress=False)
     quantize_checkpoint(
@@ -255,3 +253,24 @@ def test_weight_gram_lowers_the_error_on_inputs_shaped_like_the_weights(transpos
     assert torch.equal(down_stored["A"].values, plain_stored["A"].values)
     with pytest.raises(ValueError, match="inputs_on_rows"):
         quantize_mobe(factors, bits, 16, weight_gram=True)
+
+
+def test_weight_gram_checkpoint_rounds_gate_up_by_their_gram_and_down_to_nearest(native, tmp_path):
+    """`QuantizeConfig(weight_gram=True)` writes what `quantize_mobe(weight_gram=True)` gives for each (layer,
+    matrix): gate and up by GPTQ on their own Gram, down as the round-to-nearest reference; the same bytes."""
+    out, plain, group = tmp_path / "wgram", tmp_path / "rtn", 6
+    quantize_checkpoint(native, out, QuantizeConfig(bits=3, group_size=group, weight_gram=True), progress=False)
+    quantize_checkpoint(native, plain, QuantizeConfig(bits=3, group_size=group), progress=False)
+    assert stored_bytes(out) == stored_bytes(plain)
+    section = json.loads((out / "config.json").read_text())["mobe"]
+    source, reader = CheckpointReader(native), CheckpointReader(out)
+    layout = moe_layout(source.config)
+    for layer in section["layers"]:
+        for matrix in section["matrices"]:
+            fitted, got = (read_native_factors(r, layout, layer, matrix) for r in (source, reader))
+            if matrix == "down":
+                _assert_same_rounding(got, fitted, 3, group)
+                continue
+            inputs_on_rows = fitted.transposed == "1"
+            want, _ = quantize_mobe(fitted, 3, group, inputs_on_rows=inputs_on_rows, weight_gram=True)
+            torch.testing.assert_close(got.A, want.A, rtol=0, atol=1e-6)

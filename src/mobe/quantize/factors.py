@@ -132,10 +132,10 @@ def _gptq_down_columns(orthonormal: MobeFactors, grams: Tensor, bits: int, group
 
 def weight_gram_hessian(factors: MobeFactors, inputs_on_rows: bool, chunk: int = 16) -> Tensor | None:
     """sum_e W_e^T W_e (k, k), float32, of the experts' products W_e (p, d) as `reconstruct` gives them, over their
-    input side (`inputs_on_rows`: in the fitted orientation, as `quantize_mobe` takes it): the data-free stand-in for the inputs' second moments
-    that `quantize_mobe(weight_gram=True)` rounds by. None where the inputs meet the rows of the unfitted products
-    (down: each expert's own intermediate activations, no input space the experts share). Accumulated in float64,
-    `chunk` experts at a time, so no more than that many products are ever dense."""
+    input side (`inputs_on_rows`: in the fitted orientation, as `quantize_mobe` takes it): the data-free stand-in
+    for the inputs' second moments that `quantize_mobe(weight_gram=True)` rounds by. None where the inputs meet the
+    rows of the unfitted products (down: each expert's own intermediate activations, no input space the experts
+    share). Accumulated in float64, `chunk` experts at a time, so no more than that many products are ever dense."""
     if inputs_on_rows != (factors.transposed == "1"):  # inputs on the rows of the (p, d) products: down
         return None
     gram = None
