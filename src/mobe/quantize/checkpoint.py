@@ -20,7 +20,8 @@ Native checkpoints keep their factors, each floating factor tensor but the mixin
 `NAME.qweight` (int8, or 2-, 3- or 4-bit values packed into uint8) and `NAME.scales`; the `mobe` section of
 config.json records the scheme under `quantization`, and the runtime dequantises the experts it runs, when it runs
 them. MoBE factors below 8 bits are rounded as `factors.quantize_mobe` describes: bases at `shared_bits`, A in
-orthonormal coordinates with its groups down the columns (`column_groups`; `factor_meta.orthonormal`).
+orthonormal coordinates with its groups down the columns (`column_groups`; `factor_meta.orthonormal`); with
+`weight_gram` and no calibration, gate's and up's A by GPTQ on the experts' own input-side Gram (data-free).
 
 One source shard is held in memory at a time; the result is written to a temporary folder, then renamed.
 """
@@ -308,6 +309,7 @@ class _NativeRounder:
             shared_bits=shared_bits,
             grams=grams,
             inputs_on_rows=inputs_on_rows,
+            weight_gram=self.config.weight_gram,
         )
         dtype = factors.A.dtype
         for field in factors_cls.tensor_fields:  # unquantised factors pass through
