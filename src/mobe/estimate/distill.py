@@ -89,7 +89,6 @@ def distill_memory(
         per_token += len(layout.moe_layers) * (k * (FLOAT32 + 2) + FLOAT32)
     teacher = 0
     if original is not None:  # the streamed pass, then each sequence's logits and their top-k
-
         teacher = calibration_pass_bytes(original, moe_layout(original.config), config.tokens, length)
         teacher += 2 * FLOAT32 * length * vocab + per_token * config.tokens
     return DistillMemory(
