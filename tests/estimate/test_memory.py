@@ -55,6 +55,22 @@ def test_quantize_estimate_is_the_largest_shard_read_and_written(tiny):
     assert memory.quantize_bytes(reader, config) == expected + memory.RUNTIME_BYTES["quantize"]
 
 
+def test_quantize_estimate_adds_the_rounding_of_mobe_factors_in_orthonormal_coordinates(tiny, tmp_path):
+    """Native MoBE factors below 8 bits: the largest (layer, matrix) group's 32 bytes per mixed-basis number (E r c)
+    or 28 per number of A (E p r), whichever is more, three quarters again for stacks this small (glibc's heap)."""
+    from mobe import compress
+
+    native = tmp_path / "native"
+    compress(tiny, native, MobeConfig(num_bases=2, steps=1, matrices=("gate", "down")), progress=False)
+    reader = CheckpointReader(native)
+    config = memory.QuantizeConfig(bits=4, group_size=16)
+    rounding = memory.quantize_bytes(reader, config)
+    reader.config["mobe"]["method"] = "slbf"  # any other method: its factors rounded one tensor at a time
+    plain = memory.quantize_bytes(reader, config)
+    E, p, d = 8, 16, 32  # gate and down both fitted as (E, p, d) stacks (down as its transpose), at rank p
+    assert rounding - plain == int(1.75 * max(32 * E * p * d, 28 * E * p * p))
+
+
 def test_calibration_pass_is_one_layer_plus_the_hidden_states_and_statistics(tiny):
     reader = CheckpointReader(tiny)
     layout = moe_layout(reader.config)

@@ -277,9 +277,17 @@ def quantize_bytes(reader: CheckpointReader, config: QuantizeConfig | None = Non
     """Peak bytes of `mobe quantize` on a native checkpoint (its factors; a dense one: every float weight): one shard
     at a time, its tensors as read beside their quantised form (int8 before packing, packed, and the scales), plus
     the float32 transients of the largest tensor (the grouped copy, its quotient by the scales, the rounded values),
-    and the libraries' own allocations."""
+    and the libraries' own allocations.
+
+    MoBE factors below 8 bits are rounded a (layer, matrix) group at a time in orthonormal coordinates
+    (`mobe.quantize.factors.quantize_mobe`): the larger of forming them, the mixed bases of every expert (E r c
+    numbers) in float64 beside their float32 orthonormalisation (its input, QR copy, Q, signed Q) and Q in float64,
+    32 bytes a number, and re-solving and rounding A (E p r numbers: float64 copy and product, float32 transients),
+    28 bytes a number; where those stacks are below glibc's largest mmap threshold, what its heap keeps of them
+    (`HEAP_RETAINED`, as for a compression job)."""
     config = config or QuantizeConfig()
-    native = (reader.config.get("mobe") or {}).get("format") == "native"
+    section = reader.config.get("mobe") or {}
+    native = section.get("format") == "native"
     peak = 0
     for names in reader.tensors_by_shard().values():
         read = quantised = largest = 0
@@ -292,7 +300,28 @@ def quantize_bytes(reader: CheckpointReader, config: QuantizeConfig | None = Non
                 quantised += numel * (1 + config.bits / 8) + 4 * numel / config.group_size
                 largest = max(largest, numel)
         peak = max(peak, int(read + quantised + 3 * 4 * largest))
+    if native and section.get("method", "mobe") == "mobe" and config.bits < 8:
+        peak += _mobe_rounding_bytes(reader)
     return peak + RUNTIME_BYTES["quantize"]
+
+
+def _mobe_rounding_bytes(reader: CheckpointReader) -> int:
+    """The largest (layer, matrix) group's transients of rounding MoBE factors in orthonormal coordinates, with what
+    glibc's heap keeps of stacks below its largest mmap threshold (`quantize_bytes`)."""
+    most = 0
+    for name in reader.weight_map:
+        if not name.endswith(".mobe_A"):
+            continue
+        bases = name[: -len("A")] + "bases"
+        if bases not in reader.weight_map:
+            continue
+        E, rows, rank = reader.shape(name)
+        cols = reader.shape(bases)[-1]
+        transients = max(32 * E * rank * cols, 28 * E * rows * rank)
+        if 4 * E * max(rank * cols, rows * rank) < HEAP_THRESHOLD_MAX:
+            transients += int(HEAP_RETAINED * transients)
+        most = max(most, transients)
+    return most
 
 
 @dataclass
