@@ -34,8 +34,9 @@ RUNTIME_BYTES = {
 # glibc's malloc serves an allocation below its mmap threshold from its heap, and raises that threshold (up to 32 MiB
 # on 64-bit systems, DEFAULT_MMAP_THRESHOLD_MAX) to the size of each mmapped block freed. A fit whose float32 stacks
 # are under that size churns them through the heap, and the heap keeps freed chunks resident: measured with glibc's
-# threshold fixed (MALLOC_MMAP_THRESHOLD_) and without, such fits (2-16 MiB stacks: the trained fixtures, 32 x 256 x
-# 512 and 64 x 128 x 512) held 0.6-1.1 times their transients again (benchmarks/memory_estimates.py).
+# threshold fixed (MALLOC_MMAP_THRESHOLD_=131072 in the child's environment) and without, such fits (2-16 MiB
+# stacks: the trained fixtures, 32 x 256 x 512 and 64 x 128 x 512) held 0.6-1.1 times their transients again
+# (benchmarks/memory_estimates.py).
 HEAP_THRESHOLD_MAX = 32 * 2**20
 HEAP_RETAINED = 0.75
 
