@@ -5,7 +5,8 @@ experts, a shared expert, 2 and 8 layers, float32 and bfloat16, up to hidden 204
 a fresh process: `compress` (data-free), `compress --calibration`, the calibration pass alone (`collect_statistics`,
 which also gives the bytes of one layer's statistics), then on the native output `quantize`, native inference
 (`load_model` and a few generated tokens) and `distill`. The child imports torch, transformers and mobe, records its
-resident memory, resets the kernel's peak counter (VmHWM, via /proc/self/clear_refs), runs the call, and reports
+resident memory (with the family's modelling code and the tokenizer's library imported: mobe and transformers import
+lazily), resets the kernel's peak counter (VmHWM, via /proc/self/clear_refs), runs the call, and reports
 VmHWM minus that baseline: what the command adds above an idle interpreter, which is what the estimates count.
 The estimates come from `mobe.estimate` with the same settings (headers only). Each row's ratio is estimate /
 measured; the target is 0.8-1.5 (never an under-estimate by more than a fifth, never a machine twice too large).
@@ -95,13 +96,25 @@ def _child(args: argparse.Namespace, command: str, src: str, out: str) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    import transformers  # noqa: F401  (the libraries every command imports: part of the baseline)
+    import transformers.generation.utils
+    import transformers.modeling_utils  # noqa: F401  (the libraries every command imports: part of the baseline)
 
     import mobe.distill
+    import mobe.info
     import mobe.pipeline
     import mobe.quantize
     import mobe.runtime  # noqa: F401
     from mobe import compress
+    from mobe.architectures import get_arch
+    from mobe.architectures.derive import model_class
+    from mobe.architectures.registry import base_model_type
+    from mobe.checkpoint import CheckpointReader
+
+    # mobe and transformers import lazily: the tokenizer's library and the family's modelling code (what building
+    # the model imports) are imported here, so that the baseline holds them as it holds torch
+    family = base_model_type(CheckpointReader(src.split("::")[0]).config["model_type"])
+    model_class(family, get_arch(family).model_class)
+    AutoTokenizer = transformers.AutoTokenizer  # noqa: N806, F841  (resolves the lazy name: imports tokenizers)
 
     extra: dict = {}
     baseline = _status_mib("VmRSS")
@@ -152,7 +165,7 @@ def _estimates(args: argparse.Namespace, src: Path, native: Path | None) -> dict
     from mobe.architectures import moe_layout
     from mobe.checkpoint import CheckpointReader
     from mobe.estimate import compress_memory_estimate, distill_memory, quantize_bytes
-    from mobe.estimate.memory import RUNTIME_BYTES, balanced_counts, factor_stats_bytes
+    from mobe.estimate.memory import RUNTIME_BYTES, factor_stats_bytes, routed_counts
     from mobe.pipeline import resolve_settings
 
     reader = CheckpointReader(src)
@@ -163,7 +176,7 @@ def _estimates(args: argparse.Namespace, src: Path, native: Path | None) -> dict
         estimate = compress_memory_estimate(reader, config)
         out[command] = estimate.compress_host(calibrated)
     out["calibration pass"] = estimate.calibration_pass + RUNTIME_BYTES["calibration"]
-    counts = balanced_counts(layout.num_experts, args.tokens, estimate.top_k)  # held once compacted
+    counts = routed_counts(layout.num_experts, args.tokens, estimate.top_k)  # held once compacted
     out["statistics"] = factor_stats_bytes(counts, layout.intermediate_size, layout.hidden_size)
     context = args.prompt + args.new_tokens
     config = resolve_settings(layout, _config(args, False))

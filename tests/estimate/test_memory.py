@@ -28,7 +28,8 @@ def tiny_bf16(tmp_path_factory):
 
 
 def test_decoder_layer_counts_the_layer_as_calibration_holds_it(tiny, tiny_bf16):
-    """float32 attention and norms; routed experts in the stored dtype (2 bytes in a bfloat16 checkpoint)."""
+    """float32 attention and norms (a bfloat16 checkpoint's also as read, while converted); routed experts in the
+    stored dtype (2 bytes in a bfloat16 checkpoint)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -37,9 +38,9 @@ def test_decoder_layer_counts_the_layer_as_calibration_holds_it(tiny, tiny_bf16)
     experts = sum(p.numel() for n, p in layer.named_parameters() if ".experts." in n)
     rest = sum(p.numel() for n, p in layer.named_parameters() if ".experts." not in n)
     assert experts == 3 * 8 * 16 * 32
-    for path, nbytes in ((tiny, 4), (tiny_bf16, 2)):
+    for path, nbytes, rest_bytes in ((tiny, 4, 4), (tiny_bf16, 2, 4 + 2)):
         reader = CheckpointReader(path)
-        assert memory.decoder_layer_bytes(reader, moe_layout(reader.config), 0) == 4 * rest + nbytes * experts
+        assert memory.decoder_layer_bytes(reader, moe_layout(reader.config), 0) == rest_bytes * rest + nbytes * experts
 
 
 def test_quantize_estimate_is_the_largest_shard_read_and_written(tiny):
@@ -54,6 +55,22 @@ def test_quantize_estimate_is_the_largest_shard_read_and_written(tiny):
     assert memory.quantize_bytes(reader, config) == expected + memory.RUNTIME_BYTES["quantize"]
 
 
+def test_quantize_estimate_adds_the_rounding_of_mobe_factors_in_orthonormal_coordinates(tiny, tmp_path):
+    """Native MoBE factors below 8 bits: the largest (layer, matrix) group's 32 bytes per mixed-basis number (E r c)
+    or 28 per number of A (E p r), whichever is more, three quarters again for stacks this small (glibc's heap)."""
+    from mobe import compress
+
+    native = tmp_path / "native"
+    compress(tiny, native, MobeConfig(num_bases=2, steps=1, matrices=("gate", "down")), progress=False)
+    reader = CheckpointReader(native)
+    config = memory.QuantizeConfig(bits=4, group_size=16)
+    rounding = memory.quantize_bytes(reader, config)
+    reader.config["mobe"]["method"] = "slbf"  # any other method: its factors rounded one tensor at a time
+    plain = memory.quantize_bytes(reader, config)
+    E, p, d = 8, 16, 32  # gate and down both fitted as (E, p, d) stacks (down as its transpose), at rank p
+    assert rounding - plain == int(1.75 * max(32 * E * p * d, 28 * E * p * p))
+
+
 def test_calibration_pass_is_one_layer_plus_the_hidden_states_and_statistics(tiny):
     reader = CheckpointReader(tiny)
     layout = moe_layout(reader.config)
@@ -62,6 +79,39 @@ def test_calibration_pass_is_one_layer_plus_the_hidden_states_and_statistics(tin
     assert with_stats - base == 10**6
     layer = memory.decoder_layer_bytes(reader, layout, 0)
     assert base >= layer + 4 * 32 * 256  # the layer and every token's hidden state
+
+
+def test_calibration_pass_counts_a_shared_experts_activations(tmp_path):
+    """Qwen2-MoE's shared expert runs on every token of a sequence: L x (d + 3 p_shared) float32 numbers more."""
+    path = build_tiny_moe(tmp_path / "q2", "qwen2_moe", **SIZES)
+    reader = CheckpointReader(path)
+    layout = moe_layout(reader.config)
+    shared = reader.config["shared_expert_intermediate_size"]
+    assert shared > 0
+    with_shared = memory.calibration_pass_bytes(reader, layout, tokens=256, seq_len=64)
+    reader.config["shared_expert_intermediate_size"] = 0
+    without = memory.calibration_pass_bytes(reader, layout, tokens=256, seq_len=64)
+    assert with_shared - without == 4 * 64 * (32 + 3 * shared)
+
+
+def test_a_cpu_job_under_the_heap_threshold_counts_what_the_heap_keeps(monkeypatch):
+    """glibc serves stacks below its largest mmap threshold from the heap: the CPU job holds its transients and
+    three quarters of them again; larger stacks, and jobs on a GPU, do not."""
+
+    def job(E, p, d, device="cpu"):
+        return memory.compression_job_bytes(E, p, d, 4, min(p, d), 1, 2, device=device)[0]  # host bytes
+
+    small, large = (32, 256, 512), (64, 256, 1024)  # float32 stacks of 16 and 64 MiB
+    kept = {shape: job(*shape) for shape in (small, large)}
+    gpu = {shape: job(*shape, device="cuda") for shape in (small, large)}
+    monkeypatch.setattr(memory, "HEAP_THRESHOLD_MAX", 0)
+    for shape in (small, large):
+        E, p, d = shape
+        held = 2 * E * p * d  # the bfloat16 stack
+        transients = job(*shape) - held
+        expected = held + transients + int(0.75 * transients) if shape == small else job(*shape)
+        assert kept[shape] == expected
+        assert gpu[shape] == job(*shape, device="cuda")
 
 
 def _refuse_below(monkeypatch, free: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
@@ -21,14 +22,23 @@ DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 GiB = 2**30
 # What each command allocates above an idle interpreter whatever the model's size: torch's first kernels and thread
 # pools, transformers building a model, the tokenizer, matplotlib for distill's plot (measured on the smallest
-# trained fixture, where the model's own tensors are a few MiB: benchmarks/memory_estimates.py).
+# trained fixture, where the model's own tensors are a few MiB: benchmarks/memory_estimates.py; compress's is what
+# remains of its peak beside the job with the heap's share, `HEAP_RETAINED`, counted in the job).
 RUNTIME_BYTES = {
-    "compress": 48 * 2**20,
+    "compress": 24 * 2**20,
     "calibration": 16 * 2**20,
     "inference": 88 * 2**20,
     "quantize": 16 * 2**20,
     "distill": 160 * 2**20,
 }
+# glibc's malloc serves an allocation below its mmap threshold from its heap, and raises that threshold (up to 32 MiB
+# on 64-bit systems, DEFAULT_MMAP_THRESHOLD_MAX) to the size of each mmapped block freed. A fit whose float32 stacks
+# are under that size churns them through the heap, and the heap keeps freed chunks resident: measured with glibc's
+# threshold fixed (MALLOC_MMAP_THRESHOLD_=131072 in the child's environment) and without, such fits (2-16 MiB
+# stacks: the trained fixtures, 32 x 256 x 512 and 64 x 128 x 512) held 0.6-1.1 times their transients again
+# (benchmarks/memory_estimates.py).
+HEAP_THRESHOLD_MAX = 32 * 2**20
+HEAP_RETAINED = 0.75
 
 
 def gib(n: float) -> str:
@@ -43,6 +53,23 @@ def balanced_counts(num_experts: int, tokens: int, top_k: int) -> list[int]:
     """Tokens routed to each expert when the router spreads tokens * top_k routings evenly."""
     total = tokens * top_k
     return [total // num_experts + (e < total % num_experts) for e in range(num_experts)]
+
+
+def routed_counts(num_experts: int, tokens: int, top_k: int) -> list[int]:
+    """Tokens routed to each expert by a router that picks the top-k experts of each token uniformly at random: the
+    quantiles (i + 1/2) / E of the binomial count of one expert (tokens * top_k routings, each to it with probability
+    1 / E), in its normal approximation, rounded and kept within 0..tokens.
+
+    Their spread matters where the mean is near a factor's dimension: an expert holds its rows below it and a
+    d x d float64 factor from then on, so even counts at the dimension (balanced routing) hold the most per row.
+    """
+    total = tokens * top_k
+    mean = total / num_experts
+    std = math.sqrt(total * (1 / num_experts) * (1 - 1 / num_experts))
+    if std == 0:
+        return balanced_counts(num_experts, tokens, top_k)
+    normal = NormalDist(mean, std)
+    return [min(tokens, max(0, round(normal.inv_cdf((e + 0.5) / num_experts)))) for e in range(num_experts)]
 
 
 def gram_stats_bytes(num_experts: int, p: int, d: int) -> int:
@@ -103,7 +130,8 @@ def compression_job_bytes(
     targets C (a float32 stack) with their bases U (E k^2, k = min(p, d)) and the factorisation's transient (a
     stack); with calibration the whitened stack, the plain row space its start is mapped from, and the mean metric
     of each SVD group (`weighting_rows / m` directions each, at most d). On a GPU the fit and a copy of the
-    weighting are there, the rest in host RAM.
+    weighting are there, the rest in host RAM. On the CPU, stacks under glibc's largest mmap threshold are served
+    from its heap, which keeps about three quarters of the transients again (`HEAP_RETAINED`).
     """
     from ..factorize.mobe import auto_chunk
 
@@ -126,7 +154,10 @@ def compression_job_bytes(
             fit += 4 * 4 * stack + 4 * num_experts * k * k  # application (a scaled copy and its result)
     report = 8 * stack + 4 * params
     if device == "cpu":
-        return held + max(source_bytes * stack, fit, report), 0
+        transients = max(source_bytes * stack, fit, report)
+        if 4 * stack < HEAP_THRESHOLD_MAX:  # the stacks churn through glibc's heap, which keeps them resident
+            transients += int(HEAP_RETAINED * transients)
+        return held + transients, 0
     return held + max(source_bytes * stack, report), fit + weighting
 
 
@@ -188,17 +219,20 @@ def source_bytes(reader: CheckpointReader, layout: MoeLayout) -> int:
 
 def decoder_layer_bytes(reader: CheckpointReader, layout: MoeLayout, layer: int) -> int:
     """One decoder layer as calibration holds it: its routed experts in the source's dtype (block-FP8: float32),
-    everything else (attention, norms, router, shared expert) in float32."""
+    everything else (attention, norms, router, shared expert) in float32, and while it is converted, that rest as
+    read too (`module.float()` beside the tensors loaded in the stored dtype)."""
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
     prefix = f"model.layers.{layer}."
     experts = layout.arch.experts_prefix(layer) + "."
-    rest = sum(
-        math.prod(reader.shape(n))
+    rest = [
+        n
         for n in reader.weight_map
         if n.startswith(prefix) and not n.startswith(experts) and not n.endswith("_scale_inv")
-    )
+    ]
+    float32 = sum(4 * math.prod(reader.shape(n)) for n in rest)
+    stored = sum(math.prod(reader.shape(n)) * DTYPE_BYTES.get(reader.dtype_name(n), 4) for n in rest)
     routed = 3 * E * p * d * source_bytes(reader, layout) if layer in layout.moe_layers else 0
-    return 4 * rest + routed
+    return float32 + (stored if stored < float32 else 0) + routed
 
 
 def calibration_pass_bytes(
@@ -215,8 +249,9 @@ def calibration_pass_bytes(
     Embedding: the table in float32 beside the source's copy, and the hidden states. A layer: its weights
     (`decoder_layer_bytes`, largest layer), the hidden states of every calibration token (float32, T x d) plus one
     sequence's replacement, one sequence's transients (attention scores, heads x L^2, and the MoE forward's routed
-    copies, top-k x L x (d + 3p) float32), the experts read at a time (`READ_BYTES`), the layer's statistics while
-    collected (`stats`), and with `keep_inputs` the experts' inputs of every token and their routing.
+    copies, top-k x L x (d + 3p) float32, and a shared expert's, L x (d + 3 p_shared)), the experts read at a time
+    (`READ_BYTES`), the layer's statistics while collected (`stats`), and with `keep_inputs` the experts' inputs of
+    every token and their routing.
     """
     from ..calibrate.collect import READ_BYTES
 
@@ -228,7 +263,9 @@ def calibration_pass_bytes(
     hidden = 4 * d * (tokens + length)
     vocab = int(cfg.get("vocab_size") or 0)
     embed = (4 + DTYPE_BYTES.get(_dtype_of(reader, "model.embed_tokens.weight"), 4)) * vocab * d + hidden
+    shared = int(cfg.get("shared_expert_intermediate_size") or 0)  # a shared expert's activations (Qwen2-MoE)
     sequence = 4 * heads * length * length + 4 * top_k * length * (d + 3 * p)
+    sequence += 4 * length * (d + 3 * shared) if shared else 0
     layer = max(decoder_layer_bytes(reader, layout, i) for i in layout.moe_layers)
     inputs = (4 * d + 12 * top_k) * tokens if keep_inputs else 0
     return max(embed, layer + hidden + sequence + READ_BYTES + stats + inputs)
@@ -242,9 +279,17 @@ def quantize_bytes(reader: CheckpointReader, config: QuantizeConfig | None = Non
     """Peak bytes of `mobe quantize` on a native checkpoint (its factors; a dense one: every float weight): one shard
     at a time, its tensors as read beside their quantised form (int8 before packing, packed, and the scales), plus
     the float32 transients of the largest tensor (the grouped copy, its quotient by the scales, the rounded values),
-    and the libraries' own allocations."""
+    and the libraries' own allocations.
+
+    MoBE factors below 8 bits are rounded a (layer, matrix) group at a time in orthonormal coordinates
+    (`mobe.quantize.factors.quantize_mobe`): the larger of forming them, the mixed bases of every expert (E r c
+    numbers) in float64 beside their float32 orthonormalisation (its input, QR copy, Q, signed Q) and Q in float64,
+    32 bytes a number, and re-solving and rounding A (E p r numbers: float64 copy and product, float32 transients),
+    28 bytes a number; where those stacks are below glibc's largest mmap threshold, what its heap keeps of them
+    (`HEAP_RETAINED`, as for a compression job)."""
     config = config or QuantizeConfig()
-    native = (reader.config.get("mobe") or {}).get("format") == "native"
+    section = reader.config.get("mobe") or {}
+    native = section.get("format") == "native"
     peak = 0
     for names in reader.tensors_by_shard().values():
         read = quantised = largest = 0
@@ -257,7 +302,28 @@ def quantize_bytes(reader: CheckpointReader, config: QuantizeConfig | None = Non
                 quantised += numel * (1 + config.bits / 8) + 4 * numel / config.group_size
                 largest = max(largest, numel)
         peak = max(peak, int(read + quantised + 3 * 4 * largest))
+    if native and section.get("method", "mobe") == "mobe" and config.bits < 8:
+        peak += _mobe_rounding_bytes(reader)
     return peak + RUNTIME_BYTES["quantize"]
+
+
+def _mobe_rounding_bytes(reader: CheckpointReader) -> int:
+    """The largest (layer, matrix) group's transients of rounding MoBE factors in orthonormal coordinates, with what
+    glibc's heap keeps of stacks below its largest mmap threshold (`quantize_bytes`)."""
+    most = 0
+    for name in reader.weight_map:
+        if not name.endswith(".mobe_A"):
+            continue
+        bases = name[: -len("A")] + "bases"
+        if bases not in reader.weight_map:
+            continue
+        E, rows, rank = reader.shape(name)
+        cols = reader.shape(bases)[-1]
+        transients = max(32 * E * rank * cols, 28 * E * rows * rank)
+        if 4 * E * max(rank * cols, rows * rank) < HEAP_THRESHOLD_MAX:
+            transients += int(HEAP_RETAINED * transients)
+        most = max(most, transients)
+    return most
 
 
 @dataclass
@@ -271,7 +337,7 @@ class MemoryEstimate:
     calibration_pass: int  # the calibration pass: one decoder layer streamed at a time, with its statistics
     export: int  # writing the output, one shard at a time
     stats_gram: int  # one layer's calibration statistics as dense float64 Grams (before)
-    stats_factor: int  # ... factored, balanced routing, while collecting (peak)
+    stats_factor: int  # ... factored, uniformly random routing, while collecting (peak)
     stats_factor_bound: int  # ... factored, any routing
     inference_weights: int  # native MoBE checkpoint's parameters in its dtype
     inference_workspace: int  # materialised mixed bases of one forward + the LRU caches + KV cache
@@ -312,7 +378,8 @@ class MemoryEstimate:
                 f"one decoder layer at a time: {gib(self.calibration_pass)}); each includes "
                 f"{gib(RUNTIME_BYTES['compress'])} for torch and transformers themselves",
                 f"  calibration statistics of one layer ({self.calibration_tokens} tokens x top-{self.top_k}): "
-                f"factored {gib(self.stats_factor)} (balanced routing; at most {gib(self.stats_factor_bound)}), "
+                f"factored {gib(self.stats_factor)} (uniformly random routing; at most "
+                f"{gib(self.stats_factor_bound)}), "
                 f"dense Grams {gib(self.stats_gram)}",
                 f"  native inference: {gib(self.inference_total)} "
                 f"(weights {gib(self.inference_weights)}, workspace and caches {gib(self.inference_workspace)})",
@@ -343,7 +410,7 @@ def memory_estimate(
     top_k = int(reader.config.get("num_experts_per_tok") or 1)
     first = layout.stored_names(layout.moe_layers[0], "gate")[0]
     nbytes = source_bytes(reader, layout)
-    counts = balanced_counts(E, calibration_tokens, top_k)
+    counts = routed_counts(E, calibration_tokens, top_k)
     stats = factor_stats_bytes(counts, p, d, collecting=True)
     job_stats = factor_bytes(counts, d)  # a gate/up job reads the inputs' factor (the larger one)
     host, gpu = compression_job_bytes(E, p, d, num_bases, rank, groups, nbytes, device=device, schedule=schedule)
