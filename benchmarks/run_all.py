@@ -91,6 +91,13 @@ RUNS = (
         "--fixtures coarse --budgets 0.3 --plan-steps 5 --steps 5 --tokens 1024",
     ),
     Run(
+        "budget_calibrated",
+        "budget_calibrated.py",
+        "",
+        "--fixtures coarse --between 1 --budgets --calibration-tokens 1024 --tokens 1024",
+        needs=BOTH_TEXTS,
+    ),
+    Run(
         "low_bit_factors_calibrated",
         "low_bit_factors.py",
         "--fixtures fine --ratios 0.25 0.5 --bits 4 3 --steps 300 --calibrated --threads 2",

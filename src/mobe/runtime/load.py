@@ -62,10 +62,38 @@ def load_model(
     if section.get("format") == "native" and not reader.config["model_type"].startswith(NATIVE_MODEL_TYPE_PREFIX):
         config_cls, _ = native_classes(reader.config["model_type"])  # written before native types existed
         kwargs["config"] = config_cls.from_dict({k: v for k, v in reader.config.items() if k != "model_type"})
-    model = _causal_lm_class(reader.config, AutoModelForCausalLM).from_pretrained(reader.path, **kwargs)
     if (section.get("quantization") or {}).get("allocation"):  # experts at several bit widths
-        from ..quantize.checkpoint import load_mixed_experts
-
-        load_mixed_experts(model, reader)
+        model = _load_mixed_precision(reader, dtype)
+    else:
+        model = _causal_lm_class(reader.config, AutoModelForCausalLM).from_pretrained(reader.path, **kwargs)
     configure_experts(model, workspace_experts=workspace_experts, cache_mib=cache_mib)
     return model.to(device).eval()
+
+
+def _load_mixed_precision(reader: CheckpointReader, dtype: torch.dtype | str | None) -> nn.Module:
+    """A dense checkpoint whose routed experts are stored at several bit widths (`quantize_checkpoint(allocation=)`).
+
+    transformers (5.x) decompresses every routed expert with one config group's scheme, which fails or reads the
+    other widths wrongly; so the model is built from its config without the quantisation, the other tensors are
+    loaded as stored, and each expert matrix is read back at its own width by compressed-tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..calibrate.collect import EXPERT_TENSOR
+    from ..quantize.checkpoint import load_mixed_experts
+
+    config = AutoConfig.from_pretrained(reader.path)
+    del config.quantization_config
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    dtype = dtype if isinstance(dtype, torch.dtype) else config.dtype or torch.float32
+    model = _causal_lm_class(reader.config, AutoModelForCausalLM).from_config(config, dtype=dtype)
+    names = [n for n in reader.weight_map if not EXPERT_TENSOR.search(n)]
+    result = model.load_state_dict(reader.get_many(names), strict=False)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in result.missing_keys if ".experts." not in k and not (tied and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{reader.path}: tensors that do not match the model: {(missing + result.unexpected_keys)[:3]}"
+        )
+    model.tie_weights()
+    load_mixed_experts(model, reader)
+    return model
