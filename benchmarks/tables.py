@@ -18,6 +18,7 @@ from pathlib import Path
 
 # The benchmark scripts beside this one (run as python benchmarks/tables.py): each formats its own tables.
 import budget
+import budget_calibrated
 import calibrated_rounding
 import calibration
 import calibration_memory
@@ -122,6 +123,7 @@ BLOCKS = {
     ],
     "low_bit_factors_calibrated": [("docs/quantize.md", "low_bit_factors_calibrated", low_bit_factors.table)],
     "budget": [("docs/quantize.md", "budget", budget.table)],
+    "budget_calibrated": [("docs/quantize.md", "budget_calibrated", budget_calibrated.table)],
     "calibrated_rounding": [("docs/quantize.md", "calibrated_rounding", calibrated_rounding.table)],
     "gptq_baselines": [("docs/quantize.md", "gptq_baselines", gptq_baselines.table)],
     "startup": [("docs/cli.md", "startup", startup.table)],
