@@ -202,3 +202,13 @@ def test_cli_info_prints_the_calibrated_plan_and_writes_nothing(tiny, tmp_path, 
     printed = capsys.readouterr().out
     assert "<- chosen" in printed and "REAP 25%" in printed
     assert sorted(p.name for p in path.parent.iterdir()) == before
+
+
+def test_bad_plans_are_refused(tiny):
+    path, text = tiny
+    with pytest.raises(ValueError, match="target_bytes must be a share"):
+        plan_mixed(path, 1.5, calibration=text)
+    with pytest.raises(ValueError, match="must include 0"):
+        plan_mixed(path, 0.5, calibration=text, shares=(0.25,))
+    with pytest.raises(ValueError, match="one of"):
+        plan_mixed(path, calibration=text)

@@ -16,11 +16,12 @@ is the sum of the parts (errors of different layers and matrices taken as uncorr
 share the bits of the (layer, matrix) units are allocated by an exact knapsack over the bytes (discretised
 upwards, so the allocation always fits). The choice is the share whose best allocation predicts the least error.
 Uniform precision is one of the allocations, so the plan is never predicted worse than uniform GPTQ at the same
-bytes; `benchmarks/budget.py --calibrated` checks the predictions against held-out perplexity.
+bytes; `benchmarks/budget_calibrated.py` checks the choices against held-out perplexity.
 
-Cost: per MoE layer and pruning share, one GPTQ of each matrix at each bit width and a run of the layer for each
-(4 x 3 + 1 runs with the default bits). Peak memory: one layer, its statistics, the calibration tokens' hidden
-states (three copies).
+Cost: per MoE layer and pruning share, one GPTQ of each matrix at each bit width and five runs of the layer (one
+for the Grams, one per width). Peak memory: one layer, its statistics, the calibration tokens' hidden
+states (three copies). Disk: each REAP share's pruned copy of the model, at the source's precision, in a temporary
+folder while the plan is measured.
 """
 
 from __future__ import annotations
@@ -300,6 +301,12 @@ def plan_mixed(
     """
     if (target_bytes is None) == (target_gib is None):
         raise ValueError("give one of target_bytes (a share of the original's bytes) or target_gib")
+    if target_bytes is not None and not 0 < target_bytes <= 1:
+        raise ValueError(f"target_bytes must be a share in (0, 1], got {target_bytes}")
+    if target_gib is not None and target_gib <= 0:
+        raise ValueError(f"target_gib must be positive, got {target_gib}")
+    if 0.0 not in shares or any(not 0 <= s < 1 for s in shares):
+        raise ValueError(f"shares are REAP shares in [0, 1) and must include 0 (no pruning), got {shares}")
     start = time.perf_counter()
     reader = CheckpointReader(model)
     layout = moe_layout(reader.config)
