@@ -31,7 +31,7 @@ from ..pipeline import compress, resolve_settings
 from ..quantize import groupwise
 from ..quantize.checkpoint import quantize_checkpoint, stored_bytes
 from ..quantize.factors import SHARED_BITS, quantize_mobe
-from .sizes import DTYPE_SIZE, MATRICES, expert_bytes, group_size_for
+from .sizes import DTYPE_SIZE, MATRICES, budget_bytes, check_budget, expert_bytes, group_size_for
 
 BITS = (16, 8, 4, 3, 2)
 CUTS = (0.25, 0.37, 0.5)
@@ -174,17 +174,12 @@ def plan_budget(
     Returns:
         The plan; `plan.chosen` is None when nothing fits.
     """
-    if (target_bytes is None) == (target_gib is None):
-        raise ValueError("give one of target_bytes (a share of the original's bytes) or target_gib")
-    if target_bytes is not None and not 0 < target_bytes <= 1:
-        raise ValueError(f"target_bytes must be a share in (0, 1], got {target_bytes}")
-    if target_gib is not None and target_gib <= 0:
-        raise ValueError(f"target_gib must be positive, got {target_gib}")
+    check_budget(target_bytes, target_gib)
     start = time.perf_counter()
     reader = CheckpointReader(model)
     layout = moe_layout(reader.config)
     original = stored_bytes(reader)
-    budget = int(target_bytes * original) if target_bytes is not None else int(target_gib * 2**30)
+    budget = budget_bytes(target_bytes, target_gib, original)
     group = group_size_for(layout)
     experts_bytes = _dense_bytes(layout, reader, 16, group)
     rest = original - experts_bytes

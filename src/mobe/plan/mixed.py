@@ -42,7 +42,7 @@ from ..checkpoint import CheckpointReader
 from ..config import QuantizeConfig
 from ..prune import prune_experts
 from ..quantize.checkpoint import gptq_stack, quantize_checkpoint, stored_bytes
-from .sizes import MATRICES, expert_bytes, group_size_for
+from .sizes import MATRICES, budget_bytes, check_budget, expert_bytes, group_size_for
 
 UNIT_BITS = (2, 3, 4, 8)
 PRUNE_SHARES = (0.0, 0.25, 0.5)
@@ -299,19 +299,14 @@ def plan_mixed(
         shares: REAP pruning shares to consider (0: keep every expert).
         quantize: GPTQ settings (group size: the largest power of two up to 128 that tiles the experts' inputs).
     """
-    if (target_bytes is None) == (target_gib is None):
-        raise ValueError("give one of target_bytes (a share of the original's bytes) or target_gib")
-    if target_bytes is not None and not 0 < target_bytes <= 1:
-        raise ValueError(f"target_bytes must be a share in (0, 1], got {target_bytes}")
-    if target_gib is not None and target_gib <= 0:
-        raise ValueError(f"target_gib must be positive, got {target_gib}")
+    check_budget(target_bytes, target_gib)
     if 0.0 not in shares or any(not 0 <= s < 1 for s in shares):
         raise ValueError(f"shares are REAP shares in [0, 1) and must include 0 (no pruning), got {shares}")
     start = time.perf_counter()
     reader = CheckpointReader(model)
     layout = moe_layout(reader.config)
     original = stored_bytes(reader)
-    budget = int(target_bytes * original) if target_bytes is not None else int(target_gib * 2**30)
+    budget = budget_bytes(target_bytes, target_gib, original)
     group = group_size_for(layout)
     quantize = replace(quantize or QuantizeConfig(), group_size=group, calibration=str(calibration))
     sequences = calibration_ids(reader.path, calibration, quantize.calibration_tokens, quantize.calibration_seq_len)

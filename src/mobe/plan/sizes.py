@@ -41,3 +41,18 @@ def _stored_bytes(shape: tuple[int, ...], dtype: str, bits: int, group: int) -> 
     zeros = torch.zeros(*shape, dtype=FLOAT_DTYPES.get(dtype, torch.bfloat16))
     stored = _quantize_ct("w.weight", zeros, QuantizeConfig(bits=bits, group_size=group))
     return sum(t.numel() * t.element_size() for t in stored.values())
+
+
+def check_budget(target_bytes: float | None, target_gib: float | None) -> None:
+    """Refuse, before any work, a budget that is not exactly one of a share in (0, 1] or a positive size in GiB."""
+    if (target_bytes is None) == (target_gib is None):
+        raise ValueError("give one of target_bytes (a share of the original's bytes) or target_gib")
+    if target_bytes is not None and not 0 < target_bytes <= 1:
+        raise ValueError(f"target_bytes must be a share in (0, 1], got {target_bytes}")
+    if target_gib is not None and target_gib <= 0:
+        raise ValueError(f"target_gib must be positive, got {target_gib}")
+
+
+def budget_bytes(target_bytes: float | None, target_gib: float | None, original_bytes: int) -> int:
+    """The budget in bytes: a share of the original's stored bytes, or GiB."""
+    return int(target_bytes * original_bytes) if target_bytes is not None else int(target_gib * 2**30)
