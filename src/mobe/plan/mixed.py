@@ -255,11 +255,9 @@ def _measure_layer(
     own = stream.run_layer(layer, list(hidden), accumulator)
     stats = accumulator.finish()
     branch.prune_error[layer] = 0.0 if reference is None else _squared_error(own, reference)
+    stacks = {m: layout.read_experts(reader, layer, m) for m in MATRICES}  # read once, rounded at every width
     for bits in UNIT_BITS:
-        variants = {}
-        for m in MATRICES:
-            stack = layout.read_experts(reader, layer, m)
-            variants[m] = gptq_stack(stack, stats.factor(m), stats.counts, quantize, bits)[2]
+        variants = {m: gptq_stack(stacks[m], stats.factor(m), stats.counts, quantize, bits)[2] for m in MATRICES}
         hook = _RoundingErrors(variants)
         stream.run_layer(layer, list(hidden), hook)
         for m in MATRICES:
