@@ -6,7 +6,9 @@ For each trained fixture the calibrated planner (`mobe.plan.mixed`) measures onc
 at 2/3/4/8 bits, each as the error it adds to the layers' outputs. At each budget (the original's int2 and int3
 sizes at the planner's group size, points between them, and --budgets shares) the chosen plan is written
 (`execute_mixed`: REAP, then GPTQ with per-matrix bits), its bytes are checked against the prediction and its
-held-out perplexity is measured (`mobe.load_model`, which reads each matrix at its own bits). Also the best uniform
+held-out perplexity is measured (`mobe.load_model`, which reads each matrix at its own bits). The chosen plan is the
+one `mobe compress` writes: of each REAP share's best allocation, the least calibration loss (`score_choices`);
+with --proxy also the least predicted error where that differs. Also the best uniform
 plan at each budget with --uniform (one bit width for every expert matrix, what plain transformers loads).
 
 The competitors: llm-compressor's GPTQModifier at 8/4/3/2 bits from benchmarks/results/gptq_baselines.json (same
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +38,7 @@ from data_free import _calibration_text
 from mobe.config import QuantizeConfig
 from mobe.evaluate.perplexity import sliding_window_perplexity
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
-from mobe.plan.mixed import MixedPlan, execute_mixed, plan_mixed
+from mobe.plan.mixed import MixedPlan, execute_mixed, plan_mixed, score_choices
 from mobe.prune import prune_experts
 from mobe.quantize import stored_bytes
 from mobe.runtime import load_model
@@ -137,7 +140,13 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     for label, budget in _budgets(plan, args):
         sized = plan.with_budget(budget)
         row = {"budget": label, "budget_bytes": budget, "share": budget / plan.original_bytes}
-        chosen = sized.chosen
+        scoring = time.perf_counter()
+        scored = score_choices(sized, fixture, quantize, progress=False)
+        row["scored"] = [{"label": s.choice.label(), "calibration_perplexity": math.exp(s.loss)} for s in scored]
+        row["score_seconds"] = time.perf_counter() - scoring
+        chosen = scored[0].choice if scored else None
+        if args.proxy and sized.chosen is not None and sized.chosen != chosen:
+            row["proxy_plan"] = measure(sized.chosen)  # least predicted error, before scoring
         uniform = [plan.uniform(b, branch.share) for branch in plan.branches for b in (2, 3, 4, 8)]
         uniform = [u for u in uniform if u.stored_bytes <= budget]
         if chosen is not None:
@@ -177,6 +186,9 @@ def verdicts(result: dict) -> list[str]:
             if best is None:
                 out.append(f"{line}; no competitor fits")
                 continue
+            proxy = row.get("proxy_plan")
+            if proxy is not None:
+                line += f"; least predicted error: {proxy['label']} {proxy['perplexity'] - base:+.3f}"
             lower = plan["perplexity"] < best["perplexity"]
             line += f" against {best['label']} {best['perplexity'] - base:+.3f}: "
             line += "strictly lower: yes" if lower else f"NO, higher by {plan['perplexity'] - best['perplexity']:.3f}"
@@ -272,6 +284,11 @@ def main() -> None:
         "--uniform", action="store_true", help="also write and measure the best uniform plan (one width) per budget"
     )
     add_run_options(parser, "budget_calibrated", threads=2, fixtures=list(FIXTURES))
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="also write and measure the allocation with the least predicted error where scoring chose another",
+    )
     parser.add_argument("--reverdict", action="store_true", help="recompute the verdicts of the JSON at --out")
     parser.add_argument(
         "--merge", nargs="+", metavar="JSON", help="join runs of separate fixtures (run side by side) into --out"

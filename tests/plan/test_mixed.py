@@ -14,7 +14,15 @@ from transformers import AutoModelForCausalLM
 from mobe.cli.main import main
 from mobe.config import QuantizeConfig
 from mobe.fixtures import build_tiny_moe, heldout_text, trained_fixture_path
-from mobe.plan.mixed import UNIT_BITS, Branch, MixedPlan, execute_mixed, plan_mixed
+from mobe.plan.mixed import (
+    UNIT_BITS,
+    Branch,
+    MixedPlan,
+    execute_mixed,
+    plan_mixed,
+    score_choices,
+    scores_table,
+)
 from mobe.plan.sizes import MATRICES
 from mobe.quantize import QuantizeError, quantize_checkpoint, stored_bytes
 from mobe.runtime import load_model
@@ -68,7 +76,7 @@ def test_a_plan_chooses_the_branch_with_the_least_predicted_error():
     chosen = plan.chosen
     assert chosen.predicted_error == min(plain.allocate(4000).predicted_error, pruned.allocate(4000).predicted_error)
     assert chosen.share == 0.25  # cheaper units and almost no pruning error: more bits for the same bytes
-    assert "<- chosen" in plan.table() and "REAP 25%" in plan.table()
+    assert "<- least predicted error" in plan.table() and "REAP 25%" in plan.table()
     assert plan.with_budget(1).chosen is None and "nothing fits" in plan.with_budget(1).table()
 
 
@@ -173,6 +181,36 @@ def test_a_uniform_allocation_writes_what_mobe_quantize_writes(tiny, plan, tmp_p
             assert torch.equal(tensor, planned[name]), name
 
 
+def test_the_scored_loss_is_the_loss_of_what_is_written(tiny, plan, tmp_path):
+    """`score_choices` streams each share's plan without writing it; its calibration loss equals the cross-entropy
+    of the checkpoint `execute_mixed` writes for that choice (loaded whole, run on the same tokens), and the
+    original's loss is the original's."""
+    import torch.nn.functional as F
+
+    from mobe.calibrate import calibration_ids
+
+    path, text = tiny
+    config = QuantizeConfig(calibration_tokens=TOKENS, calibration_seq_len=SEQ_LEN)
+    sized = plan.with_budget(plan.uniform(3).stored_bytes)
+    scored = score_choices(sized, path, config, progress=False)
+    assert {s.choice.share for s in scored} == {0.0, 0.25} and scored[0].loss <= scored[1].loss
+    sequences = calibration_ids(path, text, TOKENS, SEQ_LEN)
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            total = sum(
+                F.cross_entropy(model(ids[None]).logits[0, :-1].double(), ids[1:], reduction="sum") for ids in sequences
+            )
+        return float(total) / sum(ids.numel() - 1 for ids in sequences)
+
+    assert scored[0].original_loss == pytest.approx(loss(load_model(path, dtype=torch.float32)), rel=1e-4)
+    for s in scored:
+        out = tmp_path / f"share-{s.choice.share}"
+        execute_mixed(sized, path, out, config, choice=s.choice, progress=False)
+        assert s.loss == pytest.approx(loss(load_model(out, dtype=torch.float32)), rel=1e-4)
+    assert "<- chosen" in scores_table(scored).splitlines()[1]
+
+
 def test_cli_compress_to_a_budget_with_calibration(tiny, tmp_path, capsys):
     path, text = tiny
     out = tmp_path / "cli"
@@ -180,7 +218,10 @@ def test_cli_compress_to_a_budget_with_calibration(tiny, tmp_path, capsys):
     args += ["--calibration-tokens", str(TOKENS), "--calibration-seq-len", str(SEQ_LEN)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "<- chosen" in printed and "bits by layer" in printed and f"wrote {out}" in printed
+    assert "<- least predicted error" in printed and "bits by layer" in printed and f"wrote {out}" in printed
+    measured = next(line for line in printed.splitlines() if line.endswith("<- chosen"))  # least calibration loss
+    written = next(line for line in printed.splitlines() if line.startswith(f"wrote {out}: "))
+    assert measured.split("  ")[0].strip() == written.split(": ", 1)[1]
     original = stored_bytes(path)
     assert stored_bytes(out) <= 0.97 * original
 
@@ -200,7 +241,7 @@ def test_cli_info_prints_the_calibrated_plan_and_writes_nothing(tiny, tmp_path, 
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "<- chosen" in printed and "REAP 25%" in printed
+    assert "<- least predicted error" in printed and "REAP 25%" in printed and "cal. ppl" not in printed
     assert sorted(p.name for p in path.parent.iterdir()) == before
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -30,6 +31,7 @@ def _mobe_config(args: argparse.Namespace) -> MobeConfig:
 
 
 # --quantize on compress rounds its output to nearest (GPTQ's calibration is `mobe quantize --calibration`)
+LOSSY = 0.5  # a budget whose best plan raises the calibration perplexity by more than this share is warned of
 COMPRESS_QUANTIZE_EXCLUDED = (
     "bits",
     "calibration",
@@ -100,7 +102,7 @@ def _cmd_compress_to_budget(args: argparse.Namespace, budget: dict[str, float]) 
         raise ValueError("--target-bytes chooses the cut and the bits itself: leave out --target-ratio and --quantize")
     config = _mobe_config(args)
     if config.calibration is not None:  # measured on the text: REAP shares and GPTQ bits of every layer and matrix
-        from ..plan.mixed import execute_mixed, plan_mixed
+        from ..plan.mixed import execute_mixed, plan_mixed, score_choices, scores_table
 
         quantize = QuantizeConfig(
             calibration_tokens=config.calibration_tokens, calibration_seq_len=config.calibration_seq_len
@@ -109,7 +111,16 @@ def _cmd_compress_to_budget(args: argparse.Namespace, budget: dict[str, float]) 
             args.model, **budget, calibration=config.calibration, quantize=quantize, progress=not args.quiet
         )
         print(mixed.table())
-        chosen = execute_mixed(mixed, args.model, args.output, quantize, progress=not args.quiet)
+        scored = score_choices(mixed, args.model, quantize, progress=not args.quiet)  # the proxy ranks shares poorly
+        print(scores_table(scored))
+        if scored and math.exp(scored[0].loss - scored[0].original_loss) > 1 + LOSSY:
+            print(
+                f"warning: the best plan within the budget raises the calibration perplexity "
+                f"{math.exp(scored[0].loss - scored[0].original_loss):.1f}x; a larger --target-bytes keeps far more",
+                file=sys.stderr,
+            )
+        choice = scored[0].choice if scored else None
+        chosen = execute_mixed(mixed, args.model, args.output, quantize, choice=choice, progress=not args.quiet)
         print(f"wrote {args.output}: {chosen.label()}")
         return
     device = args.device.split(",")[0]

@@ -14,7 +14,10 @@ Since attention is the same in every variant, the difference of the decoder laye
 error in the residual stream, one unit for every layer, matrix, pruning and rounding. The plan's predicted error
 is the sum of the parts (errors of different layers and matrices taken as uncorrelated), and for each pruning
 share the bits of the (layer, matrix) units are allocated by an exact knapsack over the bytes (discretised
-upwards, so the allocation always fits). The choice is the share whose best allocation predicts the least error.
+upwards, so the allocation always fits). `chosen` is the share whose best allocation predicts the least error;
+`score_choices` ranks the shares' best allocations by calibration loss instead (`mobe.plan.score`), which is what
+`mobe compress` writes: the sum of squared errors ranks allocations within a share well, pruning against rounding
+less so.
 Uniform precision is one of the allocations, so the plan is never predicted worse than uniform GPTQ at the same
 bytes; `benchmarks/budget_calibrated.py` checks the choices against held-out perplexity.
 
@@ -26,6 +29,7 @@ folder while the plan is measured.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -42,6 +46,7 @@ from ..checkpoint import CheckpointReader
 from ..config import QuantizeConfig
 from ..prune import prune_experts
 from ..quantize.checkpoint import gptq_stack, quantize_checkpoint, stored_bytes
+from .score import calibration_loss, model_loss
 from .sizes import MATRICES, budget_bytes, check_budget, expert_bytes, group_size_for
 
 UNIT_BITS = (2, 3, 4, 8)
@@ -172,7 +177,7 @@ class MixedPlan:
         rows = [r for r in rows if r.stored_bytes <= self.budget_bytes]
         rows += [c for c in self.choices() if c not in rows]
         for row in sorted(rows, key=lambda r: r.stored_bytes):
-            mark = "  <- chosen" if row == chosen else ""
+            mark = "  <- least predicted error" if row == chosen else ""
             lines.append(
                 f"{row.label():<58} {row.stored_bytes / scale:>9.3f} "
                 f"{100 * row.stored_bytes / self.original_bytes:>8.1f}% {row.predicted_error:>12.4g}{mark}"
@@ -183,7 +188,7 @@ class MixedPlan:
                 f"nothing fits: the smallest, {smallest.label()}, needs {smallest.stored_bytes / scale:.3f} {unit}"
             )
         else:
-            lines.append(f"chosen: {chosen.label()}, the least predicted error within the budget")
+            lines.append(f"least predicted error within the budget: {chosen.label()}")
             lines.append(
                 "bits by layer (gate/up/down): "
                 + ", ".join(
@@ -277,6 +282,31 @@ def _branch(reader: CheckpointReader, share: float, group: int) -> Branch:
     return Branch(share, layout.num_experts, stored_bytes(reader) - experts_bytes, unit)
 
 
+def _branch_streams(
+    reader: CheckpointReader, shares: tuple[float, ...] | list[float], quantize: QuantizeConfig, work: Path
+) -> dict[float, LayerStream]:
+    """A layer stream of the original (share 0) and of a REAP-pruned copy (written under `work`) per other share,
+    pruned on `quantize`'s calibration text and tokens as `execute_mixed` prunes."""
+    streams = {}
+    for share in shares:
+        if share == 0:
+            streams[share] = LayerStream(reader, moe_layout(reader.config))
+            continue
+        pruned = work / f"reap-{share}"
+        prune_experts(
+            reader.path,
+            pruned,
+            target_ratio=share,
+            calibration=quantize.calibration,
+            calibration_tokens=quantize.calibration_tokens,
+            calibration_seq_len=quantize.calibration_seq_len,
+            progress=False,
+        )
+        pruned_reader = CheckpointReader(pruned)
+        streams[share] = LayerStream(pruned_reader, moe_layout(pruned_reader.config))
+    return streams
+
+
 def plan_mixed(
     model: str | Path,
     target_bytes: float | None = None,
@@ -310,20 +340,7 @@ def plan_mixed(
     sequences = calibration_ids(reader.path, calibration, quantize.calibration_tokens, quantize.calibration_seq_len)
     work = Path(tempfile.mkdtemp(prefix="mobe-plan-"))
     try:
-        streams = {0.0: LayerStream(reader, layout)}
-        for share in (s for s in shares if s > 0):
-            pruned = work / f"reap-{share}"
-            prune_experts(
-                reader.path,
-                pruned,
-                target_ratio=share,
-                calibration=calibration,
-                calibration_tokens=quantize.calibration_tokens,
-                calibration_seq_len=quantize.calibration_seq_len,
-                progress=False,
-            )
-            pruned_reader = CheckpointReader(pruned)
-            streams[share] = LayerStream(pruned_reader, moe_layout(pruned_reader.config))
+        streams = _branch_streams(reader, shares, quantize, work)
         branches = {share: _branch(stream.reader, share, group) for share, stream in streams.items()}
         main = streams[0.0]
         hidden = main.embed(sequences)
@@ -342,6 +359,68 @@ def plan_mixed(
     plan = MixedPlan(budget, original, group, str(calibration), tokens, list(branches.values()))
     plan.seconds = time.perf_counter() - start
     return plan
+
+
+@dataclass
+class ScoredChoice:
+    """A share's best allocation with the next-token cross-entropy (nats) it gives on the calibration tokens, and the
+    original's on the same tokens."""
+
+    choice: MixedChoice
+    loss: float
+    original_loss: float
+
+
+def score_choices(
+    plan: MixedPlan,
+    model: str | Path,
+    quantize: QuantizeConfig | None = None,
+    *,
+    tokens: int | None = None,
+    progress: bool = True,
+) -> list[ScoredChoice]:
+    """Each pruning share's best allocation within the plan's budget, scored by its calibration loss
+    (`mobe.plan.score`: streamed, layer by layer, nothing written but each share's pruned copy), least loss first.
+
+    Args:
+        tokens: calibration tokens to score on (default: the plan's, `quantize.calibration_tokens`).
+    """
+    choices = plan.choices()
+    if not choices:
+        return []
+    quantize = replace(quantize or QuantizeConfig(), group_size=plan.group_size, calibration=plan.calibration)
+    reader = CheckpointReader(model)
+    sequences = calibration_ids(
+        reader.path, plan.calibration, tokens or quantize.calibration_tokens, quantize.calibration_seq_len
+    )
+    work = Path(tempfile.mkdtemp(prefix="mobe-score-"))
+    try:
+        streams = _branch_streams(reader, sorted({0.0, *(c.share for c in choices)}), quantize, work)
+        losses, original = [], None
+        for choice in tqdm(choices, desc="Scoring plans", disable=not progress):
+            loss, unrounded = calibration_loss(streams[choice.share], sequences, choice.allocation, quantize)
+            losses.append(loss)
+            original = unrounded if choice.share == 0 else original
+        if original is None:  # only pruned shares fit
+            original = model_loss(streams[0.0], sequences)
+        scored = [ScoredChoice(c, loss, original) for c, loss in zip(choices, losses, strict=True)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return sorted(scored, key=lambda s: s.loss)
+
+
+def scores_table(scored: list[ScoredChoice]) -> str:
+    """The scored choices, least loss first, as perplexities on the calibration tokens."""
+    if not scored:
+        return "nothing fits the budget: nothing scored"
+    original = scored[0].original_loss
+    lines = [f"{'measured: each share at its best allocation':<58} {'cal. ppl':>9} {'vs orig.':>9}"]
+    for s in scored:
+        mark = "  <- chosen" if s is scored[0] else ""
+        change = 100 * (math.exp(s.loss - original) - 1)
+        lines.append(f"{s.choice.label():<58} {math.exp(s.loss):>9.3f} {change:>+8.2f}%{mark}")
+    lines.append(f"{'original':<58} {math.exp(original):>9.3f}")
+    return "\n".join(lines)
 
 
 def execute_mixed(
