@@ -116,3 +116,34 @@ def test_error_feedback_reads_the_weight_back_in_the_scales_dtype():
         assert torch.equal(q[:, j].float(), qj)
         read_back = (qj.bfloat16() * scales[:, j]).double()
         W[:, free] -= torch.outer((W[:, j] - read_back) / Hinv[0, 0], Hinv[0])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_scales_are_the_best_shrink_of_each_group(bits):
+    """The "mse" observer against a per-group search written out by hand: each group's scale is the grid's shrink of
+    its min-max scale with the least rounding error, never worse than min-max itself."""
+    from mobe.quantize.groupwise import SHRINK_GRID
+
+    torch.manual_seed(bits)
+    w = torch.randn(6, 40) * torch.rand(6, 40).pow(4) * 3  # heavy tails: clipping pays
+    group = 16
+    minmax = group_scales(w, bits, group)
+    mse = group_scales(w, bits, group, observer="mse")
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    for row in range(6):
+        for g in range(3):
+            x = w[row, g * group : (g + 1) * group]
+
+            def error(s: float, x=x) -> float:
+                return float(((x / s).round().clamp(qmin, qmax) * s - x).pow(2).sum())
+
+            best = min((float(minmax[row, g]) * a for a in SHRINK_GRID), key=error)
+            assert float(mse[row, g]) == pytest.approx(best, rel=1e-6)
+            assert error(float(mse[row, g])) <= error(float(minmax[row, g]))
+    # identity Hessian: GPTQ is round to nearest on the chosen scales, so its weight error falls too
+    q, s = gptq_quantize(w, torch.eye(40), bits, group, observer="mse")
+    q0, s0 = gptq_quantize(w, torch.eye(40), bits, group)
+    assert torch.equal(s, mse)
+    assert (dequantize(q, s, group) - w).pow(2).sum() < (dequantize(q0, s0, group) - w).pow(2).sum()
+    with pytest.raises(ValueError, match="observer"):
+        group_scales(w, bits, group, observer="percentile")

@@ -554,6 +554,7 @@ def gptq_stack(
             damping=config.damping,
             act_order=config.act_order,
             dtype=stack.dtype,
+            observer=config.observer,
         )
         if scales_all is None:
             scales_all = torch.empty(E, *scales.shape[1:], dtype=scales.dtype)

@@ -114,14 +114,16 @@ def gptq_quantize(
     block_size: int = BLOCK_SIZE,
     act_order: bool = False,
     dtype: torch.dtype | None = None,
+    observer: str = "minmax",
 ) -> tuple[Tensor, Tensor]:
     """(int8 values (..., rows, cols), scales (..., rows, ceil(cols / group_size)) in `dtype`), stored like
     `groupwise.quantize`'s and read back by `groupwise.dequantize`; `hessian` is (cols, cols) or batched.
 
     With `act_order`, each matrix's columns are rounded in the order of its Hessian's decreasing diagonal
     (llm-compressor's `actorder="static"`, its default); the scales stay those of the columns' own groups.
+    `observer`: how the scales are fixed before rounding (`groupwise.group_scales`: "minmax" or "mse").
     """
-    scales = group_scales(weight, bits, group_size, dtype)
+    scales = group_scales(weight, bits, group_size, dtype, observer)
     entry_scales = scales.repeat_interleave(group_size, dim=-1)[..., : weight.shape[-1]]
     order = None
     if act_order:

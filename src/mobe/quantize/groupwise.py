@@ -35,12 +35,42 @@ def _grouped(w: Tensor, group_size: int) -> Tensor:
     return w.unflatten(-1, (-1, group_size))
 
 
-def group_scales(w: Tensor, bits: int, group_size: int, dtype: torch.dtype | None = None) -> Tensor:
-    """Scales (..., ceil(n / group_size)) of `w` (..., n), in `dtype` (default: w's); zero groups get scale 1."""
+OBSERVERS = ("minmax", "mse")
+SHRINK_GRID = tuple(1 - 0.025 * i for i in range(21))  # 1.0, 0.975, ..., 0.5 of the min-max scale
+
+
+def group_scales(
+    w: Tensor, bits: int, group_size: int, dtype: torch.dtype | None = None, observer: str = "minmax"
+) -> Tensor:
+    """Scales (..., ceil(n / group_size)) of `w` (..., n), in `dtype` (default: w's); zero groups get scale 1.
+
+    `observer`: "minmax" (the group's largest magnitude maps to the end of the range; compressed-tensors' and
+    llm-compressor's default) or "mse" (`mse_scales`)."""
     _check(bits, group_size)
+    if observer not in OBSERVERS:
+        raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
     amax = _grouped(w.float(), group_size).abs().amax(dim=-1)
     scales = (amax / ((2**bits - 1) / 2)).to(dtype or w.dtype)
-    return torch.where(scales == 0, torch.ones_like(scales), scales)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    return mse_scales(w, bits, group_size, scales) if observer == "mse" else scales
+
+
+def mse_scales(w: Tensor, bits: int, group_size: int, minmax: Tensor) -> Tensor:
+    """Per group, the shrink of its min-max scale (`SHRINK_GRID`, as read back in the scales' dtype) whose rounding
+    to nearest leaves the least squared error: clipping a few outliers buys finer steps for the rest. At 2 and 3 bits
+    the min-max step is coarse enough that this matters (an MSE observer, as llm-compressor's; its grid and norm
+    differ). Ties keep the larger scale."""
+    groups = _grouped(w.float(), group_size)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    best, best_error = minmax.clone(), torch.full(minmax.shape, math.inf)
+    for shrink in SHRINK_GRID:
+        scales = (minmax.float() * shrink).to(minmax.dtype)
+        s = scales.float()[..., None]
+        error = (torch.clamp(torch.round(groups / s), qmin, qmax) * s - groups).pow(2).sum(-1)
+        better = error < best_error
+        best = torch.where(better, scales, best)
+        best_error = torch.where(better, error, best_error)
+    return best
 
 
 def quantize(w: Tensor, bits: int, group_size: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
