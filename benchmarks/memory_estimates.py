@@ -183,7 +183,14 @@ def _estimates(args: argparse.Namespace, src: Path, native: Path | None) -> dict
     from mobe.estimate import memory_estimate
 
     inference = memory_estimate(
-        reader, config.num_bases, config.rank, config.groups, tuple(config.matrices), args.tokens, context=context
+        reader,
+        config.num_bases,
+        config.rank,
+        config.groups,
+        tuple(config.matrices),
+        args.tokens,
+        context=context,
+        prompt=args.prompt,
     )
     out["inference"] = inference.inference_total
     if native is not None:
