@@ -143,7 +143,8 @@ def test_refusal_names_the_calibration_setting(tiny, tmp_path, monkeypatch):
     plain = MobeConfig(num_bases=2, rank=8)
     estimate = memory.compress_memory_estimate(reader, plain)
     two = estimate.compress_host(workers=2)  # two local workers: two jobs at once, each in its own process
-    assert two == 2 * (estimate.job_host + memory.RUNTIME_BYTES["compress"]) + memory.RUNTIME_BYTES["compress"]
+    runtime, worker = memory.RUNTIME_BYTES["compress"], memory.WORKER_PROCESS_BYTES
+    assert two == 2 * (estimate.job_host + runtime + worker) + runtime
     _refuse_below(monkeypatch, two - 1)
     memory.check_compress_memory(reader, plain, ["cpu"])
     with pytest.raises(memory.MemoryRefusal, match="2 jobs at once"):
@@ -281,3 +282,23 @@ def test_distill_counts_loading_a_half_precision_student_in_float32(native_bf16)
     file_bytes = sum(2 * math.prod(reader.shape(n)) for n in reader.weight_map)
     per_expert_up = 2 * 2 * 8 * 16 * 32
     assert student_loading_bytes(reader, moe_layout(reader.config)) == params + file_bytes + per_expert_up
+
+
+def test_a_pool_worker_costs_a_fresh_interpreter_with_torch_and_mobe_imported(tiny):
+    """`WORKER_PROCESS_BYTES` against the private memory of a fresh interpreter that imports what a pool worker
+    imports before its first job (loose: the figure moves with torch's version), and what the pool estimate adds
+    per worker."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, mobe.distribute.jobs; from pathlib import Path; "
+        "print(next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() "
+        "if l.startswith('RssAnon')))"
+    )
+    anon = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) * 1024
+    assert 0.6 < memory.WORKER_PROCESS_BYTES / anon < 1.5
+    estimate = memory.memory_estimate(tiny, 2, 8, matrices=("gate", "down"))
+    runtime = memory.RUNTIME_BYTES["compress"]
+    job = estimate.job_host + runtime + memory.WORKER_PROCESS_BYTES
+    assert estimate.compress_host(workers=3) == max(3 * job, estimate.export) + runtime

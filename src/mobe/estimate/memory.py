@@ -36,6 +36,11 @@ RUNTIME_BYTES = {
     "quantize": 16 * 2**20,
     "distill": 160 * 2**20,
 }
+# A worker process of the local device pool (`mobe.distribute.local`, spawned) is an interpreter of its own that
+# imports torch and mobe before its first job: its private (anonymous) memory then, measured as RssAnon after
+# `import torch, mobe.distribute.jobs` in a fresh interpreter (torch 2.13, CPU build: 146 MiB; the libraries' code
+# pages, RssFile, are shared with the driver and not counted).
+WORKER_PROCESS_BYTES = 146 * 2**20
 # glibc's malloc serves an allocation below its mmap threshold from its heap, and raises that threshold (up to 32 MiB
 # on 64-bit systems, DEFAULT_MMAP_THRESHOLD_MAX) to the size of each mmapped block freed. A fit whose float32 stacks
 # are under that size churns them through the heap, and the heap keeps freed chunks resident: measured with glibc's
@@ -446,11 +451,13 @@ class MemoryEstimate:
     device: str = "cpu"
 
     def compress_host(self, calibrated: bool = False, workers: int = 1) -> int:
-        """`mobe compress`'s host peak: the largest of `workers` jobs at once (each worker process its own runtime),
-        with calibration the pass before them, and writing the output; plus the runtime's own allocations."""
+        """`mobe compress`'s host peak: the largest of `workers` jobs at once (each worker process its own
+        interpreter and libraries, `WORKER_PROCESS_BYTES`, and runtime), with calibration the pass before them, and
+        writing the output; plus the runtime's own allocations."""
         job = self.calibrated_job_host if calibrated else self.job_host
         runtime = RUNTIME_BYTES["compress"]
-        stages = [workers * (job + runtime) if workers > 1 else job, self.export]
+        pool = workers * (job + runtime + WORKER_PROCESS_BYTES)
+        stages = [pool if workers > 1 else job, self.export]
         if calibrated:
             stages.append(self.calibration_pass)
         return max(stages) + runtime
