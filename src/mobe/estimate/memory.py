@@ -273,7 +273,9 @@ def inference_bytes(
     (`HEAP_RETAINED`); the LRU cache of each MoE layer; the KV cache (full keys and values per head, as transformers
     keeps them, MLA models included); and in half precision, oneDNN's kernels for each distinct matmul shape
     (`matmul_shapes` x `shape_bytes`, default this host's, `onednn_shape_bytes`: the bf16 fine-8L model's generate
-    cached 90 shapes, and peaked 65 MiB higher with AMX than with oneDNN held to AVX2).
+    cached 90 shapes, and peaked 65 MiB higher with AMX than with oneDNN held to AVX2; with a 1024-token prompt it
+    cached 779 shapes and peaked at 798 MiB above the baseline, 149 MiB of them the checkpoint, against 1024 shapes
+    and 917 MiB estimated).
     """
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
     fitted = mobe_parameters(E, p, d, num_bases, rank, groups, basis_side)
