@@ -4,10 +4,16 @@ For each model (the two trained fixtures, and generated qwen3_moe / qwen2_moe ch
 experts, a shared expert, 2 and 8 layers, float32 and bfloat16, up to hidden 2048 x 128 experts) each command runs in
 a fresh process: `compress` (data-free), `compress --calibration`, the calibration pass alone (`collect_statistics`,
 which also gives the bytes of one layer's statistics), then on the native output `quantize`, native inference
-(`load_model` and a few generated tokens) and `distill`. The child imports torch, transformers and mobe, records its
-resident memory (with the family's modelling code and the tokenizer's library imported: mobe and transformers import
-lazily), resets the kernel's peak counter (VmHWM, via /proc/self/clear_refs), runs the call, and reports
-VmHWM minus that baseline: what the command adds above an idle interpreter, which is what the estimates count.
+(`load_model` and a few generated tokens) and `distill`; and on `POOL_MODELS`, `pool`: the data-free compress on
+the local device pool (`--device cpu,cpu`: `POOL_WORKERS` spawned worker processes, one job at a time each). The
+child imports torch, transformers and mobe, records its resident memory (with the family's modelling code and the
+tokenizer's library imported: mobe and transformers import lazily), resets the kernel's peak counter (VmHWM, via
+/proc/self/clear_refs), runs the call, and reports VmHWM minus that baseline: what the command adds above an idle
+interpreter, which is what the estimates count.
+The `pool` row measures the process tree: the driver's VmHWM above its baseline plus, for each worker, the
+highest RssAnon sampled every 20 ms (its private memory: its interpreter's and libraries' own and its jobs'; the
+libraries' code pages, shared with the driver, are left out; the row also keeps the workers' VmHWM, shared pages
+included). A sum of each process's peak: at least the peak of the sum.
 The estimates come from `mobe.estimate` with the same settings (headers only). Each row's ratio is estimate /
 measured; the target is 0.8-1.5 (never an under-estimate by more than a fifth, never a machine twice too large).
 
@@ -42,7 +48,9 @@ MODELS = {  # name: fixture name, or build_tiny_moe arguments
     "shared-2L-bf16": dict(model_type="qwen2_moe", hidden_size=512, moe_intermediate_size=256, num_experts=32),
     "e128-2L-bf16": dict(model_type="qwen3_moe", hidden_size=2048, moe_intermediate_size=128, num_experts=128, top_k=8),
 }
-COMMANDS = ("compress", "calibrated", "calibration pass", "statistics", "quantize", "inference", "distill")
+COMMANDS = ("compress", "calibrated", "calibration pass", "statistics", "quantize", "inference", "distill", "pool")
+POOL_WORKERS = 2  # `pool`: compress (data-free) on the local device pool, one worker process per "cpu" device
+POOL_MODELS = ("shared-2L-bf16",)  # 4 jobs: both workers fit at once
 
 
 def _status_mib(field: str) -> float:
@@ -74,7 +82,7 @@ def _build(name: str, path: Path) -> Path:
     return path
 
 
-def _config(args: argparse.Namespace, calibrated: bool):
+def _config(args: argparse.Namespace, calibrated: bool, workers: int = 1):
     from mobe import MobeConfig
 
     return MobeConfig(
@@ -82,7 +90,44 @@ def _config(args: argparse.Namespace, calibrated: bool):
         matrices=("gate",) if calibrated else ("gate", "down"),
         calibration_tokens=args.tokens,
         threads=args.threads,
+        device=",".join(["cpu"] * workers),
     )
+
+
+class _TreeMonitor:
+    """Samples this process's descendants (the pool's workers) every `interval` seconds from /proc: the highest
+    RssAnon (private memory) and VmHWM (peak resident, shared library pages included) each reached."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.interval, self.anon, self.hwm = interval, {}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for child in me.children(recursive=True):
+                try:
+                    status = Path(f"/proc/{child.pid}/status").read_text()
+                except OSError:
+                    continue
+                fields = {line.split(":")[0]: line.split()[1:2] for line in status.splitlines()}
+                for key, peaks in (("RssAnon", self.anon), ("VmHWM", self.hwm)):
+                    if fields.get(key):
+                        peaks[child.pid] = max(peaks.get(child.pid, 0), int(fields[key][0]) / 1024)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> _TreeMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _distill_config(args: argparse.Namespace):
@@ -123,6 +168,17 @@ def _child(args: argparse.Namespace, command: str, src: str, out: str) -> dict:
     if command in ("compress", "calibrated"):
         calibrated = command == "calibrated"
         compress(src, out, _config(args, calibrated), calibration=_text() if calibrated else None, progress=False)
+    elif command == "pool":
+        with _TreeMonitor() as tree:
+            compress(src, out, _config(args, False, POOL_WORKERS), progress=False)
+        driver = _status_mib("VmHWM") - baseline
+        extra = {
+            "driver_mib": driver,
+            "workers": len(tree.anon),
+            "workers_anon_mib": sum(tree.anon.values()),
+            "workers_hwm_mib": sum(tree.hwm.values()),
+        }
+        return {"baseline_mib": baseline, "measured_mib": driver + extra["workers_anon_mib"], **extra}
     elif command == "calibration pass":
         from mobe.architectures import moe_layout
         from mobe.calibrate import calibration_ids, collect_statistics
@@ -176,6 +232,7 @@ def _estimates(args: argparse.Namespace, src: Path, native: Path | None) -> dict
         estimate = compress_memory_estimate(reader, config)
         out[command] = estimate.compress_host(calibrated)
     out["calibration pass"] = estimate.calibration_pass + RUNTIME_BYTES["calibration"]
+    out["pool"] = estimate.compress_host(False, workers=POOL_WORKERS)
     counts = routed_counts(layout.num_experts, args.tokens, estimate.top_k)  # held once compacted
     out["statistics"] = factor_stats_bytes(counts, layout.intermediate_size, layout.hidden_size)
     context = args.prompt + args.new_tokens
@@ -183,7 +240,14 @@ def _estimates(args: argparse.Namespace, src: Path, native: Path | None) -> dict
     from mobe.estimate import memory_estimate
 
     inference = memory_estimate(
-        reader, config.num_bases, config.rank, config.groups, tuple(config.matrices), args.tokens, context=context
+        reader,
+        config.num_bases,
+        config.rank,
+        config.groups,
+        tuple(config.matrices),
+        args.tokens,
+        context=context,
+        prompt=args.prompt,
     )
     out["inference"] = inference.inference_total
     if native is not None:
@@ -294,7 +358,8 @@ def main() -> None:
         for row in json.loads(Path(path).read_text())["rows"]:
             if "error" in row:  # stopped or failed there: not a measurement
                 continue
-            keep = ("baseline_mib", "measured_mib", "seconds", "statistics_bytes")
+            keep = ("baseline_mib", "measured_mib", "seconds", "statistics_bytes", "driver_mib", "workers")
+            keep += ("workers_anon_mib", "workers_hwm_mib")
             earlier.setdefault(row["model"], {})[row["command"]] = {k: row[k] for k in keep if k in row}
     if args.measured:
         args.models = [m for m in MODELS if m in earlier]
@@ -308,8 +373,8 @@ def main() -> None:
                 quick = argparse.Namespace(**{**vars(args), "steps": 1})  # the same shapes, whatever the steps
                 _run(quick, "compress", str(src), str(native))  # the native output the estimates read
             for command in args.commands if not args.measured else ():
-                if command == "statistics":
-                    continue  # from the calibration pass's run
+                if command == "statistics" or (command == "pool" and name not in POOL_MODELS):
+                    continue  # from the calibration pass's run; the pool on the models where it is measured
                 if command in ("quantize", "inference", "distill") and not native.exists():
                     continue
                 target = native if command == "compress" else Path(tmp) / f"{name}-{command.replace(' ', '-')}"

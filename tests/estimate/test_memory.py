@@ -143,7 +143,8 @@ def test_refusal_names_the_calibration_setting(tiny, tmp_path, monkeypatch):
     plain = MobeConfig(num_bases=2, rank=8)
     estimate = memory.compress_memory_estimate(reader, plain)
     two = estimate.compress_host(workers=2)  # two local workers: two jobs at once, each in its own process
-    assert two == 2 * (estimate.job_host + memory.RUNTIME_BYTES["compress"]) + memory.RUNTIME_BYTES["compress"]
+    runtime, worker = memory.RUNTIME_BYTES["compress"], memory.WORKER_PROCESS_BYTES
+    assert two == 2 * (estimate.job_host + runtime + worker) + runtime
     _refuse_below(monkeypatch, two - 1)
     memory.check_compress_memory(reader, plain, ["cpu"])
     with pytest.raises(memory.MemoryRefusal, match="2 jobs at once"):
@@ -181,3 +182,123 @@ def test_bfloat16_experts_give_the_statistics_of_a_float32_run(tiny_bf16, monkey
             torch.testing.assert_close(
                 streamed[layer].gram(matrix), converted[layer].gram(matrix), rtol=1e-4, atol=1e-5
             )
+
+
+@pytest.fixture(scope="module")
+def native_bf16(tiny_bf16, tmp_path_factory):
+    """The bf16 tiny model compressed natively (gate and down factored, up dense), p < d and p > d alike."""
+    from mobe import compress
+
+    root = tmp_path_factory.mktemp("native")
+    out = {}
+    for name, sizes in (("narrow", SIZES), ("wide", dict(SIZES, moe_intermediate_size=48))):
+        src = tiny_bf16 if name == "narrow" else build_tiny_moe(root / name, "qwen3_moe", dtype=torch.bfloat16, **sizes)
+        config = MobeConfig(steps=1, matrices=("gate", "down"), num_bases=2)
+        compress(src, root / f"{name}-native", config, progress=False)
+        out[name] = (src, root / f"{name}-native", config)
+    return out
+
+
+def test_inference_weights_are_the_checkpoint_plus_the_stacked_dense_experts(native_bf16):
+    """The native checkpoint's bytes (mapped; its tensors become the parameters) and the per-expert up matrices
+    that transformers stacks into a fused parameter: a copy, beside the file. Checked against the model
+    `load_model` builds and the bytes the native checkpoint stores."""
+    from mobe.pipeline import resolve_settings
+    from mobe.runtime import load_model
+
+    for src, native, config in native_bf16.values():
+        reader = CheckpointReader(src)
+        config = resolve_settings(moe_layout(reader.config), config)
+        estimate = memory.memory_estimate(reader, config.num_bases, config.rank, 1, ("gate", "down"), context=8)
+        stored = CheckpointReader(native)
+        file_bytes = sum(2 * math.prod(stored.shape(n)) for n in stored.weight_map)
+        model = load_model(native)
+        fused_up = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.endswith("up_proj"))
+        assert fused_up == 2 * 2 * 8 * 16 * 32 * (3 if "wide" in str(native) else 1)
+        assert estimate.inference_weights == file_bytes + fused_up
+
+
+def test_expert_matmul_shapes_are_those_a_native_forward_runs(native_bf16):
+    """`expert_matmuls` against the distinct (in, out, transposed weight) of the matrix products the experts module
+    runs for tokens all routed to one expert (the mixing of the bases, one expert's, is left out)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mobe.runtime import load_model
+    from mobe.runtime.experts import MobeExperts
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+                x, w = args[0], args[1]
+                if x.shape[-2] == 5:  # the 5 tokens' products, not the mixing of one expert's bases
+                    self.seen.add((w.shape[-2], w.shape[-1], w.stride(-2) == 1 and w.shape[-1] > 1))
+            return func(*args, **(kwargs or {}))
+
+    for name, (_, native, _) in native_bf16.items():
+        experts = next(m for m in load_model(native).modules() if isinstance(m, MobeExperts))
+        p = 48 if name == "wide" else 16
+        x = torch.randn(5, 32, dtype=torch.bfloat16)
+        with Shapes() as shapes, torch.no_grad():
+            experts(x, torch.zeros(5, 1, dtype=torch.long), torch.ones(5, 1, dtype=torch.bfloat16))
+        rank = experts.matrix("gate").mobe_A.shape[-1]
+        assert len(shapes.seen) == memory.expert_matmuls(p, 32, rank, ("gate", "down")), shapes.seen
+
+
+def test_half_precision_inference_counts_onednn_kernels_per_matmul_shape(tiny_bf16):
+    """The kernels term is the shapes times the bytes per shape; float32 has none; more prompt tokens, more shapes
+    (up to E distinct token counts per layer)."""
+    reader = CheckpointReader(tiny_bf16)
+    layout = moe_layout(reader.config)
+    args = (layout, reader.num_parameters(), 2, 8, 1, ("gate", "down"), 2, reader.config)
+    none = memory.inference_bytes(*args, context=24, prompt=16, shape_bytes=0)[1]
+    one = memory.inference_bytes(*args, context=24, prompt=16, shape_bytes=1)[1]
+    shapes = memory.matmul_shapes(layout, reader.config, ("gate", "down"), 8, 16, 8, 16)
+    assert one - none == shapes
+    assert (
+        memory.inference_bytes(*args[:6], 4, args[7], context=24, prompt=16, shape_bytes=1)[1]
+        == (memory.inference_bytes(*args[:6], 4, args[7], context=24, prompt=16, shape_bytes=0)[1])
+    )
+    assert memory.matmul_shapes(layout, reader.config, ("gate", "down"), 8, 4, 8, 16) < shapes
+    # at most E distinct counts per layer, whatever the prompt
+    assert memory.matmul_shapes(layout, reader.config, ("gate", "down"), 8, 10**6, 8, 16) == (
+        memory.matmul_shapes(layout, reader.config, ("gate", "down"), 8, 10**3, 8, 16)
+    )
+
+
+def test_distill_counts_loading_a_half_precision_student_in_float32(native_bf16):
+    """Loading converts the bf16 checkpoint: the float32 parameters (those of the model `load_model` builds) beside
+    the file's bytes, and the per-expert up matrices stacked before conversion."""
+    from mobe.estimate.distill import student_loading_bytes
+    from mobe.runtime import load_model
+
+    _, native, _ = native_bf16["narrow"]
+    reader = CheckpointReader(native)
+    model = load_model(native, dtype=torch.float32)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    file_bytes = sum(2 * math.prod(reader.shape(n)) for n in reader.weight_map)
+    per_expert_up = 2 * 2 * 8 * 16 * 32
+    assert student_loading_bytes(reader, moe_layout(reader.config)) == params + file_bytes + per_expert_up
+
+
+def test_a_pool_worker_costs_a_fresh_interpreter_with_torch_and_mobe_imported(tiny):
+    """`WORKER_PROCESS_BYTES` against the private memory of a fresh interpreter that imports what a pool worker
+    imports before its first job (loose: the figure moves with torch's version), and what the pool estimate adds
+    per worker."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, mobe.distribute.jobs; from pathlib import Path; "
+        "print(next(l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() "
+        "if l.startswith('RssAnon')))"
+    )
+    anon = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) * 1024
+    assert 0.6 < memory.WORKER_PROCESS_BYTES / anon < 1.5
+    estimate = memory.memory_estimate(tiny, 2, 8, matrices=("gate", "down"))
+    runtime = memory.RUNTIME_BYTES["compress"]
+    job = estimate.job_host + runtime + memory.WORKER_PROCESS_BYTES
+    assert estimate.compress_host(workers=3) == max(3 * job, estimate.export) + runtime

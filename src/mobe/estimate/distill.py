@@ -12,7 +12,7 @@ from ..checkpoint import CheckpointReader
 from ..config import DistillConfig
 from ..distill.trainable import FACTOR_FIELDS
 from ..export import FACTOR_PREFIX
-from .memory import RUNTIME_BYTES, calibration_pass_bytes
+from .memory import DTYPE_BYTES, RUNTIME_BYTES, calibration_pass_bytes
 
 FLOAT32 = 4
 
@@ -27,6 +27,7 @@ class DistillMemory:
     targets: int  # the teacher's top-k per token (and routing per MoE layer), on disk and in memory in training
     activations: int  # one sequence with activation checkpointing
     teacher: int = 0  # computing the targets: the original streamed one decoder layer at a time (0: not given)
+    loading: int = 0  # loading the student in float32 (`student_loading_bytes`)
 
     @property
     def training(self) -> int:
@@ -34,10 +35,10 @@ class DistillMemory:
 
     @property
     def total(self) -> int:
-        """The larger of the teacher's pass and the training, plus what torch, transformers and matplotlib (the
-        report's plot) allocate whatever the model's size."""
+        """The largest of the teacher's pass, loading the student and the training, plus what torch, transformers
+        and matplotlib (the report's plot) allocate whatever the model's size."""
 
-        return max(self.teacher, self.training) + RUNTIME_BYTES["distill"]
+        return max(self.teacher, self.loading, self.training) + RUNTIME_BYTES["distill"]
 
     def summary(self, config: DistillConfig) -> str:
         gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
@@ -47,6 +48,7 @@ class DistillMemory:
             f"{gib(self.optimizer)} + targets {gib(self.targets)} + activations ~{gib(self.activations)} = "
             f"~{gib(self.training)}"
             + (f"; the teacher's pass {gib(self.teacher)}" if self.teacher else "")
+            + (f"; loading the student {gib(self.loading)}" if self.loading else "")
             + f"; peak ~{gib(self.total)} with the libraries' own"
         )
 
@@ -64,6 +66,36 @@ def _trained_params(reader: CheckpointReader, layout: MoeLayout, mode: str) -> i
     )
 
 
+def student_loading_bytes(reader: CheckpointReader, layout: MoeLayout) -> int:
+    """Peak of loading the compressed checkpoint as a float32 student (`load_model(dtype=torch.float32)`).
+
+    The float32 parameters, and the checkpoint's pages that loading reads besides them: safetensors maps each
+    shard, a tensor stored in another dtype is read from the mapping and converted (its pages stay resident while
+    the shard is mapped), and the dense expert matrices a checkpoint stores one tensor per expert are read and stacked
+    into transformers' fused (E, p, d) parameter, a copy in the stored dtype before any conversion. A float32 tensor
+    loaded as it is stored is a view of the mapping: its pages are the parameter's own. (Measured: the bf16 fine-8L
+    native checkpoint, 149 MiB with 64 MiB of per-expert up matrices, peaked at 474 MiB above the baseline while
+    loaded in float32 (297 MiB of parameters), and distillation's peak there, 675 MiB, is that load's.)"""
+    section = reader.config.get("mobe") or {}
+    factored = set(section.get("matrices") or ())
+    per_expert = {
+        n
+        for i in layout.moe_layers
+        for m in ("gate", "up", "down")
+        if m not in factored and len(names := layout.stored_names(i, m)) > 1
+        for n in names
+        if n in reader.weight_map
+    }
+    total = 0
+    for name in reader.weight_map:
+        numel, dtype = math.prod(reader.shape(name)), reader.dtype_name(name)
+        size = DTYPE_BYTES.get(dtype, 4)
+        total += FLOAT32 * numel
+        total += numel * size if dtype != "F32" else 0  # read from the mapping and converted
+        total += numel * size if name in per_expert else 0  # stacked in the stored dtype
+    return total
+
+
 def distill_memory(
     compressed: CheckpointReader, config: DistillConfig, original: CheckpointReader | None = None
 ) -> DistillMemory:
@@ -73,7 +105,8 @@ def distill_memory(
     layer is recomputed at a time (about 16 L x d for attention and norms plus the routed tokens' expert
     intermediates, L x top_k x p x 3), and the logits, their log-softmax and gradient (3 x L x vocab). With the
     `original`, the teacher's pass that computes the targets (`calibration_pass_bytes`, then the logits of one
-    sequence and every token's top-k).
+    sequence and every token's top-k). Loading the student (`student_loading_bytes`) peaks above its float32
+    parameters, and above the training where the checkpoint is half precision.
     """
     layout = moe_layout(compressed.config)
     cfg = compressed.config
@@ -98,6 +131,7 @@ def distill_memory(
         optimizer=3 * FLOAT32 * trained,
         targets=per_token * config.tokens,
         activations=activations,
+        loading=student_loading_bytes(compressed, layout),
     )
 
 

@@ -17,6 +17,7 @@ from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
 from ..config import MobeConfig, QuantizeConfig
 from ..evaluate import mobe_parameters
+from ..factorize.mobe import fits_transposed, fitted_shape
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 GiB = 2**30
@@ -27,10 +28,19 @@ GiB = 2**30
 RUNTIME_BYTES = {
     "compress": 24 * 2**20,
     "calibration": 16 * 2**20,
-    "inference": 88 * 2**20,
+    # transformers' loading (config, the loading report, its per-tensor bookkeeping) and generate's own (logits
+    # processors, the cache objects): the coarse fixture's native inference with oneDNN's bf16 kernels limited to
+    # AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, where they cache next to nothing) peaked at 40 MiB above its baseline, of which
+    # the terms of `inference_bytes` are 19 (the checkpoint's 12.4, the stacked dense experts' 4, the workspace's 2.6)
+    "inference": 20 * 2**20,
     "quantize": 16 * 2**20,
     "distill": 160 * 2**20,
 }
+# A worker process of the local device pool (`mobe.distribute.local`, spawned) is an interpreter of its own that
+# imports torch and mobe before its first job: its private (anonymous) memory then, measured as RssAnon after
+# `import torch, mobe.distribute.jobs` in a fresh interpreter (torch 2.13, CPU build: 146 MiB; the libraries' code
+# pages, RssFile, are shared with the driver and not counted).
+WORKER_PROCESS_BYTES = 146 * 2**20
 # glibc's malloc serves an allocation below its mmap threshold from its heap, and raises that threshold (up to 32 MiB
 # on 64-bit systems, DEFAULT_MMAP_THRESHOLD_MAX) to the size of each mmapped block freed. A fit whose float32 stacks
 # are under that size churns them through the heap, and the heap keeps freed chunks resident: measured with glibc's
@@ -161,6 +171,77 @@ def compression_job_bytes(
     return held + max(source_bytes * stack, report), fit + weighting
 
 
+# oneDNN, which torch's CPU matmuls in bfloat16/float16 run on, compiles (JIT) and caches kernels per matmul shape:
+# its primitive cache keeps up to 1024 primitives (ONEDNN_PRIMITIVE_CACHE_CAPACITY's default), each with its machine
+# code. Bytes per cached shape, by the best instruction set oneDNN finds (measured: resident memory after bf16 matmuls
+# of 200 distinct shapes, (n, 512) x (512, 128) x (128, 2048), on a Sapphire Rapids core with ONEDNN_MAX_CPU_ISA
+# set to each level: 0.65 MiB with AMX, 0.63 with AVX512-BF16, 0.19 with AVX-512 core, 0.01 with AVX2).
+ONEDNN_CACHE_CAPACITY = 1024
+ONEDNN_SHAPE_BYTES = {"amx_bf16": 0.65 * 2**20, "avx512_bf16": 0.63 * 2**20, "avx512bw": 0.19 * 2**20}
+
+
+def onednn_shape_bytes() -> int:
+    """Bytes oneDNN keeps per distinct half-precision matmul shape on this host's CPU (`ONEDNN_SHAPE_BYTES` by the
+    best of its flags in /proc/cpuinfo; 0 where none is listed or it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 0
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return int(next((size for flag, size in ONEDNN_SHAPE_BYTES.items() if flag in flags), 0))
+
+
+def expert_matmuls(p: int, d: int, rank: int, matrices: tuple[str, ...], basis_side: str = "wider") -> int:
+    """Distinct matmuls (in, out, whether the weight is read transposed) of one expert's forward on a given number of
+    tokens (`mobe.runtime.experts.MobeExperts._project_weight`): a dense matrix is x W^T; a factored gate/up is
+    (x M^T) A^T, or (x A) M where the stack is fitted transposed; a factored down the other way round. The same
+    (in, out, orientation) is one kernel (the dense up and a factored gate share theirs where the rank is p)."""
+    transposed = fits_transposed(p, d, basis_side)
+    shapes = set()
+    for matrix in ("gate", "up", "down"):
+        n_in, n_out = (p, d) if matrix == "down" else (d, p)
+        if matrix not in matrices:
+            shapes.add((n_in, n_out, True))
+        else:  # A M is W^T in transformers' orientation for down xor a transposed fit: x A then M, no transpose
+            plain = (matrix == "down") != transposed
+            shapes |= {(n_in, rank, not plain), (rank, n_out, not plain)}
+    return len(shapes)
+
+
+def matmul_shapes(
+    layout: MoeLayout,
+    config: dict,
+    matrices: tuple[str, ...],
+    rank: int,
+    prompt: int,
+    generated: int,
+    workspace_experts: int,
+    basis_side: str = "wider",
+) -> int:
+    """Distinct matmul shapes of a native generate call at batch 1: `prompt` tokens in one forward, then
+    `generated` forwards of one token; at most oneDNN's cache capacity.
+
+    An expert's projections (`expert_matmuls`) change shape with the tokens routed to it; the prompt's k tokens per
+    position over E experts give at most c distinct counts in a layer (c (c + 1) / 2 <= prompt * k) and at most
+    `prompt` over all layers (the bound: trained and random routers alike send most tokens to a few experts, so the
+    counts spread far wider than uniform routing's). Mixing the bases is one matmul per factored matrix and distinct
+    number of experts in a workspace batch (full batches and each layer's last one). Decoding adds one token's: the
+    k experts' batched products and their mixing. Then the attention projections (q, k and v alike, o), the router
+    and a shared expert's (gate and up alike, down, its gate) at the prompt's length and at one token, and the last
+    position's logits.
+    """
+    top_k = int(config.get("num_experts_per_tok") or 1)
+    moe_layers = len(layout.moe_layers)
+    per_count = expert_matmuls(layout.intermediate_size, layout.hidden_size, rank, matrices, basis_side)
+    c = (math.isqrt(8 * prompt * top_k + 1) - 1) // 2
+    counts = min(prompt, moe_layers * min(c, layout.num_experts))
+    mixing = len(matrices) * min(workspace_experts, moe_layers + 1)
+    decoding = per_count + len(matrices) if generated else 0
+    shared = 3 if config.get("shared_expert_intermediate_size") else 0
+    fixed = (3 + 1 + shared) * (2 if generated else 1) + 1
+    return min(ONEDNN_CACHE_CAPACITY, counts * per_count + mixing + decoding + fixed)
+
+
 def inference_bytes(
     layout: MoeLayout,
     model_params: int,
@@ -173,18 +254,38 @@ def inference_bytes(
     workspace_experts: int = 16,
     cache_mib: float = 0.0,
     context: int = 4096,
+    prompt: int | None = None,
+    stacked_per_expert: bool = True,
+    shape_bytes: int | None = None,
+    basis_side: str = "wider",
 ) -> tuple[int, int]:
-    """(weights, workspace) bytes of `mobe generate` on the native checkpoint at batch 1 and `context` tokens.
+    """(weights, workspace) bytes of `mobe generate` on the native checkpoint on the CPU at batch 1: a `prompt`
+    (default: the whole `context`) then new tokens up to `context`.
 
-    Weights: the model's parameters with the routed experts' compressed matrices as MoBE factors. Workspace: the
-    mixed bases act(sum_j alpha_ij B_j) (r x d) of `workspace_experts` experts per compressed matrix type (one layer
-    at a time), the LRU cache of each MoE layer, and the KV cache (full keys and values per head, as transformers
-    keeps them, MLA models included).
+    Weights: the native checkpoint's tensors (the routed experts' compressed matrices as MoBE factors), in its
+    dtype: safetensors maps the file and the parameters are views of it, resident once read; and where the
+    checkpoint stores the dense (uncompressed) expert matrices one tensor per expert (`stacked_per_expert`),
+    transformers stacks them into its fused (E, p, d) parameters: a copy, beside the file's pages it read them from.
+
+    Workspace: the mixed bases act(sum_j alpha_ij B_j) (r x d; r x p for a stack fitted transposed) of
+    `workspace_experts` experts per compressed matrix type (one layer at a time) and the mixing's product before the
+    activation, with what glibc's heap keeps of them where they are below its largest mmap threshold
+    (`HEAP_RETAINED`); the LRU cache of each MoE layer; the KV cache (full keys and values per head, as transformers
+    keeps them, MLA models included); and in half precision, oneDNN's kernels for each distinct matmul shape
+    (`matmul_shapes` x `shape_bytes`, default this host's, `onednn_shape_bytes`: the bf16 fine-8L model's generate
+    cached 90 shapes, and peaked 65 MiB higher with AMX than with oneDNN held to AVX2; with a 1024-token prompt it
+    cached 779 shapes and peaked at 798 MiB above the baseline, 149 MiB of them the checkpoint, against 1024 shapes
+    and 917 MiB estimated).
     """
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
-    saved = len(layout.moe_layers) * len(matrices) * (E * p * d - mobe_parameters(E, p, d, num_bases, rank, groups))
-    weights = (model_params - saved) * dtype_bytes
-    mixed = workspace_experts * len(matrices) * rank * d * dtype_bytes
+    fitted = mobe_parameters(E, p, d, num_bases, rank, groups, basis_side)
+    saved = len(layout.moe_layers) * len(matrices) * (E * p * d - fitted)
+    dense = len(layout.moe_layers) * (3 - len(matrices)) * E * p * d
+    weights = (model_params - saved + (dense if stacked_per_expert else 0)) * dtype_bytes
+    block = workspace_experts * rank * fitted_shape(p, d, basis_side)[1] * dtype_bytes  # r x d, r x p transposed
+    mixed = (len(matrices) + 1) * block if matrices else 0
+    if block < HEAP_THRESHOLD_MAX:
+        mixed += int(HEAP_RETAINED * mixed)
     heads = config.get("num_attention_heads", 1)
     if "kv_lora_rank" in config:  # DeepSeek MLA: keys of qk_nope + qk_rope, values of v_head_dim, per head
         per_token = heads * (config["qk_nope_head_dim"] + config["qk_rope_head_dim"] + config["v_head_dim"])
@@ -192,7 +293,13 @@ def inference_bytes(
         head_dim = config.get("head_dim") or d // heads
         per_token = 2 * config.get("num_key_value_heads", heads) * head_dim
     kv = layout.num_layers * per_token * context * dtype_bytes
-    return weights, mixed + int(cache_mib * 2**20) * len(layout.moe_layers) + kv
+    kernels = 0
+    if dtype_bytes == 2:
+        prompt = context if prompt is None else min(prompt, context)
+        generated = context - prompt
+        shapes = matmul_shapes(layout, config, matrices, rank, prompt, generated, workspace_experts, basis_side)
+        kernels = shapes * (onednn_shape_bytes() if shape_bytes is None else shape_bytes)
+    return weights, mixed + int(cache_mib * 2**20) * len(layout.moe_layers) + kv + kernels
 
 
 def export_bytes(reader: CheckpointReader, layout: MoeLayout, jobs: list[tuple[int, str]], native: bool = True) -> int:
@@ -346,11 +453,13 @@ class MemoryEstimate:
     device: str = "cpu"
 
     def compress_host(self, calibrated: bool = False, workers: int = 1) -> int:
-        """`mobe compress`'s host peak: the largest of `workers` jobs at once (each worker process its own runtime),
-        with calibration the pass before them, and writing the output; plus the runtime's own allocations."""
+        """`mobe compress`'s host peak: the largest of `workers` jobs at once (each worker process its own
+        interpreter and libraries, `WORKER_PROCESS_BYTES`, and runtime), with calibration the pass before them, and
+        writing the output; plus the runtime's own allocations."""
         job = self.calibrated_job_host if calibrated else self.job_host
         runtime = RUNTIME_BYTES["compress"]
-        stages = [workers * (job + runtime) if workers > 1 else job, self.export]
+        pool = workers * (job + runtime + WORKER_PROCESS_BYTES)
+        stages = [pool if workers > 1 else job, self.export]
         if calibrated:
             stages.append(self.calibration_pass)
         return max(stages) + runtime
@@ -400,9 +509,12 @@ def memory_estimate(
     calibration_seq_len: int = 512,
     keep_inputs: bool = False,
     schedule: str = "fast",
+    prompt: int | None = None,
+    basis_side: str = "wider",
 ) -> MemoryEstimate:
     """Peak memory of compressing `model` (one job, the calibration pass and statistics) and of running the result
-    natively. `device`: "cpu" or "cuda" (where a job's fit runs)."""
+    natively. `device`: "cpu" or "cuda" (where a job's fit runs); `context`, `prompt`: the tokens of the native
+    inference, of which `prompt` in its first forward (default: all)."""
     reader = model if isinstance(model, CheckpointReader) else CheckpointReader(model)
     layout = moe_layout(reader.config)
     E, p, d = layout.num_experts, layout.intermediate_size, layout.hidden_size
@@ -427,6 +539,9 @@ def memory_estimate(
         reader.config,
         cache_mib=cache_mib,
         context=context,
+        prompt=prompt,
+        stacked_per_expert=len(layout.stored_names(layout.moe_layers[0], "up")) > 1,
+        basis_side=basis_side,
     )
     return MemoryEstimate(
         job_host=host,
@@ -461,6 +576,7 @@ def compress_memory_estimate(reader: CheckpointReader, config: MobeConfig, devic
         calibration_seq_len=config.calibration_seq_len,
         keep_inputs=config.calibration_refine_steps > 0,
         schedule=config.schedule,
+        basis_side=config.basis_side or "wider",
     )
 
 
