@@ -284,6 +284,48 @@ def test_distill_counts_loading_a_half_precision_student_in_float32(native_bf16)
     assert student_loading_bytes(reader, moe_layout(reader.config)) == params + file_bytes + per_expert_up
 
 
+@pytest.mark.parametrize("mode", ["router", "router+coef"])
+def test_distill_step_counts_the_mixed_bases_a_routed_forward_saves_for_backward(native_bf16, mode):
+    """The bytes the experts' forward with grad saves for backward (summed by saved_tensors_hooks, one count per
+    storage, parameters' own left out), every expert routed: the mixed bases are `mixed_bases_bytes` exactly, and
+    (training the routers) everything saved is within `step_bytes`' count of the experts (2 n x d gathered rows
+    and outputs, n x (4 p + r) intermediates, plus the mixed bases)."""
+    from mobe.distill.trainable import select_trainable
+    from mobe.estimate.distill import FLOAT32, mixed_bases_bytes
+    from mobe.runtime import MobeExperts, load_model
+
+    for name, (_, native, _) in native_bf16.items():
+        reader = CheckpointReader(native)
+        layout = moe_layout(reader.config)
+        model = load_model(native, dtype=torch.float32)
+        select_trainable(model, layout, mode)
+        experts = next(m for m in model.modules() if isinstance(m, MobeExperts))
+        own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        E, p, d, top_k = layout.num_experts, layout.intermediate_size, layout.hidden_size, 2
+        tokens = 2 * E
+        x = torch.randn(tokens, d, requires_grad=True)  # the routed rows need their gradient, as in training
+        index = torch.arange(tokens * top_k).reshape(tokens, top_k) % E  # every expert routed
+        weights = torch.full((tokens, top_k), 0.5, requires_grad=True)
+        saved: dict[int, tuple[int, tuple]] = {}
+
+        def pack(t, own=own, saved=saved):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in own:
+                saved.setdefault(storage.data_ptr(), (storage.nbytes(), tuple(t.shape[-2:])))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            experts(x, index, weights)
+        shapes = (reader.config["mobe"]["factor_shapes"][m]["bases"][-2:] for m in ("gate", "down"))
+        mixed_shapes = {s for r, c in shapes for s in ((r, c), (c, r))}
+        mixed = sum(n for n, shape in saved.values() if shape in mixed_shapes)
+        assert mixed == mixed_bases_bytes(reader, layout, E, mode), name
+        rows, ranks = tokens * top_k, sum(s["bases"][-2] for s in reader.config["mobe"]["factor_shapes"].values())
+        bound = FLOAT32 * (2 * rows * d + rows * (4 * p + ranks)) + mixed
+        if mode == "router":  # training the coefficients also saves their gathered rows and indices (a few KiB)
+            assert mixed < sum(n for n, _ in saved.values()) <= bound, name
+
+
 def test_a_pool_worker_costs_a_fresh_interpreter_with_torch_and_mobe_imported(tiny):
     """`WORKER_PROCESS_BYTES` against the private memory of a fresh interpreter that imports what a pool worker
     imports before its first job (loose: the figure moves with torch's version), and what the pool estimate adds

@@ -25,13 +25,21 @@ class DistillMemory:
     student: int  # the compressed model in float32
     optimizer: int  # AdamW: two float32 moments per trained parameter, plus its gradient
     targets: int  # the teacher's top-k per token (and routing per MoE layer), on disk and in memory in training
-    activations: int  # one sequence with activation checkpointing
+    activations: int  # one sequence's training step with activation checkpointing (`step_bytes`)
     teacher: int = 0  # computing the targets: the original streamed one decoder layer at a time (0: not given)
     loading: int = 0  # loading the student in float32 (`student_loading_bytes`)
 
     @property
     def training(self) -> int:
-        return self.student + self.optimizer + self.targets + self.activations
+        """What loading left resident (`loading`: the float32 parameters, the checkpoint's pages read from mappings
+        that stay open while parameters are views of them, and what glibc's heap keeps of the load's conversions and
+        stacked copies), plus the optimiser, the targets and one step. Measured at the backward's peak (RssAnon and
+        RssFile above the baseline, benchmarks/memory_estimates.py's child): float32 fine-2L (64 x 128 x 2048) held
+        380 MiB of file pages, its 241 MiB of parameters mapped as views plus the 128 MiB of per-expert up matrices
+        the load read and stacked (whose 128 MiB stacked copy is anonymous beside them); bf16 e128-2L held 1390 MiB
+        anonymous, its 578 MiB of float32 parameters and the step's 297 MiB of live tensors leaving 515 MiB, more
+        than the 417 MiB of the load's reads and stacked copies that `loading` adds to the parameters."""
+        return max(self.student, self.loading) + self.optimizer + self.targets + self.activations
 
     @property
     def total(self) -> int:
@@ -96,26 +104,76 @@ def student_loading_bytes(reader: CheckpointReader, layout: MoeLayout) -> int:
     return total
 
 
+# Activations whose backward keeps their input (SiLU, GELU): with the coefficients trained, each mixed basis is saved
+# twice, before and after the activation; tanh and sigmoid keep their output, the tensor the matmul saves anyway.
+OUTPUT_SAVING_ACTIVATIONS = ("tanh", "sigmoid", "identity", "none", "linear")
+
+
+def mixed_bases_bytes(reader: CheckpointReader, layout: MoeLayout, experts: int, mode: str) -> int:
+    """Bytes of the mixed bases M_e = act(sum_j coef_ej B_j) that one MoE layer's forward with grad saves for
+    `experts` experts: `MobeExperts` builds (A_e, M_e) per routed expert and applies x -> (x M_e^T) A_e^T; the
+    routed rows need their gradient (transformers' checkpointing makes the embeddings' output require it), so each
+    matmul saves M_e, one (r, cols) float32 tensor per expert and factored matrix (A_e is a view of its parameter,
+    free), whatever trains. A matrix factored otherwise (not MoBE) is rebuilt per expert as its dense (p, d)
+    matrix, saved the same way."""
+    section = reader.config.get("mobe") or {}
+    shapes, meta = section.get("factor_shapes") or {}, section.get("factor_meta") or {}
+    total = 0
+    for matrix in section.get("matrices") or ():
+        bases = (shapes.get(matrix) or {}).get("bases")
+        if not bases:
+            total += FLOAT32 * experts * layout.intermediate_size * layout.hidden_size
+            continue
+        act = str((meta.get(matrix) or {}).get("activation", section.get("activation", "identity")))
+        both = "coef" in FACTOR_FIELDS[mode] and act not in OUTPUT_SAVING_ACTIVATIONS
+        total += FLOAT32 * experts * bases[-2] * bases[-1] * (2 if both else 1)
+    return total
+
+
+def step_bytes(reader: CheckpointReader, layout: MoeLayout, config: DistillConfig, workspace_experts: int = 16) -> int:
+    """Peak of one training step on one sequence of `config.seq_len` tokens, with activation checkpointing.
+
+    The forward keeps each decoder layer's input (layers x L x d: the checkpoints) and the logits; the backward
+    recomputes one decoder layer at a time with grad, and everything that recomputation saves for its backward is
+    held at once. Per MoE layer that is (all float32): 16 L x d for attention, the norms and the router (measured
+    11 L x d on qwen3_moe); the routed rows gathered per (token, slot) and the experts' weighted outputs (2 n x d,
+    n = L x top_k); the experts' intermediates (n x (4 p + r per factored matrix): gate, its activation, up, their
+    product, and x M_e^T); and the mixed bases of every routed expert (`mixed_bases_bytes`), at most min(E, n)
+    experts, and beside them one workspace batch's mixing product before its activation (`workspace_experts`
+    experts of the widest factored matrix, `load_model`'s default batch: the activation's output is allocated while
+    its input lives). The logits, their log-softmax and gradient add 3 L x vocab. (torch.profiler's live bytes
+    over one step against this count: 110.6 MiB on float32 wide-2L, every expert routed, 129; 124.9 on float32
+    fine-2L, whose layer 0 routed 40 of its 64 experts, 201.5 counting 64; 297 on bf16 e128-2L, 101 of 128 routed,
+    358; 16.7 on the coarse fixture, 23.5.)"""
+    cfg = reader.config
+    length, d, p = config.seq_len, layout.hidden_size, layout.intermediate_size
+    top_k = int(cfg.get("num_experts_per_tok") or 1)
+    vocab = int(cfg.get("vocab_size") or 0)
+    rows = length * top_k
+    shapes = (cfg.get("mobe") or {}).get("factor_shapes") or {}
+    ranks = sum(s["bases"][-2] for s in shapes.values() if s.get("bases"))
+    layer = FLOAT32 * (16 * length * d + 2 * rows * d + rows * (4 * p + ranks))
+    if layout.moe_layers:
+        layer += mixed_bases_bytes(reader, layout, min(layout.num_experts, rows), config.train)
+        widest = max((s["bases"][-2] * s["bases"][-1] for s in shapes.values() if s.get("bases")), default=0)
+        layer += FLOAT32 * min(workspace_experts, layout.num_experts, rows) * widest
+    return layer + FLOAT32 * (layout.num_layers * length * d + 3 * length * vocab)
+
+
 def distill_memory(
     compressed: CheckpointReader, config: DistillConfig, original: CheckpointReader | None = None
 ) -> DistillMemory:
     """Memory of a distillation of `compressed` with `config`.
 
-    Activations: with checkpointing, each decoder layer's input for one sequence is kept (layers x L x d), one
-    layer is recomputed at a time (about 16 L x d for attention and norms plus the routed tokens' expert
-    intermediates, L x top_k x p x 3), and the logits, their log-softmax and gradient (3 x L x vocab). With the
-    `original`, the teacher's pass that computes the targets (`calibration_pass_bytes`, then the logits of one
-    sequence and every token's top-k). Loading the student (`student_loading_bytes`) peaks above its float32
-    parameters, and above the training where the checkpoint is half precision.
+    Activations: one training step with checkpointing (`step_bytes`), above what loading the student left
+    resident (`student_loading_bytes`, see `DistillMemory.training`). With the `original`, the teacher's pass that
+    computes the targets (`calibration_pass_bytes`, then the logits of one sequence and every token's top-k).
     """
     layout = moe_layout(compressed.config)
     cfg = compressed.config
-    length, d, p = config.seq_len, layout.hidden_size, layout.intermediate_size
-    top_k = int(cfg.get("num_experts_per_tok") or 1)
+    length = config.seq_len
     vocab = int(cfg.get("vocab_size") or 0)
     trained = _trained_params(compressed, layout, config.train)
-    activations = FLOAT32 * (layout.num_layers * length * d + 16 * length * d + 3 * length * top_k * p)
-    activations += FLOAT32 * 3 * length * vocab
     per_token = 2 * config.top_k * FLOAT32 + FLOAT32 + 8  # log-probs, int32 ids, tail; int64 token id
     if config.routing_top_k:  # per MoE layer: the routing's log-probs, int16 expert ids, tail
         k = min(config.routing_top_k, layout.num_experts)
@@ -130,7 +188,7 @@ def distill_memory(
         student=FLOAT32 * compressed.num_parameters(),
         optimizer=3 * FLOAT32 * trained,
         targets=per_token * config.tokens,
-        activations=activations,
+        activations=step_bytes(compressed, layout, config),
         loading=student_loading_bytes(compressed, layout),
     )
 
