@@ -43,20 +43,20 @@ class DistillMemory:
 
     @property
     def total(self) -> int:
-        """The largest of the teacher's pass, loading the student and the training, plus what torch, transformers
-        and matplotlib (the report's plot) allocate whatever the model's size."""
+        """The larger of the teacher's pass and the training (which holds what loading the student left), plus what
+        torch, transformers and matplotlib (the report's plot) allocate whatever the model's size."""
 
-        return max(self.teacher, self.loading, self.training) + RUNTIME_BYTES["distill"]
+        return max(self.teacher, self.training) + RUNTIME_BYTES["distill"]
 
     def summary(self, config: DistillConfig) -> str:
         gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
         return (
             f"distill --train {config.train} (seq {config.seq_len}, top-k {config.top_k}, {config.tokens:,} tokens): "
-            f"{self.trained_params:,} trained parameters; student {gib(self.student)} + optimiser "
-            f"{gib(self.optimizer)} + targets {gib(self.targets)} + activations ~{gib(self.activations)} = "
-            f"~{gib(self.training)}"
+            f"{self.trained_params:,} trained parameters; student {gib(self.student)}"
+            + (f" ({gib(self.loading)} resident once loaded)" if self.loading > self.student else "")
+            + f" + optimiser {gib(self.optimizer)} + targets {gib(self.targets)} + one step ~{gib(self.activations)} "
+            f"= ~{gib(self.training)}"
             + (f"; the teacher's pass {gib(self.teacher)}" if self.teacher else "")
-            + (f"; loading the student {gib(self.loading)}" if self.loading else "")
             + f"; peak ~{gib(self.total)} with the libraries' own"
         )
 
