@@ -240,6 +240,7 @@ class MobeConfig:
 
 
 QUANTIZE_BITS = (2, 3, 4, 8)
+QUANTIZE_OBSERVERS = ("minmax", "mse")  # as quantize.groupwise.OBSERVERS (the maths does not import config)
 QUANTIZE_SCOPES = ("experts", "linears")
 
 
@@ -289,7 +290,7 @@ class QuantizeConfig:
             "help": "GPTQ: how each group's scale is fixed before rounding: minmax (its largest weight at the end of "
             "the range; llm-compressor's default) | mse (the shrink of that scale with the least rounding error; "
             "same storage)",
-            "choices": ("minmax", "mse"),
+            "choices": QUANTIZE_OBSERVERS,
         },
     )
     sequential: bool = field(
@@ -324,8 +325,8 @@ class QuantizeConfig:
             raise ValueError(f"quantize shared_bits must be 8 or 16, got {self.shared_bits}")
         if self.group_size < 1:
             raise ValueError(f"quantize group_size must be >= 1, got {self.group_size}")
-        if self.observer not in ("minmax", "mse"):
-            raise ValueError(f"quantize observer must be minmax or mse, got {self.observer!r}")
+        if self.observer not in QUANTIZE_OBSERVERS:
+            raise ValueError(f"quantize observer must be one of {QUANTIZE_OBSERVERS}, got {self.observer!r}")
         if self.scope not in QUANTIZE_SCOPES:
             raise ValueError(f"quantize scope must be one of {QUANTIZE_SCOPES}, got {self.scope!r}")
         if self.calibration_tokens < 2 or self.calibration_seq_len < 2 or self.damping < 0:

@@ -113,10 +113,11 @@ def _cmd_compress_to_budget(args: argparse.Namespace, budget: dict[str, float]) 
         print(mixed.table())
         scored = score_choices(mixed, args.model, quantize, progress=not args.quiet)  # the proxy ranks shares poorly
         print(scores_table(scored))
-        if scored and math.exp(scored[0].loss - scored[0].original_loss) > 1 + LOSSY:
+        raised = math.exp(scored[0].loss - scored[0].original_loss) if scored else 1.0  # calibration perplexity
+        if raised > 1 + LOSSY:
             print(
-                f"warning: the best plan within the budget raises the calibration perplexity "
-                f"{math.exp(scored[0].loss - scored[0].original_loss):.1f}x; a larger --target-bytes keeps far more",
+                f"warning: the best plan within the budget raises the calibration perplexity {raised:.1f}x; "
+                "a larger --target-bytes keeps far more",
                 file=sys.stderr,
             )
         choice = scored[0].choice if scored else None
