@@ -107,7 +107,7 @@ def fit_job(
     weights, approx = weights.float(), factors.reconstruct()  # each once: the report's stacks are the job's peak
     rel, mse = weight_error(weights, approx)
     # the fit's losses are in its output metric; squares summed in float64 a few experts at a time
-    mean_square = _mean_square(weights if weighting is None else weighting.apply(weights))
+    mean_square = _mean_square(weights, weighting)
     E, p, d = weights.shape
     result = MatrixResult(
         layer=layer,
@@ -125,10 +125,16 @@ def fit_job(
     return factors, result
 
 
-def _mean_square(stack: torch.Tensor) -> float:
-    """Mean of the squares of `stack` in float64, one chunk of matrices at a time."""
+def _mean_square(stack: torch.Tensor, weighting: OutputWeighting | None = None) -> float:
+    """Mean of the squares of `stack` (in the metric of `weighting` where given: of each W_i L_i or L_i^T W_i) in
+    float64, one chunk of matrices at a time (never a whitened copy of the whole stack)."""
     rows = max(1, (1 << 22) // max(1, stack[0].numel()))
-    return sum(chunk.double().pow(2).sum().item() for chunk in stack.split(rows)) / stack.numel()
+    total = 0.0
+    for start in range(0, stack.shape[0], rows):
+        idx = slice(start, start + rows)
+        chunk = stack[idx] if weighting is None else weighting.apply(stack[idx], idx)
+        total += chunk.double().pow(2).sum().item()
+    return total / stack.numel()
 
 
 def run_job(spec: JobSpec, device: str, progress: bool = False) -> dict[str, Any]:

@@ -99,7 +99,16 @@ def expert_chunks(num_experts: int, groups: int, chunk: int) -> Iterator[tuple[i
             yield g, slice(start, min(start + chunk, (g + 1) * per_group))
 
 
+# glibc's malloc serves an allocation from its heap below its mmap threshold, which it raises (up to this, on 64-bit
+# systems: DEFAULT_MMAP_THRESHOLD_MAX) to the size of each mmapped block freed; the heap keeps freed chunks resident
+MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+def chunk_bytes(rank: int, p: int, d: int) -> int:
+    """float32 activations of one expert in a gradient-accumulation chunk (what `auto_chunk` budgets)."""
+    return 4 * (3 * rank * d + 2 * p * d)
+
+
 def auto_chunk(rank: int, p: int, d: int, budget_bytes: int = 1 << 30) -> int:
     """Experts per gradient-accumulation chunk so that a chunk's float32 activations stay near `budget_bytes`."""
-    per_expert = 4 * (3 * rank * d + 2 * p * d)
-    return max(1, budget_bytes // per_expert)
+    return max(1, budget_bytes // chunk_bytes(rank, p, d))

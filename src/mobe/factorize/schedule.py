@@ -42,10 +42,23 @@ LOGITS_LR = 0.1  # Adam step of the coefficient logits in the projected phase
 MOMENTUM = 0.95
 
 
-def row_space_targets(target: Tensor) -> tuple[Tensor, Tensor]:
-    """T_i = U_i C_i with U_i orthonormal (E, p, k) and C_i = S_i V_i^T (E, k, d), k = min(p, d)."""
-    U, S, Vh = torch.linalg.svd(target, full_matrices=False)
-    return U, S.unsqueeze(-1) * Vh
+def row_space_targets(
+    target: Tensor, chunk: int | None = None, metric: OutputWeighting | None = None
+) -> tuple[Tensor, Tensor]:
+    """T_i = U_i C_i with U_i orthonormal (E, p, k) and C_i = S_i V_i^T (E, k, d), k = min(p, d); with a right
+    `metric`, of the whitened T_i L_i. Each matrix's SVD is its own: computed `chunk` experts at a time, so that
+    the SVD's and the metric's transients are a chunk's, not the stack's."""
+    num_experts, p, d = target.shape
+    chunk = chunk or num_experts
+    U = target.new_empty(num_experts, p, min(p, d))
+    C = target.new_empty(num_experts, min(p, d), d)
+    for start in range(0, num_experts, chunk):
+        idx = slice(start, min(start + chunk, num_experts))
+        part = target[idx] if metric is None else metric.apply(target[idx], idx)
+        left, S, Vh = torch.linalg.svd(part, full_matrices=False)
+        U[idx] = left
+        torch.mul(S.unsqueeze(-1), Vh, out=C[idx])
+    return U, C
 
 
 def joint_loss_backward(
@@ -67,6 +80,7 @@ def joint_loss_backward(
         if part.requires_grad:
             part.backward()
         total += part.item()
+        del mixed, part  # not held beside the next chunk's forward
     return total
 
 
@@ -120,7 +134,9 @@ def projected_loss_backward(
             residual = torch.baddbmm(target[idx], X, flat, alpha=-1)
             total += torch.dot(residual.view(-1), residual.view(-1)).item() / numel
             grad = torch.bmm(X.transpose(1, 2), residual).mul_(-2.0 / numel)
+            del residual  # not held through the backward
         mixed.backward(grad)
+        del mixed, flat, grad  # nor beside the next chunk's forward
     return total
 
 
@@ -139,6 +155,7 @@ def solve_factors(
         for g, idx in expert_chunks(target.shape[0], bases.shape[0], chunk):
             mixed = whitened_mixed(bases[g], logits[idx], act, metric, idx)
             X[idx] = least_squares_factor(target[idx], mixed, ridge=ridge)
+            del mixed
     return X
 
 
@@ -194,7 +211,7 @@ def fit_fast(
         return weighting.unwhiten(A), bases, logits, stats
     start = time.perf_counter()
     metric = None if weighting is None else weighting.to(target.device)
-    U, C = row_space_targets(target if metric is None else metric.apply(target))
+    U, C = row_space_targets(target, chunk, metric)
     numel = target.numel()
     steps = config.steps
     warm = min(steps, round(WARM_FRACTION * steps))
@@ -203,11 +220,12 @@ def fit_fast(
     else:
         # The start of the plain fit (SVD groups of the row-space factors of W), in the metric: with identity Grams
         # it is the plain fit's start. Its A_i = U'_i A0_i is then expressed in the whitened row space, U_i^T A_i.
-        U_plain, C_plain = row_space_targets(target)
+        U_plain, C_plain = row_space_targets(target, chunk)
         A0, bases0, logits0 = init_svd_groups_weighted(
             C_plain, metric, config.num_bases, rank, config.groups, config.start_logit
         )
         init = (U.transpose(1, 2) @ U_plain @ A0, bases0, logits0)
+        del U_plain, C_plain, A0  # the plain row space served the start only: not held beside the fit
     A, bases, logits = (t.requires_grad_() for t in init)
     trace: list[tuple[float, int, float]] = []
     init_loss = math.nan
@@ -224,6 +242,7 @@ def fit_fast(
         trace.append((time.perf_counter() - start, step, loss))
         optimizer.step()
         bar.update()
+    del optimizer  # its moments (two of every parameter) are not used by the projected phase
 
     logit_opt = torch.optim.Adam([logits], lr=LOGITS_LR)
     momentum = torch.zeros_like(bases)

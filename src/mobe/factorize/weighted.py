@@ -134,6 +134,13 @@ class OutputWeighting:
     def identity(cls, num_experts: int, size: int, side: str = "right") -> OutputWeighting:
         return cls([torch.zeros(0, size)] * num_experts, [torch.zeros(0)] * num_experts, torch.ones(num_experts), side)
 
+    def loss_bytes(self, rows: int, cols: int) -> int:
+        """What applying the metric to one expert's (rows, cols) matrix inside a loss adds to a chunk's float32
+        activations: its directions padded to the widest expert's (or its dense L), kept for the backward, and four
+        (rows, cols) stacks (the scaled copy and the result, and their gradients)."""
+        widest = max((self._width(i) for i in range(self.num_experts)), default=0)
+        return 4 * (widest * self.size + 4 * rows * cols)
+
     def to(self, device: torch.device | str) -> OutputWeighting:
         return OutputWeighting(
             [v.to(device) for v in self.vectors],
