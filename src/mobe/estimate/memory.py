@@ -18,6 +18,7 @@ from ..checkpoint import CheckpointReader
 from ..config import MobeConfig, QuantizeConfig
 from ..evaluate import mobe_parameters
 from ..factorize.mobe import fits_transposed, fitted_shape
+from ..factorize.primitives import MMAP_THRESHOLD_MAX
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 GiB = 2**30
@@ -50,7 +51,7 @@ WORKER_PROCESS_BYTES = 146 * 2**20
 # threshold fixed (MALLOC_MMAP_THRESHOLD_=131072 in the child's environment) and without, such fits (2-16 MiB
 # stacks: the trained fixtures, 32 x 256 x 512 and 64 x 128 x 512) held 0.6-1.1 times their transients again
 # (benchmarks/memory_estimates.py).
-HEAP_THRESHOLD_MAX = 32 * 2**20
+HEAP_THRESHOLD_MAX = MMAP_THRESHOLD_MAX
 HEAP_RETAINED = 0.75
 
 
@@ -131,40 +132,48 @@ def compression_job_bytes(
     weighting_rows: int = 0,
     device: str = "cpu",
     schedule: str = "fast",
+    weighting_widest: int = 0,
 ) -> tuple[int, int]:
     """(host, device) peak bytes of one MoBE (layer, matrix) job.
 
     Held throughout: the expert stack in the source dtype, the layer's Gram factor (`stats_bytes`) and the
-    weighting built from it (`weighting_rows` directions of d float32 numbers). On top, the largest of: reading
-    (the per-expert tensors before they are stacked), fitting (the float32 target, the parameters with their
-    gradients, two Adam moments and the best state, and the larger of one chunk's activations (`auto_chunk`) and
-    one SVD group's initialisation, with calibration also the weighted loss's transients and the whitened stack),
-    and the error report (a float32 copy and the reconstruction). The fast schedule also holds the row-space
-    targets C (a float32 stack) with their bases U (E k^2, k = min(p, d)) and the factorisation's transient (a
-    stack); with calibration the whitened stack, the plain row space its start is mapped from, and the mean metric
-    of each SVD group (`weighting_rows / m` directions each, at most d). On a GPU the fit and a copy of the
-    weighting are there, the rest in host RAM. On the CPU, stacks under glibc's largest mmap threshold are served
-    from its heap, which keeps about three quarters of the transients again (`HEAP_RETAINED`).
+    weighting built from it (`weighting_rows` directions of d float32 numbers, at most `weighting_widest` for one
+    expert). On top, the largest of: reading (the per-expert tensors before they are stacked), fitting (the float32
+    target, the parameters with their gradients, two Adam moments and the best state, and the larger of one chunk's
+    activations (`auto_chunk`) and one SVD group's initialisation), and the error report (a float32 copy and the
+    reconstruction). The fast schedule also holds the row-space targets C (a float32 stack) with their bases U
+    (E k^2, k = min(p, d)) and the factorisation's transient (a stack). With calibration a chunk takes fewer
+    experts (`weighted_chunk`: the metric's transients, `metric_loss_bytes`, join each), and the initialisation holds
+    the whitened stack and the mean metric of each SVD group (`weighting_rows / m` directions each, at most d), in
+    the fast schedule beside the plain row space its start is mapped from (freed before the steps). On a GPU the fit
+    and a copy of the weighting are there, the rest in host RAM. On the CPU, stacks under glibc's largest mmap
+    threshold are served from its heap, which keeps about three quarters of the transients again (`HEAP_RETAINED`).
     """
-    from ..factorize.mobe import auto_chunk
+    from ..factorize.mobe import weighted_chunk
+    from ..factorize.primitives import auto_chunk, chunk_bytes
+    from ..factorize.weighted import metric_loss_bytes
 
     stack = num_experts * p * d
     params = mobe_parameters(num_experts, p, d, num_bases, rank, groups)
     weighting = 4 * weighting_rows * d
     held = source_bytes * stack + stats_bytes + weighting
     chunk = min(num_experts, auto_chunk(rank, p, d))
-    activations = chunk * 4 * (3 * rank * d + 2 * p * d)
+    k = min(p, d)
     group = -(-num_experts // num_bases) * p * d  # the experts of one SVD group, stacked
     init = 4 * (2 * group + min(group, rank * d))
-    if weighting_rows:  # the weighted loss's two (chunk, p, d) transients; the whitened stack for the init
-        activations += chunk * 4 * 2 * p * d
+    if weighting_rows:  # the metric in the loss (a right one: gate, up); the whitened stack for the init
+        rows = rank if schedule == "fast" else p
+        loss = metric_loss_bytes(weighting_widest or d, d, rows, d)
+        chunk = weighted_chunk(chunk, rows, rank, p, d, loss)
+        activations = chunk * (chunk_bytes(rank, p, d) + loss)
         init += 4 * stack + 4 * num_bases * min(-(-weighting_rows // num_bases), d) * d
+        if schedule == "fast":  # the plain row space and its bases, beside the weighted ones
+            init += 4 * stack + 4 * num_experts * k * k
+    else:
+        activations = chunk * chunk_bytes(rank, p, d)
     fit = 4 * stack + 5 * 4 * params + max(activations, init)
     if schedule == "fast":
-        k = min(p, d)
         fit += 4 * stack + 4 * num_experts * k * k + 4 * stack
-        if weighting_rows:  # the whitened stack and the plain row space beside the weighted one, and the metric's
-            fit += 4 * 4 * stack + 4 * num_experts * k * k  # application (a scaled copy and its result)
     report = 8 * stack + 4 * params
     if device == "cpu":
         transients = max(source_bytes * stack, fit, report)
@@ -529,8 +538,10 @@ def memory_estimate(
     stats = factor_stats_bytes(counts, p, d, collecting=True)
     job_stats = factor_bytes(counts, d)  # a gate/up job reads the inputs' factor (the larger one)
     host, gpu = compression_job_bytes(E, p, d, num_bases, rank, groups, nbytes, device=device, schedule=schedule)
-    rows = sum(min(n, d) for n in counts)
-    calibrated = compression_job_bytes(E, p, d, num_bases, rank, groups, nbytes, job_stats, rows, device, schedule)
+    rows, widest = sum(min(n, d) for n in counts), max(min(n, d) for n in counts)
+    calibrated = compression_job_bytes(
+        E, p, d, num_bases, rank, groups, nbytes, job_stats, rows, device, schedule, weighting_widest=widest
+    )
     weights, workspace = inference_bytes(
         layout,
         reader.num_parameters(),

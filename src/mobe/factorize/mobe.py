@@ -132,16 +132,17 @@ def mobe_parameters(
     return num_experts * rows * rank + num_bases * rank * cols + num_experts * (num_bases // groups)
 
 
-def weighted_chunk(chunk: int, rows: int, rank: int, p: int, d: int, weighting: OutputWeighting) -> int:
+def weighted_chunk(chunk: int, rows: int, rank: int, p: int, d: int, loss_bytes: int) -> int:
     """Experts per chunk of a fit whose loss applies the metric to (rows, d) matrices, from the plain fit's `chunk`.
 
-    The metric's transients join each chunk's (`OutputWeighting.loss_bytes`), so a chunk takes fewer experts, to
-    hold no more than the plain fit's chunk; but where the plain chunk's (rows, d) float32 stacks reach glibc's
-    largest mmap threshold, not so few that they fall under it: they would churn through its heap, which keeps them
-    resident (measured: 160 MiB more at the peak of a 64 x 128 x 2048 gate fit in 26-expert chunks than in 32).
+    The metric's transients join each chunk's (`loss_bytes` an expert, `OutputWeighting.loss_bytes`), so a chunk
+    takes fewer experts, to hold no more than the plain fit's chunk; but where the plain chunk's (rows, d) float32
+    stacks reach glibc's largest mmap threshold, not so few that they fall under it: they would churn through its
+    heap, which keeps them resident (measured on a 64 x 128 x 2048 gate fit: about 100 MiB more at the peak in
+    chunks of 30 experts than of 32).
     """
     plain = chunk_bytes(rank, p, d)
-    fewer = chunk * plain // (plain + weighting.loss_bytes(rows, d))
+    fewer = chunk * plain // (plain + loss_bytes)
     stack = 4 * rows * d
     mapped = min(chunk, -(-MMAP_THRESHOLD_MAX // stack)) if chunk * stack >= MMAP_THRESHOLD_MAX else 1
     return max(1, fewer, mapped)
@@ -208,7 +209,8 @@ def fit_mobe(
     act = activation_fn(config.activation or DEFAULT_ACTIVATION)
     chunk = config.batch_experts or auto_chunk(rank, p, d)
     if weighting is not None and not config.batch_experts and (config.schedule != "fast" or weighting.side == "right"):
-        chunk = weighted_chunk(min(chunk, num_experts), rank if config.schedule == "fast" else p, rank, p, d, weighting)
+        rows = rank if config.schedule == "fast" else p  # the metric multiplies the mixed bases, or the differences
+        chunk = weighted_chunk(min(chunk, num_experts), rows, rank, p, d, weighting.loss_bytes(rows, d))
     if config.schedule == "fast":
         factors, stats = _fit_fast(target, scale, rank, config, act, chunk, desc, start, weighting)
         return dataclasses.replace(factors, transposed="1" if transposed else "0"), stats

@@ -46,6 +46,14 @@ def _spectrum(rows: Tensor) -> tuple[Tensor, Tensor]:
     return w.clamp(min=0), V.T
 
 
+def metric_loss_bytes(widest: int, size: int, rows: int, cols: int) -> int:
+    """What applying a metric whose widest expert has `widest` directions of `size` numbers (`size` for a dense L_i)
+    to one expert's (rows, cols) matrix inside a loss adds to a chunk's float32 activations: the directions padded
+    to the widest, kept for the backward, and four (rows, cols) stacks (the scaled copy and the result, and their
+    gradients)."""
+    return 4 * (widest * size + 4 * rows * cols)
+
+
 @dataclass
 class OutputWeighting:
     """Per-expert metric M_i = L_i^2 of the output error of one (E, p, d) stack; L_i = c_i I + V_i diag(s_i - c_i) V_i^T
@@ -136,10 +144,9 @@ class OutputWeighting:
 
     def loss_bytes(self, rows: int, cols: int) -> int:
         """What applying the metric to one expert's (rows, cols) matrix inside a loss adds to a chunk's float32
-        activations: its directions padded to the widest expert's (or its dense L), kept for the backward, and four
-        (rows, cols) stacks (the scaled copy and the result, and their gradients)."""
+        activations (`metric_loss_bytes`, with this metric's widest expert)."""
         widest = max((self._width(i) for i in range(self.num_experts)), default=0)
-        return 4 * (widest * self.size + 4 * rows * cols)
+        return metric_loss_bytes(widest, self.size, rows, cols)
 
     def to(self, device: torch.device | str) -> OutputWeighting:
         return OutputWeighting(
