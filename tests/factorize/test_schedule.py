@@ -44,6 +44,26 @@ def test_row_space_targets_rebuild_the_stack_with_orthonormal_u():
     torch.testing.assert_close(U.transpose(1, 2) @ U, torch.eye(20).expand(8, 20, 20), atol=1e-5, rtol=0)
 
 
+def test_row_space_targets_by_chunks_of_experts_rebuild_the_whitened_stack():
+    """Computed a few experts at a time, in a right metric: U_i C_i is W_i L_i (L_i formed densely here), U_i
+    orthonormal, and the row space is the one of the whole stack at once."""
+    from mobe.factorize.gram import GramFactor
+    from mobe.factorize.weighted import OutputWeighting
+
+    W = _experts(num_experts=7, p=12, d=20)
+    g = torch.Generator().manual_seed(2)
+    factor = GramFactor(7, 20)
+    for e in range(7):
+        factor.add(e, torch.randn(5 + 3 * e, 20, generator=g))  # 5 to 23 tokens: low-rank and dense metrics
+    metric = OutputWeighting.from_factor(factor, "right")
+    U, C = row_space_targets(W, chunk=3, metric=metric)
+    whitened = W.double() @ metric.dense().double()
+    torch.testing.assert_close(torch.bmm(U, C).double(), whitened, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(U.transpose(1, 2) @ U, torch.eye(12).expand(7, 12, 12), atol=1e-5, rtol=0)
+    U_all, C_all = row_space_targets(W)
+    torch.testing.assert_close(row_space_targets(W, chunk=3), (U_all, C_all), atol=1e-5, rtol=1e-5)
+
+
 def test_least_squares_factor_equals_lstsq():
     g = torch.Generator().manual_seed(1)
     C, M = torch.randn(5, 12, 20, generator=g), torch.randn(5, 6, 20, generator=g)
