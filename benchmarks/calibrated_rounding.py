@@ -6,9 +6,10 @@ pass collects each expert's input Grams S_i on the fixture's training-side text 
 activations for down). The relative output error sqrt(sum_i tr(dW_i S_i dW_i^T) / sum_i tr(W_i S_i W_i^T)) is
 measured for: the fit in floating point; the original rounded to nearest and by GPTQ (H = S_i); the fit's factors
 as `mobe quantize` stores them below 8 bits (bases at 8 bits, A in orthonormal coordinates, groups down its
-columns), rounded to nearest (what is written today) and by GPTQ with the inputs' Hessian in those coordinates
-(H = Q_i S_i Q_i^T over A's columns where the inputs meet the columns, H = S_i over its rows where they meet the
-rows). Group size 64.
+columns), rounded to nearest (`--factor-rounding nearest`), by GPTQ on the Hessians the weights stand in for
+(`weights`, what `mobe quantize` writes without calibration: `mobe.quantize.proxy`, with least-error scales), and by
+GPTQ with the inputs' Hessian in those coordinates (H = Q_i S_i Q_i^T over A's columns where the inputs meet the
+columns, H = S_i over its rows where they meet the rows). Group size 64.
 
     OMP_NUM_THREADS=2 python benchmarks/calibrated_rounding.py [--fixtures coarse fine]
 
@@ -27,12 +28,13 @@ from data_free import _calibration_text
 from mobe import CheckpointReader, MobeConfig, fit_mobe
 from mobe.architectures import moe_layout
 from mobe.calibrate.collect import calibration_ids, collect_statistics
-from mobe.factorize import oriented
+from mobe.factorize import MobeFactors, oriented
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
 from mobe.pipeline import resolve_settings
-from mobe.quantize.factors import quantize_factor
+from mobe.quantize.factors import quantize_factor, quantize_mobe, weight_gram_hessian
 from mobe.quantize.gptq import gptq_quantize, gptq_round
 from mobe.quantize.groupwise import dequantize, fake_quantize, group_scales
+from mobe.quantize.proxy import down_hessians, expert_activation
 from results_io import add_run_options, grouped_bars, pyplot, save_figure, verdict_lines, write_results
 
 FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
@@ -42,10 +44,12 @@ COLUMNS = (
     "dense rtn4",
     "dense gptq4",
     "factors rtn4",
+    "factors weights4",
     "factors gptq4",
     "dense rtn3",
     "dense gptq3",
     "factors rtn3",
+    "factors weights3",
     "factors gptq3",
 )
 
@@ -57,9 +61,13 @@ def output_error(W: torch.Tensor, rebuilt: torch.Tensor, S: torch.Tensor, matrix
     return (torch.einsum(pattern, dW, Sd, dW) / torch.einsum(pattern, Wd, Sd, Wd)).sqrt().item()
 
 
-def measure_matrix(W: torch.Tensor, S: torch.Tensor, matrix: str, config: MobeConfig) -> dict[str, float]:
+def measure_matrix(
+    W: torch.Tensor, S: torch.Tensor, matrix: str, config: MobeConfig, fits: dict[str, MobeFactors], reader_config: dict
+) -> dict[str, float]:
+    """One matrix's row; its fit is added to `fits` (down's data-free Hessians need the layer's gate and up)."""
     torch.manual_seed(0)
     fitted, _ = fit_mobe(W, config)
+    fits[matrix] = fitted
     bases = quantize_factor(fitted.bases, 8, GROUP).dequantize(fitted.bases.dtype)
     coords = fitted.in_orthonormal_coordinates(bases)
     Q = coords.row_bases()
@@ -87,6 +95,13 @@ def measure_matrix(W: torch.Tensor, S: torch.Tensor, matrix: str, config: MobeCo
             entry = entry.transpose(1, 2)
             A = gptq_round(coords.A, Q @ S @ Q.transpose(1, 2), entry, bits).float() * entry
         row[f"factors gptq{bits}"] = output_error(W, rebuild(A), S, matrix)
+        if matrix == "down":
+            gate, up = fits["gate"].reconstruct, fits["up"].reconstruct
+            proxy = down_hessians(gate, up, W.shape[0], expert_activation(reader_config))
+        else:
+            proxy = weight_gram_hessian(fitted, inputs_on_rows)
+        weights, _ = quantize_mobe(fitted, bits, GROUP, grams=proxy, inputs_on_rows=inputs_on_rows, observer="mse")
+        row[f"factors weights{bits}"] = output_error(W, weights.reconstruct(), S, matrix)
     return row
 
 
@@ -99,10 +114,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         sequences = calibration_ids(fixture, _calibration_text(fixture, tmp), args.calibration_tokens, 512)
         stats = dict(collect_statistics(reader, layout, sequences, [args.layer]))[args.layer]
         config = resolve_settings(layout, MobeConfig(target_ratio=args.ratio, steps=args.steps))
-        rows = []
+        rows, fits = [], {}
         for matrix in ("gate", "up", "down"):
             W = oriented(matrix, layout.read_experts(reader, args.layer, matrix).float())
-            row = {"matrix": matrix, **measure_matrix(W, stats.gram(matrix).float(), matrix, config)}
+            S = stats.gram(matrix).float()
+            row = {"matrix": matrix, **measure_matrix(W, S, matrix, config, fits, reader.config)}
             rows.append(row)
             print(f"  {name} {matrix}: " + " ".join(f"{k} {row[k]:.4f}" for k in COLUMNS), flush=True)
         fixtures[name] = {"fixture": FIXTURES[name], "rank": config.rank, "rows": rows}
@@ -115,10 +131,12 @@ def verdicts(result: dict) -> list[str]:
         for bits in (4, 3):
             ratios = [r[f"factors rtn{bits}"] / r[f"factors gptq{bits}"] for r in fixture["rows"]]
             over = [r[f"factors rtn{bits}"] / r[f"dense rtn{bits}"] for r in fixture["rows"]]
+            proxy = [r[f"factors weights{bits}"] / r[f"dense rtn{bits}"] for r in fixture["rows"]]
             out.append(
-                f"{name} int{bits}: data-free factors leave {min(over):.1f}-{max(over):.1f}x the output error of the "
-                f"original rounded to nearest; GPTQ on the inputs in orthonormal coordinates cuts it "
-                f"{min(ratios):.1f}-{max(ratios):.1f}x"
+                f"{name} int{bits}: data-free factors rounded to nearest leave {min(over):.2f}-{max(over):.2f}x the "
+                f"output error of the original rounded to nearest, by GPTQ on the weights' stand-in Hessians "
+                f"{min(proxy):.2f}-{max(proxy):.2f}x; GPTQ on the inputs in orthonormal coordinates cuts round to "
+                f"nearest's {min(ratios):.1f}-{max(ratios):.1f}x"
             )
     return out
 

@@ -6,18 +6,28 @@ its factors are rounded:
 - `as fitted`: A and the bases round-to-nearest at the bits, as they come out of the fit;
 - `GPTQ, mixed basis`: the bases at 8 bits, A re-solved against the rounded bases' mixed basis M_i and rounded by
   GPTQ on H = M_i M_i^T (the data-free loss of rounding A_i is tr(dA_i M_i M_i^T dA_i^T));
-- `orthonormal`: what `mobe quantize` / `--quantize` write below 8 bits (`mobe.quantize.factors`): the bases at
-  8 bits, A in orthonormal coordinates of the rounded mixed basis, groups down its columns (at 8 bits they write the
-  factors as fitted, which this row shows is as good there).
+- `orthonormal`: the bases at 8 bits, A in orthonormal coordinates of the rounded mixed basis, groups down its
+  columns, rounded to nearest (`mobe quantize --factor-rounding nearest`; at 8 bits every scheme of `mobe quantize`
+  writes the factors as fitted, which this row shows is as good there);
+- `orthonormal, GPTQ on the weights`: what `mobe quantize` / `--quantize` write below 8 bits without calibration
+  (`mobe.quantize.proxy`): the same storage, A rounded by GPTQ on the second moments the weights stand in for
+  (gate, up: the experts' input-side Gram; down: its intermediate activations on Gaussian inputs shaped by that
+  Gram, through the fitted gate and up), each group's scale the clip with the least rounding error.
 
 Each variant's held-out perplexity is measured through mobe's runtime (the native model with the variant's factors
-in place; the orthonormal one also from the checkpoint `mobe quantize` writes, whose stored bytes are counted), with
+in place; the default one also from the checkpoint `mobe quantize` writes, whose stored bytes are counted), with
 the settings of benchmarks/data_free.py; the original's experts are rounded to nearest at the same bits (what
 `mobe quantize` writes for a dense checkpoint; the perplexity of that checkpoint equals the fake-quantised model's,
 tests/quantize). Stored bytes count every tensor of the checkpoint: packed integers, 16-bit scales, the rest as
 stored. Group size 64 everywhere (the fine fixture's p = 64).
 
     OMP_NUM_THREADS=1 python benchmarks/low_bit_factors.py [--fixtures coarse fine] [--ratios 0.25 0.5] [--steps 300]
+        [--schemes ...] [--merge]
+
+`--merge` keeps the rows of the JSON at --out that this run does not measure (other fixtures, schemes, or the
+original's rows with --skip-original): the fit is seeded and deterministic, so its 16-bit rows of one setting agree
+between runs (checked: where a fixture's 16-bit perplexities differ by more than 0.1%, torch's thread count moving them
+by about 0.01%, only the original's rows of the old JSON are kept for it).
 
 Prints a table and verdicts, writes benchmarks/results/low_bit_factors.json and .png.
 """
@@ -46,14 +56,16 @@ from mobe.factorize.schedule import least_squares_factor
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
 from mobe.pipeline import read_native_factors
 from mobe.quantize import fake_quantize, stored_bytes
-from mobe.quantize.factors import quantize_factor, quantize_mobe
+from mobe.quantize.factors import quantize_factor, quantize_mobe, weight_gram_hessian
 from mobe.quantize.gptq import gptq_quantize
 from mobe.quantize.groupwise import dequantize
-from results_io import add_run_options, pyplot, rewrite_verdicts, save_figure, write_results
+from mobe.quantize.proxy import down_hessians, expert_activation
+from results_io import add_run_options, pyplot, rewrite_verdicts, save_figure, verdict_lines, write_results
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
-SCHEMES = ("as fitted", "GPTQ, mixed basis", "orthonormal")
+WEIGHTS = "orthonormal, GPTQ on the weights"  # the data-free default of `mobe quantize` below 8 bits
+SCHEMES = ("as fitted", "GPTQ, mixed basis", "orthonormal", WEIGHTS)
 CALIBRATED = "orthonormal, GPTQ on the inputs"  # --calibrated: fits and rounding on the training-side text
 GROUP = 64
 SCALE_BYTES = 2  # 16-bit scales, as the bf16 fixtures store them
@@ -69,16 +81,19 @@ def round_factors(
     factors: MobeFactors, scheme: str, bits: int, grams: torch.Tensor | None = None, matrix: str = ""
 ) -> tuple[MobeFactors, int]:
     """The factors a rounding scheme stores, read back in float, and the bytes of A and the bases as stored
-    (`grams`: the routed inputs' second moments of `matrix`, for the calibrated scheme)."""
+    (`grams`: the second moments of `matrix`'s inputs: the routed inputs' for the calibrated scheme, the weights'
+    stand-ins for `WEIGHTS`)."""
     if scheme == "as fitted":
         rounded = dataclasses.replace(
             factors, A=fake_quantize(factors.A, bits, GROUP), bases=fake_quantize(factors.bases, bits, GROUP)
         )
         return rounded, _packed_bytes(factors.A.shape, bits) + _packed_bytes(factors.bases.shape, bits)
     shared = 8
-    if scheme in ("orthonormal", CALIBRATED):
+    if scheme in ("orthonormal", WEIGHTS, CALIBRATED):
         on_rows = (matrix == "down") != (factors.transposed == "1")
-        extra = {"grams": grams, "inputs_on_rows": on_rows} if scheme == CALIBRATED else {}
+        extra = {"grams": grams, "inputs_on_rows": on_rows} if scheme in (WEIGHTS, CALIBRATED) else {}
+        if scheme == WEIGHTS:
+            extra["observer"] = "mse"
         rounded, _ = quantize_mobe(factors, bits, GROUP, shared_bits=shared, **extra)
         # A stored down its columns: groups along its rows
         a_shape = (*factors.A.shape[:-2], factors.A.shape[-1], factors.A.shape[-2])
@@ -92,8 +107,22 @@ def round_factors(
     return rounded, _packed_bytes(factors.A.shape, bits) + _packed_bytes(factors.bases.shape, shared)
 
 
+def weight_hessians(fitted: dict[tuple[int, str], MobeFactors], config: dict) -> dict[tuple[int, str], torch.Tensor]:
+    """The data-free Hessians `mobe quantize` rounds each (layer, matrix) by (`mobe.quantize.proxy`): gate's and up's
+    input-side Gram, down's intermediate activations on Gaussian inputs through the layer's fitted gate and up."""
+    out = {}
+    for (layer, matrix), factors in fitted.items():
+        inputs_on_rows = (matrix == "down") != (factors.transposed == "1")
+        if matrix != "down":
+            out[(layer, matrix)] = weight_gram_hessian(factors, inputs_on_rows)
+        elif (layer, "gate") in fitted and (layer, "up") in fitted:
+            gate, up = fitted[(layer, "gate")].reconstruct, fitted[(layer, "up")].reconstruct
+            out[(layer, matrix)] = down_hessians(gate, up, factors.num_experts, expert_activation(config))
+    return out
+
+
 class Evaluator:
-    """Held-out perplexity of one model object whose expert weights or factors are swapped per variant."""
+    """Held-out perplexity of one model object whose expert weights are swapped per variant."""
 
     def __init__(self, path: Path, ids: torch.Tensor, args: argparse.Namespace):
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -106,10 +135,18 @@ class Evaluator:
         ).perplexity
 
     @torch.no_grad()
-    def set_factors(self, names: dict[str, str], factors: MobeFactors) -> None:
-        for field, name in names.items():
-            self.model.get_parameter(name).copy_(getattr(factors, field))
-        self.model.get_submodule(names["A"].rsplit(".", 1)[0]).meta["orthonormal"] = factors.orthonormal
+    def set_products(self, layer: int, matrix: str, products: torch.Tensor) -> None:
+        """Put a variant's expert products (E, p, d; down's as its transpose) into the original's fused experts
+        (`gate_up_proj` (E, 2p, d): gate then up; `down_proj` (E, d, p)). A dense forward gives the perplexity of
+        the factors' products at a fraction of the runtime's cost of re-orthonormalising the mixed bases every
+        forward; the checkpoint `mobe quantize` writes is read through the runtime, and agrees."""
+        experts = self.model.get_submodule(f"model.layers.{layer}.mlp.experts")
+        p = products.shape[1]
+        if matrix == "down":
+            experts.down_proj.copy_(products.transpose(1, 2))
+        else:
+            rows = slice(0, p) if matrix == "gate" else slice(p, 2 * p)
+            experts.gate_up_proj[:, rows].copy_(products)
 
 
 def _relative_error(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -174,8 +211,8 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         for m in ("gate", "up", "down")
     }
     print(f"{name}: E={layout.num_experts} p={layout.intermediate_size} d={layout.hidden_size}", flush=True)
-    rows = _original_rows(fixture, ids, args, stacks)
-    original = rows[0]["perplexity"]
+    rows = [] if args.skip_original else _original_rows(fixture, ids, args, stacks)
+    original = rows[0]["perplexity"] if rows else _kept_original(args.out, name)
     calibration, stats = {}, {}
     if args.calibrated:  # the calibrated fit's text, and the Grams the rounding uses (what compress collects)
         text = _calibration_text(fixture, tmp)
@@ -183,11 +220,14 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         sequences = calibration_ids(fixture, text, args.calibration_tokens, 512)
         stats = dict(collect_statistics(reader, layout, sequences, layout.moe_layers))
     for ratio in args.ratios:
-        native = tmp / f"{name}-{ratio}"
+        kind = "calibrated" if args.calibrated else "data-free"
+        native = (Path(args.fits) if args.fits else tmp) / f"{name}-{ratio}-{args.steps}steps-{kind}"
         start = time.perf_counter()
         settings = MobeConfig(target_ratio=ratio, steps=args.steps, device="cpu", **calibration)
-        compress(fixture, native, settings, progress=False)
-        fit_seconds = time.perf_counter() - start
+        fit_seconds = None  # --fits: a finished fit of these settings is reused (seeded: the same factors)
+        if not (native / "config.json").exists():
+            compress(fixture, native, settings, progress=False)
+            fit_seconds = time.perf_counter() - start
         nreader = CheckpointReader(native)
         nlayout = moe_layout(nreader.config)
         jobs = [(layer, m) for layer in nreader.config["mobe"]["layers"] for m in nreader.config["mobe"]["matrices"]]
@@ -197,8 +237,11 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         rest = stored_bytes(nreader) - sum(
             math.prod(nreader.shape(n)) * 2 for job in jobs for f, n in names[job].items() if f != "coef"
         )
-        evaluator = Evaluator(native, ids, args)
-        schemes = ("orthonormal", CALIBRATED) if args.calibrated else SCHEMES
+        evaluator = Evaluator(fixture, ids, args)
+        schemes = [
+            s for s in (("orthonormal", WEIGHTS, CALIBRATED) if args.calibrated else SCHEMES) if s in args.schemes
+        ]
+        proxies = weight_hessians(fitted, config=nreader.config) if WEIGHTS in schemes else {}
         variants = [("16-bit", 16)] + [(s, b) for b in args.bits for s in schemes]
         for scheme, bits in variants:
             start = time.perf_counter()
@@ -211,10 +254,14 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                         sum(math.prod(nreader.shape(n)) * 2 for f, n in names[job].items() if f != "coef"),
                     )
                 else:
-                    grams = stats[job[0]].gram(job[1]).float() if scheme == CALIBRATED else None
+                    grams = None
+                    if scheme == CALIBRATED:
+                        grams = stats[job[0]].gram(job[1]).float()
+                    elif scheme == WEIGHTS:
+                        grams = proxies[job]
                     rounded, size = round_factors(factors, scheme, bits, grams, job[1])
                 factor_bytes += size
-                evaluator.set_factors(names[job], rounded)
+                evaluator.set_products(*job, rounded.reconstruct())
                 pairs.append((rounded.reconstruct(), stacks[job]))
             ppl = evaluator.perplexity()
             row = {
@@ -228,7 +275,7 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                 "seconds": time.perf_counter() - start,
                 "fit_seconds": fit_seconds,
             }
-            if scheme == "orthonormal" and bits < 8 and not args.calibrated:  # what `mobe quantize` writes
+            if scheme == WEIGHTS and bits in args.written_bits and not args.calibrated:  # what `mobe quantize` writes
                 out = tmp / f"{name}-{ratio}-int{bits}"
                 quantize_checkpoint(native, out, QuantizeConfig(bits=bits, group_size=GROUP), progress=False)
                 written = Evaluator(out, ids, args)
@@ -253,6 +300,76 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     }
 
 
+def _row_key(row: dict) -> tuple:
+    return row["variant"], row["bits"], row["scheme"]
+
+
+def _kept_original(out: str, name: str) -> float:
+    """The original's perplexity of fixture `name` in the JSON at `out` (--skip-original)."""
+    path = Path(out).with_suffix(".json")
+    if not path.exists():
+        raise SystemExit(f"--skip-original needs {path} with the original's rows of {name}")
+    return json.loads(path.read_text())["fixtures"][name]["original_perplexity"]
+
+
+def merge(result: dict, out: str) -> dict:
+    """`result` with the rows of the JSON at `out` that it lacks (other fixtures; per fixture, rows of other
+    variants, bits or schemes), in the old order with the new rows where they were. Where a fixture's 16-bit factor
+    rows differ by more than 0.1% the fits are not the same: only the original's rows are kept for it."""
+    path = Path(out).with_suffix(".json")
+    if not path.exists():
+        return result
+    old = json.loads(path.read_text())
+    fixtures = {}
+    for name in {**old["fixtures"], **result["fixtures"]}:
+        if name not in result["fixtures"]:
+            fixtures[name] = old["fixtures"][name]
+            continue
+        new = result["fixtures"][name]
+        if name not in old["fixtures"]:
+            fixtures[name] = new
+            continue
+        kept = {_row_key(r): r for r in old["fixtures"][name]["rows"]}
+        fresh = {_row_key(r): r for r in new["rows"]}
+        for key, row in fresh.items():
+            if key in kept and row["bits"] == 16 and abs(row["perplexity"] / kept[key]["perplexity"] - 1) > 1e-3:
+                print(
+                    f"{name} {key}: 16-bit perplexity {row['perplexity']:.4f} against the kept "
+                    f"{kept[key]['perplexity']:.4f}: another fit; only the original's rows are kept",
+                    flush=True,
+                )
+                kept = {k: r for k, r in kept.items() if r["variant"] == "original"}
+                break
+        order = list(kept) + [k for k in fresh if k not in kept]
+        rows = [fresh.get(k, kept.get(k)) for k in order]
+        original = new["original_perplexity"]
+        for row in rows:
+            row["perplexity_change"] = row["perplexity"] - original
+            row["relative_change"] = row["perplexity"] / original - 1
+        fixtures[name] = {**new, "rows": rows}
+    return {**result, "fixtures": fixtures, "merged_from": str(path.name)}
+
+
+def join(paths: list[str], out: str) -> None:
+    """`--join`: one result from several runs' JSONs, each fixture from the last run that measured it."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    fixtures = {}
+    for run in runs:
+        for name in run["args"]["fixtures"]:
+            fixtures[name] = run["fixtures"][name]
+    result = {
+        "fixtures": fixtures,
+        "joined": [{"file": Path(p).name, "args": r["args"]} for p, r in zip(paths, runs, strict=True)],
+    }
+    result["verdicts"] = verdicts(result)
+    result["args"] = runs[-1]["args"] | {"fixtures": list(fixtures)}
+    result["seconds"] = sum(r["seconds"] for r in runs)
+    stem = Path(out)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, stem.with_suffix(".png"))
+    print("\n".join(result["verdicts"]))
+
+
 def verdicts(result: dict) -> list[str]:
     """int4 / int3 factors against 1.25 x (the recipe's 16-bit loss + the original's loss at the bits) + 0.1%."""
     out = []
@@ -266,7 +383,7 @@ def verdicts(result: dict) -> list[str]:
         for ratio in sorted({r["ratio"] for r in rows if "ratio" in r}):
             mine = [r for r in rows if r.get("ratio") == ratio]
             loss16 = next(r["relative_change"] for r in mine if r["bits"] == 16)
-            for bits, scheme in ((b, s) for b in (4, 3) for s in ("orthonormal", CALIBRATED)):
+            for bits, scheme in ((b, s) for b in (4, 3) for s in (WEIGHTS, CALIBRATED)):
                 row = next((r for r in mine if r["bits"] == bits and r["scheme"] == scheme), None)
                 if row is None:
                     continue
@@ -302,7 +419,7 @@ def summary(result: dict) -> str:
     parts = []
     for name, fixture in result["fixtures"].items():
         rows = fixture["rows"]
-        mobe = {r["bits"]: r for r in rows if r.get("ratio") == 0.25 and r["scheme"] in ("16-bit", "orthonormal")}
+        mobe = {r["bits"]: r for r in rows if r.get("ratio") == 0.25 and r["scheme"] in ("16-bit", WEIGHTS)}
         orig4 = next((r for r in rows if r["variant"] == "original" and r["bits"] == 4), None)
         if 4 not in mobe or 16 not in mobe or orig4 is None:
             continue
@@ -344,7 +461,7 @@ def table(result: dict) -> str:
                 f"{r['relative_error']:.3f} |"
             )
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines + verdict_lines(result)).rstrip() + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -352,7 +469,14 @@ def plot(result: dict, path: Path) -> None:
     plt = pyplot()
     names = list(result["fixtures"])
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), dpi=120, squeeze=False)
-    markers = {"round to nearest": "s", "as fitted": "x", "GPTQ, mixed basis": "^", "orthonormal": "o", "16-bit": "*"}
+    markers = {
+        "round to nearest": "s",
+        "as fitted": "x",
+        "GPTQ, mixed basis": "^",
+        "orthonormal": "o",
+        WEIGHTS: "D",
+        "16-bit": "*",
+    }
     for ax, name in zip(axes[0], names, strict=True):
         colours: dict[str, str] = {}
         for r in result["fixtures"][name]["rows"]:
@@ -384,6 +508,19 @@ def main() -> None:
         help="fit on the fixture's training-side text and round the factors also by GPTQ on its routed inputs "
         "(what compress --calibration --quantize writes), beside the data-free rounding",
     )
+    parser.add_argument("--schemes", nargs="+", default=[*SCHEMES, CALIBRATED], choices=[*SCHEMES, CALIBRATED])
+    parser.add_argument(
+        "--written-bits",
+        type=int,
+        nargs="*",
+        default=[4, 3],
+        help="bits at which the checkpoint `mobe quantize` writes is also read through the runtime",
+    )
+    parser.add_argument("--fits", help="keep the fits in this folder and reuse them (same --steps, seeded)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows at --out this run does not measure")
+    parser.add_argument(
+        "--skip-original", action="store_true", help="with --merge: keep the original's rows at --out, not rerun"
+    )
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--tokens", type=int, default=16384, help="held-out tokens scored")
     parser.add_argument("--context", type=int, default=256)
@@ -394,13 +531,24 @@ def main() -> None:
         action="store_true",
         help="recompute the verdicts of the JSON at --out from its rows (after benchmarks/gptq_baselines.py ran)",
     )
+    parser.add_argument(
+        "--join",
+        nargs="+",
+        metavar="JSON",
+        help="write --out from these runs' fixtures (a later file's fixture replaces an earlier one's), verdicts "
+        "and plot recomputed: runs of one fixture each, side by side in one table",
+    )
     args = parser.parse_args()
     if args.reverdict:
         return rewrite_verdicts(args.out, verdicts)
+    if args.join:
+        return join(args.join, args.out)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = {"fixtures": {name: run_fixture(name, args, Path(tmp)) for name in args.fixtures}}
+    if args.merge:
+        result = merge(result, args.out)
     result["verdicts"] = verdicts(result)
     print("\n" + table(result))
     print("\n".join(result["verdicts"]))

@@ -242,6 +242,7 @@ class MobeConfig:
 QUANTIZE_BITS = (2, 3, 4, 8)
 QUANTIZE_OBSERVERS = ("minmax", "mse")  # as quantize.groupwise.OBSERVERS (the maths does not import config)
 QUANTIZE_SCOPES = ("experts", "linears")
+FACTOR_ROUNDINGS = ("weights", "nearest")  # data-free rounding of MoBE factors below 8 bits (quantize.proxy)
 
 
 @dataclass
@@ -309,12 +310,14 @@ class QuantizeConfig:
             "choices": (8, 16),
         },
     )
-    weight_gram: bool = field(
-        default=False,
+    factor_rounding: str = field(
+        default="weights",
         metadata={
-            "help": "native MoBE factors below 8 bits without calibration: round A of gate and up by GPTQ on the "
-            "experts' own input-side Gram sum W^T W (data-free stand-in for the inputs'; same storage) instead of "
-            "to nearest; lower output error on the layers measured, held-out perplexity not shown better yet"
+            "help": "native MoBE factors below 8 bits without calibration: weights (GPTQ on the second moments the "
+            "weights stand in for: gate/up the experts' input-side Gram, down their intermediate activations on "
+            "Gaussian inputs shaped by it; each group's scale the clip with the least rounding error) | nearest "
+            "(round to nearest, min-max scales); same storage",
+            "choices": FACTOR_ROUNDINGS,
         },
     )
 
@@ -327,6 +330,10 @@ class QuantizeConfig:
             raise ValueError(f"quantize group_size must be >= 1, got {self.group_size}")
         if self.observer not in QUANTIZE_OBSERVERS:
             raise ValueError(f"quantize observer must be one of {QUANTIZE_OBSERVERS}, got {self.observer!r}")
+        if self.factor_rounding not in FACTOR_ROUNDINGS:
+            raise ValueError(
+                f"quantize factor_rounding must be one of {FACTOR_ROUNDINGS}, got {self.factor_rounding!r}"
+            )
         if self.scope not in QUANTIZE_SCOPES:
             raise ValueError(f"quantize scope must be one of {QUANTIZE_SCOPES}, got {self.scope!r}")
         if self.calibration_tokens < 2 or self.calibration_seq_len < 2 or self.damping < 0:

@@ -63,12 +63,20 @@ def test_quantize_estimate_adds_the_rounding_of_mobe_factors_in_orthonormal_coor
     native = tmp_path / "native"
     compress(tiny, native, MobeConfig(num_bases=2, steps=1, matrices=("gate", "down")), progress=False)
     reader = CheckpointReader(native)
-    config = memory.QuantizeConfig(bits=4, group_size=16)
+    config = memory.QuantizeConfig(bits=4, group_size=16, factor_rounding="nearest")
     rounding = memory.quantize_bytes(reader, config)
+    weights = memory.quantize_bytes(reader, memory.QuantizeConfig(bits=4, group_size=16))
     reader.config["mobe"]["method"] = "slbf"  # any other method: its factors rounded one tensor at a time
     plain = memory.quantize_bytes(reader, config)
     E, p, d = 8, 16, 32  # gate and down both fitted as (E, p, d) stacks (down as its transpose), at rank p
     assert rounding - plain == int(1.75 * max(32 * E * p * d, 28 * E * p * p))
+    # data-free GPTQ ("weights"): GPTQ's float64 state (4 copies of A, 4 of the (E, p, p) Hessians) with the same
+    # heap share, and for down the stand-in Hessians' making: 4096 Gaussian inputs (two float64 copies, a float32
+    # one), the d x d Gram's four float64 copies, 8 experts' gate and up products (float32 + float64), three
+    # activation blocks of 2^22 float32 numbers, and the result (E, p, p) in float32
+    gptq = int(1.75 * (max(32 * E * p * d, 28 * E * p * p) + 32 * E * p * p + 32 * E * p * p))
+    proxy = 4096 * d * 20 + 32 * d * d + 2 * 8 * p * d * 12 + 12 * 2**22 + 4 * E * p * p
+    assert weights - plain == gptq + proxy
 
 
 def test_calibration_pass_is_one_layer_plus_the_hidden_states_and_statistics(tiny):

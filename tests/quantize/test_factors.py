@@ -20,7 +20,8 @@ from mobe.factorize.mobe import orthonormal_rows
 from mobe.fixtures import build_tiny_moe
 from mobe.pipeline import read_native_factors
 from mobe.quantize import fake_quantize, quantize_checkpoint, stored_bytes
-from mobe.quantize.factors import quantize_mobe
+from mobe.quantize.factors import quantize_mobe, weight_gram_hessian
+from mobe.quantize.proxy import down_hessians
 from mobe.runtime import MobeExperts
 
 
@@ -110,7 +111,9 @@ def native(tmp_path_factory):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_native_low_bit_checkpoint_runs_and_reads_back_as_its_integer_factors(native, bits, tmp_path):
     out, group = tmp_path / f"int{bits}", 6  # divides neither r = 16 nor the rows: short last groups
-    quantize_checkpoint(native, out, QuantizeConfig(bits=bits, group_size=group), progress=False)
+    quantize_checkpoint(
+        native, out, QuantizeConfig(bits=bits, group_size=group, factor_rounding="nearest"), progress=False
+    )
     section = json.loads((out / "config.json").read_text())["mobe"]
     quantization = section["quantization"]
     assert quantization["field_bits"] == {"bases": 8} and quantization["column_groups"] == ["A"]
@@ -152,7 +155,9 @@ def test_native_low_bit_checkpoint_runs_and_reads_back_as_its_integer_factors(na
 
 def test_bases_kept_in_floating_point_with_shared_bits_16(native, tmp_path):
     out, group = tmp_path / "int3-float-bases", 6
-    quantize_checkpoint(native, out, QuantizeConfig(bits=3, group_size=group, shared_bits=16), progress=False)
+    quantize_checkpoint(
+        native, out, QuantizeConfig(bits=3, group_size=group, shared_bits=16, factor_rounding="nearest"), progress=False
+    )
     section = json.loads((out / "config.json").read_text())["mobe"]
     assert section["quantization"]["fields"] == ["A"] and "field_bits" not in section["quantization"]
     source, reader = CheckpointReader(native), CheckpointReader(out)
@@ -188,7 +193,7 @@ def test_calibrated_rounding_lowers_the_output_error_and_compress_uses_it(tmp_pa
     stats = dict(collect_statistics(reader, layout, calibration_ids(source, text, 600, 128), [0, 3]))
     quantize = QuantizeConfig(bits=3, group_size=16)
     plain, calibrated = tmp_path / "rtn", tmp_path / "gptq"
-    quantize_checkpoint(native, plain, quantize, progress=False)
+    quantize_checkpoint(native, plain, dataclasses.replace(quantize, factor_rounding="nearest"), progress=False)
     quantize_checkpoint(
         native, calibrated, quantize, progress=False, grams=lambda layer, m: stats[layer].gram(m).float()
     )
@@ -234,7 +239,7 @@ def _shared_input_factors(transposed: str, seed: int = 0, E: int = 8, p: int = 4
 def test_weight_gram_lowers_the_error_on_inputs_shaped_like_the_weights(transposed, bits):
     """Inputs x ~ N(0, H) with H = sum_e W_e^T W_e, the products' own input-side Gram: their mean squared output
     error tr(dW_e H dW_e^T) is what GPTQ on that Gram lowers (measured 0.77-0.86 of round-to-nearest's over seeds
-    and bits); the bytes stored are the same. Where the inputs meet the unfitted rows (down), nothing changes."""
+    and bits); the bytes stored are the same. Where the inputs meet the unfitted rows (down) there is no such Gram."""
     factors = _shared_input_factors(transposed)
     W = factors.reconstruct().double()  # (E, p_out, k): inputs on the last dimension
     H = torch.einsum("epd,epk->dk", W, W)
@@ -244,33 +249,71 @@ def test_weight_gram_lowers_the_error_on_inputs_shaped_like_the_weights(transpos
         return torch.einsum("epd,dk,epk->", dW, H, dW).item()
 
     inputs_on_rows = transposed == "1"  # in the fitted orientation
+    gram = weight_gram_hessian(factors, inputs_on_rows)
+    torch.testing.assert_close(gram.double(), H, rtol=1e-5, atol=1e-5)
     plain, plain_stored = quantize_mobe(factors, bits, 16)
-    weighted, stored = quantize_mobe(factors, bits, 16, inputs_on_rows=inputs_on_rows, weight_gram=True)
+    weighted, stored = quantize_mobe(factors, bits, 16, grams=gram, inputs_on_rows=inputs_on_rows)
     assert stored["A"].values.shape == plain_stored["A"].values.shape
     assert stored["A"].scales.shape == plain_stored["A"].scales.shape
     assert error(weighted) < 0.9 * error(plain)
-    _, down_stored = quantize_mobe(factors, bits, 16, inputs_on_rows=not inputs_on_rows, weight_gram=True)
-    assert torch.equal(down_stored["A"].values, plain_stored["A"].values)
+    assert weight_gram_hessian(factors, not inputs_on_rows) is None
     with pytest.raises(ValueError, match="inputs_on_rows"):
-        quantize_mobe(factors, bits, 16, weight_gram=True)
+        quantize_mobe(factors, bits, 16, grams=gram)
 
 
-def test_weight_gram_checkpoint_rounds_gate_up_by_their_gram_and_down_to_nearest(native, tmp_path):
-    """`QuantizeConfig(weight_gram=True)` writes what `quantize_mobe(weight_gram=True)` gives for each (layer,
-    matrix): gate and up by GPTQ on their own Gram, down as the round-to-nearest reference; the same bytes."""
-    out, plain, group = tmp_path / "wgram", tmp_path / "rtn", 6
-    quantize_checkpoint(native, out, QuantizeConfig(bits=3, group_size=group, weight_gram=True), progress=False)
-    quantize_checkpoint(native, plain, QuantizeConfig(bits=3, group_size=group), progress=False)
+def test_down_hessians_match_isserlis_closed_form():
+    """With an identity activation h = (G x) * (U x) and x ~ N(0, C), Isserlis' theorem gives
+    E[h_k h_l] = (g_k C u_k)(g_l C u_l) + (g_k C g_l)(u_k C u_l) + (g_k C u_l)(u_k C g_l); C is the gate's and up's
+    input-side Gram over its mean diagonal. The Monte Carlo stand-in agrees within its sampling error, and in chunks
+    of any size."""
+    g = torch.Generator().manual_seed(0)
+    E, p, d = 5, 3, 6
+    G, U = torch.randn(E, p, d, generator=g), torch.randn(E, p, d, generator=g)
+    C = (torch.einsum("epd,epk->dk", G, G) + torch.einsum("epd,epk->dk", U, U)).double()
+    C = C / C.diagonal().mean()
+    Gd, Ud = G.double(), U.double()
+    gCu = torch.einsum("epd,dk,eqk->epq", Gd, C, Ud)  # (g_k C u_l)
+    gCg = torch.einsum("epd,dk,eqk->epq", Gd, C, Gd)
+    uCu = torch.einsum("epd,dk,eqk->epq", Ud, C, Ud)
+    own = gCu.diagonal(dim1=1, dim2=2)
+    want = own[:, :, None] * own[:, None, :] + gCg * uCu + gCu * gCu.transpose(1, 2)
+    got = down_hessians(lambda i: G[i], lambda i: U[i], E, lambda x: x, samples=400_000, chunk=2)
+    scale = want.diagonal(dim1=1, dim2=2).mean()
+    assert ((got.double() - want).abs().max() / scale).item() < 0.03
+    again = down_hessians(lambda i: G[i], lambda i: U[i], E, lambda x: x, samples=400_000, chunk=E)
+    torch.testing.assert_close(again, got, rtol=1e-4, atol=1e-4 * scale.item())
+
+
+def test_data_free_checkpoint_rounds_every_matrix_by_its_weight_hessian(native, tmp_path):
+    """`QuantizeConfig()` (factor_rounding "weights") writes what `quantize_mobe` gives on the data-free Hessians:
+    gate and up by their input-side Gram, down by its intermediate activations' Grams from the layer's fitted gate
+    and up; scales by the least-error clip; the same bytes as round to nearest ("nearest"), and a lower output error
+    on those Hessians than it."""
+    out, plain, group = tmp_path / "weights", tmp_path / "rtn", 6
+    quantize_checkpoint(native, out, QuantizeConfig(bits=3, group_size=group), progress=False)
+    quantize_checkpoint(
+        native, plain, QuantizeConfig(bits=3, group_size=group, factor_rounding="nearest"), progress=False
+    )
     assert stored_bytes(out) == stored_bytes(plain)
     section = json.loads((out / "config.json").read_text())["mobe"]
-    source, reader = CheckpointReader(native), CheckpointReader(out)
+    source = CheckpointReader(native)
     layout = moe_layout(source.config)
     for layer in section["layers"]:
+        fitted = {m: read_native_factors(source, layout, layer, m) for m in section["matrices"]}
         for matrix in section["matrices"]:
-            fitted, got = (read_native_factors(r, layout, layer, matrix) for r in (source, reader))
+            inputs_on_rows = (matrix == "down") != (fitted[matrix].transposed == "1")
             if matrix == "down":
-                _assert_same_rounding(got, fitted, 3, group)
-                continue
-            inputs_on_rows = fitted.transposed == "1"
-            want, _ = quantize_mobe(fitted, 3, group, inputs_on_rows=inputs_on_rows, weight_gram=True)
+                E = fitted[matrix].num_experts
+                gram = down_hessians(fitted["gate"].reconstruct, fitted["up"].reconstruct, E, torch.nn.functional.silu)
+            else:
+                gram = weight_gram_hessian(fitted[matrix], inputs_on_rows)
+            want, _ = quantize_mobe(fitted[matrix], 3, group, grams=gram, inputs_on_rows=inputs_on_rows, observer="mse")
+            got = read_native_factors(CheckpointReader(out), layout, layer, matrix)
             torch.testing.assert_close(got.A, want.A, rtol=0, atol=1e-6)
+            nearest = read_native_factors(CheckpointReader(plain), layout, layer, matrix)
+            W = fitted[matrix].reconstruct().double()
+            pattern = "epd,epq,eqd->" if matrix == "down" else "epd,dk,epk->"
+            errors = [
+                torch.einsum(pattern, f.reconstruct() - W, gram.double(), f.reconstruct() - W) for f in (got, nearest)
+            ]
+            assert errors[0] < errors[1]

@@ -17,8 +17,10 @@ from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
 from ..config import MobeConfig, QuantizeConfig
 from ..evaluate import mobe_parameters
+from ..export import factor_tensor_names
 from ..factorize.mobe import fits_transposed, fitted_shape
 from ..factorize.primitives import MMAP_THRESHOLD_MAX
+from ..quantize.proxy import ACTIVATION_ELEMENTS, SAMPLES, expert_chunk
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 GiB = 2**30
@@ -422,13 +424,19 @@ def quantize_bytes(reader: CheckpointReader, config: QuantizeConfig | None = Non
                 largest = max(largest, numel)
         peak = max(peak, int(read + quantised + 3 * 4 * largest))
     if native and section.get("method", "mobe") == "mobe" and config.bits < 8:
-        peak += _mobe_rounding_bytes(reader)
+        peak += _mobe_rounding_bytes(reader, weights=config.factor_rounding == "weights")
     return peak + RUNTIME_BYTES["quantize"]
 
 
-def _mobe_rounding_bytes(reader: CheckpointReader) -> int:
+def _mobe_rounding_bytes(reader: CheckpointReader, weights: bool = False) -> int:
     """The largest (layer, matrix) group's transients of rounding MoBE factors in orthonormal coordinates, with what
-    glibc's heap keeps of stacks below its largest mmap threshold (`quantize_bytes`)."""
+    glibc's heap keeps of stacks below its largest mmap threshold (`quantize_bytes`). With `weights` (data-free
+    GPTQ, `mobe.quantize.proxy`) also GPTQ's float64 state (the weights, their scales and error, the Hessians and
+    their inverse Cholesky factor, Q S Q^T where the inputs meet A's columns) and, for down, the stand-in Hessians'
+    making (`_proxy_bytes`)."""
+    section = reader.config["mobe"]
+    layout = moe_layout(reader.config)
+    down = {factor_tensor_names(layout, layer, "down")["A"] for layer in section.get("layers", ())}
     most = 0
     for name in reader.weight_map:
         if not name.endswith(".mobe_A"):
@@ -439,10 +447,26 @@ def _mobe_rounding_bytes(reader: CheckpointReader) -> int:
         E, rows, rank = reader.shape(name)
         cols = reader.shape(bases)[-1]
         transients = max(32 * E * rank * cols, 28 * E * rows * rank)
+        if weights:
+            side = max(rows, rank)
+            transients += 8 * 4 * E * rows * rank + 8 * 4 * E * side * side
         if 4 * E * max(rank * cols, rows * rank) < HEAP_THRESHOLD_MAX:
             transients += int(HEAP_RETAINED * transients)
+        if weights and name in down:
+            transients += _proxy_bytes(E, layout.intermediate_size, layout.hidden_size)
         most = max(most, transients)
     return most
+
+
+def _proxy_bytes(experts: int, p: int, d: int) -> int:
+    """Making down's stand-in Hessians (`proxy.down_hessians`): the Gaussian inputs (float64 draws, their float32
+    copy), the input Gram and its eigenvectors, one chunk of gate and up products in float32 and float64, the
+    activations of one chunk (two projections and their product), and the result (E, p, p) in float32."""
+    chunk = min(experts, max(16, expert_chunk(SAMPLES, p)))
+    inputs = SAMPLES * d * (8 + 8 + 4)
+    gram = 4 * 8 * d * d
+    products = 2 * chunk * p * d * (4 + 8)
+    return inputs + gram + products + 3 * 4 * ACTIVATION_ELEMENTS + 4 * experts * p * p
 
 
 @dataclass

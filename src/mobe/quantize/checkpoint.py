@@ -20,8 +20,9 @@ Native checkpoints keep their factors, each floating factor tensor but the mixin
 `NAME.qweight` (int8, or 2-, 3- or 4-bit values packed into uint8) and `NAME.scales`; the `mobe` section of
 config.json records the scheme under `quantization`, and the runtime dequantises the experts it runs, when it runs
 them. MoBE factors below 8 bits are rounded as `factors.quantize_mobe` describes: bases at `shared_bits`, A in
-orthonormal coordinates with its groups down the columns (`column_groups`; `factor_meta.orthonormal`); with
-`weight_gram` and no calibration, gate's and up's A by GPTQ on the experts' own input-side Gram (data-free).
+orthonormal coordinates with its groups down the columns (`column_groups`; `factor_meta.orthonormal`); without
+calibration A is rounded by GPTQ on the Hessians the weights stand in for (`factor_rounding` "weights", `proxy`:
+down's from its layer's gate and up), or to nearest ("nearest").
 
 One source shard is held in memory at a time; the result is written to a temporary folder, then renamed.
 """
@@ -48,8 +49,9 @@ from ..export import FACTOR_PREFIX, atomic_save_file, copy_side_files, factor_te
 from ..export.native import field_scheme
 from ..factorize import get_method
 from . import groupwise
-from .factors import StoredFactor, quantize_factor, quantize_mobe
+from .factors import StoredFactor, quantize_factor, quantize_mobe, weight_gram_hessian
 from .gptq import gptq_quantize
+from .proxy import down_hessians, expert_activation
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +304,9 @@ class _NativeRounder:
         shared_bits = self.config.shared_bits if self.config.shared_bits < 16 else None
         grams = None if self.grams is None else self.grams(*key)
         inputs_on_rows = (key[1] == "down") != (factors.transposed == "1")  # in the fitted orientation
+        observer = self.config.observer
+        if grams is None and self.config.factor_rounding == "weights":
+            grams, observer = self._weight_hessians(key, factors, inputs_on_rows), "mse"
         _, stored = quantize_mobe(
             factors,
             self.config.bits,
@@ -309,13 +314,34 @@ class _NativeRounder:
             shared_bits=shared_bits,
             grams=grams,
             inputs_on_rows=inputs_on_rows,
-            weight_gram=self.config.weight_gram,
+            observer=observer,
         )
         dtype = factors.A.dtype
         for field in factors_cls.tensor_fields:  # unquantised factors pass through
             if field not in stored:
                 stored[field] = tensors[names[field]].to(dtype)
         return stored
+
+    def _weight_hessians(self, key: tuple[int, str], factors, inputs_on_rows: bool) -> torch.Tensor | None:
+        """The data-free Hessians of one group (`proxy`): gate's and up's input-side Gram; for down, the Grams of
+        the intermediate activations its layer's own gate and up give Gaussian inputs."""
+        layer, matrix = key
+        if matrix != "down":
+            return weight_gram_hessian(factors, inputs_on_rows)
+        gate, up = self._products(layer, "gate"), self._products(layer, "up")
+        return down_hessians(gate, up, factors.num_experts, expert_activation(self.reader.config))
+
+    def _products(self, layer: int, matrix: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The experts' (n, p, d) float32 products of one matrix for given expert indices: from its factors
+        where it is factorised, else from the stored dense stack."""
+        if (layer, matrix) in self.names:
+            names = self.names[(layer, matrix)]
+            meta = {**self.source, **self.source.get("factor_meta", {}).get(matrix, {})}
+            tensors = self.reader.get_many(list(names.values()))
+            factors = get_method(self.method).factors_cls.from_tensors({f: tensors[n] for f, n in names.items()}, meta)
+            return factors.reconstruct
+        stack = moe_layout(self.reader.config).read_experts(self.reader, layer, matrix).float()
+        return lambda experts: stack[experts]
 
     def section(self, quantization: dict) -> dict:
         """The output's mobe section: the scheme, per-field bits and layouts, and orthonormal MoBE coordinates."""

@@ -19,14 +19,11 @@ Measured on a fine-grained trained layer (benchmarks/factor_rounding.py): int4 f
 error at the quadrature sum of the fit's and of dense int4 (0.147 against 0.107 and 0.101), where rounding the
 fit's factors as they are gave 0.58.
 
-Without calibration, `weight_gram` stands in for the inputs' Hessian with the experts' own input-side Gram
-sum_e W_e^T W_e (W_e = A_e M_e, the fitted products), where the experts share their input space (gate and up: the
-layer's hidden state; not down, whose inputs are each expert's own intermediate activations). Trained weights'
-large input directions follow the inputs' energy, so GPTQ on that Gram moves A's rounding error out of the
-directions the inputs fill, which round to nearest (best for the weights) leaves there. Measured on layer 1 at a 25%
-cut (benchmarks/calibrated_rounding.py, output error on the routed inputs): fine-grained gate int4 0.067 -> 0.033,
-int3 0.142 -> 0.064 (GPTQ on the real inputs: 0.019, 0.030), up alike; the coarse fixture's 0.104 -> 0.098 and
-0.164 -> 0.148; the weight error grows (0.159 -> 0.208 on fine gate int4), as GPTQ's does.
+Without calibration, the Hessians come from the weights (`proxy`: gate's and up's input-side Gram, down's
+intermediate activations on Gaussian inputs shaped by it): trained weights' large input directions follow the inputs'
+energy, so GPTQ on them moves A's rounding error out of the directions the inputs fill, which round to nearest (best
+for the weights) leaves there; the weight error grows, as GPTQ's does. `observer="mse"` fixes each group's scale as
+the clip of its range with the least rounding error, which at 3 and 4 bits lowers the error of A' further.
 """
 
 from __future__ import annotations
@@ -39,6 +36,7 @@ from torch import Tensor
 from ..factorize import MobeFactors
 from . import groupwise
 from .gptq import gptq_quantize, gptq_round
+from .proxy import input_gram
 
 SHARED_BITS = 8  # the bases: shared by a layer's experts, so their bytes are few and their errors reach every expert
 
@@ -63,17 +61,25 @@ class StoredFactor:
 
 
 def quantize_factor(
-    tensor: Tensor, bits: int, group_size: int, *, column_groups: bool = False, hessian: Tensor | None = None
+    tensor: Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    column_groups: bool = False,
+    hessian: Tensor | None = None,
+    observer: str = "minmax",
 ) -> StoredFactor:
     """Round one factor tensor (..., rows, cols): group-wise along its rows, or down its columns; by GPTQ on
-    `hessian` (..., rows, rows) when given (column groups only: the rows are then GPTQ's input dimension)."""
+    `hessian` (..., rows, rows) when given (column groups only: the rows are then GPTQ's input dimension).
+    `observer`: how each group's scale is fixed (`groupwise.group_scales`)."""
     work = tensor.transpose(-2, -1) if column_groups else tensor
     if hessian is not None:
         if not column_groups:
             raise ValueError("a Hessian over the rows of a factor needs column groups")
-        values, scales = gptq_quantize(work, hessian, bits, group_size, dtype=tensor.dtype)
+        values, scales = gptq_quantize(work, hessian, bits, group_size, dtype=tensor.dtype, observer=observer)
     else:
-        values, scales = groupwise.quantize(work, bits, group_size, tensor.dtype)
+        scales = groupwise.group_scales(work, bits, group_size, tensor.dtype, observer)
+        values = groupwise.round_to_scales(work, scales, bits, group_size)
     return StoredFactor(values, scales, bits, group_size, column_groups)
 
 
@@ -85,24 +91,18 @@ def quantize_mobe(
     shared_bits: int | None = SHARED_BITS,
     grams: Tensor | None = None,
     inputs_on_rows: bool | None = None,
-    weight_gram: bool = False,
+    observer: str = "minmax",
 ) -> tuple[MobeFactors, dict[str, StoredFactor]]:
     """Integer MoBE factors (module docstring): the factors the integers stand for (A in orthonormal coordinates,
     dequantised) and the stored form of A and, unless `shared_bits` is None (kept in floating point), the bases.
 
-    `grams` (E, k, k) or one (k, k) for all, optional: second moments S_i of each expert's inputs (calibration). A'
-    is then rounded by GPTQ on them in its own coordinates: over its rows with H = S_i where the inputs meet the rows
-    of the fitted products (`inputs_on_rows`: down, or gate/up fitted transposed), else over its columns with
-    H = Q_i S_i Q_i^T. The stored form is the same as without.
-
-    `weight_gram` (data-free, used only without `grams`; needs `inputs_on_rows`): the same GPTQ with the experts'
-    input-side Gram sum_e W_e^T W_e of the fitted products in place of S_i, where the experts share their inputs
-    (`weight_gram_hessian`; module docstring); where they do not (down), round to nearest as without.
+    `grams` (E, k, k) or one (k, k) for all, optional: second moments S_i of each expert's inputs (calibration, or
+    the data-free stand-ins of `mobe.quantize.proxy`). A' is then rounded by GPTQ on them in its own coordinates:
+    over its rows with H = S_i where the inputs meet the rows of the fitted products (`inputs_on_rows`: down, or
+    gate/up fitted transposed), else over its columns with H = Q_i S_i Q_i^T. The stored form is the same as without.
+    `observer` fixes A's scales ("mse": the clip of each group's range with the least rounding error); the bases
+    keep min-max scales at their 8 bits.
     """
-    if weight_gram and grams is None:
-        if inputs_on_rows is None:
-            raise ValueError("weight_gram needs inputs_on_rows: on which side of the fitted products the inputs are")
-        grams = weight_gram_hessian(factors, inputs_on_rows)
     stored: dict[str, StoredFactor] = {}
     bases = factors.bases
     if shared_bits is not None:
@@ -110,21 +110,25 @@ def quantize_mobe(
         bases = stored["bases"].dequantize(bases.dtype)
     orthonormal = factors.in_orthonormal_coordinates(bases)
     if grams is None or inputs_on_rows:
-        stored["A"] = quantize_factor(orthonormal.A, bits, group_size, column_groups=True, hessian=grams)
+        stored["A"] = quantize_factor(
+            orthonormal.A, bits, group_size, column_groups=True, hessian=grams, observer=observer
+        )
     else:
         if inputs_on_rows is None:
             raise ValueError("grams need inputs_on_rows: on which side of the fitted products the inputs are")
-        stored["A"] = _gptq_down_columns(orthonormal, grams, bits, group_size)
+        stored["A"] = _gptq_down_columns(orthonormal, grams, bits, group_size, observer)
     rounded = dataclasses.replace(orthonormal, A=stored["A"].dequantize(factors.A.dtype), bases=bases)
     return rounded, stored
 
 
-def _gptq_down_columns(orthonormal: MobeFactors, grams: Tensor, bits: int, group_size: int) -> StoredFactor:
+def _gptq_down_columns(
+    orthonormal: MobeFactors, grams: Tensor, bits: int, group_size: int, observer: str
+) -> StoredFactor:
     """A' (E, rows, r) rounded by GPTQ over its columns on H = Q S Q^T, with the scales of its column groups (one per
     `group_size` entries down each column, fixed from the unrounded A')."""
     A = orthonormal.A
     Q = orthonormal.row_bases().to(grams.dtype)
-    scales = groupwise.group_scales(A.transpose(-2, -1), bits, group_size, A.dtype)  # (E, r, ceil(rows / g))
+    scales = groupwise.group_scales(A.transpose(-2, -1), bits, group_size, A.dtype, observer)  # (E, r, rows/g)
     entry = scales.float().repeat_interleave(group_size, dim=-1)[..., : A.shape[-2]].transpose(-2, -1)
     values = gptq_round(A, Q @ grams @ Q.transpose(-2, -1), entry, bits)
     return StoredFactor(values.transpose(-2, -1).contiguous(), scales, bits, group_size, column_groups=True)
@@ -133,14 +137,10 @@ def _gptq_down_columns(orthonormal: MobeFactors, grams: Tensor, bits: int, group
 def weight_gram_hessian(factors: MobeFactors, inputs_on_rows: bool, chunk: int = 16) -> Tensor | None:
     """sum_e W_e^T W_e (k, k), float32, of the experts' products W_e (p, d) as `reconstruct` gives them, over their
     input side (`inputs_on_rows`: in the fitted orientation, as `quantize_mobe` takes it): the data-free stand-in
-    for the inputs' second moments that `quantize_mobe(weight_gram=True)` rounds by. None where the inputs meet the
-    rows of the unfitted products (down: each expert's own intermediate activations, no input space the experts
-    share). Accumulated in float64, `chunk` experts at a time, so no more than that many products are ever dense."""
+    for the inputs' second moments of gate and up (`proxy`). None where the inputs meet the rows of the unfitted
+    products (down: each expert's own intermediate activations, `proxy.down_hessians`). `chunk` experts at a time,
+    so no more than that many products are ever dense."""
     if inputs_on_rows != (factors.transposed == "1"):  # inputs on the rows of the (p, d) products: down
         return None
-    gram = None
-    for start in range(0, factors.num_experts, chunk):
-        W = factors.reconstruct(torch.arange(start, min(start + chunk, factors.num_experts))).double()
-        part = torch.einsum("epd,epk->dk", W, W)
-        gram = part if gram is None else gram + part
-    return gram.float()
+    spans = range(0, factors.num_experts, chunk)
+    return input_gram(factors.reconstruct(torch.arange(s, min(s + chunk, factors.num_experts))) for s in spans).float()

@@ -76,10 +76,14 @@ def mse_scales(w: Tensor, bits: int, group_size: int, minmax: Tensor) -> Tensor:
 def quantize(w: Tensor, bits: int, group_size: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """(int8 values (..., n) in [-2^(b-1), 2^(b-1) - 1], scales (..., ceil(n / group_size)) in `dtype`)."""
     scales = group_scales(w, bits, group_size, dtype)
+    return round_to_scales(w, scales, bits, group_size), scales
+
+
+def round_to_scales(w: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
+    """int8 values (..., n) of `w` rounded to nearest on the given group `scales`, clamped to the b-bit range."""
     n = w.shape[-1]
     q = torch.round(_grouped(w.float(), group_size) / scales.float()[..., None])
-    q = q.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).flatten(-2)[..., :n]
-    return q.to(torch.int8), scales
+    return q.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).flatten(-2)[..., :n].to(torch.int8)
 
 
 def dequantize(q: Tensor, scales: Tensor, group_size: int, dtype: torch.dtype | None = None) -> Tensor:
