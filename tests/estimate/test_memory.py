@@ -70,12 +70,15 @@ def test_quantize_estimate_adds_the_rounding_of_mobe_factors_in_orthonormal_coor
     plain = memory.quantize_bytes(reader, config)
     E, p, d = 8, 16, 32  # gate and down both fitted as (E, p, d) stacks (down as its transpose), at rank p
     assert rounding - plain == int(1.75 * max(32 * E * p * d, 28 * E * p * p))
-    # data-free GPTQ ("weights"): GPTQ's float64 state (4 copies of A, 4 of the (E, p, p) Hessians) with the same
-    # heap share, and for down the stand-in Hessians' making: 4096 Gaussian inputs (two float64 copies, a float32
-    # one), the d x d Gram's four float64 copies, 8 experts' gate and up products (float32 + float64), three
-    # activation blocks of 2^22 float32 numbers, and the result (E, p, p) in float32
-    gptq = int(1.75 * (max(32 * E * p * d, 28 * E * p * p) + 32 * E * p * p + 32 * E * p * p))
-    proxy = 4096 * d * 20 + 32 * d * d + 2 * 8 * p * d * 12 + 12 * 2**22 + 4 * E * p * p
+    # data-free GPTQ ("weights"): GPTQ's float64 state (4 copies of A, 4 of the (E, p, p) Hessians) where it is more
+    # than rounding to nearest's transients, with the same heap share; and for down the stand-in Hessians' making, at
+    # its largest stage here the activations of all 8 experts on 4096 Gaussian inputs (the inputs, gate and up
+    # products, five blocks of activations: two projections, their product, einsum's copies), blocks the heap keeps
+    # (three quarters again), plus the result (E, p, p) in float32
+    gptq = int(1.75 * max(32 * E * p * d, 28 * E * p * p, 32 * E * p * p + 32 * E * p * p))
+    activations = 4096 * d * 4 + 2 * E * p * d * 4 + 5 * 4 * E * 4096 * p
+    proxy = int(1.75 * activations) + 4 * E * p * p
+    assert activations > 3 * 8 * d * d + 4096 * d * 20  # above the Gaussian inputs' stage
     assert weights - plain == gptq + proxy
 
 

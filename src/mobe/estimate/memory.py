@@ -20,7 +20,7 @@ from ..evaluate import mobe_parameters
 from ..export import factor_tensor_names
 from ..factorize.mobe import fits_transposed, fitted_shape
 from ..factorize.primitives import MMAP_THRESHOLD_MAX
-from ..quantize.proxy import ACTIVATION_ELEMENTS, SAMPLES, expert_chunk
+from ..quantize.proxy import SAMPLES, expert_chunk
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 GiB = 2**30
@@ -176,6 +176,8 @@ def compression_job_bytes(
     fit = 4 * stack + 5 * 4 * params + max(activations, init)
     if schedule == "fast":
         fit += 4 * stack + 4 * num_experts * k * k + 4 * stack
+        if weighting_rows:  # what the start leaves resident through the steps (measured: the calibrated peaks sit
+            fit += 4 * 4 * stack + 4 * num_experts * k * k  # that much above the data-free ones on every shape)
     report = 8 * stack + 4 * params
     if device == "cpu":
         transients = max(source_bytes * stack, fit, report)
@@ -431,9 +433,9 @@ def quantize_bytes(reader: CheckpointReader, config: QuantizeConfig | None = Non
 def _mobe_rounding_bytes(reader: CheckpointReader, weights: bool = False) -> int:
     """The largest (layer, matrix) group's transients of rounding MoBE factors in orthonormal coordinates, with what
     glibc's heap keeps of stacks below its largest mmap threshold (`quantize_bytes`). With `weights` (data-free
-    GPTQ, `mobe.quantize.proxy`) also GPTQ's float64 state (the weights, their scales and error, the Hessians and
-    their inverse Cholesky factor, Q S Q^T where the inputs meet A's columns) and, for down, the stand-in Hessians'
-    making (`_proxy_bytes`)."""
+    GPTQ, `mobe.quantize.proxy`) GPTQ's float64 state (the weights, their scales and error, the Hessians and their
+    inverse Cholesky factor, Q S Q^T where the inputs meet A's columns) where it is more than rounding to nearest's
+    transients and, for down, the stand-in Hessians' making (`_proxy_bytes`)."""
     section = reader.config["mobe"]
     layout = moe_layout(reader.config)
     down = {factor_tensor_names(layout, layer, "down")["A"] for layer in section.get("layers", ())}
@@ -447,9 +449,9 @@ def _mobe_rounding_bytes(reader: CheckpointReader, weights: bool = False) -> int
         E, rows, rank = reader.shape(name)
         cols = reader.shape(bases)[-1]
         transients = max(32 * E * rank * cols, 28 * E * rows * rank)
-        if weights:
+        if weights:  # GPTQ in place of rounding to nearest: its float64 state instead of the float32 transients
             side = max(rows, rank)
-            transients += 8 * 4 * E * rows * rank + 8 * 4 * E * side * side
+            transients = max(transients, 8 * 4 * E * rows * rank + 8 * 4 * E * side * side)
         if 4 * E * max(rank * cols, rows * rank) < HEAP_THRESHOLD_MAX:
             transients += int(HEAP_RETAINED * transients)
         if weights and name in down:
@@ -459,14 +461,21 @@ def _mobe_rounding_bytes(reader: CheckpointReader, weights: bool = False) -> int
 
 
 def _proxy_bytes(experts: int, p: int, d: int) -> int:
-    """Making down's stand-in Hessians (`proxy.down_hessians`): the Gaussian inputs (float64 draws, their float32
-    copy), the input Gram and its eigenvectors, one chunk of gate and up products in float32 and float64, the
-    activations of one chunk (two projections and their product), and the result (E, p, p) in float32."""
-    chunk = min(experts, max(16, expert_chunk(SAMPLES, p)))
-    inputs = SAMPLES * d * (8 + 8 + 4)
-    gram = 4 * 8 * d * d
-    products = 2 * chunk * p * d * (4 + 8)
-    return inputs + gram + products + 3 * 4 * ACTIVATION_ELEMENTS + 4 * experts * p * p
+    """Making down's stand-in Hessians (`proxy.down_hessians`), the largest of its stages plus the result (E, p, p)
+    in float32: the input Gram (16 experts' gate or up products in float32 and two float64 copies, the d x d Gram
+    and its partial sum); the Gaussian inputs (the Gram scaled, its eigenvectors and their scaled copy: three d x d
+    float64 matrices; the float64 draws, their product and its float32 copy); the activations
+    (the inputs, a chunk of experts' gate and up products, two projections, their product, and the copies einsum
+    makes of them to multiply them as batches)."""
+    gram_chunk = min(experts, 16)
+    gram = gram_chunk * p * d * (4 + 8 + 8) + 2 * 8 * d * d
+    inputs = 3 * 8 * d * d + SAMPLES * d * (8 + 8 + 4)
+    step = min(experts, expert_chunk(SAMPLES, p))
+    block = 4 * step * SAMPLES * p
+    activations = SAMPLES * d * 4 + 2 * step * p * d * 4 + 5 * block  # einsum's permuted copies
+    if block < HEAP_THRESHOLD_MAX:  # blocks the heap serves, and keeps
+        activations += int(HEAP_RETAINED * activations)
+    return max(gram, inputs, activations) + 4 * experts * p * p
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 SAMPLES = 4096  # Gaussian inputs per layer: enough for a full-rank S_i up to p = 4096
-ACTIVATION_ELEMENTS = 2**22  # experts x samples x p held at once (16 MiB in float32)
+ACTIVATION_ELEMENTS = 2**20  # experts x samples x p held at once (4 MiB in float32)
 
 
 def input_gram(products: Iterable[Tensor]) -> Tensor:
