@@ -49,6 +49,7 @@ from data_free import _calibration_text
 from mobe import CheckpointReader, MobeConfig, QuantizeConfig, compress, quantize_checkpoint
 from mobe.architectures import moe_layout
 from mobe.calibrate.collect import calibration_ids, collect_statistics
+from mobe.calibrate.run import calibration_grams, collect_sampled
 from mobe.evaluate.perplexity import sliding_window_perplexity
 from mobe.export import factor_tensor_names
 from mobe.factorize import MobeFactors, oriented
@@ -65,7 +66,8 @@ from results_io import add_run_options, pyplot, rewrite_verdicts, save_figure, v
 HERE = Path(__file__).resolve().parent
 FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
 WEIGHTS = "orthonormal, GPTQ on the weights"  # the data-free default of `mobe quantize` below 8 bits
-SCHEMES = ("as fitted", "GPTQ, mixed basis", "orthonormal", WEIGHTS)
+SAMPLED = "orthonormal, GPTQ on sampled text"  # --quantize-factor-rounding sampled: text the original samples
+SCHEMES = ("as fitted", "GPTQ, mixed basis", "orthonormal", WEIGHTS, SAMPLED)
 CALIBRATED = "orthonormal, GPTQ on the inputs"  # --calibrated: fits and rounding on the training-side text
 GROUP = 64
 SCALE_BYTES = 2  # 16-bit scales, as the bf16 fixtures store them
@@ -78,22 +80,30 @@ def _packed_bytes(shape: tuple[int, ...] | list[int], bits: int) -> int:
 
 
 def round_factors(
-    factors: MobeFactors, scheme: str, bits: int, grams: torch.Tensor | None = None, matrix: str = ""
+    factors: MobeFactors,
+    scheme: str,
+    bits: int,
+    grams: torch.Tensor | None = None,
+    matrix: str = "",
+    original: torch.Tensor | None = None,
 ) -> tuple[MobeFactors, int]:
     """The factors a rounding scheme stores, read back in float, and the bytes of A and the bases as stored
-    (`grams`: the second moments of `matrix`'s inputs: the routed inputs' for the calibrated scheme, the weights'
-    stand-ins for `WEIGHTS`)."""
+    (`grams`: the second moments of `matrix`'s inputs: the routed inputs' for the calibrated and sampled schemes,
+    the weights' stand-ins for `WEIGHTS`; `original`: the original (E, p, d) stack, what `SAMPLED` re-solves A
+    against)."""
     if scheme == "as fitted":
         rounded = dataclasses.replace(
             factors, A=fake_quantize(factors.A, bits, GROUP), bases=fake_quantize(factors.bases, bits, GROUP)
         )
         return rounded, _packed_bytes(factors.A.shape, bits) + _packed_bytes(factors.bases.shape, bits)
     shared = 8
-    if scheme in ("orthonormal", WEIGHTS, CALIBRATED):
+    if scheme in ("orthonormal", WEIGHTS, CALIBRATED, SAMPLED):
         on_rows = (matrix == "down") != (factors.transposed == "1")
-        extra = {"grams": grams, "inputs_on_rows": on_rows} if scheme in (WEIGHTS, CALIBRATED) else {}
-        if scheme == WEIGHTS:
+        extra = {"grams": grams, "inputs_on_rows": on_rows} if scheme in (WEIGHTS, CALIBRATED, SAMPLED) else {}
+        if scheme in (WEIGHTS, SAMPLED):
             extra["observer"] = "mse"
+        if scheme == SAMPLED:  # what compress does: A re-solved against the original on the sampled inputs
+            extra["targets"] = original.transpose(1, 2) if factors.transposed == "1" else original
         rounded, _ = quantize_mobe(factors, bits, GROUP, shared_bits=shared, **extra)
         # A stored down its columns: groups along its rows
         a_shape = (*factors.A.shape[:-2], factors.A.shape[-1], factors.A.shape[-2])
@@ -219,6 +229,7 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         calibration = dict(calibration=str(text), calibration_tokens=args.calibration_tokens, calibration_seq_len=512)
         sequences = calibration_ids(fixture, text, args.calibration_tokens, 512)
         stats = dict(collect_statistics(reader, layout, sequences, layout.moe_layers))
+    sampled = None
     for ratio in args.ratios:
         kind = "calibrated" if args.calibrated else "data-free"
         native = (Path(args.fits) if args.fits else tmp) / f"{name}-{ratio}-{args.steps}steps-{kind}"
@@ -242,6 +253,13 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
             s for s in (("orthonormal", WEIGHTS, CALIBRATED) if args.calibrated else SCHEMES) if s in args.schemes
         ]
         proxies = weight_hessians(fitted, config=nreader.config) if WEIGHTS in schemes else {}
+        if SAMPLED in schemes and sampled is None:  # what compress collects: the same for every cut
+            start = time.perf_counter()
+            folder = tmp / f"{name}-sampled"
+            tokens = settings.calibration_tokens  # compress's default count
+            collect_sampled(reader, layout, settings, tokens, 512, folder, layout.moe_layers, False)
+            sampled = calibration_grams(folder)
+            print(f"  sampled {tokens} tokens: {time.perf_counter() - start:.0f} s", flush=True)
         variants = [("16-bit", 16)] + [(s, b) for b in args.bits for s in schemes]
         for scheme, bits in variants:
             start = time.perf_counter()
@@ -259,7 +277,9 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                         grams = stats[job[0]].gram(job[1]).float()
                     elif scheme == WEIGHTS:
                         grams = proxies[job]
-                    rounded, size = round_factors(factors, scheme, bits, grams, job[1])
+                    elif scheme == SAMPLED:
+                        grams = sampled(*job)
+                    rounded, size = round_factors(factors, scheme, bits, grams, job[1], stacks[job])
                 factor_bytes += size
                 evaluator.set_products(*job, rounded.reconstruct())
                 pairs.append((rounded.reconstruct(), stacks[job]))
@@ -275,9 +295,15 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                 "seconds": time.perf_counter() - start,
                 "fit_seconds": fit_seconds,
             }
-            if scheme == WEIGHTS and bits in args.written_bits and not args.calibrated:  # what `mobe quantize` writes
-                out = tmp / f"{name}-{ratio}-int{bits}"
-                quantize_checkpoint(native, out, QuantizeConfig(bits=bits, group_size=GROUP), progress=False)
+            if scheme in (WEIGHTS, SAMPLED) and bits in args.written_bits and not args.calibrated:
+                # what `mobe quantize` writes, or `mobe compress --quantize-factor-rounding sampled`
+                out = tmp / f"{name}-{ratio}-int{bits}-{'sampled' if scheme == SAMPLED else 'weights'}"
+                how = QuantizeConfig(bits=bits, group_size=GROUP, factor_rounding="weights")
+                extra = {}
+                if scheme == SAMPLED:
+                    how = dataclasses.replace(how, factor_rounding="sampled")
+                    extra = {"grams": sampled, "targets": lambda layer, m: stacks[(layer, m)]}
+                quantize_checkpoint(native, out, how, progress=False, **extra)
                 written = Evaluator(out, ids, args)
                 row["checkpoint_perplexity"] = written.perplexity()
                 row["checkpoint_bytes"] = stored_bytes(out)
@@ -383,7 +409,7 @@ def verdicts(result: dict) -> list[str]:
         for ratio in sorted({r["ratio"] for r in rows if "ratio" in r}):
             mine = [r for r in rows if r.get("ratio") == ratio]
             loss16 = next(r["relative_change"] for r in mine if r["bits"] == 16)
-            for bits, scheme in ((b, s) for b in (4, 3) for s in (WEIGHTS, CALIBRATED)):
+            for bits, scheme in ((b, s) for b in (4, 3) for s in (WEIGHTS, SAMPLED, CALIBRATED)):
                 row = next((r for r in mine if r["bits"] == bits and r["scheme"] == scheme), None)
                 if row is None:
                     continue
@@ -475,6 +501,7 @@ def plot(result: dict, path: Path) -> None:
         "GPTQ, mixed basis": "^",
         "orthonormal": "o",
         WEIGHTS: "D",
+        SAMPLED: "P",
         "16-bit": "*",
     }
     for ax, name in zip(axes[0], names, strict=True):

@@ -242,7 +242,7 @@ class MobeConfig:
 QUANTIZE_BITS = (2, 3, 4, 8)
 QUANTIZE_OBSERVERS = ("minmax", "mse")  # as quantize.groupwise.OBSERVERS (the maths does not import config)
 QUANTIZE_SCOPES = ("experts", "linears")
-FACTOR_ROUNDINGS = ("weights", "nearest")  # data-free rounding of MoBE factors below 8 bits (quantize.proxy)
+FACTOR_ROUNDINGS = ("weights", "sampled", "nearest")  # data-free rounding of MoBE factors below 8 bits (quantize.proxy)
 
 
 @dataclass
@@ -315,8 +315,10 @@ class QuantizeConfig:
         metadata={
             "help": "native MoBE factors below 8 bits without calibration: weights (GPTQ on the second moments the "
             "weights stand in for: gate/up the experts' input-side Gram, down their intermediate activations on "
-            "Gaussian inputs shaped by it; each group's scale the clip with the least rounding error) | nearest "
-            "(round to nearest, min-max scales); same storage",
+            "Gaussian inputs shaped by it; each group's scale the clip with the least rounding error) | sampled "
+            "(compress only: GPTQ on the routed inputs of --calibration-tokens tokens the original model samples "
+            "itself, A first re-solved against the original experts on them; holds the whole model while it "
+            "samples) | nearest (round to nearest, min-max scales); same storage",
             "choices": FACTOR_ROUNDINGS,
         },
     )

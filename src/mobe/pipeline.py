@@ -15,13 +15,14 @@ import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from .architectures import MoeLayout, moe_layout
 from .calibrate import read_calibration_text
 from .calibrate.collect import check_streamable, require_tokenizer
-from .calibrate.run import calibration_grams, collect_calibration, refine_layers
+from .calibrate.run import calibration_grams, collect_calibration, collect_sampled, refine_layers
 from .checkpoint import CheckpointError, CheckpointReader, refuse_native
 from .config import FORMAT_VERSION, DistillConfig, MobeConfig, QuantizeConfig
 from .devices import resolve_device
@@ -38,8 +39,11 @@ from .export import (
     write_json_atomic,
     write_output,
 )
-from .factorize import budget_for_ratio, get_method
+from .factorize import budget_for_ratio, get_method, oriented
 from .quantize.checkpoint import refuse_quantized, stored_bytes
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +246,8 @@ def compress(
         from .quantize.checkpoint import check_dense_quantizable
 
         check_dense_quantizable(layout, quantize, reader.path)
+    if quantize is not None and samples_for_rounding(config, quantize, reconstruct):
+        check_streamable(layout)  # the sampled tokens' statistics are collected layer by layer
 
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".mobe-work")
     _open_work_folder(work, {"source": str(reader.path.resolve()), "config": config.fingerprint()})
@@ -302,16 +308,38 @@ def compress(
         from .quantize import quantize_checkpoint
 
         final = work / "quantized"
-        grams = None
+        grams = targets = None
         if config.calibration is not None and not reconstruct:  # integer factors rounded on the routed inputs
             grams = calibration_grams(work)
-        quantize_checkpoint(assemble, final, quantize, progress=progress, grams=grams)
+        elif samples_for_rounding(config, quantize, reconstruct):  # ... of text the original samples itself
+            layers = sorted({layer for layer, _ in jobs})
+            tokens, seq_len = config.calibration_tokens, config.calibration_seq_len
+            collect_sampled(reader, layout, config, tokens, seq_len, work / "sampled", layers, progress)
+            grams = calibration_grams(work / "sampled")
+        if grams is not None:  # A re-solved against the original experts in the inputs' metric, then rounded
+
+            def targets(layer: int, matrix: str) -> Tensor:
+                return oriented(matrix, layout.read_experts(reader, layer, matrix))
+
+        quantize_checkpoint(assemble, final, quantize, progress=progress, grams=grams, targets=targets)
         report.quantize = quantize.to_dict()
     report.bytes_before, report.bytes_after = stored_bytes(reader), stored_bytes(final)
     report.save(final)
     _move_into_place(final, output)
     shutil.rmtree(work)
     return report
+
+
+def samples_for_rounding(config: MobeConfig, quantize: QuantizeConfig, reconstruct: bool) -> bool:
+    """Whether a compression's integer MoBE factors are rounded on text the original samples itself
+    (`factor_rounding` "sampled"): native MoBE output below 8 bits, no calibration text."""
+    return (
+        quantize.factor_rounding == "sampled"
+        and quantize.bits < 8
+        and not reconstruct
+        and config.method == "mobe"
+        and config.calibration is None
+    )
 
 
 def _move_into_place(folder: Path, output: Path) -> None:

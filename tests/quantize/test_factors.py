@@ -15,7 +15,7 @@ from mobe import MobeConfig, QuantizeConfig, compress
 from mobe.architectures import moe_layout
 from mobe.checkpoint import CheckpointReader
 from mobe.cli.main import main
-from mobe.factorize import MobeFactors
+from mobe.factorize import MobeFactors, oriented
 from mobe.factorize.mobe import orthonormal_rows
 from mobe.fixtures import build_tiny_moe
 from mobe.pipeline import read_native_factors
@@ -177,7 +177,7 @@ def test_bases_kept_in_floating_point_with_shared_bits_16(native, tmp_path):
 def test_calibrated_rounding_lowers_the_output_error_and_compress_uses_it(tmp_path):
     """With the routed inputs' Grams S_i, A' is rounded by GPTQ (over its rows on S_i where the inputs meet them,
     else over its columns on Q_i S_i Q_i^T): the output error sum_i tr(dW_i S_i dW_i^T) falls below round-to-nearest's
-    at the same bytes; `compress --calibration --quantize` rounds so."""
+    at the same bytes; `compress --calibration --quantize` rounds so, A first re-solved against the originals."""
     from mobe.calibrate.collect import calibration_ids, collect_statistics
     from mobe.fixtures import trained_fixture_path
 
@@ -212,11 +212,20 @@ def test_calibrated_rounding_lowers_the_output_error_and_compress_uses_it(tmp_pa
 
     assert output_error(calibrated) < 0.5 * output_error(plain)  # measured: 0.19
 
-    both = tmp_path / "compress-gptq"
+    # compress also re-solves A against the original experts on those inputs before rounding (`targets`)
+    both, resolved = tmp_path / "compress-gptq", tmp_path / "gptq-resolved"
     compress(source, both, MobeConfig(**settings), progress=False, quantize=quantize)
+    quantize_checkpoint(
+        native,
+        resolved,
+        quantize,
+        progress=False,
+        grams=lambda layer, m: stats[layer].gram(m).float(),
+        targets=lambda layer, m: oriented(m, layout.read_experts(reader, layer, m)),
+    )
     for layer in (0, 3):
         for matrix in ("gate", "down"):
-            a, b = (read_native_factors(CheckpointReader(p), layout, layer, matrix) for p in (both, calibrated))
+            a, b = (read_native_factors(CheckpointReader(p), layout, layer, matrix) for p in (both, resolved))
             torch.testing.assert_close(a.A, b.A, rtol=0, atol=1e-5)
 
 
@@ -317,3 +326,35 @@ def test_data_free_checkpoint_rounds_every_matrix_by_its_weight_hessian(native, 
                 torch.einsum(pattern, f.reconstruct() - W, gram.double(), f.reconstruct() - W) for f in (got, nearest)
             ]
             assert errors[0] < errors[1]
+
+
+@pytest.mark.parametrize("inputs_on_rows", [False, True])
+def test_resolve_to_targets_is_the_least_squares_fit_on_the_inputs(inputs_on_rows):
+    """A' re-solved against the original weights W_i in the metric of inputs X_i equals the least-squares solution
+    of min ||(W_i - A Q_i) X_i^T|| (columns) / ||X_i (W_i - A Q_i)|| (rows) computed by lstsq on the samples
+    themselves; an expert that saw no input keeps its A'."""
+    from mobe.quantize.factors import resolve_to_targets
+
+    g = torch.Generator().manual_seed(3)
+    E, p, r, d, n = 4, 12, 6, 10, 40
+    factors = MobeFactors(
+        A=torch.randn(E, p, r, generator=g, dtype=torch.float64),
+        bases=torch.randn(1, 3, r, d, generator=g, dtype=torch.float64),
+        coef=torch.softmax(torch.randn(E, 3, generator=g, dtype=torch.float64), -1),
+        activation="tanh",
+    ).in_orthonormal_coordinates()
+    W = torch.randn(E, p, d, generator=g, dtype=torch.float64)
+    k = p if inputs_on_rows else d
+    X = torch.randn(E, n, k, generator=g, dtype=torch.float64) * torch.logspace(0, -1, k, dtype=torch.float64)
+    X[-1] = 0  # the last expert saw no token
+    S = X.transpose(1, 2) @ X
+    got = resolve_to_targets(factors, W, S, inputs_on_rows, damping=0.0).A
+    Q = factors.row_bases().double()
+    for e in range(E - 1):
+        if inputs_on_rows:  # X (W - A Q): the inputs weight the rows, the least-squares A is W Q^T for any full X
+            want = W[e] @ Q[e].T
+        else:  # (W - A Q) X^T: A (Q X^T) = W X^T
+            want = torch.linalg.lstsq((Q[e] @ X[e].T).T, (W[e] @ X[e].T).T).solution.T
+        torch.testing.assert_close(got[e], want, rtol=1e-7, atol=1e-9)
+    if not inputs_on_rows:
+        torch.testing.assert_close(got[-1], factors.A[-1], rtol=0, atol=0)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -17,10 +18,12 @@ from ..config import MobeConfig
 from ..devices import resolve_device
 from ..distribute import JobStore, local_devices
 from ..evaluate import MatrixResult, weight_error
+from ..export import atomic_save_file
 from ..factorize import oriented
 from ..factorize.weighted import output_error
 from .collect import CalibrationError, calibration_ids, collect_statistics
 from .refine import refine_layer
+from .sample import sample_sequences
 from .stats import LayerStats, stats_path
 
 
@@ -40,6 +43,36 @@ def collect_calibration(
     ):
         stats.save(stats_path(work, layer), meta)
         del stats  # not held while the next layer's are collected
+
+
+def collect_sampled(
+    reader: CheckpointReader,
+    layout: MoeLayout,
+    config: MobeConfig,
+    tokens: int,
+    seq_len: int,
+    folder: Path,
+    layers: list[int],
+    progress: bool,
+) -> None:
+    """Save each layer's statistics of `tokens` tokens the original model samples itself (`sample`) under `folder`,
+    for rounding integer factors without a calibration text. The tokens are kept there too, so an interrupted run
+    measures the missing layers on the same ones."""
+    done = {layer for layer in layers if stats_path(folder, layer).exists()}
+    if done == set(layers):
+        return
+    stats_path(folder, 0).parent.mkdir(parents=True, exist_ok=True)
+    saved = folder / "sampled_tokens.safetensors"
+    if saved.exists():
+        sequences = list(load_file(saved)["ids"])
+    else:
+        device = local_devices(config.device)[0]
+        sequences = sample_sequences(reader.path, tokens, seq_len, seed=config.seed, device=device, progress=progress)
+        atomic_save_file({"ids": torch.stack(sequences)}, saved)
+    meta = {"tokens": str(sum(s.numel() for s in sequences)), "seq_len": str(seq_len), "source": "sampled"}
+    for layer, stats in collect_statistics(reader, layout, sequences, layers, skip=done, progress=progress):
+        stats.save(stats_path(folder, layer), meta)
+        del stats
 
 
 def refine_layers(

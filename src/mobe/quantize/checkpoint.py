@@ -112,6 +112,7 @@ def quantize_checkpoint(
     *,
     progress: bool = True,
     grams: Callable[[int, str], torch.Tensor | None] | None = None,
+    targets: Callable[[int, str], torch.Tensor] | None = None,
     allocation: Mapping[tuple[int, str], int] | None = None,
 ) -> QuantizeReport:
     """Quantise the weights of `model` (any checkpoint mobe reads: original, pruned, dense or native) into `output`.
@@ -123,6 +124,8 @@ def quantize_checkpoint(
         progress: show a progress bar.
         grams: native MoBE factors below 8 bits: (layer, matrix) -> the second moments (E, k, k) of each expert's
             inputs (`mobe.calibrate` statistics), to round the expert factors by GPTQ on them; None: data-free.
+        targets: with `grams`: (layer, matrix) -> the original experts' (E, p, d) stack of `matrix` (down as its
+            transpose, `factorize.oriented`), against which A is re-solved in the grams' metric before rounding.
         allocation: dense checkpoints, mixed precision: (MoE layer, matrix) -> bits of that layer's routed experts'
             `matrix` ("gate", "up", "down"; 2, 3, 4 or 8 bits); units not named take `config.bits`. Each
             bit width becomes one compressed-tensors config group (`mobe.plan.mixed` chooses such allocations).
@@ -151,11 +154,17 @@ def quantize_checkpoint(
             f"{reader.path} holds MoBE factors: --calibration (GPTQ) quantises dense checkpoints; native factors are "
             "rounded to nearest, so leave --calibration out"
         )
+    if native and grams is None and config.factor_rounding == "sampled" and config.bits < 8:
+        raise QuantizeError(
+            f"{reader.path} holds MoBE factors: --factor-rounding sampled rounds them on text the original model "
+            "samples, which only a compression has (mobe compress --quantize-factor-rounding sampled); here use "
+            "weights or nearest"
+        )
     if native and allocation:
         raise QuantizeError(f"{reader.path} holds MoBE factors: a per-matrix bit allocation applies to dense experts")
     plan = _native_plan(reader) if native else _dense_plan(reader, config)
     bits_of = _bits_of(reader, config, allocation) if allocation else {}
-    rounder = _NativeRounder(reader, config, grams) if native else None
+    rounder = _NativeRounder(reader, config, grams, targets) if native else None
     if config.calibration is not None and config.scope != "experts":
         raise QuantizeError(
             "--calibration rounds the routed experts by GPTQ on their routed inputs (scope experts); the other "
@@ -268,8 +277,9 @@ class _NativeRounder:
         reader: CheckpointReader,
         config: QuantizeConfig,
         grams: Callable[[int, str], torch.Tensor | None] | None = None,
+        targets: Callable[[int, str], torch.Tensor] | None = None,
     ):
-        self.reader, self.config, self.grams = reader, config, grams
+        self.reader, self.config, self.grams, self.targets = reader, config, grams, targets
         self.source = reader.config["mobe"]
         self.method = self.source.get("method", "mobe")
         self.joint = self.method == "mobe" and config.bits < 8
@@ -307,6 +317,12 @@ class _NativeRounder:
         observer = self.config.observer
         if grams is None and self.config.factor_rounding == "weights":
             grams, observer = self._weight_hessians(key, factors, inputs_on_rows), "mse"
+        elif grams is not None and self.config.factor_rounding == "sampled":
+            observer = "mse"
+        targets = None
+        if grams is not None and self.targets is not None:
+            targets = self.targets(*key)
+            targets = targets.transpose(1, 2) if factors.transposed == "1" else targets
         _, stored = quantize_mobe(
             factors,
             self.config.bits,
@@ -315,7 +331,9 @@ class _NativeRounder:
             grams=grams,
             inputs_on_rows=inputs_on_rows,
             observer=observer,
+            targets=targets,
         )
+        del targets
         dtype = factors.A.dtype
         for field in factors_cls.tensor_fields:  # unquantised factors pass through
             if field not in stored:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..factorize import MobeFactors
 from . import groupwise
-from .gptq import gptq_quantize, gptq_round
+from .gptq import DAMPING, gptq_quantize, gptq_round
 from .proxy import input_gram
 
 SHARED_BITS = 8  # the bases: shared by a layer's experts, so their bytes are few and their errors reach every expert
@@ -92,6 +92,7 @@ def quantize_mobe(
     grams: Tensor | None = None,
     inputs_on_rows: bool | None = None,
     observer: str = "minmax",
+    targets: Tensor | None = None,
 ) -> tuple[MobeFactors, dict[str, StoredFactor]]:
     """Integer MoBE factors (module docstring): the factors the integers stand for (A in orthonormal coordinates,
     dequantised) and the stored form of A and, unless `shared_bits` is None (kept in floating point), the bases.
@@ -101,7 +102,9 @@ def quantize_mobe(
     over its rows with H = S_i where the inputs meet the rows of the fitted products (`inputs_on_rows`: down, or
     gate/up fitted transposed), else over its columns with H = Q_i S_i Q_i^T. The stored form is the same as without.
     `observer` fixes A's scales ("mse": the clip of each group's range with the least rounding error); the bases
-    keep min-max scales at their 8 bits.
+    keep min-max scales at their 8 bits. `targets` (E, rows, cols), with `grams`: the original weights in the fitted
+    orientation; A' is then first re-solved against them in the grams' metric (`resolve_to_targets`), so the
+    rounding starts from the factors that are best on those inputs, not from the data-free fit.
     """
     stored: dict[str, StoredFactor] = {}
     bases = factors.bases
@@ -109,6 +112,10 @@ def quantize_mobe(
         stored["bases"] = quantize_factor(bases, shared_bits, group_size)
         bases = stored["bases"].dequantize(bases.dtype)
     orthonormal = factors.in_orthonormal_coordinates(bases)
+    if targets is not None and grams is not None:
+        if inputs_on_rows is None:
+            raise ValueError("targets need inputs_on_rows: on which side of the fitted products the inputs are")
+        orthonormal = resolve_to_targets(orthonormal, targets, grams, inputs_on_rows)
     if grams is None or inputs_on_rows:
         stored["A"] = quantize_factor(
             orthonormal.A, bits, group_size, column_groups=True, hessian=grams, observer=observer
@@ -119,6 +126,39 @@ def quantize_mobe(
         stored["A"] = _gptq_down_columns(orthonormal, grams, bits, group_size, observer)
     rounded = dataclasses.replace(orthonormal, A=stored["A"].dequantize(factors.A.dtype), bases=bases)
     return rounded, stored
+
+
+def resolve_to_targets(
+    orthonormal: MobeFactors,
+    targets: Tensor,
+    grams: Tensor,
+    inputs_on_rows: bool,
+    damping: float = DAMPING,
+    chunk: int = 16,
+) -> MobeFactors:
+    """A' re-solved (orthonormal coordinates, Q_i fixed) to minimise each expert's output error against its original
+    weights W_i on inputs with second moments S_i: inputs on the columns, A'_i = W_i S_i Q_i^T (Q_i S_i Q_i^T +
+    lambda I)^-1 with GPTQ's damping lambda (a share of the mean diagonal); on the rows, the error is
+    tr((W_i - A'_i Q_i)^T S_i (W_i - A'_i Q_i)), least for A'_i = W_i Q_i^T whatever S_i. Experts whose S_i is zero
+    (no input seen) keep their A'. float64, `chunk` experts at a time (one chunk of W_i in float64 at most)."""
+    A = orthonormal.A.clone()
+    for start in range(0, orthonormal.num_experts, chunk):
+        experts = torch.arange(start, min(start + chunk, orthonormal.num_experts))
+        Q = orthonormal.row_bases(experts).double()
+        W = targets[experts].double()
+        if inputs_on_rows:
+            A[experts] = (W @ Q.transpose(1, 2)).to(A.dtype)
+            continue
+        S = (grams if grams.dim() == 2 else grams[experts]).double().expand(len(experts), -1, -1)
+        QS = Q @ S
+        G = QS @ Q.transpose(1, 2)
+        diag = G.diagonal(dim1=-2, dim2=-1)
+        seen = diag.sum(-1) > 0
+        diag.add_(damping * diag.mean(-1, keepdim=True))
+        G[~seen] = torch.eye(G.shape[-1], dtype=G.dtype)  # solved, then not used
+        solved = torch.linalg.solve(G, QS @ W.transpose(1, 2)).transpose(1, 2)
+        A[experts[seen]] = solved[seen].to(A.dtype)
+    return dataclasses.replace(orthonormal, A=A)
 
 
 def _gptq_down_columns(
