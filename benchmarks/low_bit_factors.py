@@ -13,6 +13,11 @@ its factors are rounded:
   (`mobe.quantize.proxy`): the same storage, A rounded by GPTQ on the second moments the weights stand in for
   (gate, up: the experts' input-side Gram; down: its intermediate activations on Gaussian inputs shaped by that
   Gram, through the fitted gate and up), each group's scale the clip with the least rounding error.
+- `orthonormal, GPTQ on sampled text`: what `mobe compress --quantize-factor-rounding sampled` writes
+  (`mobe.calibrate.sample`): the same storage, A re-solved against the original experts on the routed inputs of
+  tokens the original samples itself (compress's default count, `MobeConfig.calibration_tokens`), then rounded by
+  GPTQ on them with least-error scales. Its recipe's 16-bit loss, the bar's, is the row `re-solved on sampled text`
+  (A re-solved, not rounded).
 
 Each variant's held-out perplexity is measured through mobe's runtime (the native model with the variant's factors
 in place; the default one also from the checkpoint `mobe quantize` writes, whose stored bytes are counted), with
@@ -57,7 +62,7 @@ from mobe.factorize.schedule import least_squares_factor
 from mobe.fixtures import FINE_FIXTURE, TRAINED_FIXTURE, trained_fixture_path
 from mobe.pipeline import read_native_factors
 from mobe.quantize import fake_quantize, stored_bytes
-from mobe.quantize.factors import quantize_factor, quantize_mobe, weight_gram_hessian
+from mobe.quantize.factors import quantize_factor, quantize_mobe, resolve_to_targets, weight_gram_hessian
 from mobe.quantize.gptq import gptq_quantize
 from mobe.quantize.groupwise import dequantize
 from mobe.quantize.proxy import down_hessians, expert_activation
@@ -68,7 +73,8 @@ FIXTURES = {"coarse": TRAINED_FIXTURE, "fine": FINE_FIXTURE}
 WEIGHTS = "orthonormal, GPTQ on the weights"  # the data-free default of `mobe quantize` below 8 bits
 SAMPLED = "orthonormal, GPTQ on sampled text"  # --quantize-factor-rounding sampled: text the original samples
 SCHEMES = ("as fitted", "GPTQ, mixed basis", "orthonormal", WEIGHTS, SAMPLED)
-CALIBRATED = "orthonormal, GPTQ on the inputs"  # --calibrated: fits and rounding on the training-side text
+RESOLVED = "re-solved on sampled text"  # 16 bits: what SAMPLED rounds, A re-solved against the original on those inputs
+CALIBRATED = "orthonormal, GPTQ on the inputs"  # --calibrated: fit, re-solve and rounding on the training-side text
 GROUP = 64
 SCALE_BYTES = 2  # 16-bit scales, as the bf16 fixtures store them
 
@@ -91,23 +97,23 @@ def round_factors(
     (`grams`: the second moments of `matrix`'s inputs: the routed inputs' for the calibrated and sampled schemes,
     the weights' stand-ins for `WEIGHTS`; `original`: the original (E, p, d) stack, what `SAMPLED` re-solves A
     against)."""
+    shared_shapes = [getattr(factors, f).shape for f in factors.shared_fields]  # MoBE's bases, SLBF's U and V
     if scheme == "as fitted":
-        rounded = dataclasses.replace(
-            factors, A=fake_quantize(factors.A, bits, GROUP), bases=fake_quantize(factors.bases, bits, GROUP)
-        )
-        return rounded, _packed_bytes(factors.A.shape, bits) + _packed_bytes(factors.bases.shape, bits)
+        fields = {f: fake_quantize(getattr(factors, f), bits, GROUP) for f in ("A", *factors.shared_fields)}
+        rounded = dataclasses.replace(factors, **fields)
+        return rounded, _packed_bytes(factors.A.shape, bits) + sum(_packed_bytes(s, bits) for s in shared_shapes)
     shared = 8
     if scheme in ("orthonormal", WEIGHTS, CALIBRATED, SAMPLED):
         on_rows = (matrix == "down") != (factors.transposed == "1")
         extra = {"grams": grams, "inputs_on_rows": on_rows} if scheme in (WEIGHTS, CALIBRATED, SAMPLED) else {}
         if scheme in (WEIGHTS, SAMPLED):
             extra["observer"] = "mse"
-        if scheme == SAMPLED:  # what compress does: A re-solved against the original on the sampled inputs
+        if scheme in (SAMPLED, CALIBRATED):  # what compress does: A re-solved against the original on the inputs
             extra["targets"] = original.transpose(1, 2) if factors.transposed == "1" else original
         rounded, _ = quantize_mobe(factors, bits, GROUP, shared_bits=shared, **extra)
         # A stored down its columns: groups along its rows
         a_shape = (*factors.A.shape[:-2], factors.A.shape[-1], factors.A.shape[-2])
-        return rounded, _packed_bytes(a_shape, bits) + _packed_bytes(factors.bases.shape, shared)
+        return rounded, _packed_bytes(a_shape, bits) + sum(_packed_bytes(s, shared) for s in shared_shapes)
     bases = quantize_factor(factors.bases, shared, GROUP).dequantize(factors.bases.dtype)
     M = dataclasses.replace(factors, bases=bases).mixed_bases().double()
     target = factors.A.double() @ factors.mixed_bases().double()
@@ -232,9 +238,10 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     sampled = None
     for ratio in args.ratios:
         kind = "calibrated" if args.calibrated else "data-free"
-        native = (Path(args.fits) if args.fits else tmp) / f"{name}-{ratio}-{args.steps}steps-{kind}"
+        method = "" if args.method == "mobe" else f"-{args.method}"
+        native = (Path(args.fits) if args.fits else tmp) / f"{name}-{ratio}-{args.steps}steps-{kind}{method}"
         start = time.perf_counter()
-        settings = MobeConfig(target_ratio=ratio, steps=args.steps, device="cpu", **calibration)
+        settings = MobeConfig(method=args.method, target_ratio=ratio, steps=args.steps, device="cpu", **calibration)
         fit_seconds = None  # --fits: a finished fit of these settings is reused (seeded: the same factors)
         if not (native / "config.json").exists():
             compress(fixture, native, settings, progress=False)
@@ -243,14 +250,22 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         nlayout = moe_layout(nreader.config)
         jobs = [(layer, m) for layer in nreader.config["mobe"]["layers"] for m in nreader.config["mobe"]["matrices"]]
         fitted = {job: read_native_factors(nreader, nlayout, *job) for job in jobs}
-        names = {job: factor_tensor_names(nlayout, *job) for job in jobs}
+        # the fields stored as 16-bit floats and rounded (not the mixing weights, not SLBF's integer pivots)
+        names = {
+            job: {
+                f: n
+                for f, n in factor_tensor_names(nlayout, *job, fitted[job].tensor_fields).items()
+                if f != "coef" and f not in fitted[job].index_fields
+            }
+            for job in jobs
+        }
         factor_names = {n for job in jobs for n in names[job].values()}
-        rest = stored_bytes(nreader) - sum(
-            math.prod(nreader.shape(n)) * 2 for job in jobs for f, n in names[job].items() if f != "coef"
-        )
+        rest = stored_bytes(nreader) - sum(math.prod(nreader.shape(n)) * 2 for job in jobs for n in names[job].values())
         evaluator = Evaluator(fixture, ids, args)
         schemes = [
-            s for s in (("orthonormal", WEIGHTS, CALIBRATED) if args.calibrated else SCHEMES) if s in args.schemes
+            s
+            for s in (("orthonormal", WEIGHTS, CALIBRATED) if args.calibrated else SCHEMES)
+            if s in args.schemes and (args.method == "mobe" or s != "GPTQ, mixed basis")
         ]
         proxies = weight_hessians(fitted, config=nreader.config) if WEIGHTS in schemes else {}
         if SAMPLED in schemes and sampled is None:  # what compress collects: the same for every cut
@@ -260,7 +275,8 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
             collect_sampled(reader, layout, settings, tokens, 512, folder, layout.moe_layers, False)
             sampled = calibration_grams(folder)
             print(f"  sampled {tokens} tokens: {time.perf_counter() - start:.0f} s", flush=True)
-        variants = [("16-bit", 16)] + [(s, b) for b in args.bits for s in schemes]
+        variants = [("16-bit", 16)] + ([(RESOLVED, 16)] if SAMPLED in schemes else [])
+        variants += [(s, b) for b in args.bits for s in schemes]
         for scheme, bits in variants:
             start = time.perf_counter()
             pairs, factor_bytes = [], 0
@@ -269,8 +285,13 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                 if bits == 16:
                     rounded, size = (
                         factors,
-                        sum(math.prod(nreader.shape(n)) * 2 for f, n in names[job].items() if f != "coef"),
+                        sum(math.prod(nreader.shape(n)) * 2 for n in names[job].values()),
                     )
+                    if scheme == RESOLVED:  # the 16-bit loss of the sampled scheme's recipe: fit, then re-solve
+                        on_rows = (job[1] == "down") != (factors.transposed == "1")
+                        target = stacks[job].transpose(1, 2) if factors.transposed == "1" else stacks[job]
+                        orthonormal = factors.in_orthonormal_coordinates()
+                        rounded = resolve_to_targets(orthonormal, target, sampled(*job), on_rows)
                 else:
                     grams = None
                     if scheme == CALIBRATED:
@@ -285,7 +306,7 @@ def run_fixture(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                 pairs.append((rounded.reconstruct(), stacks[job]))
             ppl = evaluator.perplexity()
             row = {
-                "variant": f"MoBE {100 * ratio:.0f}%",
+                "variant": f"{'SLBF' if args.method == 'slbf' else 'MoBE'} {100 * ratio:.0f}%",
                 "ratio": ratio,
                 "bits": bits,
                 "scheme": scheme,
@@ -408,11 +429,14 @@ def verdicts(result: dict) -> list[str]:
         orig = {r["bits"]: r["relative_change"] for r in rows if r["variant"] == "original"}
         for ratio in sorted({r["ratio"] for r in rows if "ratio" in r}):
             mine = [r for r in rows if r.get("ratio") == ratio]
-            loss16 = next(r["relative_change"] for r in mine if r["bits"] == 16)
+            plain16 = next(r["relative_change"] for r in mine if r["bits"] == 16 and r["scheme"] == "16-bit")
+            resolved16 = next((r["relative_change"] for r in mine if r["scheme"] == RESOLVED), None)
             for bits, scheme in ((b, s) for b in (4, 3) for s in (WEIGHTS, SAMPLED, CALIBRATED)):
                 row = next((r for r in mine if r["bits"] == bits and r["scheme"] == scheme), None)
                 if row is None:
                     continue
+                # the same recipe's 16-bit loss: the sampled scheme re-solves A before it rounds
+                loss16 = resolved16 if scheme == SAMPLED and resolved16 is not None else plain16
                 base, source = orig[bits], "round-to-nearest"
                 reference = _gptq_loss(gptq, name, bits) if bits == 3 else None  # the int3 bar is GPTQ's
                 if reference is not None:
@@ -422,7 +446,8 @@ def verdicts(result: dict) -> list[str]:
                 out.append(
                     f"{name} {100 * ratio:.0f}% int{bits} factors ({scheme}): {100 * row['relative_change']:+.2f}% "
                     "perplexity "
-                    f"against at most {100 * bar:.2f}% (1.25 x ({100 * loss16:+.2f}% 16-bit + {100 * base:+.2f}% "
+                    f"against at most {100 * bar:.2f}% (1.25 x ({100 * loss16:+.2f}% 16-bit"
+                    f"{' re-solved' if scheme == SAMPLED and resolved16 is not None else ''} + {100 * base:+.2f}% "
                     f"original int{bits} by {source}) + 0.1%): {'yes' if ok else 'NO'}"
                 )
     return out
@@ -440,22 +465,26 @@ def _gptq_loss(gptq: dict, name: str, bits: int) -> float | None:
 
 
 def summary(result: dict) -> str:
-    """One sentence for the README: int4 factors of each fixture's 25% cut against its 16-bit factors and the
-    original in int4."""
+    """One sentence for the README: int4 factors of each fixture's 25% cut, by the default data-free rounding and on
+    sampled text, against its 16-bit factors and the original in int4."""
     parts = []
     for name, fixture in result["fixtures"].items():
-        rows = fixture["rows"]
-        mobe = {r["bits"]: r for r in rows if r.get("ratio") == 0.25 and r["scheme"] in ("16-bit", WEIGHTS)}
-        orig4 = next((r for r in rows if r["variant"] == "original" and r["bits"] == 4), None)
-        if 4 not in mobe or 16 not in mobe or orig4 is None:
+        rows = [r for r in fixture["rows"] if r.get("ratio") == 0.25]
+        mobe = {(r["bits"], r["scheme"]): r for r in rows}
+        orig4 = next((r for r in fixture["rows"] if r["variant"] == "original" and r["bits"] == 4), None)
+        if (4, WEIGHTS) not in mobe or (16, "16-bit") not in mobe or orig4 is None:
             continue
+        sampled = mobe.get((4, SAMPLED))
+        on_sampled = f", on sampled text {100 * sampled['relative_change']:+.2f}%" if sampled else ""
         parts.append(
-            f"{name} {100 * mobe[4]['relative_change']:+.2f}% at {mobe[4]['stored_bytes'] / 2**20:.1f} MiB (16-bit "
-            f"factors {100 * mobe[16]['relative_change']:+.2f}%, the original in int4 "
+            f"{name} {100 * mobe[4, WEIGHTS]['relative_change']:+.2f}%{on_sampled} at "
+            f"{mobe[4, WEIGHTS]['stored_bytes'] / 2**20:.1f} MiB (16-bit factors "
+            f"{100 * mobe[16, '16-bit']['relative_change']:+.2f}%, the original in int4 "
             f"{100 * orig4['relative_change']:+.2f}% at {orig4['stored_bytes'] / 2**20:.1f} MiB)"
         )
     return (
-        "Integer MoBE factors (`--quantize int4` on a 25% cut, data-free; "
+        "Integer MoBE factors (`--quantize int4` on a 25% cut, data-free: rounded on the weights, the default, and "
+        "with `--quantize-factor-rounding sampled` on text the model samples itself; "
         "[docs/quantize.md](docs/quantize.md#integer-mobe-factors-below-8-bits)), held-out perplexity change: "
         + "; ".join(parts)
         + ".\n"
@@ -471,8 +500,7 @@ def table(result: dict) -> str:
             f"**{name}** (`{fixture['fixture']}`, E={s['E']} p={s['p']} d={s['d']}; original perplexity "
             f"{fixture['original_perplexity']:.2f})",
             "",
-            "| variant | bits | rounding | MiB stored | d ppl | written by `mobe quantize`: d ppl "
-            "| rel. weight error |",
+            "| variant | bits | rounding | MiB stored | d ppl | written checkpoint: d ppl | rel. weight error |",
             "|---|---:|---|---:|---:|---:|---:|",
         ]
         original = fixture["original_perplexity"]
@@ -507,7 +535,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, name in zip(axes[0], names, strict=True):
         colours: dict[str, str] = {}
         for r in result["fixtures"][name]["rows"]:
-            scheme = "16-bit" if r["bits"] == 16 and r["variant"] != "original" else r["scheme"]
+            plain = r["bits"] == 16 and r["variant"] != "original" and r["scheme"] != RESOLVED
+            scheme = "16-bit" if plain else r["scheme"]
             label = f"{r['variant']}, {scheme}"
             colour = colours.setdefault(label, f"C{len(colours) % 10}")
             x, y = r["stored_bytes"] / 2**20, max(r["relative_change"], 1e-5) * 100
@@ -529,6 +558,13 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3], choices=[2, 3, 4, 8])
     parser.add_argument("--steps", type=int, default=300, help="steps of the default recipe's fit")
+    parser.add_argument(
+        "--method",
+        default="mobe",
+        choices=["mobe", "slbf"],
+        help="the fit whose factors are rounded: mobe (the default recipe) or slbf (its low-rank bases, U and V, "
+        "stand for the bases; the scheme `GPTQ, mixed basis` is MoBE's only)",
+    )
     parser.add_argument(
         "--calibrated",
         action="store_true",

@@ -122,6 +122,7 @@ BLOCKS = {
         ("README.md", "low_bit_summary", low_bit_factors.summary),
     ],
     "low_bit_factors_calibrated": [("docs/quantize.md", "low_bit_factors_calibrated", low_bit_factors.table)],
+    "low_bit_factors_slbf": [("docs/quantize.md", "low_bit_factors_slbf", low_bit_factors.table)],
     "budget": [("docs/quantize.md", "budget", budget.table)],
     "budget_calibrated": [("docs/quantize.md", "budget_calibrated", budget_calibrated.table)],
     "calibrated_rounding": [("docs/quantize.md", "calibrated_rounding", calibrated_rounding.table)],

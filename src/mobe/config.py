@@ -427,3 +427,16 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def rounds_on_sampled_text(config: MobeConfig, quantize: QuantizeConfig | None, reconstruct: bool) -> bool:
+    """Whether a compression rounds its integer MoBE factors on text the original samples itself
+    (`factor_rounding` "sampled"): native MoBE output below 8 bits, no calibration text."""
+    return (
+        quantize is not None
+        and quantize.factor_rounding == "sampled"
+        and quantize.bits < 8
+        and not reconstruct
+        and config.method in ("mobe", "slbf")  # quantize.factors.JOINT_METHODS: A_i times a mixed basis
+        and config.calibration is None
+    )

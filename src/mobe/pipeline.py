@@ -24,7 +24,7 @@ from .calibrate import read_calibration_text
 from .calibrate.collect import check_streamable, require_tokenizer
 from .calibrate.run import calibration_grams, collect_calibration, collect_sampled, refine_layers
 from .checkpoint import CheckpointError, CheckpointReader, refuse_native
-from .config import FORMAT_VERSION, DistillConfig, MobeConfig, QuantizeConfig
+from .config import FORMAT_VERSION, DistillConfig, MobeConfig, QuantizeConfig, rounds_on_sampled_text
 from .devices import resolve_device
 from .distribute import JobSpec, JobStore, local_devices, require_ray, run_device_pool, run_ray, run_serial
 from .evaluate import CompressionReport, MatrixResult
@@ -240,13 +240,14 @@ def compress(
     if not force and ray is False:  # a Ray cluster's nodes are not this machine
         from .estimate import check_compress_memory
 
-        check_compress_memory(reader, config, local_devices(config.device))
+        sampled = rounds_on_sampled_text(config, quantize, reconstruct)
+        check_compress_memory(reader, config, local_devices(config.device), sampled=sampled)
     fmt = "dense" if reconstruct else "native"
     if quantize is not None and reconstruct:  # refused now (library missing, group size), not after the fits
         from .quantize.checkpoint import check_dense_quantizable
 
         check_dense_quantizable(layout, quantize, reader.path)
-    if quantize is not None and samples_for_rounding(config, quantize, reconstruct):
+    if rounds_on_sampled_text(config, quantize, reconstruct):
         check_streamable(layout)  # the sampled tokens' statistics are collected layer by layer
 
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".mobe-work")
@@ -311,12 +312,14 @@ def compress(
         grams = targets = None
         if config.calibration is not None and not reconstruct:  # integer factors rounded on the routed inputs
             grams = calibration_grams(work)
-        elif samples_for_rounding(config, quantize, reconstruct):  # ... of text the original samples itself
+        elif rounds_on_sampled_text(config, quantize, reconstruct):  # ... of text the original samples itself
             layers = sorted({layer for layer, _ in jobs})
             tokens, seq_len = config.calibration_tokens, config.calibration_seq_len
             collect_sampled(reader, layout, config, tokens, seq_len, work / "sampled", layers, progress)
             grams = calibration_grams(work / "sampled")
-        if grams is not None:  # A re-solved against the original experts in the inputs' metric, then rounded
+        # A re-solved against the original experts in the inputs' metric, then rounded; not where distillation or
+        # layer refinement moved the factors toward the model's outputs, which a per-matrix re-solve would undo
+        if grams is not None and distill_text is None and not config.calibration_refine_steps:
 
             def targets(layer: int, matrix: str) -> Tensor:
                 return oriented(matrix, layout.read_experts(reader, layer, matrix))
@@ -328,18 +331,6 @@ def compress(
     _move_into_place(final, output)
     shutil.rmtree(work)
     return report
-
-
-def samples_for_rounding(config: MobeConfig, quantize: QuantizeConfig, reconstruct: bool) -> bool:
-    """Whether a compression's integer MoBE factors are rounded on text the original samples itself
-    (`factor_rounding` "sampled"): native MoBE output below 8 bits, no calibration text."""
-    return (
-        quantize.factor_rounding == "sampled"
-        and quantize.bits < 8
-        and not reconstruct
-        and config.method == "mobe"
-        and config.calibration is None
-    )
 
 
 def _move_into_place(folder: Path, output: Path) -> None:

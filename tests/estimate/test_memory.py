@@ -66,7 +66,7 @@ def test_quantize_estimate_adds_the_rounding_of_mobe_factors_in_orthonormal_coor
     config = memory.QuantizeConfig(bits=4, group_size=16, factor_rounding="nearest")
     rounding = memory.quantize_bytes(reader, config)
     weights = memory.quantize_bytes(reader, memory.QuantizeConfig(bits=4, group_size=16))
-    reader.config["mobe"]["method"] = "slbf"  # any other method: its factors rounded one tensor at a time
+    reader.config["mobe"]["method"] = "svd"  # a method without a mixed basis: its factors rounded one at a time
     plain = memory.quantize_bytes(reader, config)
     E, p, d = 8, 16, 32  # gate and down both fitted as (E, p, d) stacks (down as its transpose), at rank p
     assert rounding - plain == int(1.75 * max(32 * E * p * d, 28 * E * p * p))
@@ -355,3 +355,27 @@ def test_a_pool_worker_costs_a_fresh_interpreter_with_torch_and_mobe_imported(ti
     runtime = memory.RUNTIME_BYTES["compress"]
     job = estimate.job_host + runtime + memory.WORKER_PROCESS_BYTES
     assert estimate.compress_host(workers=3) == max(3 * job, estimate.export) + runtime
+
+
+def test_sampling_holds_the_whole_model_in_float32_and_one_batchs_cache(tiny_bf16, monkeypatch):
+    """Rounding factors on sampled text loads every weight (float32 on the CPU: 4 bytes per parameter, as
+    `num_parameters` counts them independently of the shards' dtypes) and a key-value cache of one batch that grows
+    to the sequence length; the refusal names the cheaper rounding."""
+    from mobe.calibrate.sample import BATCH
+
+    reader = CheckpointReader(tiny_bf16)
+    cfg = reader.config
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim  # K and V of every layer
+    short, long = (memory.sampling_bytes(reader, BATCH * n, n, "cpu") for n in (64, 128))
+    assert long - short == 4 * BATCH * (128 - 64) * per_token * 3 // 2  # the cache, with its copies' share
+    assert short > 4 * reader.num_parameters()
+    assert memory.sampling_bytes(reader, BATCH * 64, 64, "cuda") < short  # bfloat16 weights and cache on a GPU
+    config = MobeConfig(num_bases=2, rank=8, calibration_tokens=BATCH * 64, calibration_seq_len=64)
+    estimate = memory.compress_memory_estimate(reader, config)
+    assert estimate.sampling == short
+    assert estimate.compress_host(sampled=True) >= short + memory.RUNTIME_BYTES["compress"]
+    _refuse_below(monkeypatch, estimate.compress_host(sampled=True) - 1)
+    memory.check_compress_memory(reader, config, ["cpu"])  # without sampling it fits
+    with pytest.raises(memory.MemoryRefusal, match="sampled factor rounding .*--quantize-factor-rounding weights"):
+        memory.check_compress_memory(reader, config, ["cpu"], sampled=True)

@@ -100,8 +100,9 @@ def test_quantised_factors_read_back_as_their_dequantised_values(natives, method
     for (layer, matrix), factors in written.items():
         names = factor_tensor_names(layout, layer, matrix, factors.tensor_fields)
         read = read_native_factors(reader, layout, layer, matrix)
-        # MoBE below 8 bits: bases at 8 bits, A in orthonormal coordinates (mobe.quantize.factors); else each factor
-        expected = quantize_mobe(factors, bits, 8)[0] if method == "mobe" and bits < 8 else None
+        # MoBE and SLBF below 8 bits: bases (U, V) at 8 bits, A in orthonormal coordinates (mobe.quantize.factors);
+        # else each factor on its own
+        expected = quantize_mobe(factors, bits, 8)[0] if bits < 8 else None
         for field in factors.tensor_fields:
             original = getattr(factors, field)
             if field in fields:

@@ -358,3 +358,77 @@ def test_resolve_to_targets_is_the_least_squares_fit_on_the_inputs(inputs_on_row
         torch.testing.assert_close(got[e], want, rtol=1e-7, atol=1e-9)
     if not inputs_on_rows:
         torch.testing.assert_close(got[-1], factors.A[-1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_slbf_factors_solved_against_their_mixed_bases_round_like_the_dense_products(bits):
+    """SLBF's A_i multiplies a mixed basis as MoBE's does: solved exactly against it (what a converged fit returns),
+    rounding A as it is multiplies the error (here 5x); in orthonormal coordinates of the mixed basis of 8-bit U and
+    V it is what rounding the dense products costs."""
+    from mobe.factorize.slbf import SlbfFactors
+
+    g = torch.Generator().manual_seed(0)
+    E, r, c, k, group = 8, 16, 48, 4, 8
+    factors = SlbfFactors(
+        A=torch.zeros(E, r, r),
+        U=torch.randn(E, r - k, k, generator=g),
+        V=torch.randn(E, k, c, generator=g) * torch.logspace(0, -1, k)[:, None],
+        pivots=torch.arange(k).expand(E, k).contiguous(),
+        coef=torch.softmax(torch.randn(E, E, generator=g), -1),
+        activation="silu",
+        transposed="0",
+    )
+    factors = dataclasses.replace(
+        factors, A=torch.randn(E, r, c, generator=g) @ torch.linalg.pinv(factors.mixed_bases())
+    )
+    products = factors.reconstruct()
+
+    def error(w):
+        return ((w - products).norm() / products.norm()).item()
+
+    moved = factors.in_orthonormal_coordinates()
+    torch.testing.assert_close(moved.reconstruct(), products, rtol=0, atol=1e-4)
+    rounded, stored = quantize_mobe(factors, bits, group)
+    assert stored["U"].bits == stored["V"].bits == 8 and stored["A"].bits == bits and stored["A"].column_groups
+    naive = dataclasses.replace(
+        factors,
+        A=fake_quantize(factors.A, bits, group),
+        U=fake_quantize(factors.U, 8, group),
+        V=fake_quantize(factors.V, 8, group),
+    )
+    assert error(rounded.reconstruct()) < 1.1 * error(fake_quantize(products, bits, group))
+    assert error(naive.reconstruct()) > 3 * error(rounded.reconstruct())
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_slbf_checkpoint_rounds_in_orthonormal_coordinates_and_runs(tmp_path, transposed):
+    """A native SLBF checkpoint below 8 bits keeps U and V at 8 bits and A in orthonormal coordinates; it records
+    so, reads back as those factors and runs through the runtime as its reconstruction."""
+    from mobe.factorize.slbf import SlbfFactors
+
+    sizes = dict(hidden_size=32, moe_intermediate_size=48) if transposed else {}
+    model = build_tiny_moe(tmp_path / "qwen3_moe", "qwen3_moe", initializer_range=0.2, **sizes)
+    native = tmp_path / "slbf"
+    compress(model, native, MobeConfig(method="slbf", target_ratio=0.2, steps=30, device="cpu"), progress=False)
+    out, group = tmp_path / "int3", 8
+    quantize_checkpoint(
+        native, out, QuantizeConfig(bits=3, group_size=group, factor_rounding="nearest"), progress=False
+    )
+    section = json.loads((out / "config.json").read_text())["mobe"]
+    assert section["quantization"]["field_bits"] == {"U": 8, "V": 8}
+    assert section["quantization"]["column_groups"] == ["A"]
+    source, reader = CheckpointReader(native), CheckpointReader(out)
+    layout = moe_layout(source.config)
+    for layer in section["layers"]:
+        for matrix in section["matrices"]:
+            fitted = read_native_factors(source, layout, layer, matrix)
+            got = read_native_factors(reader, layout, layer, matrix)
+            assert isinstance(got, SlbfFactors) and got.orthonormal == "1"
+            assert got.transposed == fitted.transposed == ("1" if transposed else "0")
+            want, _ = quantize_mobe(fitted, 3, group)
+            torch.testing.assert_close(got.reconstruct(), want.reconstruct(), rtol=0, atol=1e-5)
+    quantized = AutoModelForCausalLM.from_pretrained(out).eval()
+    dense = tmp_path / "dense"
+    assert main(["reconstruct", str(out), "-o", str(dense), "-q"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(IDS).logits, logits(dense), rtol=0, atol=1e-4)

@@ -249,17 +249,20 @@ def test_cli_reap_then_int4(tmp_path, capsys):
     logits(out)
 
 
-@pytest.mark.parametrize(("method", "ratio"), [("slbf", 0.1), ("svd", 0.3), ("d2moe", 0.3), ("molae", 0.3)])
-def test_every_method_s_factors_quantised_run_to_the_fake_quantised_factors(tiny, method, ratio, tmp_path):
-    native, out = tmp_path / "native", tmp_path / "int4"
+# SLBF below 8 bits is rounded jointly, A in orthonormal coordinates, as MoBE is (tests/quantize/test_factors.py)
+@pytest.mark.parametrize(
+    ("method", "ratio", "bits"), [("slbf", 0.1, 8), ("svd", 0.3, 4), ("d2moe", 0.3, 4), ("molae", 0.3, 4)]
+)
+def test_every_method_s_factors_quantised_run_to_the_fake_quantised_factors(tiny, method, ratio, bits, tmp_path):
+    native, out = tmp_path / "native", tmp_path / f"int{bits}"
     config = MobeConfig(method=method, target_ratio=ratio, num_bases=2, steps=10, device="cpu")
     compress(tiny["qwen3_moe"], native, config, progress=False)
-    quantize_checkpoint(native, out, QuantizeConfig(bits=4, group_size=6), progress=False)
+    quantize_checkpoint(native, out, QuantizeConfig(bits=bits, group_size=6), progress=False)
     fields = json.loads((out / "config.json").read_text())["mobe"]["quantization"]["fields"]
     assert "coef" not in fields and "pivots" not in fields  # mixing weights and integer pivots stay as they are
     reference = AutoModelForCausalLM.from_pretrained(native).eval()
     with torch.no_grad():
         for name, param in reference.named_parameters():
             if name.rsplit(".", 1)[-1].removeprefix("mobe_") in fields:
-                param.copy_(reference_fake_quantize(param, 4, 6))
+                param.copy_(reference_fake_quantize(param, bits, 6))
         torch.testing.assert_close(logits(out), reference(IDS).logits, rtol=0, atol=1e-5)

@@ -20,6 +20,7 @@ from ..evaluate import mobe_parameters
 from ..export import factor_tensor_names
 from ..factorize.mobe import fits_transposed, fitted_shape
 from ..factorize.primitives import MMAP_THRESHOLD_MAX
+from ..quantize.factors import JOINT_METHODS
 from ..quantize.proxy import SAMPLES, expert_chunk
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -394,6 +395,33 @@ def calibration_pass_bytes(
     return max(embed, layer + hidden + sequence + READ_BYTES + stats + inputs)
 
 
+def sampling_bytes(reader: CheckpointReader, tokens: int, seq_len: int, device: str = "cpu") -> int:
+    """Peak bytes of sampling calibration text from the whole model (`mobe.calibrate.sample`): every weight (float32
+    on the CPU, the stored dtype on an accelerator) beside the largest shard as read while loading, the key-value
+    cache of one batch of sequences (float32 or the stored dtype) with half as much again for the copies its growth
+    by concatenation leaves to the allocator (measured on the CPU: the fixtures' peaks were 1.4-1.5 cache above the
+    other terms), the batch's last-token logits with their processed copies and probabilities, and what loading
+    and generate allocate for themselves (`RUNTIME_BYTES["inference"]`)."""
+    from ..calibrate.sample import BATCH
+
+    cfg = reader.config.get("text_config", reader.config)
+    names = list(reader.weight_map)
+    stored = sum(math.prod(reader.shape(n)) * DTYPE_BYTES.get(reader.dtype_name(n), 4) for n in names)
+    element = 4 if device == "cpu" else max(1, stored // max(1, reader.num_parameters()))
+    shards = reader.tensors_by_shard().values()
+    largest = max(
+        sum(math.prod(reader.shape(n)) * DTYPE_BYTES.get(reader.dtype_name(n), 4) for n in shard) for shard in shards
+    )
+    batch = min(BATCH, math.ceil(tokens / seq_len))
+    heads = int(cfg.get("num_attention_heads") or 1)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // heads)
+    layers = int(cfg.get("num_hidden_layers") or 1)
+    cache = element * batch * seq_len * layers * 2 * kv_heads * head_dim
+    logits = 4 * 4 * batch * int(cfg.get("vocab_size") or 0)
+    return element * reader.num_parameters() + largest + cache * 3 // 2 + logits + RUNTIME_BYTES["inference"]
+
+
 def _dtype_of(reader: CheckpointReader, name: str) -> str:
     return reader.dtype_name(name) if name in reader.weight_map else "F32"
 
@@ -425,7 +453,7 @@ def quantize_bytes(reader: CheckpointReader, config: QuantizeConfig | None = Non
                 quantised += numel * (1 + config.bits / 8) + 4 * numel / config.group_size
                 largest = max(largest, numel)
         peak = max(peak, int(read + quantised + 3 * 4 * largest))
-    if native and section.get("method", "mobe") == "mobe" and config.bits < 8:
+    if native and section.get("method", "mobe") in JOINT_METHODS and config.bits < 8:
         peak += _mobe_rounding_bytes(reader, weights=config.factor_rounding == "weights")
     return peak + RUNTIME_BYTES["quantize"]
 
@@ -443,12 +471,16 @@ def _mobe_rounding_bytes(reader: CheckpointReader, weights: bool = False) -> int
     for name in reader.weight_map:
         if not name.endswith(".mobe_A"):
             continue
-        bases = name[: -len("A")] + "bases"
-        if bases not in reader.weight_map:
+        stem, formed = name[: -len("A")], 0
+        if stem + "bases" in reader.weight_map:
+            cols = reader.shape(stem + "bases")[-1]
+        elif stem + "V" in reader.weight_map:  # SLBF: its m low-rank bases are formed, (m, r, c) float32
+            cols = reader.shape(stem + "V")[-1]
+            formed = 4 * reader.shape(stem + "V")[0] * reader.shape(name)[-1] * cols
+        else:
             continue
         E, rows, rank = reader.shape(name)
-        cols = reader.shape(bases)[-1]
-        transients = max(32 * E * rank * cols, 28 * E * rows * rank)
+        transients = max(32 * E * rank * cols, 28 * E * rows * rank) + formed
         if weights:  # GPTQ in place of rounding to nearest: its float64 state instead of the float32 transients
             side = max(rows, rank)
             transients = max(transients, 8 * 4 * E * rows * rank + 8 * 4 * E * side * side)
@@ -496,17 +528,21 @@ class MemoryEstimate:
     calibration_tokens: int
     top_k: int
     device: str = "cpu"
+    sampling: int = 0  # sampling calibration text from the whole model (factor rounding "sampled"), where it runs
 
-    def compress_host(self, calibrated: bool = False, workers: int = 1) -> int:
+    def compress_host(self, calibrated: bool = False, workers: int = 1, sampled: bool = False) -> int:
         """`mobe compress`'s host peak: the largest of `workers` jobs at once (each worker process its own
         interpreter and libraries, `WORKER_PROCESS_BYTES`, and runtime), with calibration the pass before them, and
-        writing the output; plus the runtime's own allocations."""
+        writing the output; with `sampled` (integer factors rounded on sampled text), the sampling (on the CPU)
+        and the calibration pass over its tokens; plus the runtime's own allocations."""
         job = self.calibrated_job_host if calibrated else self.job_host
         runtime = RUNTIME_BYTES["compress"]
         pool = workers * (job + runtime + WORKER_PROCESS_BYTES)
         stages = [pool if workers > 1 else job, self.export]
-        if calibrated:
+        if calibrated or sampled:
             stages.append(self.calibration_pass)
+        if sampled and self.device == "cpu":
+            stages.append(self.sampling)
         return max(stages) + runtime
 
     @property
@@ -514,9 +550,10 @@ class MemoryEstimate:
         """`mobe generate`'s peak: the weights, the workspace and caches, and the libraries' own."""
         return self.inference_weights + self.inference_workspace + RUNTIME_BYTES["inference"]
 
-    def compress_device(self, calibrated: bool = False) -> int:
-        """Peak bytes on one accelerator (each device of a pool runs one job at a time)."""
-        return self.calibrated_job_device if calibrated else self.job_device
+    def compress_device(self, calibrated: bool = False, sampled: bool = False) -> int:
+        """Peak bytes on one accelerator (each device of a pool runs one job at a time; the first also samples)."""
+        job = self.calibrated_job_device if calibrated else self.job_device
+        return max(job, self.sampling) if sampled and self.device != "cpu" else job
 
     def summary(self) -> str:
         def job(host: int, device: int) -> str:
@@ -535,6 +572,9 @@ class MemoryEstimate:
                 f"factored {gib(self.stats_factor)} (uniformly random routing; at most "
                 f"{gib(self.stats_factor_bound)}), "
                 f"dense Grams {gib(self.stats_gram)}",
+                f"  integer factors rounded on sampled text (--quantize-factor-rounding sampled): the whole model "
+                f"samples {self.calibration_tokens} tokens, {gib(self.sampling)}"
+                + (" RAM" if self.device == "cpu" else f" on {self.device}"),
                 f"  native inference: {gib(self.inference_total)} "
                 f"(weights {gib(self.inference_weights)}, workspace and caches {gib(self.inference_workspace)})",
             ]
@@ -607,6 +647,7 @@ def memory_estimate(
         calibration_tokens=calibration_tokens,
         top_k=top_k,
         device=device,
+        sampling=sampling_bytes(reader, calibration_tokens, calibration_seq_len, device),
     )
 
 
@@ -655,17 +696,22 @@ class MemoryRefusal(ValueError):
     """A run whose estimated peak exceeds what the device has free (`--force` runs it anyway)."""
 
 
-def check_compress_memory(reader: CheckpointReader, config: MobeConfig, devices: list[str]) -> MemoryEstimate:
+def check_compress_memory(
+    reader: CheckpointReader, config: MobeConfig, devices: list[str], sampled: bool = False
+) -> MemoryEstimate:
     """Refuse, before anything is written, a compression whose estimated peak exceeds the memory the chosen devices
-    have free: the host RAM (every local job at once, or the calibration pass) and each accelerator's. One line
+    have free: the host RAM (every local job at once, or the calibration pass) and each accelerator's. `sampled`:
+    the integer factors are rounded on text the whole model samples (`config.rounds_on_sampled_text`). One line
     names the estimate, what is free, and what to change."""
     kinds = ["cuda" if dev.startswith("cuda") or dev == "auto" and _cuda() else "cpu" for dev in devices]
     gpu = "cuda" in kinds
     estimate = compress_memory_estimate(reader, config, "cuda" if gpu else "cpu")
     calibrated = config.calibration is not None
     what = "with --calibration " if calibrated else ""
+    what += "with sampled factor rounding " if sampled else ""
     fixes = "lower --batch-experts" + (", lower --calibration-tokens" if calibrated else "")
-    need = estimate.compress_host(calibrated, workers=len(devices) if not gpu else 1)
+    fixes += ", --quantize-factor-rounding weights (sampling holds the whole model)" if sampled else ""
+    need = estimate.compress_host(calibrated, workers=len(devices) if not gpu else 1, sampled=sampled)
     free = available_bytes("cpu")
     if free is not None and need > free:
         workers = f" ({len(devices)} jobs at once)" if len(devices) > 1 and not gpu else ""
@@ -677,7 +723,7 @@ def check_compress_memory(reader: CheckpointReader, config: MobeConfig, devices:
         if kind != "cuda":
             continue
         dev = "cuda" if dev == "auto" else dev
-        need, free = estimate.compress_device(calibrated), available_bytes(dev)
+        need, free = estimate.compress_device(calibrated, sampled), available_bytes(dev)
         if free is not None and need > free:
             raise MemoryRefusal(
                 f"compress {what}needs about {gib(need)} on {dev} by mobe's estimate, {gib(free)} is free there: "

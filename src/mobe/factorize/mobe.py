@@ -35,9 +35,11 @@ from .primitives import (
     activation_fn,
     auto_chunk,
     chunk_bytes,
+    coordinates_in,
     expert_chunks,
     init_svd_groups,
     mix_bases,
+    orthonormal_rows,
     softmax_mix,
 )
 from .schedule import fit_fast
@@ -61,6 +63,7 @@ class MobeFactors(ExpertFactors):
     tensor_fields: ClassVar[tuple[str, ...]] = ("A", "bases", "coef")
     meta_fields: ClassVar[tuple[str, ...]] = ("activation", "transposed", "orthonormal")
     meta_defaults: ClassVar[dict[str, str]] = {"transposed": "0", "orthonormal": "0"}
+    shared_fields: ClassVar[tuple[str, ...]] = ("bases",)  # the layer's bases: few bytes, every expert's error
 
     @property
     def num_experts(self) -> int:
@@ -95,22 +98,8 @@ class MobeFactors(ExpertFactors):
         """The same products A_i M_i with A_i in orthonormal coordinates of the mixed basis built from `bases`
         (default: the factors' own), A'_i = A_i M_i Q'_i^T: exact when `bases` are the factors' own; otherwise the
         best A'_i for the new bases (least squares against the old products). float64 inside."""
-        target_rows = self.row_bases().double()
         new = dataclasses.replace(self, bases=self.bases if bases is None else bases, orthonormal="1")
-        Q = new.row_bases().double()
-        A = self.A.double() @ (target_rows @ Q.transpose(1, 2))  # (A_i M_i) Q_i^T without forming A_i M_i
-        return dataclasses.replace(new, A=A.to(self.A.dtype))
-
-
-def orthonormal_rows(mixed: Tensor) -> Tensor:
-    """Q_i with orthonormal rows spanning the rows of each M_i (n, r, d), r <= d: M_i^T = Q_i^T R_i with diag R_i > 0,
-    which makes Q_i unique for a full-rank M_i (so any device computes the same basis). Computed in at least float32
-    (Householder QR: accurate to about cond(M_i) times the unit roundoff), returned in M's dtype."""
-    work = mixed.to(torch.promote_types(mixed.dtype, torch.float32)).transpose(-2, -1)
-    Q, R = torch.linalg.qr(work)
-    signs = torch.sign(R.diagonal(dim1=-2, dim2=-1))
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return (Q * signs.unsqueeze(-2)).transpose(-2, -1).to(mixed.dtype)
+        return dataclasses.replace(new, A=coordinates_in(self.A, self.row_bases(), new.row_bases()))
 
 
 def fits_transposed(p: int, d: int, basis_side: str) -> bool:

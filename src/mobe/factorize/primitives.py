@@ -112,3 +112,20 @@ def chunk_bytes(rank: int, p: int, d: int) -> int:
 def auto_chunk(rank: int, p: int, d: int, budget_bytes: int = 1 << 30) -> int:
     """Experts per gradient-accumulation chunk so that a chunk's float32 activations stay near `budget_bytes`."""
     return max(1, budget_bytes // chunk_bytes(rank, p, d))
+
+
+def orthonormal_rows(mixed: Tensor) -> Tensor:
+    """Q_i with orthonormal rows spanning the rows of each M_i (n, r, d), r <= d: M_i^T = Q_i^T R_i with diag R_i > 0,
+    which makes Q_i unique for a full-rank M_i (so any device computes the same basis). Computed in at least float32
+    (Householder QR: accurate to about cond(M_i) times the unit roundoff), returned in M's dtype."""
+    work = mixed.to(torch.promote_types(mixed.dtype, torch.float32)).transpose(-2, -1)
+    Q, R = torch.linalg.qr(work)
+    signs = torch.sign(R.diagonal(dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return (Q * signs.unsqueeze(-2)).transpose(-2, -1).to(mixed.dtype)
+
+
+def coordinates_in(A: Tensor, rows: Tensor, new_rows: Tensor) -> Tensor:
+    """A_i's products A_i R_i expressed in orthonormal rows Q_i (n, r, c): A_i R_i Q_i^T without forming A_i R_i,
+    in float64, returned in A's dtype (exact where Q_i spans R_i's rows; the least-squares coordinates otherwise)."""
+    return (A.double() @ (rows.double() @ new_rows.double().transpose(-2, -1))).to(A.dtype)

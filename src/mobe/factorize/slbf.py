@@ -17,6 +17,7 @@ leaves every product unchanged (checked in float64 before it is kept).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,7 +28,15 @@ from torch import Tensor
 from ..config import MobeConfig
 from .base import ExpertFactors, FitStats
 from .keep_best import keep_best
-from .primitives import activation_fn, auto_chunk, expert_chunks, mix_bases, softmax_mix
+from .primitives import (
+    activation_fn,
+    auto_chunk,
+    coordinates_in,
+    expert_chunks,
+    mix_bases,
+    orthonormal_rows,
+    softmax_mix,
+)
 from .weighted import OutputWeighting
 
 DEFAULT_ACTIVATION = "silu"
@@ -47,21 +56,44 @@ class SlbfFactors(ExpertFactors):
     coef: Tensor  # (E, m): softmax of the logits
     activation: str
     transposed: str  # "1": fitted as W_i^T (p > d)
+    orthonormal: str = "0"  # "1": A holds coordinates in the orthonormalised mixed basis (integer factors)
 
     method: ClassVar[str] = "slbf"
     tensor_fields: ClassVar[tuple[str, ...]] = ("A", "U", "V", "pivots", "coef")
-    meta_fields: ClassVar[tuple[str, ...]] = ("activation", "transposed")
+    meta_fields: ClassVar[tuple[str, ...]] = ("activation", "transposed", "orthonormal")
+    meta_defaults: ClassVar[dict[str, str]] = {"orthonormal": "0"}
     index_fields: ClassVar[tuple[str, ...]] = ("pivots",)
+    shared_fields: ClassVar[tuple[str, ...]] = ("U", "V")  # the layer's bases: few bytes, every expert's error
+
+    @property
+    def num_experts(self) -> int:
+        return self.A.shape[0]
 
     def bases(self) -> Tensor:
         """The m bases U'_j V'_j (m, r, c) in float32."""
         return expand_gauge(self.U.float(), self.pivots, self.A.shape[1]) @ self.V.float()
 
+    def mixed_bases(self, experts: Tensor | None = None) -> Tensor:
+        """M_i = act(sum_j alpha_ij U'_j V'_j) (n, r, c) in float32."""
+        experts = self._experts(experts)
+        return mix_bases(self.coef.float()[experts], self.bases()[None], experts, activation_fn(self.activation))
+
+    def row_bases(self, experts: Tensor | None = None) -> Tensor:
+        """What A_i multiplies: M_i, or its orthonormalised rows where A is in those coordinates."""
+        mixed = self.mixed_bases(experts)
+        return orthonormal_rows(mixed) if self.orthonormal == "1" else mixed
+
     def reconstruct(self, experts: Tensor | None = None) -> Tensor:
         experts = self._experts(experts)
-        mixed = mix_bases(self.coef.float()[experts], self.bases()[None], experts, activation_fn(self.activation))
-        out = torch.bmm(self.A.float()[experts], mixed)
+        out = torch.bmm(self.A.float()[experts], self.row_bases(experts))
         return out.transpose(1, 2) if self.transposed == "1" else out
+
+    def in_orthonormal_coordinates(self, U: Tensor | None = None, V: Tensor | None = None) -> SlbfFactors:
+        """The same products A_i M_i with A_i in orthonormal coordinates of the mixed basis built from `U` and `V`
+        (default: the factors' own): A'_i = A_i M_i Q'_i^T, exact for the own bases, else the best A'_i for the new
+        ones (least squares against the old products). float64 inside."""
+        new = dataclasses.replace(self, U=self.U if U is None else U, V=self.V if V is None else V, orthonormal="1")
+        return dataclasses.replace(new, A=coordinates_in(self.A, self.row_bases(), new.row_bases()))
 
 
 def expand_gauge(free: Tensor, pivots: Tensor, rows: int) -> Tensor:

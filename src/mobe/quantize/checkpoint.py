@@ -49,7 +49,7 @@ from ..export import FACTOR_PREFIX, atomic_save_file, copy_side_files, factor_te
 from ..export.native import field_scheme
 from ..factorize import get_method
 from . import groupwise
-from .factors import StoredFactor, quantize_factor, quantize_mobe, weight_gram_hessian
+from .factors import JOINT_METHODS, StoredFactor, quantize_factor, quantize_mobe, weight_gram_hessian
 from .gptq import gptq_quantize
 from .proxy import down_hessians, expert_activation
 
@@ -282,15 +282,16 @@ class _NativeRounder:
         self.reader, self.config, self.grams, self.targets = reader, config, grams, targets
         self.source = reader.config["mobe"]
         self.method = self.source.get("method", "mobe")
-        self.joint = self.method == "mobe" and config.bits < 8
+        self.joint = self.method in JOINT_METHODS and config.bits < 8
         self.group_of: dict[str, tuple[int, str]] = {}
         if self.joint:
             layout = moe_layout(reader.config)
+            fields = get_method(self.method).factors_cls.tensor_fields
             for layer in self.source["layers"]:
                 for matrix in self.source["matrices"]:
-                    for name in factor_tensor_names(layout, layer, matrix).values():
+                    for name in factor_tensor_names(layout, layer, matrix, fields).values():
                         self.group_of[name] = (layer, matrix)
-            self.names = {key: factor_tensor_names(layout, *key) for key in set(self.group_of.values())}
+            self.names = {key: factor_tensor_names(layout, *key, fields) for key in set(self.group_of.values())}
         self._done: dict[tuple[int, str], dict[str, StoredFactor]] = {}
 
     def stored(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -365,11 +366,11 @@ class _NativeRounder:
         """The output's mobe section: the scheme, per-field bits and layouts, and orthonormal MoBE coordinates."""
         section = dict(self.source)
         if self.joint:
-            shared = self.config.shared_bits
-            fields = [f for f in quantization["fields"] if f != "bases" or shared < 16]
+            shared, shared_fields = self.config.shared_bits, get_method(self.method).factors_cls.shared_fields
+            fields = [f for f in quantization["fields"] if f not in shared_fields or shared < 16]
             quantization = {**quantization, "fields": fields, "column_groups": ["A"]}
-            if "bases" in fields:
-                quantization["field_bits"] = {"bases": shared}
+            if shared < 16:
+                quantization["field_bits"] = {f: shared for f in shared_fields if f in fields}
             section["factor_meta"] = {
                 m: {**meta, "orthonormal": "1"} for m, meta in self.source.get("factor_meta", {}).items()
             }

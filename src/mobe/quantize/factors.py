@@ -34,11 +34,13 @@ import torch
 from torch import Tensor
 
 from ..factorize import MobeFactors
+from ..factorize.slbf import SlbfFactors
 from . import groupwise
 from .gptq import DAMPING, gptq_quantize, gptq_round
 from .proxy import input_gram
 
 SHARED_BITS = 8  # the bases: shared by a layer's experts, so their bytes are few and their errors reach every expert
+JOINT_METHODS = ("mobe", "slbf")  # A_i times a mixed basis: rounded in its orthonormal coordinates below 8 bits
 
 
 @dataclasses.dataclass
@@ -84,7 +86,7 @@ def quantize_factor(
 
 
 def quantize_mobe(
-    factors: MobeFactors,
+    factors: MobeFactors | SlbfFactors,
     bits: int,
     group_size: int,
     *,
@@ -93,9 +95,10 @@ def quantize_mobe(
     inputs_on_rows: bool | None = None,
     observer: str = "minmax",
     targets: Tensor | None = None,
-) -> tuple[MobeFactors, dict[str, StoredFactor]]:
+) -> tuple[MobeFactors | SlbfFactors, dict[str, StoredFactor]]:
     """Integer MoBE factors (module docstring): the factors the integers stand for (A in orthonormal coordinates,
-    dequantised) and the stored form of A and, unless `shared_bits` is None (kept in floating point), the bases.
+    dequantised) and the stored form of A and, unless `shared_bits` is None (kept in floating point), the bases
+    (`shared_fields`: MoBE's `bases`; SLBF's low-rank `U` and `V`, whose A_i multiplies a mixed basis the same way).
 
     `grams` (E, k, k) or one (k, k) for all, optional: second moments S_i of each expert's inputs (calibration, or
     the data-free stand-ins of `mobe.quantize.proxy`). A' is then rounded by GPTQ on them in its own coordinates:
@@ -107,11 +110,13 @@ def quantize_mobe(
     rounding starts from the factors that are best on those inputs, not from the data-free fit.
     """
     stored: dict[str, StoredFactor] = {}
-    bases = factors.bases
+    shared: dict[str, Tensor] = {}
     if shared_bits is not None:
-        stored["bases"] = quantize_factor(bases, shared_bits, group_size)
-        bases = stored["bases"].dequantize(bases.dtype)
-    orthonormal = factors.in_orthonormal_coordinates(bases)
+        for field in factors.shared_fields:
+            tensor = getattr(factors, field)
+            stored[field] = quantize_factor(tensor, shared_bits, group_size)
+            shared[field] = stored[field].dequantize(tensor.dtype)
+    orthonormal = factors.in_orthonormal_coordinates(**shared)
     if targets is not None and grams is not None:
         if inputs_on_rows is None:
             raise ValueError("targets need inputs_on_rows: on which side of the fitted products the inputs are")
@@ -124,18 +129,18 @@ def quantize_mobe(
         if inputs_on_rows is None:
             raise ValueError("grams need inputs_on_rows: on which side of the fitted products the inputs are")
         stored["A"] = _gptq_down_columns(orthonormal, grams, bits, group_size, observer)
-    rounded = dataclasses.replace(orthonormal, A=stored["A"].dequantize(factors.A.dtype), bases=bases)
+    rounded = dataclasses.replace(orthonormal, A=stored["A"].dequantize(factors.A.dtype))
     return rounded, stored
 
 
 def resolve_to_targets(
-    orthonormal: MobeFactors,
+    orthonormal: MobeFactors | SlbfFactors,
     targets: Tensor,
     grams: Tensor,
     inputs_on_rows: bool,
     damping: float = DAMPING,
     chunk: int = 16,
-) -> MobeFactors:
+) -> MobeFactors | SlbfFactors:
     """A' re-solved (orthonormal coordinates, Q_i fixed) to minimise each expert's output error against its original
     weights W_i on inputs with second moments S_i: inputs on the columns, A'_i = W_i S_i Q_i^T (Q_i S_i Q_i^T +
     lambda I)^-1 with GPTQ's damping lambda (a share of the mean diagonal); on the rows, the error is
@@ -162,7 +167,7 @@ def resolve_to_targets(
 
 
 def _gptq_down_columns(
-    orthonormal: MobeFactors, grams: Tensor, bits: int, group_size: int, observer: str
+    orthonormal: MobeFactors | SlbfFactors, grams: Tensor, bits: int, group_size: int, observer: str
 ) -> StoredFactor:
     """A' (E, rows, r) rounded by GPTQ over its columns on H = Q S Q^T, with the scales of its column groups (one per
     `group_size` entries down each column, fixed from the unrounded A')."""
@@ -174,7 +179,7 @@ def _gptq_down_columns(
     return StoredFactor(values.transpose(-2, -1).contiguous(), scales, bits, group_size, column_groups=True)
 
 
-def weight_gram_hessian(factors: MobeFactors, inputs_on_rows: bool, chunk: int = 16) -> Tensor | None:
+def weight_gram_hessian(factors: MobeFactors | SlbfFactors, inputs_on_rows: bool, chunk: int = 16) -> Tensor | None:
     """sum_e W_e^T W_e (k, k), float32, of the experts' products W_e (p, d) as `reconstruct` gives them, over their
     input side (`inputs_on_rows`: in the fitted orientation, as `quantize_mobe` takes it): the data-free stand-in
     for the inputs' second moments of gate and up (`proxy`). None where the inputs meet the rows of the unfitted
