@@ -111,6 +111,12 @@ RUNS = (
         "--fixtures coarse --ratios 0.5 --bits 4 --steps 10 --tokens 1024",
     ),
     Run(
+        "low_bit_factors_slbf",
+        "low_bit_factors.py",
+        "--method slbf --steps 1000 --ratios 0.25 --bits 4 3 --written-bits 3",
+        "--method slbf --fixtures coarse --ratios 0.25 --bits 4 --steps 5 --tokens 1024 --schemes orthonormal",
+    ),
+    Run(
         "equal_bytes_ridge",
         "equal_bytes.py",
         "--steps 300 --threads 1 --ridge 0.001",
