@@ -242,6 +242,7 @@ class MobeConfig:
 QUANTIZE_BITS = (2, 3, 4, 8)
 QUANTIZE_OBSERVERS = ("minmax", "mse")  # as quantize.groupwise.OBSERVERS (the maths does not import config)
 QUANTIZE_SCOPES = ("experts", "linears")
+JOINT_METHODS = ("mobe", "slbf")  # A_i times a mixed basis: rounded in its orthonormal coordinates below 8 bits
 FACTOR_ROUNDINGS = ("weights", "sampled", "nearest")  # data-free rounding of MoBE factors below 8 bits (quantize.proxy)
 
 
@@ -437,6 +438,6 @@ def rounds_on_sampled_text(config: MobeConfig, quantize: QuantizeConfig | None, 
         and quantize.factor_rounding == "sampled"
         and quantize.bits < 8
         and not reconstruct
-        and config.method in ("mobe", "slbf")  # quantize.factors.JOINT_METHODS: A_i times a mixed basis
+        and config.method in JOINT_METHODS
         and config.calibration is None
     )

@@ -237,17 +237,17 @@ def compress(
         read_calibration_text(distill_text)
         require_tokenizer(reader.path, "--distill text")
     jobs = plan_jobs(reader, layout, config)
+    sampled = rounds_on_sampled_text(config, quantize, reconstruct)  # integer factors rounded on sampled text
     if not force and ray is False:  # a Ray cluster's nodes are not this machine
         from .estimate import check_compress_memory
 
-        sampled = rounds_on_sampled_text(config, quantize, reconstruct)
         check_compress_memory(reader, config, local_devices(config.device), sampled=sampled)
     fmt = "dense" if reconstruct else "native"
     if quantize is not None and reconstruct:  # refused now (library missing, group size), not after the fits
         from .quantize.checkpoint import check_dense_quantizable
 
         check_dense_quantizable(layout, quantize, reader.path)
-    if rounds_on_sampled_text(config, quantize, reconstruct):
+    if sampled:
         check_streamable(layout)  # the sampled tokens' statistics are collected layer by layer
 
     work = Path(work_dir) if work_dir else output.with_name(output.name + ".mobe-work")
@@ -312,7 +312,7 @@ def compress(
         grams = targets = None
         if config.calibration is not None and not reconstruct:  # integer factors rounded on the routed inputs
             grams = calibration_grams(work)
-        elif rounds_on_sampled_text(config, quantize, reconstruct):  # ... of text the original samples itself
+        elif sampled:  # ... of text the original samples itself
             layers = sorted({layer for layer, _ in jobs})
             tokens, seq_len = config.calibration_tokens, config.calibration_seq_len
             collect_sampled(reader, layout, config, tokens, seq_len, work / "sampled", layers, progress)

@@ -15,12 +15,11 @@ from statistics import NormalDist
 
 from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
-from ..config import MobeConfig, QuantizeConfig
+from ..config import JOINT_METHODS, MobeConfig, QuantizeConfig
 from ..evaluate import mobe_parameters
 from ..export import factor_tensor_names
 from ..factorize.mobe import fits_transposed, fitted_shape
 from ..factorize.primitives import MMAP_THRESHOLD_MAX
-from ..quantize.factors import JOINT_METHODS
 from ..quantize.proxy import SAMPLES, expert_chunk
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}

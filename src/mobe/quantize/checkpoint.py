@@ -44,12 +44,12 @@ from tqdm.auto import tqdm
 
 from ..architectures import MoeLayout, moe_layout
 from ..checkpoint import CheckpointReader
-from ..config import FORMAT_VERSION, QuantizeConfig
+from ..config import FORMAT_VERSION, JOINT_METHODS, QuantizeConfig
 from ..export import FACTOR_PREFIX, atomic_save_file, copy_side_files, factor_tensor_names, write_json_atomic
 from ..export.native import field_scheme
 from ..factorize import get_method
 from . import groupwise
-from .factors import JOINT_METHODS, StoredFactor, quantize_factor, quantize_mobe, weight_gram_hessian
+from .factors import StoredFactor, quantize_factor, quantize_mobe, weight_gram_hessian
 from .gptq import gptq_quantize
 from .proxy import down_hessians, expert_activation
 

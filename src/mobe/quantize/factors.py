@@ -40,7 +40,6 @@ from .gptq import DAMPING, gptq_quantize, gptq_round
 from .proxy import input_gram
 
 SHARED_BITS = 8  # the bases: shared by a layer's experts, so their bytes are few and their errors reach every expert
-JOINT_METHODS = ("mobe", "slbf")  # A_i times a mixed basis: rounded in its orthonormal coordinates below 8 bits
 
 
 @dataclasses.dataclass
